@@ -1,0 +1,41 @@
+"""ucp: universal checkpointing for distributed PyTorch training.
+
+Every rank saves its own shard asynchronously (:func:`save`), a committed step loads back
+bit for bit (:func:`load`), and the universal format lets a run resume on another topology.
+"""
+
+from ._errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    ChecksumError,
+    CoordinationTimeoutError,
+    ConvertError,
+    CorruptCheckpointError,
+    SaveError,
+    StateError,
+    StorageError,
+    TopologyError,
+    UcpError,
+    UcpSpecError,
+    UnsafeInputError,
+    UnsupportedProtocolError,
+)
+from ._topology import Topology
+
+__all__ = [
+    "Topology",
+    "UcpError",
+    "CheckpointExistsError",
+    "CheckpointNotFoundError",
+    "ChecksumError",
+    "CoordinationTimeoutError",
+    "ConvertError",
+    "CorruptCheckpointError",
+    "SaveError",
+    "StateError",
+    "StorageError",
+    "TopologyError",
+    "UcpSpecError",
+    "UnsafeInputError",
+    "UnsupportedProtocolError",
+]

@@ -1,0 +1,240 @@
+"""On-disk metadata of ucp's native format: frozen dataclasses <-> JSON (never pickle).
+
+A committed step directory holds, per rank, ``rank-RRRRR.safetensors`` (that rank's tensors) and
+``rank-RRRRR.json`` (a :class:`RankIndex`), and one ``manifest.json`` (a :class:`Manifest`) that
+the coordinator writes last. Every JSON document carries ``format_version``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Mapping
+
+from ._errors import CorruptCheckpointError
+from ._topology import Topology
+
+__all__ = ["FORMAT_VERSION", "FileRecord", "MeshInfo", "TensorFragment", "RankIndex", "Manifest",
+           "step_dir", "rank_stem", "parse_step_dir", "dumps", "loads"]
+
+FORMAT_VERSION = 1
+#: Largest metadata document ucp reads (guards against hostile, oversized JSON).
+MAX_JSON_BYTES = 256 * 1024 * 1024
+
+
+def step_dir(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def parse_step_dir(name: str) -> int | None:
+    """The step number of a ``step-NNNNNNNN`` directory name, or None for any other name."""
+    if name.startswith("step-") and len(name) == 13 and name[5:].isdigit():
+        return int(name[5:])
+    return None
+
+
+def rank_stem(rank: int) -> str:
+    return f"rank-{rank:05d}"
+
+
+def dumps(obj: Any) -> bytes:
+    """Canonical JSON bytes (sorted keys, no NaN) for a metadata dataclass or plain dict."""
+    data = obj.to_dict() if hasattr(obj, "to_dict") else obj
+    return json.dumps(data, sort_keys=True, allow_nan=False, indent=1).encode()
+
+
+def loads(data: bytes, *, what: str) -> dict[str, Any]:
+    """Parses a metadata JSON object; ``what`` names the file in errors."""
+    if len(data) > MAX_JSON_BYTES:
+        raise CorruptCheckpointError(f"{what}: {len(data)} bytes is larger than any ucp metadata "
+                                     f"file may be ({MAX_JSON_BYTES}); the file is not ucp metadata")
+    try:
+        obj = json.loads(data)
+    except (ValueError, RecursionError) as e:
+        raise CorruptCheckpointError(f"{what}: not valid JSON ({e}); the file is damaged") from e
+    if not isinstance(obj, dict):
+        raise CorruptCheckpointError(f"{what}: expected a JSON object, got {type(obj).__name__}")
+    version = obj.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CorruptCheckpointError(f"{what}: format_version {version!r} is not supported by this "
+                                     f"ucp (reads version {FORMAT_VERSION}); upgrade ucp")
+    return obj
+
+
+def _field(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], what: str) -> Any:
+    try:
+        value = obj[key]
+    except (KeyError, TypeError) as e:
+        raise CorruptCheckpointError(f"{what}: missing field {key!r}") from e
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+        raise CorruptCheckpointError(f"{what}: field {key!r} has type {type(value).__name__}")
+    return value
+
+
+def _ints(values: Any, what: str, *, minimum: int = 0) -> tuple[int, ...]:
+    if not isinstance(values, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in values):
+        raise CorruptCheckpointError(f"{what}: expected a list of integers >= {minimum}")
+    return tuple(values)
+
+
+@dataclasses.dataclass(frozen=True)
+class FileRecord:
+    """A written file: its size in bytes and CRC32C checksum."""
+
+    size: int
+    crc32c: int
+
+    def to_dict(self) -> dict[str, int]:
+        return {"size": self.size, "crc32c": self.crc32c}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], what: str = "file record") -> FileRecord:
+        return cls(size=_field(d, "size", int, what), crc32c=_field(d, "crc32c", int, what))
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshInfo:
+    """A DeviceMesh as saved: its shape, the global rank at every position, and dim names."""
+
+    shape: tuple[int, ...]
+    ranks: tuple[int, ...]
+    dim_names: tuple[str, ...] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"shape": list(self.shape), "ranks": list(self.ranks),
+                "dim_names": None if self.dim_names is None else list(self.dim_names)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], what: str = "mesh") -> MeshInfo:
+        names = d.get("dim_names") if isinstance(d, Mapping) else None
+        if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise CorruptCheckpointError(f"{what}: dim_names must be a list of strings")
+        shape = _ints(_field(d, "shape", list, what), what, minimum=1)
+        ranks = _ints(_field(d, "ranks", list, what), what)
+        size = 1
+        for s in shape:
+            size *= s
+        if len(ranks) != size or (names is not None and len(names) != len(shape)):
+            raise CorruptCheckpointError(f"{what}: shape {list(shape)} does not fit its ranks/names")
+        return cls(shape=shape, ranks=ranks, dim_names=None if names is None else tuple(names))
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorFragment:
+    """One tensor a rank saved: where its bytes are and which region of the global tensor it is.
+
+    ``offsets``/``shape`` give the region of the global tensor (``global_shape``). For plain tensors
+    the region is the whole tensor; for a DTensor it comes from the placements, and ``mesh`` indexes
+    the rank index's ``meshes``.
+    """
+
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    global_shape: tuple[int, ...]
+    offsets: tuple[int, ...]
+    placements: tuple[str, ...] | None = None
+    mesh: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"key": self.key, "dtype": self.dtype, "shape": list(self.shape),
+                             "global_shape": list(self.global_shape), "offsets": list(self.offsets)}
+        if self.placements is not None:
+            d["placements"], d["mesh"] = list(self.placements), self.mesh
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], what: str = "fragment") -> TensorFragment:
+        shape = _ints(_field(d, "shape", list, what), what)
+        gshape = _ints(_field(d, "global_shape", list, what), what)
+        offsets = _ints(_field(d, "offsets", list, what), what)
+        if not (len(shape) == len(gshape) == len(offsets)) or any(
+                o + s > g for o, s, g in zip(offsets, shape, gshape)):
+            raise CorruptCheckpointError(f"{what}: region offsets={list(offsets)} shape={list(shape)} "
+                                         f"lies outside global shape {list(gshape)}")
+        placements = d.get("placements")
+        if placements is not None:
+            if not (isinstance(placements, list) and all(isinstance(p, str) for p in placements)):
+                raise CorruptCheckpointError(f"{what}: placements must be a list of strings")
+            placements = tuple(placements)
+            _field(d, "mesh", int, what)
+        return cls(key=_field(d, "key", str, what), dtype=_field(d, "dtype", str, what), shape=shape,
+                   global_shape=gshape, offsets=offsets, placements=placements,
+                   mesh=d.get("mesh") if placements is not None else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class RankIndex:
+    """``rank-RRRRR.json``: one rank's saved state structure, fragments and data file record."""
+
+    rank: int
+    world_size: int
+    step: int
+    tree: Any
+    fragments: tuple[TensorFragment, ...]
+    data: FileRecord
+    meshes: tuple[MeshInfo, ...] = ()
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format_version": self.format_version, "kind": "ucp-rank-index", "rank": self.rank,
+                "world_size": self.world_size, "step": self.step, "tree": self.tree,
+                "fragments": [f.to_dict() for f in self.fragments], "data": self.data.to_dict(),
+                "meshes": [m.to_dict() for m in self.meshes]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], what: str = "rank index") -> RankIndex:
+        frags = _field(d, "fragments", list, what)
+        meshes = tuple(MeshInfo.from_dict(m, f"{what} mesh {i}")
+                       for i, m in enumerate(_field(d, "meshes", list, what)))
+        fragments = tuple(TensorFragment.from_dict(f, f"{what} fragment {i}") for i, f in enumerate(frags))
+        for f in fragments:
+            if f.mesh is not None and not 0 <= f.mesh < len(meshes):
+                raise CorruptCheckpointError(f"{what}: fragment {f.key!r} names mesh {f.mesh}, "
+                                             f"but only {len(meshes)} meshes are recorded")
+        return cls(rank=_field(d, "rank", int, what), world_size=_field(d, "world_size", int, what),
+                   step=_field(d, "step", int, what), tree=d.get("tree"), fragments=fragments,
+                   data=FileRecord.from_dict(_field(d, "data", dict, what), what), meshes=meshes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """``manifest.json``: the commit record of one step, written last by the coordinator.
+
+    ``files`` maps every file of the step (relative to the step directory) to its record.
+    """
+
+    step: int
+    world_size: int
+    topology: Topology | None
+    files: Mapping[str, FileRecord]
+    created: float
+    engine: str = "ucp"
+    spec: str | None = None
+    meshes: tuple[MeshInfo, ...] = ()
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format_version": self.format_version, "kind": "ucp-manifest", "step": self.step,
+                "world_size": self.world_size, "engine": self.engine, "created": self.created,
+                "topology": None if self.topology is None else self.topology.to_dict(),
+                "files": {k: v.to_dict() for k, v in sorted(self.files.items())},
+                "spec": self.spec, "meshes": [m.to_dict() for m in self.meshes]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], what: str = "manifest") -> Manifest:
+        files = _field(d, "files", dict, what)
+        topo = d.get("topology")
+        try:
+            topology = None if topo is None else Topology.from_dict(topo)
+        except (TypeError, ValueError, AttributeError) as e:
+            raise CorruptCheckpointError(f"{what}: bad topology {topo!r}: {e}") from e
+        spec = d.get("spec")
+        if spec is not None and not isinstance(spec, str):
+            raise CorruptCheckpointError(f"{what}: spec must be text")
+        return cls(step=_field(d, "step", int, what), world_size=_field(d, "world_size", int, what),
+                   topology=topology, created=float(_field(d, "created", (int, float), what)),
+                   files={str(k): FileRecord.from_dict(v, f"{what} file {k!r}") for k, v in files.items()},
+                   engine=_field(d, "engine", str, what), spec=spec,
+                   meshes=tuple(MeshInfo.from_dict(m, f"{what} mesh") for m in d.get("meshes") or []))
