@@ -1,1 +1,7 @@
-"""placeholder"""
+"""fsspec-backed checkpoint storage: atomic writes, checksums, retries, parallel I/O."""
+
+from ._retry import RetryPolicy, is_transient, retry_call
+from ._store import PACKAGE_FOR_PROTOCOL, Storage, checksum, verify
+
+__all__ = ["Storage", "RetryPolicy", "checksum", "verify", "is_transient", "retry_call",
+           "PACKAGE_FOR_PROTOCOL"]

@@ -1,0 +1,303 @@
+"""A checkpoint root on any fsspec filesystem: atomic writes, verified reads, parallel I/O.
+
+Local paths are written with plain ``os`` calls (``*.partial`` file, ``fsync``, ``os.replace``,
+directory ``fsync``) because that is the fastest durable path and gives a true atomic rename.
+Object stores get a single put per object, which is atomic by the store's own guarantee; the
+commit of a whole checkpoint is the manifest, which callers write last.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import posixpath
+import uuid
+from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
+
+import crc32c as _crc32c
+import fsspec
+
+from ucp._errors import ChecksumError, StorageError, UnsafeInputError, UnsupportedProtocolError
+from ucp._meta import FileRecord
+
+from ._retry import RetryPolicy, retry_call
+
+__all__ = ["Storage", "checksum", "verify", "PACKAGE_FOR_PROTOCOL"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+Buffer = bytes | bytearray | memoryview
+
+#: The pip package that provides each well-known fsspec protocol.
+PACKAGE_FOR_PROTOCOL = {"s3": "s3fs (pip install 'ucp[s3]')", "s3a": "s3fs (pip install 'ucp[s3]')",
+                        "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",
+                        "abfss": "adlfs", "hf": "huggingface_hub", "sftp": "paramiko",
+                        "ssh": "paramiko", "hdfs": "pyarrow"}
+_PARTIAL = ".partial-"
+
+
+def checksum(chunks: Iterable[Buffer], value: int = 0) -> tuple[int, int]:
+    """CRC32C and total size of ``chunks``."""
+    size = 0
+    for chunk in chunks:
+        value = _crc32c.crc32c(chunk, value)
+        size += memoryview(chunk).nbytes
+    return value, size
+
+
+def _as_chunks(data: Buffer | Sequence[Buffer]) -> Sequence[Buffer]:
+    return [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
+
+
+def _check_rel(rel: str) -> str:
+    """Rejects a relative path that could leave the checkpoint root."""
+    if not isinstance(rel, str) or "\x00" in rel or rel.startswith(("/", "\\")) or ":" in rel \
+            or any(part in ("..", "") for part in rel.split("/")) or "\\" in rel or len(rel) > 4096:
+        raise UnsafeInputError(f"refusing path {rel!r}: checkpoint paths must be relative, "
+                               "without '..', empty parts, backslashes, ':' or NUL")
+    return rel
+
+
+class Storage:
+    """A checkpoint root directory on local disk or any fsspec URL.
+
+    Every method may be called from any rank and any thread; none is collective.
+
+    Args:
+        url: a local path or an fsspec URL (``s3://bucket/prefix``, ``memory://x``).
+        storage_options: passed to the fsspec filesystem (credentials, endpoint).
+        retry: retry policy for transient errors.
+        workers: threads used by :meth:`map`.
+
+    Raises:
+        UnsupportedProtocolError: the URL's protocol needs a package that is not installed.
+
+    Example:
+        >>> s = Storage("memory://ucp-doc")
+        >>> s.write("a/b.bin", b"xy").size
+        2
+        >>> s.read("a/b.bin")
+        b'xy'
+    """
+
+    def __init__(self, url: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None,
+                 retry: RetryPolicy = RetryPolicy(), workers: int = 8) -> None:
+        url = os.fspath(url)
+        protocol = url.split("://", 1)[0] if "://" in url else "file"
+        try:
+            fs, root = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+        except ImportError as e:
+            pkg = PACKAGE_FOR_PROTOCOL.get(protocol, f"the fsspec implementation of {protocol!r}")
+            raise UnsupportedProtocolError(f"cannot open {url!r}: protocol {protocol!r} needs {pkg}, "
+                                           f"which is not installed ({e})") from e
+        except ValueError as e:
+            raise UnsupportedProtocolError(f"cannot open {url!r}: fsspec knows no protocol "
+                                           f"{protocol!r} ({e})") from e
+        self.url = url
+        self.fs = fs
+        self.is_local = "file" in _protocols(fs)
+        self.root = os.path.abspath(root) if self.is_local else root.rstrip("/")
+        self.retry = retry
+        self.workers = max(1, workers)
+
+    def __repr__(self) -> str:
+        return f"Storage({self.url!r})"
+
+    # -- paths ---------------------------------------------------------------------------------
+    def path(self, rel: str = "") -> str:
+        """The filesystem path of ``rel`` below the root (validated; '' is the root)."""
+        if rel == "":
+            return self.root
+        _check_rel(rel)
+        return os.path.join(self.root, *rel.split("/")) if self.is_local else f"{self.root}/{rel}"
+
+    def child(self, rel: str) -> Storage:
+        """A Storage rooted at ``rel`` below this root, sharing the filesystem object."""
+        sub = object.__new__(Storage)
+        sub.__dict__.update(self.__dict__)
+        sub.root = self.path(rel)
+        sub.url = posixpath.join(self.url, rel)
+        return sub
+
+    # -- writes --------------------------------------------------------------------------------
+    def write(self, rel: str, data: Buffer | Sequence[Buffer], *, fsync: bool = True) -> FileRecord:
+        """Writes ``data`` (bytes, or a sequence of buffers written in order) atomically.
+
+        Readers see either the previous object or the complete new one, never a prefix.
+
+        Returns:
+            The file's size and CRC32C.
+        """
+        chunks = _as_chunks(data)
+        target = self.path(rel)
+        if self.is_local:
+            fn = lambda: self._write_local(target, chunks, fsync=fsync)  # noqa: E731
+        else:
+            fn = lambda: self._write_remote(target, chunks)  # noqa: E731
+        return retry_call(fn, policy=self.retry, what=f"writing {self.url}/{rel}")
+
+    def _write_local(self, target: str, chunks: Sequence[Buffer], *, fsync: bool) -> FileRecord:
+        directory = os.path.dirname(target)
+        os.makedirs(directory, exist_ok=True)
+        tmp = f"{target}{_PARTIAL}{uuid.uuid4().hex[:12]}"
+        crc, size = 0, 0
+        try:
+            with open(tmp, "wb", buffering=0) as f:
+                for chunk in chunks:
+                    view = memoryview(chunk).cast("B")
+                    crc = _crc32c.crc32c(view, crc)
+                    while view:  # raw writes may be short
+                        n = f.write(view)
+                        view = view[n:]
+                        size += n
+                if fsync:
+                    os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            _remove_quietly(tmp)
+            raise
+        if fsync:
+            _fsync_dir(directory)
+        return FileRecord(size=size, crc32c=crc)
+
+    def _write_remote(self, target: str, chunks: Sequence[Buffer]) -> FileRecord:
+        crc, size = checksum(chunks)
+        payload = bytes(chunks[0]) if len(chunks) == 1 else b"".join(bytes(c) for c in chunks)
+        self.fs.pipe_file(target, payload)
+        return FileRecord(size=size, crc32c=crc)
+
+    # -- reads ---------------------------------------------------------------------------------
+    def read(self, rel: str, *, record: FileRecord | None = None) -> bytes:
+        """Reads a whole file; with ``record``, verifies its size and CRC32C.
+
+        Raises:
+            FileNotFoundError (a ucp CheckpointNotFoundError is raised by callers that know more).
+            ChecksumError: the bytes differ from ``record``; the message names the file.
+        """
+        target = self.path(rel)
+        if self.is_local:
+            def fn() -> bytes:
+                with open(target, "rb") as f:
+                    return f.read()
+        else:
+            fn = lambda: self.fs.cat_file(target)  # noqa: E731
+        data = retry_call(fn, policy=self.retry, what=f"reading {self.url}/{rel}")
+        if record is not None:
+            verify(data, record, where=f"{self.url}/{rel}")
+        return data
+
+    def read_range(self, rel: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of a file (no checksum: callers verify what they assemble)."""
+        target = self.path(rel)
+        if self.is_local:
+            def fn() -> bytes:
+                with open(target, "rb") as f:
+                    f.seek(start)
+                    return f.read(end - start)
+        else:
+            fn = lambda: self.fs.cat_file(target, start=start, end=end)  # noqa: E731
+        return retry_call(fn, policy=self.retry, what=f"reading {self.url}/{rel}[{start}:{end}]")
+
+    # -- listing and deletion ------------------------------------------------------------------
+    def exists(self, rel: str) -> bool:
+        target = self.path(rel)
+        if self.is_local:
+            return os.path.exists(target)
+        return retry_call(lambda: self.fs.exists(target), policy=self.retry,
+                          what=f"checking {self.url}/{rel}")
+
+    def size(self, rel: str) -> int:
+        target = self.path(rel)
+        return retry_call(lambda: int(self.fs.size(target)), policy=self.retry,
+                          what=f"sizing {self.url}/{rel}")
+
+    def list(self, rel: str = "") -> list[str]:
+        """Names (not paths) directly below ``rel``; empty when it does not exist."""
+        target = self.path(rel)
+        if self.is_local:
+            try:
+                return sorted(os.listdir(target))
+            except (FileNotFoundError, NotADirectoryError):
+                return []
+
+        def fn() -> list[str]:
+            try:
+                self.fs.invalidate_cache(target)
+                entries = self.fs.ls(target, detail=False)
+            except FileNotFoundError:
+                return []
+            return sorted({posixpath.basename(str(e).rstrip("/")) for e in entries} - {""})
+        return retry_call(fn, policy=self.retry, what=f"listing {self.url}/{rel}")
+
+    def delete(self, rel: str, *, recursive: bool = False) -> None:
+        """Deletes a file (or a directory tree with ``recursive=True``); missing is fine."""
+        target = self.path(rel)
+
+        def fn() -> None:
+            try:
+                self.fs.rm(target, recursive=recursive)
+            except FileNotFoundError:
+                pass
+        retry_call(fn, policy=self.retry, what=f"deleting {self.url}/{rel}")
+
+    def cleanup_partials(self, rel: str = "") -> int:
+        """Removes leftover ``*.partial-*`` temporaries below ``rel`` (local disk); returns the count."""
+        if not self.is_local:
+            return 0
+        n = 0
+        for dirpath, _dirs, files in os.walk(self.path(rel)):
+            for name in files:
+                if _PARTIAL in name:
+                    _remove_quietly(os.path.join(dirpath, name))
+                    n += 1
+        return n
+
+    # -- parallelism ---------------------------------------------------------------------------
+    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+        """``[fn(x) for x in items]`` on the I/O thread pool, in order; the first error is raised."""
+        items = list(items)
+        if len(items) <= 1 or self.workers == 1:
+            return [fn(x) for x in items]
+        with cf.ThreadPoolExecutor(min(self.workers, len(items)), thread_name_prefix="ucp-io") as ex:
+            return list(ex.map(fn, items))
+
+
+def verify(data: Buffer, record: FileRecord, *, where: str) -> None:
+    """Checks size and CRC32C of ``data`` against ``record``.
+
+    Raises:
+        ChecksumError: naming ``where`` and what differs.
+    """
+    size = memoryview(data).nbytes
+    if size != record.size:
+        raise ChecksumError(f"{where}: size {size} differs from the recorded {record.size} bytes "
+                            "(truncated or replaced file); restore it or use another step")
+    crc = _crc32c.crc32c(data)
+    if crc != record.crc32c:
+        raise ChecksumError(f"{where}: CRC32C {crc:#010x} differs from the recorded "
+                            f"{record.crc32c:#010x} (the file is corrupt); restore it or use another step")
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    p = fs.protocol
+    return (p,) if isinstance(p, str) else tuple(p)
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
