@@ -167,8 +167,10 @@ class Storage:
         return FileRecord(size=size, crc32c=crc)
 
     # -- reads ---------------------------------------------------------------------------------
-    def read(self, rel: str, *, record: FileRecord | None = None) -> bytes:
+    def read(self, rel: str, *, record: FileRecord | None = None, mutable: bool = False) -> bytes | bytearray:
         """Reads a whole file; with ``record``, verifies its size and CRC32C.
+
+        With ``mutable=True`` the result is a ``bytearray`` (tensors can then alias it).
 
         Raises:
             FileNotFoundError (a ucp CheckpointNotFoundError is raised by callers that know more).
@@ -176,11 +178,17 @@ class Storage:
         """
         target = self.path(rel)
         if self.is_local:
-            def fn() -> bytes:
+            def fn() -> bytes | bytearray:
                 with open(target, "rb") as f:
-                    return f.read()
+                    if not mutable:
+                        return f.read()
+                    buf = bytearray(os.fstat(f.fileno()).st_size)
+                    n = f.readinto(buf)
+                    return buf if n == len(buf) else buf[:n]
         else:
-            fn = lambda: self.fs.cat_file(target)  # noqa: E731
+            def fn() -> bytes | bytearray:
+                data = self.fs.cat_file(target)
+                return bytearray(data) if mutable else data
         data = retry_call(fn, policy=self.retry, what=f"reading {self.url}/{rel}")
         if record is not None:
             verify(data, record, where=f"{self.url}/{rel}")

@@ -52,3 +52,11 @@ def s3_url(s3_server):
     bucket = f"ucp-{uuid.uuid4().hex[:12]}"
     fs.mkdir(bucket)
     yield f"s3://{bucket}/ckpt", s3_server["storage_options"]
+
+
+@pytest.fixture
+def run_ranks():
+    """The one helper every distributed test uses: ``run_ranks(fn, world_size, args=...)``."""
+    from ucp.testing import run_ranks as _run
+
+    return _run

@@ -20,9 +20,14 @@ from ._errors import (
     UnsafeInputError,
     UnsupportedProtocolError,
 )
+from ._load import load
+from ._save import SaveHandle, save
 from ._topology import Topology
 
 __all__ = [
+    "save",
+    "load",
+    "SaveHandle",
     "Topology",
     "UcpError",
     "CheckpointExistsError",

@@ -38,9 +38,9 @@ def rank_stem(rank: int) -> str:
 
 
 def dumps(obj: Any) -> bytes:
-    """Canonical JSON bytes (sorted keys, no NaN) for a metadata dataclass or plain dict."""
+    """JSON bytes (key order kept: it is the state order; no NaN) for a metadata dataclass or plain dict."""
     data = obj.to_dict() if hasattr(obj, "to_dict") else obj
-    return json.dumps(data, sort_keys=True, allow_nan=False, indent=1).encode()
+    return json.dumps(data, allow_nan=False, indent=1).encode()
 
 
 def loads(data: bytes, *, what: str) -> dict[str, Any]:

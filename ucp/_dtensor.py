@@ -1,0 +1,97 @@
+"""DTensor <-> (local tensor, region of the global tensor, placements, mesh) for saving/loading."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Sequence
+
+import torch
+
+from ._errors import CorruptCheckpointError, StateError
+from ._meta import MeshInfo
+
+__all__ = ["is_dtensor", "describe", "placement_to_str", "placements_from_str", "mesh_info",
+           "build_mesh", "to_dtensor"]
+
+try:  # DTensor lives in torch.distributed.tensor since torch 2.4
+    from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+except ImportError:  # pragma: no cover - torch built without distributed
+    DTensor = None  # type: ignore[assignment,misc]
+
+_MESHES: dict[MeshInfo, Any] = {}
+_MESH_LOCK = threading.Lock()
+
+
+def is_dtensor(t: Any) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def placement_to_str(p: Placement, where: str) -> str:
+    """``Shard(d)`` -> ``"S(d)"``, ``Replicate()`` -> ``"R"``, ``Partial(op)`` -> ``"P(op)"``."""
+    if type(p) is Shard:
+        return f"S({p.dim})"
+    if type(p) is Replicate:
+        return "R"
+    if type(p) is Partial:
+        return f"P({p.reduce_op})"
+    raise StateError(f"{where}: DTensor placement {p!r} is not supported yet (ucp saves Shard, "
+                     "Replicate and Partial); redistribute the tensor before saving")
+
+
+def placements_from_str(items: Sequence[str], where: str) -> tuple[Placement, ...]:
+    out: list[Placement] = []
+    for s in items:
+        if s == "R":
+            out.append(Replicate())
+        elif s.startswith("S(") and s.endswith(")") and s[2:-1].isdigit():
+            out.append(Shard(int(s[2:-1])))
+        elif s.startswith("P(") and s.endswith(")"):
+            out.append(Partial(s[2:-1]))
+        else:
+            raise CorruptCheckpointError(f"{where}: unknown placement {s!r}")
+    return tuple(out)
+
+
+def mesh_info(mesh: Any) -> MeshInfo:
+    names = mesh.mesh_dim_names
+    return MeshInfo(shape=tuple(mesh.mesh.shape), ranks=tuple(int(r) for r in mesh.mesh.flatten()),
+                    dim_names=None if names is None else tuple(names))
+
+
+def describe(t: Any, where: str) -> tuple[torch.Tensor, tuple[int, ...], tuple[int, ...], tuple[str, ...], MeshInfo]:
+    """Local tensor, global shape, global offsets, placements and mesh of a DTensor.
+
+    Raises:
+        StateError: for placements whose local shard is not one box of the global tensor.
+    """
+    placements = tuple(placement_to_str(p, where) for p in t.placements)
+    local = t.to_local()
+    shape, offsets = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    if tuple(shape) != tuple(local.shape):
+        raise StateError(f"{where}: DTensor local shape {tuple(local.shape)} differs from the "
+                         f"expected {tuple(shape)} for placements {placements}")
+    return local, tuple(t.shape), tuple(int(o) for o in offsets), placements, mesh_info(t.device_mesh)
+
+
+def build_mesh(info: MeshInfo, device_type: str = "cpu") -> Any:
+    """A DeviceMesh equal to ``info`` (cached: the same saved mesh maps to one DeviceMesh).
+
+    Collective over the default process group: every rank must call it in the same order.
+    """
+    from torch.distributed.device_mesh import DeviceMesh
+
+    with _MESH_LOCK:
+        mesh = _MESHES.get(info)
+        if mesh is None:
+            ranks = torch.tensor(info.ranks, dtype=torch.int64).view(info.shape)
+            mesh = DeviceMesh(device_type, ranks, mesh_dim_names=info.dim_names)
+            _MESHES[info] = mesh
+        return mesh
+
+
+def to_dtensor(local: torch.Tensor, mesh: Any, placements: tuple[Placement, ...],
+               global_shape: tuple[int, ...]) -> Any:
+    stride = torch.empty(global_shape, device="meta").stride()
+    return DTensor.from_local(local, mesh, placements, run_check=False,
+                              shape=torch.Size(global_shape), stride=stride)

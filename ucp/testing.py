@@ -1,0 +1,146 @@
+"""Run a function on N ranks of a real gloo process group on 127.0.0.1 (tests, benchmarks).
+
+Every multi-process test of ucp goes through :func:`run_ranks`. Ranks are fresh processes
+(``spawn``); the function must be defined at module level in a ``.py`` file, which each rank
+imports by path, so it works for test modules that are not importable by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib.util
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import time
+import traceback
+from typing import Any, Callable, Mapping, Sequence
+
+__all__ = ["run_ranks", "RankResult", "RankFailure"]
+
+
+@dataclasses.dataclass
+class RankResult:
+    """What one rank returned (``value``), or how it failed (``error`` / ``exitcode``)."""
+
+    rank: int
+    exitcode: int | None
+    value: Any = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.exitcode == 0 and self.error is None
+
+
+class RankFailure(AssertionError):
+    """Some rank raised, died or timed out; the message holds every rank's outcome."""
+
+
+def _load_function(path: str, name: str) -> Callable[..., Any]:
+    spec = importlib.util.spec_from_file_location(f"_ucp_rank_mod_{abs(hash(path))}", path)
+    assert spec is not None and spec.loader is not None, path
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return getattr(module, name)
+
+
+def _child(path: str, name: str, rank: int, world_size: int, init_file: str, args: Sequence[Any],
+           env: Mapping[str, str], timeout: float, conn: Any) -> None:
+    os.environ.update(env)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    result: tuple[str, Any]
+    try:
+        fn = _load_function(path, name)
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                world_size=world_size, timeout=datetime.timedelta(seconds=timeout))
+        result = ("ok", fn(rank, world_size, *args))
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        result = ("error", traceback.format_exc())
+    try:
+        conn.send(result)
+    except Exception:  # noqa: BLE001 - an unpicklable value is reported as an error
+        conn.send(("error", traceback.format_exc()))
+    conn.close()
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - teardown after a failure
+            pass
+    os._exit(0)
+
+
+def run_ranks(fn: Callable[..., Any], world_size: int, *, args: Sequence[Any] = (),
+              env: Mapping[str, str] | None = None, rank_env: Mapping[int, Mapping[str, str]] | None = None,
+              timeout: float = 180.0, check: bool = True) -> list[RankResult]:
+    """Runs ``fn(rank, world_size, *args)`` on ``world_size`` processes joined in a gloo group.
+
+    Args:
+        fn: a module-level function of a ``.py`` file.
+        world_size: number of ranks.
+        args: extra positional arguments (picklable).
+        env: environment variables for every rank; ``rank_env`` adds per-rank ones.
+        timeout: seconds for the whole run (and the process group's collective timeout).
+        check: raise :class:`RankFailure` unless every rank returned normally.
+
+    Returns:
+        One :class:`RankResult` per rank, in rank order.
+    """
+    path = os.path.abspath(fn.__code__.co_filename)
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="ucp-ranks-") as tmp:
+        init_file = os.path.join(tmp, "init")
+        procs, conns = [], []
+        for rank in range(world_size):
+            parent, child = ctx.Pipe(duplex=False)
+            renv = {**(env or {}), **((rank_env or {}).get(rank, {}))}
+            p = ctx.Process(target=_child, args=(path, fn.__name__, rank, world_size, init_file,
+                                                 tuple(args), renv, timeout, child), daemon=True)
+            p.start()
+            child.close()
+            procs.append(p)
+            conns.append(parent)
+        results = _collect(procs, conns, timeout)
+    if check and not all(r.ok for r in results):
+        raise RankFailure(_describe(results))
+    return results
+
+
+def _collect(procs: list[Any], conns: list[Any], timeout: float) -> list[RankResult]:
+    deadline = time.monotonic() + timeout
+    results: list[RankResult] = []
+    for rank, (p, conn) in enumerate(zip(procs, conns)):
+        value, error = None, None
+        remaining = max(0.1, deadline - time.monotonic())
+        if conn.poll(remaining):
+            try:
+                status, payload = conn.recv()
+                value, error = (payload, None) if status == "ok" else (None, payload)
+            except EOFError:
+                error = "died without reporting"
+        else:
+            error = "timed out" if p.is_alive() else "died without reporting"
+        p.join(max(0.1, min(10.0, deadline - time.monotonic())))
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+        results.append(RankResult(rank=rank, exitcode=p.exitcode, value=value, error=error))
+    return results
+
+
+def _describe(results: list[RankResult]) -> str:
+    lines = []
+    for r in results:
+        state = "ok" if r.ok else f"FAILED (exit code {r.exitcode})"
+        lines.append(f"--- rank {r.rank}: {state}")
+        if r.error:
+            lines.append(r.error.rstrip())
+    return "\n".join(lines)
