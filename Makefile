@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: venv
-	$(BIN)/python examples/save_load.py
+	$(BIN)/torchrun --standalone --nproc_per_node 2 examples/save_load.py
 
 test: venv
 	$(BIN)/python -m pytest -q
