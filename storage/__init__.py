@@ -2,6 +2,7 @@
 
 from ._retry import RetryPolicy, is_transient, retry_call
 from ._store import PACKAGE_FOR_PROTOCOL, Storage, checksum, verify
+from ._zarr import zarr_store
 
 __all__ = ["Storage", "RetryPolicy", "checksum", "verify", "is_transient", "retry_call",
-           "PACKAGE_FOR_PROTOCOL"]
+           "PACKAGE_FOR_PROTOCOL", "zarr_store"]

@@ -94,6 +94,7 @@ class Storage:
             raise UnsupportedProtocolError(f"cannot open {url!r}: fsspec knows no protocol "
                                            f"{protocol!r} ({e})") from e
         self.url = url
+        self.storage_options = dict(storage_options or {})
         self.fs = fs
         self.is_local = "file" in _protocols(fs)
         self.root = os.path.abspath(root) if self.is_local else root.rstrip("/")

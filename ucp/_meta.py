@@ -126,7 +126,8 @@ class TensorFragment:
 
     ``offsets``/``shape`` give the region of the global tensor (``global_shape``). For plain tensors
     the region is the whole tensor; for a DTensor it comes from the placements, and ``mesh`` indexes
-    the rank index's ``meshes``.
+    the rank index's ``meshes``. ``crc32c`` is the checksum of the tensor's own bytes, so a reader
+    that fetches one tensor by byte range can verify it without reading the whole file.
     """
 
     key: str
@@ -136,10 +137,13 @@ class TensorFragment:
     offsets: tuple[int, ...]
     placements: tuple[str, ...] | None = None
     mesh: int | None = None
+    crc32c: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"key": self.key, "dtype": self.dtype, "shape": list(self.shape),
                              "global_shape": list(self.global_shape), "offsets": list(self.offsets)}
+        if self.crc32c is not None:
+            d["crc32c"] = self.crc32c
         if self.placements is not None:
             d["placements"], d["mesh"] = list(self.placements), self.mesh
         return d
@@ -159,9 +163,12 @@ class TensorFragment:
                 raise CorruptCheckpointError(f"{what}: placements must be a list of strings")
             placements = tuple(placements)
             _field(d, "mesh", int, what)
+        crc = d.get("crc32c")
+        if crc is not None and (not isinstance(crc, int) or isinstance(crc, bool)):
+            raise CorruptCheckpointError(f"{what}: crc32c must be an integer")
         return cls(key=_field(d, "key", str, what), dtype=_field(d, "dtype", str, what), shape=shape,
                    global_shape=gshape, offsets=offsets, placements=placements,
-                   mesh=d.get("mesh") if placements is not None else None)
+                   mesh=d.get("mesh") if placements is not None else None, crc32c=crc)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ucp.storage import Storage
+from ucp.storage import Storage, checksum
 
 from . import _dtensor, _stfile
 from ._coord import Coordinator, dist_rank_and_world, get_coordinator
@@ -237,11 +237,13 @@ def _run(job: _Job) -> None:
     error, files = None, {}
     try:
         failpoint("save.write", rank=job.rank)
+        fragments = tuple(dataclasses.replace(f, crc32c=checksum([_stfile.tensor_bytes(job.staged[f.key])])[0])
+                          for f in job.fragments)
         data = job.storage.write(f"{sd}/{stem}.safetensors",
                                  _stfile.encode(job.staged, {"format": "pt", "ucp.step": str(job.step)}))
         job.staged.clear()
         index = RankIndex(rank=job.rank, world_size=job.world_size, step=job.step, tree=job.tree,
-                          fragments=tuple(job.fragments), data=data, meshes=tuple(job.meshes))
+                          fragments=fragments, data=data, meshes=tuple(job.meshes))
         failpoint("save.index", rank=job.rank)
         files = {f"{stem}.safetensors": data.to_dict(),
                  f"{stem}.json": job.storage.write(f"{sd}/{stem}.json", dumps(index)).to_dict()}

@@ -8,6 +8,7 @@ safetensors and open with ``safetensors.safe_open`` too.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from typing import Mapping
 
@@ -15,7 +16,8 @@ import torch
 
 from ._errors import CorruptCheckpointError, StateError
 
-__all__ = ["DTYPE_NAMES", "encode", "decode", "dtype_from_name", "dtype_name"]
+__all__ = ["DTYPE_NAMES", "encode", "decode", "dtype_from_name", "dtype_name", "tensor_bytes",
+           "header_length", "parse_header", "from_bytes"]
 
 _ST_DTYPES: dict[torch.dtype, str] = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -45,7 +47,8 @@ def dtype_from_name(name: str) -> torch.dtype:
         raise CorruptCheckpointError(f"unknown dtype {name!r} in checkpoint metadata") from e
 
 
-def _bytes_of(t: torch.Tensor) -> memoryview:
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw bytes of a contiguous CPU tensor, without a copy."""
     flat = t.reshape(-1)
     if flat.numel() == 0:
         return memoryview(b"")
@@ -68,7 +71,7 @@ def encode(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | No
         t = tensors[key]
         if t.device.type != "cpu" or not t.is_contiguous():
             raise StateError(f"tensor {key!r} must be a contiguous CPU tensor to be written")
-        view = _bytes_of(t)
+        view = tensor_bytes(t)
         try:
             st = _ST_DTYPES[t.dtype]
         except KeyError as e:
@@ -81,25 +84,26 @@ def encode(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | No
     return [struct.pack("<Q", len(raw)) + raw, *views]
 
 
-def decode(data: bytearray | bytes, *, where: str) -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors file held in ``data`` (views into it when it is a bytearray).
-
-    Raises:
-        CorruptCheckpointError: malformed header or offsets, naming ``where``.
-    """
-    if len(data) < 8:
-        raise CorruptCheckpointError(f"{where}: {len(data)} bytes is too short for a safetensors file")
-    (n,) = struct.unpack_from("<Q", data, 0)
-    if n > min(_MAX_HEADER, len(data) - 8):
+def header_length(prefix: bytes, *, where: str, size: int) -> int:
+    """The JSON header length from a file's first 8 bytes (``size`` is the file's size)."""
+    if len(prefix) < 8:
+        raise CorruptCheckpointError(f"{where}: {len(prefix)} bytes is too short for a safetensors file")
+    (n,) = struct.unpack_from("<Q", prefix, 0)
+    if n > min(_MAX_HEADER, size - 8):
         raise CorruptCheckpointError(f"{where}: safetensors header length {n} is invalid")
+    return n
+
+
+def parse_header(raw: bytes, *, where: str, data_size: int
+                 ) -> dict[str, tuple[torch.dtype, list[int], int, int]]:
+    """``{key: (dtype, shape, start, stop)}`` from a safetensors JSON header; offsets are
+    relative to the data section of ``data_size`` bytes and checked against it."""
     try:
-        header = json.loads(bytes(data[8:8 + n]))
+        header = json.loads(raw)
         assert isinstance(header, dict)
     except (ValueError, AssertionError) as e:
         raise CorruptCheckpointError(f"{where}: safetensors header is not a JSON object") from e
-    base, end = 8 + n, len(data)
-    buf = data if isinstance(data, bytearray) else bytearray(data)
-    out: dict[str, torch.Tensor] = {}
+    out = {}
     for key, entry in header.items():
         if key == "__metadata__":
             continue
@@ -109,18 +113,36 @@ def decode(data: bytearray | bytes, *, where: str) -> dict[str, torch.Tensor]:
             start, stop = (int(x) for x in entry["data_offsets"])
         except (KeyError, TypeError, ValueError) as e:
             raise CorruptCheckpointError(f"{where}: bad safetensors entry for {key!r}") from e
-        count = 1
-        for s in shape:
-            if s < 0:
-                raise CorruptCheckpointError(f"{where}: negative dimension in {key!r}")
-            count *= s
+        if any(s < 0 for s in shape):
+            raise CorruptCheckpointError(f"{where}: negative dimension in {key!r}")
         itemsize = torch.empty((), dtype=dtype).element_size()
-        if not 0 <= start <= stop <= end - base or stop - start != count * itemsize:
+        if not 0 <= start <= stop <= data_size or stop - start != math.prod(shape) * itemsize:
             raise CorruptCheckpointError(f"{where}: tensor {key!r} offsets [{start}, {stop}) do not "
                                          f"fit its shape {shape} or the file")
-        if count == 0:
-            out[key] = torch.empty(shape, dtype=dtype)
-        else:
-            out[key] = torch.frombuffer(buf, dtype=torch.uint8, count=stop - start,
-                                        offset=base + start).view(dtype).view(shape)
+        out[key] = (dtype, shape, start, stop)
     return out
+
+
+def decode(data: bytearray | bytes, *, where: str) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file held in ``data`` (views into it when it is a bytearray).
+
+    Raises:
+        CorruptCheckpointError: malformed header or offsets, naming ``where``.
+    """
+    n = header_length(bytes(data[:8]), where=where, size=len(data))
+    base = 8 + n
+    entries = parse_header(bytes(data[8:base]), where=where, data_size=len(data) - base)
+    buf = data if isinstance(data, bytearray) else bytearray(data)
+    out: dict[str, torch.Tensor] = {}
+    for key, (dtype, shape, start, stop) in entries.items():
+        out[key] = from_bytes(buf, dtype, shape, offset=base + start)
+    return out
+
+
+def from_bytes(buf: bytearray, dtype: torch.dtype, shape: list[int] | tuple[int, ...], *,
+               offset: int = 0) -> torch.Tensor:
+    """A tensor viewing ``buf`` at ``offset`` (no copy)."""
+    n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if n == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(buf, dtype=torch.uint8, count=n, offset=offset).view(dtype).view(shape)

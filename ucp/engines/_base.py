@@ -1,0 +1,66 @@
+"""What an engine plugin provides: detection, and a source checkpoint read parameter by parameter.
+
+A plugin is an object registered under the entry-point group ``ucp.engines`` with a ``name``,
+``detect(url, storage_options) -> str | None`` (a one-line description when the path holds this
+engine's checkpoint) and ``open(url, *, spec, storage_options, tag) -> SourceCheckpoint``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Protocol, runtime_checkable
+
+import torch
+
+from ucp._topology import Topology
+
+__all__ = ["ParamInfo", "SourceCheckpoint", "Engine"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamInfo:
+    """A consolidated parameter as a source checkpoint describes it.
+
+    Attributes:
+        shape: global shape.
+        dtype: the model dtype (of state ``param``).
+        states: the states it has: ``param`` (model dtype), ``fp32`` (master weights) and
+            optimizer states such as ``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``.
+        frozen: True for parameters without gradients (no optimizer states).
+        group: index of its optimizer param group, or None.
+    """
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    states: tuple[str, ...]
+    frozen: bool = False
+    group: int | None = None
+
+
+@runtime_checkable
+class SourceCheckpoint(Protocol):
+    """A distributed checkpoint opened for conversion; every read returns a global tensor."""
+
+    engine: str
+    step: int | None
+    topology: Topology | None
+
+    def names(self) -> list[str]: ...
+
+    def info(self, name: str) -> ParamInfo: ...
+
+    def read(self, name: str, state: str = "fp32") -> torch.Tensor: ...
+
+    def buffers(self) -> dict[str, torch.Tensor]: ...
+
+    def param_groups(self) -> list[dict[str, Any]]: ...
+
+
+@runtime_checkable
+class Engine(Protocol):
+    name: str
+
+    def detect(self, url: str, *, storage_options: Mapping[str, Any] | None = None) -> str | None: ...
+
+    def open(self, url: str, *, spec: Any = None, storage_options: Mapping[str, Any] | None = None,
+             tag: str | None = None) -> SourceCheckpoint: ...
