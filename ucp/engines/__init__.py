@@ -1,0 +1,1 @@
+"""Engine plugins: readers and writers for training engines' own checkpoint formats."""
