@@ -20,15 +20,24 @@ from ._errors import (
     UnsafeInputError,
     UnsupportedProtocolError,
 )
+from ._convert import convert
 from ._load import load
 from ._save import SaveHandle, save
 from ._topology import Topology
+from ._universal import UniversalCheckpoint
+from ._universal import open_universal as open  # noqa: A001 - the public name is ucp.open
+from .grammar import Spec, load_spec
 
 __all__ = [
     "save",
     "load",
     "SaveHandle",
+    "convert",
+    "open",
+    "UniversalCheckpoint",
     "Topology",
+    "Spec",
+    "load_spec",
     "UcpError",
     "CheckpointExistsError",
     "CheckpointNotFoundError",
