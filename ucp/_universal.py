@@ -81,7 +81,7 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
 
 
 def from_numpy(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(a))
+    t = torch.from_numpy(np.ascontiguousarray(a).reshape(a.shape))  # ascontiguousarray makes 0-d 1-d
     return t.view(dtype) if t.dtype != dtype else t
 
 
@@ -215,6 +215,9 @@ class UniversalCheckpoint:
     def read(self, name: str, state: str = "fp32", region: Sequence[slice] | None = None) -> torch.Tensor:
         """One state of a parameter, or only ``region`` of it (reads only the chunks needed)."""
         e = self._entry(name)
+        if state == "param" and "param" not in e["states"] and "fp32" in e["states"]:
+            # an fp32 model stores its weights once, as the fp32 state
+            return self._read_array(f"{e['path']}/fp32", region).to(dtype_from_name(e["dtype"]))
         if state not in e["states"]:
             raise KeyError(f"parameter {name!r} has no state {state!r}; it has {e['states']}")
         return self._read_array(f"{e['path']}/{state}", region)

@@ -7,6 +7,7 @@ Errors a user can act on print one line ``Error: ...`` and exit 1; usage errors 
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 import traceback
 from typing import Any, Callable
@@ -44,3 +45,12 @@ def main(verbose: bool) -> None:
     Example:
       ucp --help
     """
+    log = logging.getLogger("ucp")
+    if not log.handlers:  # what ucp finds and does goes to stderr; results go to stdout
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+from . import _cli_commands  # noqa: E402,F401 - registers the commands on `main`

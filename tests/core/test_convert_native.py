@@ -1,0 +1,150 @@
+"""ucp convert on ucp's own saves: DTensor TP x DP state converts with no spec, bit for bit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+import ucp
+from ucp.cli import main
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(32, 16)
+        self.up = torch.nn.Linear(16, 24)
+        self.down = torch.nn.Linear(24, 16)
+        self.norm = torch.nn.LayerNorm(16)
+        self.head = torch.nn.Linear(16, 32, bias=False)
+
+    def forward(self, idx):
+        h = self.emb(idx)
+        h = h + self.down(torch.relu(self.up(h)))
+        return self.head(self.norm(h))
+
+
+def train_tp_dp_and_save(rank, world, url, ref_path):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    torch.manual_seed(0)
+    model = parallelize_module(Tiny(), mesh["tp"], {"up": ColwiseParallel(), "down": RowwiseParallel(),
+                                                    "head": ColwiseParallel(output_layouts=Replicate())})
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    idx = torch.randint(0, 32, (4, 8), generator=torch.Generator().manual_seed(mesh["dp"].get_local_rank()))
+    for _ in range(3):
+        loss = torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), idx.flatten())
+        loss.backward()
+        # data-parallel gradient average, as DDP would do
+        for p in model.parameters():
+            g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+            torch.distributed.all_reduce(g, group=mesh["dp"].get_group())
+            g /= 2
+        opt.step()
+        opt.zero_grad()
+    msd, osd = get_state_dict(model, opt)
+    ucp.save({"model": msd, "optim": osd}, url, step=3, topology="dp=2,tp=2").wait()
+    full_m, full_o = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
+    if rank == 0:
+        flat = {f"model/{k}": v.contiguous() for k, v in full_m.items()}
+        for fqn, st in full_o["state"].items():
+            for s, v in st.items():
+                flat[f"optim/{fqn}/{s}"] = v.contiguous()
+        save_file(flat, ref_path)
+    return True
+
+
+@pytest.fixture(scope="module")
+def tp_dp_checkpoint(tmp_path_factory):
+    from ucp.testing import run_ranks
+
+    root = tmp_path_factory.mktemp("native")
+    run_ranks(train_tp_dp_and_save, 4, args=(str(root / "ckpt"), str(root / "ref.safetensors")))
+    return root
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_dtensor_tp_dp_converts_without_spec(tp_dp_checkpoint, workers):
+    dst = tp_dp_checkpoint / f"universal-{workers}"
+    ckpt = ucp.convert(str(tp_dp_checkpoint / "ckpt"), str(dst), workers=workers)
+    ref = load_file(tp_dp_checkpoint / "ref.safetensors")
+    names = [k.removeprefix("model/") for k in ref if k.startswith("model/")]
+    assert sorted(ckpt.names()) == sorted(names)
+    assert ckpt.names()[0] == "emb.weight"  # model order is kept
+    assert ckpt.step == 3 and ckpt.engine == "ucp" and str(ckpt.topology) == "dp=2,tp=2,pp=1,zero=0"
+    for name in names:
+        assert torch.equal(ckpt.read(name, "fp32"), ref[f"model/{name}"]), name
+        assert torch.equal(ckpt.read(name, "param"), ref[f"model/{name}"]), name
+        for s in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(ckpt.read(name, s), ref[f"optim/{name}/{s}"]), (name, s)
+    assert ckpt.param_groups[0]["lr"] == 3e-3 and ckpt.param_groups[0]["weight_decay"] == 0.1
+    assert ckpt.info("up.weight").group == 0 and not ckpt.info("up.weight").frozen
+    # a region read returns exactly that slice
+    assert torch.equal(ckpt.read("head.weight", "exp_avg", region=(slice(3, 9), slice(2, 5))),
+                       ref["optim/head.weight/exp_avg"][3:9, 2:5])
+
+
+def test_cli_convert_and_refuses_to_overwrite(tp_dp_checkpoint):
+    dst = tp_dp_checkpoint / "cli-universal"
+    runner = CliRunner()
+    res = runner.invoke(main, ["convert", str(tp_dp_checkpoint / "ckpt"), str(dst), "-q"])
+    assert res.exit_code == 0, res.output
+    assert "found ucp: ucp native checkpoint: step 3, 4 ranks" in res.stderr
+    assert "wrote" in res.stdout and "step 3" in res.stdout
+    again = runner.invoke(main, ["convert", str(tp_dp_checkpoint / "ckpt"), str(dst), "-q"])
+    assert again.exit_code == 1 and again.stderr.startswith("Error: ") and "--overwrite" in again.stderr
+    assert runner.invoke(main, ["convert", str(tp_dp_checkpoint / "ckpt"), str(dst), "-q",
+                                "--overwrite"]).exit_code == 0
+
+
+def test_interrupted_conversion_never_looks_complete(tp_dp_checkpoint, monkeypatch):
+    dst = tp_dp_checkpoint / "broken"
+    import ucp._convert as conv
+
+    calls = {"n": 0}
+    real = conv.convert_one
+
+    def failing(source, writer, name):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise ucp.ConvertError("disk gone")
+        return real(source, writer, name)
+    monkeypatch.setattr(conv, "convert_one", failing)
+    with pytest.raises(ucp.ConvertError, match="disk gone"):
+        ucp.convert(str(tp_dp_checkpoint / "ckpt"), str(dst))
+    meta = json.loads((dst / "zarr.json").read_text())
+    assert meta["attributes"]["ucp"]["complete"] is False
+    with pytest.raises(ucp.CorruptCheckpointError, match="incomplete"):
+        ucp.open(str(dst))
+
+
+def test_missing_rank_file_is_named(tp_dp_checkpoint, tmp_path):
+    import shutil
+
+    src = tmp_path / "ckpt"
+    shutil.copytree(tp_dp_checkpoint / "ckpt", src)
+    (src / "step-00000003" / "rank-00002.safetensors").unlink()
+    with pytest.raises(ucp.UcpError, match="rank-00002.safetensors"):
+        ucp.convert(str(src), str(tmp_path / "u"))
+    assert not (tmp_path / "u" / "zarr.json").exists() or \
+        json.loads((tmp_path / "u" / "zarr.json").read_text())["attributes"]["ucp"]["complete"] is False
+
+
+def test_sharded_plain_tensors_need_a_spec(tmp_path):
+    from ucp.testing import run_ranks
+
+    run_ranks(_save_plain_shards, 2, args=(str(tmp_path / "c"),))
+    with pytest.raises(ucp.ConvertError, match="--spec"):
+        ucp.convert(str(tmp_path / "c"), str(tmp_path / "u"))
+
+
+def _save_plain_shards(rank, world, url):
+    ucp.save({"model": {"w": torch.ones(2 + rank, 3)}}, url, step=1).wait()

@@ -1,0 +1,191 @@
+"""``ucp convert``: any supported distributed checkpoint -> one universal checkpoint.
+
+Parameters stream one at a time (memory: the largest parameter's states plus fixed buffers),
+in parallel over worker processes, and over the ranks of a ``torchrun`` job (each rank takes a
+share of the parameters; rank 0 commits). The universal checkpoint is committed by writing its
+group metadata last, so an interrupted conversion never looks complete.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import logging
+import multiprocessing as mp
+import sys
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from ._coord import get_coordinator
+from ._errors import ConvertError
+from ._universal import UniversalCheckpoint, UniversalWriter, escape_name, open_universal
+from .engines._base import SourceCheckpoint
+from .engines._registry import detect_engine, get_engine
+
+__all__ = ["convert", "open_source"]
+
+log = logging.getLogger("ucp")
+
+
+def _spec_of(spec: Any) -> tuple[Any, str | None]:
+    """(Spec object, its text) from a Spec, a path or UCL text; (None, None) for no spec."""
+    if spec is None:
+        return None, None
+    from ucp.grammar import load_spec
+
+    obj = load_spec(spec) if isinstance(spec, str) else spec
+    return obj, getattr(obj, "text", None) or (spec if isinstance(spec, str) else None)
+
+
+def open_source(src: str, *, engine: str = "auto", spec: Any = None, tag: str | None = None,
+                storage_options: Mapping[str, Any] | None = None) -> tuple[SourceCheckpoint, str]:
+    """Opens a distributed checkpoint through its engine plugin; returns it and what was found."""
+    if engine == "auto":
+        eng, found = detect_engine(src, storage_options=storage_options)
+    else:
+        eng = get_engine(engine)
+        found = eng.detect(src, storage_options=storage_options) or f"{engine} checkpoint (not detected)"
+    spec_obj, _ = _spec_of(spec)
+    return eng.open(src, spec=spec_obj, storage_options=storage_options, tag=tag), f"{eng.name}: {found}"
+
+
+def convert(src: str, dst: str, *, engine: str = "auto", spec: Any = None, workers: int = 1,
+            tag: str | None = None, overwrite: bool = False,
+            storage_options: Mapping[str, Any] | None = None,
+            dst_storage_options: Mapping[str, Any] | None = None,
+            progress: bool | None = None) -> UniversalCheckpoint:
+    """Converts the distributed checkpoint at ``src`` into a universal checkpoint at ``dst``.
+
+    Called by one process, or by every rank of a torchrun job (each converts a share).
+
+    Args:
+        src: the source checkpoint (local path or fsspec URL).
+        dst: where the universal checkpoint goes (local path or fsspec URL).
+        engine: engine plugin name, or ``"auto"`` to detect it.
+        spec: a UCL spec (``Spec``, path or text) for layouts the data cannot tell (TP/PP).
+        workers: processes converting in parallel on this machine.
+        tag: which step/tag of the source (default: the newest).
+        overwrite: replace a complete universal checkpoint at ``dst``.
+        storage_options / dst_storage_options: fsspec options for ``src`` / ``dst``.
+        progress: show a progress bar on stderr (default: when stderr is a terminal).
+
+    Returns:
+        The written checkpoint, opened.
+
+    Raises:
+        ConvertError: the source cannot be read or does not fit the spec (names file/parameter).
+        CheckpointExistsError: ``dst`` holds a complete checkpoint and ``overwrite`` is False.
+
+    Example:
+        >>> ckpt = ucp.convert("ds_ckpt/", "universal/", engine="deepspeed")
+        >>> ckpt.read("wte.weight", state="exp_avg")
+    """
+    source, found = open_source(src, engine=engine, spec=spec, tag=tag, storage_options=storage_options)
+    log.info("found %s", found)
+    _, spec_text = _spec_of(spec)
+    names = source.names()
+    _check_names(names)
+    coord = get_coordinator(600.0)
+    writer = UniversalWriter(dst, storage_options=dst_storage_options)
+    if coord.rank == 0:
+        writer.begin(overwrite=overwrite)
+    coord.all_gather_json(None, what="starting conversion")
+    share = names[coord.rank::coord.world_size]
+    job = dict(engine=source.engine, src=src, spec=spec if isinstance(spec, str) else spec_text, tag=tag, storage_options=storage_options,
+               dst=dst, dst_storage_options=dst_storage_options)
+    entries = _convert_params(job, source, share, workers=workers,
+                              progress=sys.stderr.isatty() if progress is None else progress)
+    gathered = coord.all_gather_json(entries, what="gathering converted parameters")
+    if coord.rank == 0:
+        table = {k: v for part in gathered for k, v in part.items()}
+        buffers = {n: {"path": f"buffers/{escape_name(n)}", **writer.write(f"buffers/{escape_name(n)}", t)}
+                   for n, t in source.buffers().items()}
+        writer.commit({
+            "step": source.step,
+            "source": {"engine": source.engine, "url": src,
+                       "topology": None if source.topology is None else str(source.topology)},
+            "spec": spec_text,
+            "param_groups": _jsonable(source.param_groups()),
+            "params": {n: table[n] for n in names},
+            "buffers": buffers,
+        })
+    coord.all_gather_json(None, what="committing the universal checkpoint")
+    return open_universal(dst, storage_options=dst_storage_options)
+
+
+def _check_names(names: Iterable[str]) -> None:
+    seen: dict[str, str] = {}
+    for n in names:
+        e = escape_name(n)
+        if e in seen:
+            raise ConvertError(f"parameters {seen[e]!r} and {n!r} map to the same stored name {e!r}")
+        seen[e] = n
+
+
+def convert_one(source: SourceCheckpoint, writer: UniversalWriter, name: str) -> dict[str, Any]:
+    """Writes every state of one parameter; returns its table entry."""
+    info = source.info(name)
+    path = f"params/{escape_name(name)}"
+    nbytes = 0
+    for state in info.states:
+        t = source.read(name, state)
+        if state != "step" and tuple(t.shape) != tuple(info.shape):
+            raise ConvertError(f"{name}: state {state!r} has shape {list(t.shape)}, but the "
+                               f"parameter's shape is {list(info.shape)}")
+        nbytes += writer.write(f"{path}/{state}", t)["nbytes"]
+        del t
+    return {"path": path, "shape": list(info.shape), "dtype": str(info.dtype).removeprefix("torch."),
+            "states": list(info.states), "frozen": info.frozen, "group": info.group, "nbytes": nbytes}
+
+
+def _convert_params(job: dict[str, Any], source: SourceCheckpoint, names: list[str], *, workers: int,
+                    progress: bool) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(names), unit="param", desc="convert", file=sys.stderr, disable=not progress)
+    out: dict[str, Any] = {}
+    try:
+        if workers <= 1 or len(names) <= 1:
+            writer = UniversalWriter(job["dst"], storage_options=job["dst_storage_options"])
+            for name in names:
+                out[name] = convert_one(source, writer, name)
+                bar.update(1)
+            return out
+        ctx = mp.get_context("spawn")
+        with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
+                                    initargs=(dict(job),)) as pool:
+            futures = {pool.submit(_worker_convert, n): n for n in names}
+            for fut in cf.as_completed(futures):
+                out[futures[fut]] = fut.result()
+                bar.update(1)
+        return out
+    finally:
+        bar.close()
+
+
+_W: dict[str, Any] = {}
+
+
+def _worker_init(job: dict[str, Any]) -> None:
+    torch.set_num_threads(1)
+    source, _ = open_source(job["src"], engine=job["engine"], spec=job["spec"], tag=job["tag"],
+                            storage_options=job["storage_options"])
+    _W["source"] = source
+    _W["writer"] = UniversalWriter(job["dst"], storage_options=job["dst_storage_options"])
+
+
+def _worker_convert(name: str) -> dict[str, Any]:
+    return convert_one(_W["source"], _W["writer"], name)
+
+
+def _jsonable(obj: Any) -> Any:
+    """Param-group hyper-parameters as JSON (tuples become lists; tensors become numbers)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.item() if obj.numel() == 1 else obj.tolist()
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    json.dumps(obj, allow_nan=True)
+    return obj

@@ -1,0 +1,263 @@
+"""The ``ucp`` engine: ucp's own per-rank saves as a conversion source.
+
+State layout understood (the one ``torch.distributed.checkpoint.state_dict.get_state_dict`` and
+``ucp.Checkpointer`` produce)::
+
+    {"model": {fqn: tensor}, "optim": {"state": {fqn: {"exp_avg": t, ...}},
+                                        "param_groups": [{"params": [fqn, ...], "lr": ...}]}, ...}
+
+A state without a ``model`` key is read as a flat table: every tensor is a parameter named by
+its key path joined with dots. A tensor's fragments are placed by their DTensor regions; a plain
+tensor saved by several ranks is replicated (the lowest rank's copy is used) unless a UCL spec
+says how it is cut.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Iterator, Mapping
+
+import torch
+
+from ucp._errors import ChecksumError, ConvertError, CorruptCheckpointError
+from ucp._layout import MANIFEST, LATEST, newest_step, read_manifest
+from ucp._load import read_rank_index
+from ucp._meta import Manifest, RankIndex, TensorFragment, parse_step_dir, rank_stem, step_dir
+from ucp._stfile import dtype_from_name, from_bytes, header_length, parse_header
+from ucp._topology import Topology
+from ucp.storage import Storage, checksum
+
+from ._base import ParamInfo
+
+__all__ = ["ENGINE", "NativeEngine", "NativeCheckpoint"]
+
+_MODEL_KEYS = ("model",)
+_OPTIM_KEYS = ("optim", "optimizer")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Frag:
+    rank: int
+    frag: TensorFragment
+
+
+def _resolve_root(url: str, storage_options: Mapping[str, Any] | None, tag: str | None
+                  ) -> tuple[Storage, int]:
+    """The checkpoint root and step for ``url``, which may also name a step directory."""
+    storage = Storage(url, storage_options=storage_options)
+    base = url.rstrip("/").rsplit("/", 1)[-1]
+    if parse_step_dir(base) is not None and storage.exists(MANIFEST):
+        parent = url.rstrip("/")[: -len(base) - 1]
+        return Storage(parent, storage_options=storage_options), parse_step_dir(base)
+    if tag is not None:
+        return storage, int(str(tag).removeprefix("step-"))
+    return storage, newest_step(storage)
+
+
+class NativeEngine:
+    """Detects and opens ucp's native checkpoints (a root with step directories, or one step)."""
+
+    name = "ucp"
+
+    def detect(self, url: str, *, storage_options: Mapping[str, Any] | None = None) -> str | None:
+        storage = Storage(url, storage_options=storage_options)
+        if storage.exists(MANIFEST) or storage.exists(LATEST) or any(
+                parse_step_dir(n) is not None for n in storage.list("")):
+            try:
+                root, step = _resolve_root(url, storage_options, None)
+                m = read_manifest(root, step)
+            except Exception as e:  # noqa: BLE001 - detection reports, open raises
+                return f"ucp native checkpoint (unreadable: {e})"
+            return f"ucp native checkpoint: step {m.step}, {m.world_size} ranks, topology {m.topology}"
+        return None
+
+    def open(self, url: str, *, spec: Any = None, storage_options: Mapping[str, Any] | None = None,
+             tag: str | None = None) -> NativeCheckpoint:
+        root, step = _resolve_root(url, storage_options, tag)
+        return NativeCheckpoint(root, read_manifest(root, step), spec=spec)
+
+
+class NativeCheckpoint:
+    """One committed native step, read parameter by parameter (satisfies ``SourceCheckpoint``)."""
+
+    engine = "ucp"
+
+    def __init__(self, storage: Storage, manifest: Manifest, *, spec: Any = None) -> None:
+        self.storage, self.manifest, self.spec = storage, manifest, spec
+        self.step: int | None = manifest.step
+        self.topology: Topology | None = manifest.topology
+        self._check_files()
+        self._indexes = storage.map(lambda r: read_rank_index(storage, manifest, r),
+                                    range(manifest.world_size))
+        self._params: dict[str, dict[str, list[_Frag]]] = {}
+        self._groups: list[dict[str, Any]] = []
+        self._group_of: dict[str, int] = {}
+        self._scan()
+
+    def _check_files(self) -> None:
+        """Every file of the step exists with its recorded size (names the first that does not)."""
+        sd = step_dir(self.manifest.step)
+
+        def size(name: str) -> int | None:
+            try:
+                return self.storage.size(f"{sd}/{name}")
+            except (FileNotFoundError, OSError):
+                return None
+        names = sorted(self.manifest.files)
+        for name, got in zip(names, self.storage.map(size, names)):
+            want = self.manifest.files[name].size
+            if got != want:
+                state = "is missing" if got is None else f"has {got} bytes, not the recorded {want}"
+                raise CorruptCheckpointError(f"{self.storage.url}/{sd}/{name} {state}; restore it "
+                                             "or convert another step")
+
+    # -- building the table --------------------------------------------------------------------
+    def _scan(self) -> None:
+        for index in self._indexes:
+            by_key = {f.key: f for f in index.fragments}
+            tree = index.tree if isinstance(index.tree, dict) else {}
+            model_key = next((k for k in _MODEL_KEYS if k in tree), None)
+            optim_key = next((k for k in _OPTIM_KEYS if k in tree), None)
+            if model_key is None:
+                for path, key in _tensor_leaves(index.tree, ()):
+                    self._add(".".join(map(str, path)), "param", index.rank, by_key[key])
+                continue
+            for path, key in _tensor_leaves(tree[model_key], ()):
+                self._add(".".join(map(str, path)), "param", index.rank, by_key[key])
+            if optim_key is not None:
+                self._scan_optim(tree[optim_key], index, by_key)
+
+    def _scan_optim(self, optim: Any, index: RankIndex, by_key: Mapping[str, TensorFragment]) -> None:
+        state = optim.get("state") if isinstance(optim, dict) else None
+        if isinstance(state, dict) and "@d" in state:
+            raise ConvertError(f"{self.storage.url}: optimizer state of rank {index.rank} is keyed "
+                               "by integer indices, which do not name parameters; save it with "
+                               "torch.distributed.checkpoint.state_dict.get_optimizer_state_dict "
+                               "(keys are parameter names)")
+        for fqn, states in (state or {}).items():
+            for sname, key in _tensor_leaves(states, ()):
+                self._add(fqn, ".".join(map(str, sname)), index.rank, by_key[key])
+        groups = optim.get("param_groups") if isinstance(optim, dict) else None
+        if index.rank == 0 and isinstance(groups, list):
+            from ucp._tree import unflatten
+
+            for i, g in enumerate(unflatten(groups, lambda k: None)):
+                self._groups.append({k: v for k, v in g.items() if k != "params"})
+                for fqn in g.get("params", []):
+                    self._group_of[str(fqn)] = i
+
+    def _add(self, name: str, state: str, rank: int, frag: TensorFragment) -> None:
+        self._params.setdefault(name, {}).setdefault(state, []).append(_Frag(rank, frag))
+
+    # -- SourceCheckpoint ----------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return list(self._params)
+
+    def info(self, name: str) -> ParamInfo:
+        states = self._states(name)
+        if "param" not in states:
+            raise ConvertError(f"{self.storage.url}: {name} has optimizer state but no model tensor")
+        first = states["param"][0].frag
+        # An fp32 model's weights are the fp32 state; a low-precision model keeps both.
+        stored = ("fp32",) if first.dtype == "float32" else ("param", "fp32")
+        return ParamInfo(shape=first.global_shape, dtype=dtype_from_name(first.dtype),
+                         states=stored + tuple(s for s in states if s not in ("param", "fp32")),
+                         frozen=bool(self._groups) and name not in self._group_of,
+                         group=self._group_of.get(name))
+
+    def read(self, name: str, state: str = "fp32") -> torch.Tensor:
+        states = self._states(name)
+        if state == "fp32" and "fp32" not in states:
+            return self._assemble(name, "param", states["param"]).float()
+        if state not in states:
+            raise KeyError(f"parameter {name!r} has no state {state!r} in {self.storage.url}; "
+                           f"it has {sorted(states)}")
+        return self._assemble(name, state, states[state])
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """Always empty: a state dict does not tell buffers from frozen parameters, so every
+        model tensor is a parameter (``frozen`` when no optimizer group lists it)."""
+        return {}
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [dict(g) for g in self._groups]
+
+    # -- assembly ------------------------------------------------------------------------------
+    def _states(self, name: str) -> dict[str, list[_Frag]]:
+        try:
+            return self._params[name]
+        except KeyError:
+            raise KeyError(f"no parameter {name!r} in {self.storage.url}") from None
+
+    def _assemble(self, name: str, state: str, frags: list[_Frag]) -> torch.Tensor:
+        first = frags[0].frag
+        if first.placements is None:
+            shapes = {f.frag.shape for f in frags}
+            if len(shapes) > 1 and self.spec is None:
+                raise ConvertError(f"{self.storage.url}: {name} ({state}) has different shapes on "
+                                   f"ranks {sorted((f.rank, f.frag.shape) for f in frags)[:4]}: it is "
+                                   "sharded but carries no DTensor placements; pass a UCL spec (--spec)")
+            return self._read_fragment(frags[0])
+        if any(p.startswith("P(") for p in first.placements):
+            raise ConvertError(f"{name} ({state}) is a Partial DTensor (pending reduction); reduce "
+                               "it (e.g. .redistribute to Replicate) before saving")
+        out = torch.empty(first.global_shape, dtype=dtype_from_name(first.dtype))
+        covered = torch.zeros(first.global_shape, dtype=torch.bool)
+        done: set[tuple[tuple[int, ...], tuple[int, ...]]] = set()
+        for f in frags:
+            region = (f.frag.offsets, f.frag.shape)
+            if region in done:  # a replica of a region already placed
+                continue
+            done.add(region)
+            index = tuple(slice(o, o + s) for o, s in zip(*region))
+            out[index] = self._read_fragment(f)
+            covered[index] = True
+        if not bool(covered.all()):
+            raise ConvertError(f"{self.storage.url}: the fragments of {name} ({state}) do not cover "
+                               f"its global shape {list(first.global_shape)}; a rank's file is missing")
+        return out
+
+    def _read_fragment(self, f: _Frag) -> torch.Tensor:
+        rel = f"{step_dir(self.manifest.step)}/{rank_stem(f.rank)}.safetensors"
+        base, entries = self._header(f.rank)
+        try:
+            dtype, shape, start, stop = entries[f.frag.key]
+        except KeyError:
+            raise CorruptCheckpointError(f"{self.storage.url}/{rel}: no tensor {f.frag.key!r}") from None
+        buf = bytearray(self.storage.read_range(rel, base + start, base + stop))
+        if f.frag.crc32c is not None and checksum([buf])[0] != f.frag.crc32c:
+            raise ChecksumError(f"{self.storage.url}/{rel}: tensor {f.frag.key!r} fails its CRC32C "
+                                "check (the file is corrupt)")
+        return from_bytes(buf, dtype, shape)
+
+    @functools.lru_cache(maxsize=None)  # noqa: B019 - one header per rank file, kept for the object's life
+    def _header(self, rank: int) -> tuple[int, dict[str, Any]]:
+        rel = f"{step_dir(self.manifest.step)}/{rank_stem(rank)}.safetensors"
+        where = f"{self.storage.url}/{rel}"
+        size = self.manifest.files[f"{rank_stem(rank)}.safetensors"].size
+        n = header_length(self.storage.read_range(rel, 0, 8), where=where, size=size)
+        raw = self.storage.read_range(rel, 8, 8 + n)
+        return 8 + n, parse_header(raw, where=where, data_size=size - 8 - n)
+
+
+def _tensor_leaves(tree: Any, path: tuple[Any, ...]) -> Iterator[tuple[tuple[Any, ...], str]]:
+    """(key path, tensor key) of every tensor in a saved structure."""
+    if isinstance(tree, dict):
+        if set(tree) == {"@t"}:
+            yield path, tree["@t"]
+        elif set(tree) == {"@d"}:
+            for k, v in tree["@d"]:
+                yield from _tensor_leaves(v, path + (k,))
+        elif set(tree) == {"@tuple"}:
+            for i, v in enumerate(tree["@tuple"]):
+                yield from _tensor_leaves(v, path + (i,))
+        else:
+            for k, v in tree.items():
+                yield from _tensor_leaves(v, path + (k,))
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree):
+            yield from _tensor_leaves(v, path + (i,))
+
+
+ENGINE = NativeEngine()
