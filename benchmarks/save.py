@@ -24,10 +24,9 @@ import time
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import ucp  # noqa: E402
-from ucp.testing import run_ranks  # noqa: E402
+import ucp
+from ucp.testing import run_ranks
 
 
 def _state(mb_per_rank: int, rank: int) -> dict[str, torch.Tensor]:
