@@ -54,8 +54,13 @@ def check_spec(spec: Spec, params: Mapping[str, Sequence[int]],
                                     "`param` rule for it or a `default` rule", param=name))
             continue
         used[id(match.rule)] = used.get(id(match.rule), 0) + 1
+        in_range = True
         for ix in match.rule.indices:
-            index_values.setdefault(ix.capture, set()).add(int(match.captures[ix.capture]))
+            value = int(match.captures[ix.capture])
+            index_values.setdefault(ix.capture, set()).add(value)
+            in_range = in_range and value < ix.count
+        if not in_range:  # reported once per index below
+            continue
         problem = _shape_problem(spec, name, params[name], topology or Topology())
         if problem is not None:
             problems.append(problem)
@@ -66,10 +71,10 @@ def check_spec(spec: Spec, params: Mapping[str, Sequence[int]],
                                     "first match wins) or mark it `optional`", line=rule.pos.line))
     for capture, values in sorted(index_values.items()):
         ix = spec.indices[capture]
-        if max(values) < ix.count and len(values) != ix.count:
+        if len(values) != ix.count or max(values) >= ix.count:
             problems.append(Problem(
-                "index", f"index {{{capture}}} declares {ix.count} values, but the parameters "
-                f"use {len(values)} ({_ranges(values)}); set the count to what the model has",
+                "index", f"index {{{capture}}} declares {ix.count} values (0..{ix.count - 1}), "
+                f"but the parameters use {_ranges(values)}; set the count to what the model has",
                 line=ix.pos.line))
     return problems
 

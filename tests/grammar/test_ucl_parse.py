@@ -140,3 +140,60 @@ def test_fuzz_parser_raises_only_spec_errors(text):
     except UcpError as e:  # pragma: no cover - would be a bug: wrong error class
         pytest.fail(f"{type(e).__name__} instead of UcpSpecError: {e}")
     assert spec.text == text
+
+
+_INT = st.one_of(st.integers(0, 3), st.integers(0, 3), st.integers(0, 3),
+                 st.integers(-2, 5), st.sampled_from(["a", "a - 3", "2 * a", "a // 0", "7 / a"]))
+
+
+@st.composite
+def _clauses(draw):
+    i = lambda: str(draw(_INT))  # noqa: E731
+    axes = ", ".join(draw(st.lists(st.sampled_from(["tp", "tp", "ep", "dp", "sp", "pp"]),
+                                   min_size=1, max_size=2, unique=True)))
+    option = draw(st.sampled_from([
+        "", f"parts [{i()}, {i()}]", f"parts {i()}", f"groups {i()} [{i()}, {i()}]",
+        f"pad {i()} to multiple of {i()}", f"pad {i()} to {i()}", f"balanced by {i()}", "balanced"]))
+    return draw(st.sampled_from([
+        f"split {axes} dim {i()} {option}", f"replicate {axes} average", f"replicate {axes}",
+        f"stage first, last as \"w.{{x}}\" check", f"stage {i()}", f"transpose [{i()}, {i()}]",
+        "transpose", 'engine "e.{x}"', 'engine "e.{x}.{y}"']))
+
+
+@st.composite
+def _specs(draw):
+    lines = [f"a = {draw(st.integers(-3, 6))}"]
+    if draw(st.booleans()):
+        lines.append(f"index {{x}} over {draw(st.sampled_from(['pp', 'ep']))} = "
+                     + draw(st.sampled_from(["4", "a", "[1, 3]", "4 first 1", "4 last 3", "0"])))
+    for _ in range(draw(st.integers(1, 3))):
+        pattern = draw(st.sampled_from(['"w.{x}"', '"w.{x:*}"', '"v"', '"w.{x}.{y:**}"']))
+        lines.append(f"param {pattern} " + " ".join(draw(st.lists(_clauses(), max_size=3))))
+    if draw(st.booleans()):
+        lines.append("default " + " ".join(draw(st.lists(_clauses(), max_size=2))))
+    return "\n".join(lines)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_specs(), st.sampled_from([(4, 6), (3,), (0, 2), (8, 2, 3)]),
+       st.sampled_from([(1, 1, 1), (2, 2, 1), (3, 1, 2), (2, 4, 4)]), st.data())
+def test_fuzz_semantics_raise_only_spec_errors(text, shape, sizes, data):
+    """Well-formed but arbitrary specs: loading, checking, cutting and naming either work or raise
+    UcpSpecError, on every shape and topology."""
+    import torch
+    from ucp import Topology
+
+    topo = Topology(tp=sizes[0], pp=sizes[1], ep=sizes[2])
+    try:
+        spec = load_spec(text)
+        names = ["w.1", "w.3.k", "v", "w.x", "other"]
+        spec.check({n: shape for n in names}, topology=topo)
+        name = data.draw(st.sampled_from(names))
+        rank = data.draw(st.integers(0, topo.world_size - 1))
+        spec.local_name(name, topo, rank)
+        spec.canonical_name(name, topo, rank)
+        full = torch.arange(int(torch.tensor(shape).prod())).reshape(shape)
+        frags = {r: spec.cut(name, full, topo, r) for r in spec.holders(name, topo)}
+        assert torch.equal(spec.consolidate(name, frags, topo), full)
+    except UcpSpecError:
+        pass
