@@ -148,3 +148,94 @@ def test_sharded_plain_tensors_need_a_spec(tmp_path):
 
 def _save_plain_shards(rank, world, url):
     ucp.save({"model": {"w": torch.ones(2 + rank, 3)}}, url, step=1).wait()
+
+
+def _assert_same_universal(a, b):
+    assert a.names() == b.names()
+    for n in a.names():
+        assert a.info(n) == b.info(n)
+        for s in a.info(n).states:
+            assert torch.equal(a.read(n, s), b.read(n, s)), (n, s)
+
+
+def test_local_to_s3_and_s3_to_s3(tp_dp_checkpoint, s3_url):
+    import s3fs
+
+    url, opts = s3_url
+    local = ucp.convert(str(tp_dp_checkpoint / "ckpt"), str(tp_dp_checkpoint / "u-ref"), overwrite=True)
+    on_s3 = ucp.convert(str(tp_dp_checkpoint / "ckpt"), f"{url}/universal", dst_storage_options=opts)
+    _assert_same_universal(local, on_s3)
+    fs = s3fs.S3FileSystem(**opts)
+    fs.put(str(tp_dp_checkpoint / "ckpt"), f"{url.removeprefix('s3://')}/native", recursive=True)
+    again = ucp.convert(f"{url}/native", f"{url}/universal2", storage_options=opts,
+                        dst_storage_options=opts, workers=2)
+    _assert_same_universal(local, again)
+
+
+def convert_on_ranks(rank, world, src, dst):
+    ckpt = ucp.convert(src, dst)
+    return len(ckpt.names())
+
+
+def test_convert_split_over_torchrun_ranks(tp_dp_checkpoint, run_ranks):
+    dst = tp_dp_checkpoint / "u-ranks"
+    results = run_ranks(convert_on_ranks, 2, args=(str(tp_dp_checkpoint / "ckpt"), str(dst)))
+    single = ucp.convert(str(tp_dp_checkpoint / "ckpt"), str(tp_dp_checkpoint / "u-single"))
+    assert [r.value for r in results] == [len(single.names())] * 2
+    _assert_same_universal(single, ucp.open(str(dst)))
+
+
+TOY_PLUGIN = '''
+import json, torch
+from ucp.engines import ParamInfo
+
+class Toy:
+    engine = "toy"; step = 7; topology = None
+    def __init__(self, path): self.data = json.load(open(path + "/toy.json"))
+    def names(self): return list(self.data)
+    def info(self, n): return ParamInfo(shape=(len(self.data[n]),), dtype=torch.float32, states=("fp32",))
+    def read(self, n, state="fp32"): return torch.tensor(self.data[n], dtype=torch.float32)
+    def buffers(self): return {}
+    def param_groups(self): return [{"lr": 0.5}]
+
+class ToyEngine:
+    name = "toy"
+    def detect(self, url, *, storage_options=None):
+        import os
+        return "toy checkpoint" if os.path.exists(url + "/toy.json") else None
+    def open(self, url, *, spec=None, storage_options=None, tag=None): return Toy(url)
+
+ENGINE = ToyEngine()
+'''
+
+
+def test_third_party_engine_plugin_is_found_by_entry_point(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    site = tmp_path / "site"
+    (site / "ucp_toy").mkdir(parents=True)
+    (site / "ucp_toy" / "__init__.py").write_text(TOY_PLUGIN)
+    dist = site / "ucp_toy-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: ucp-toy\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[ucp.engines]\ntoy = ucp_toy:ENGINE\n")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "toy.json").write_text(json.dumps({"a": [1.0, 2.0], "b": [3.5]}))
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    ucp_cli = [sys.executable, "-c", "from ucp.cli import main; main()"]
+    proc = subprocess.run(ucp_cli + ["convert", "--engine", "toy", str(src), str(tmp_path / "u"), "-q"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "found toy: toy checkpoint" in proc.stderr
+    ckpt = ucp.open(str(tmp_path / "u"))
+    assert ckpt.engine == "toy" and ckpt.step == 7 and ckpt.param_groups == [{"lr": 0.5}]
+    assert torch.equal(ckpt.read("a"), torch.tensor([1.0, 2.0]))
+    auto = subprocess.run(ucp_cli + ["convert", str(src), str(tmp_path / "u2"), "-q"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert auto.returncode == 0 and "found toy" in auto.stderr, auto.stderr
+    missing = subprocess.run(ucp_cli + ["convert", "--engine", "nope", str(src), str(tmp_path / "u3")],
+                             capture_output=True, text=True, env=env, timeout=120)
+    assert missing.returncode == 1 and "no engine plugin 'nope'" in missing.stderr and "toy" in missing.stderr
