@@ -269,6 +269,9 @@ def test_hostile_value_blob_is_refused_without_running(tmp_path: Path) -> None:
     with pytest.raises(UnsafeInputError, match=r"'optim\.param_groups\.0\.lr'.*refusing to run code"):
         DcpCheckpoint(tmp_path / "c")
     assert not marker.exists()
+    # The explicit opt-out really unpickles (and so runs the payload): it is for trusted files only.
+    assert DcpCheckpoint(tmp_path / "c", allow_unsafe_pickle=True).param_groups() == [{"lr": None}]
+    assert marker.exists()
 
 
 def test_malformed_metadata(tmp_path: Path) -> None:

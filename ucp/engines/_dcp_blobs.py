@@ -51,10 +51,12 @@ class BlobReader:
 
     Args:
         storage: the checkpoint directory.
+        allow_unsafe_pickle: load blobs with the full pickle machinery (can run code from them).
     """
 
-    def __init__(self, storage: Storage) -> None:
+    def __init__(self, storage: Storage, *, allow_unsafe_pickle: bool = False) -> None:
         self.storage = storage
+        self.allow_unsafe_pickle = allow_unsafe_pickle
 
     def _range(self, file: str, start: int, end: int, what: str) -> bytes:
         try:
@@ -85,11 +87,11 @@ class BlobReader:
 
     def objects(self, blobs: Sequence[Blob]) -> list[Any]:
         """Loads each blob as a Python value (tensors and plain values only)."""
-        return [_load(data, b) for data, b in zip(self.raw(blobs), blobs)]
+        return [_load(data, b, safe=not self.allow_unsafe_pickle) for data, b in zip(self.raw(blobs), blobs)]
 
     def tensor(self, blob: Blob) -> torch.Tensor:
         (data,) = self.raw([blob])
-        value = _load(data, blob)
+        value = _load(data, blob, safe=not self.allow_unsafe_pickle)
         if not isinstance(value, torch.Tensor):
             raise CorruptCheckpointError(f"{self.storage.url}/{blob[0]}: {blob[4]!r} holds a "
                                          f"{type(value).__name__} where the metadata promises a tensor")
@@ -126,17 +128,18 @@ def _zstd_decompress(data: bytes, key: str, file: str) -> bytes:
         return reader.read()
 
 
-def _load(data: bytes, blob: Blob) -> Any:
+def _load(data: bytes, blob: Blob, *, safe: bool) -> Any:
     file, start, _, _, key = blob
     if not data.startswith(_ZIP_MAGIC):
         raise ConvertError(f"{file}: {key!r} at byte {start} is not a torch.save blob; checkpoints "
                            "written with FileSystemWriter(serialization_format=SAFETENSORS) or a custom "
                            "storage writer are not supported")
     try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=safe)
     except pickle.UnpicklingError as e:
         raise UnsafeInputError(f"{file}: {key!r} needs more than tensors and plain Python values to "
-                               f"load ({str(e).splitlines()[0]}); refusing to run code from it") from e
+                               f"load ({str(e).splitlines()[0]}); refusing to run code from it (only "
+                               "for a checkpoint you trust: allow_unsafe_pickle=True)") from e
     except Exception as e:  # noqa: BLE001 - a damaged zip or record
         raise CorruptCheckpointError(f"{file}: {key!r} at byte {start} is a damaged torch.save blob "
                                      f"({type(e).__name__}: {e}); restore the file") from e

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 
 from .._errors import ConvertError, CorruptCheckpointError
-from ._dcp_meta import DcpMetadata, ObjectEntry, Path, TensorEntry
+from ._dcp_meta import DcpMetadata, KeyPath, ObjectEntry, TensorEntry
 
 __all__ = ["Layout", "plan_layout", "MODEL_KEYS", "OPTIM_KEYS"]
 
@@ -96,7 +96,7 @@ def plan_layout(meta: DcpMetadata, *, where: str, model_key: str | None = None,
         raise ConvertError(f"{where}: an optimizer section {ok!r} but no model section among the "
                            f"top-level keys {sorted(heads)}; pass model_key=")
     layout = Layout(model_key=mk, optim_key=ok)
-    optim: list[tuple[Path, Entry]] = []
+    optim: list[tuple[KeyPath, Entry]] = []
     for key, e in entries.items():
         head = str(e.path[0])
         if mk == "" and isinstance(e, TensorEntry):
@@ -132,7 +132,7 @@ class _FqnFinder:
         return None
 
 
-def _place(layout: Layout, path: Path, e: Entry, finder: _FqnFinder, where: str) -> None:
+def _place(layout: Layout, path: KeyPath, e: Entry, finder: _FqnFinder, where: str) -> None:
     """Files one optimizer entry (``path`` is below the optimizer key)."""
     section = str(path[0])
     rest = path[1:]
@@ -168,7 +168,7 @@ def _place(layout: Layout, path: Path, e: Entry, finder: _FqnFinder, where: str)
     target.setdefault(fqn, {})[name] = e
 
 
-def _int_head(rest: Path) -> tuple[int, str] | None:
+def _int_head(rest: KeyPath) -> tuple[int, str] | None:
     """``("0.lr",)`` -> ``(0, "lr")``: a nested param-group key saved without its flatten mapping."""
     head, _, tail = ".".join(map(str, rest)).partition(".")
     return (int(head), tail) if head.isdigit() and tail else None

@@ -25,7 +25,7 @@ from .._errors import CorruptCheckpointError, UnsafeInputError
 __all__ = ["Chunk", "TensorEntry", "ObjectEntry", "DcpMetadata", "parse_metadata", "merge_metadata",
            "unpickle_metadata"]
 
-Path = tuple["str | int", ...]
+KeyPath = tuple["str | int", ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +50,7 @@ class Chunk:
 @dataclasses.dataclass(frozen=True)
 class TensorEntry:
     key: str
-    path: Path
+    path: KeyPath
     shape: tuple[int, ...]
     dtype: torch.dtype
     chunks: tuple[Chunk, ...]
@@ -59,7 +59,7 @@ class TensorEntry:
 @dataclasses.dataclass(frozen=True)
 class ObjectEntry:
     key: str
-    path: Path
+    path: KeyPath
     file: str
     start: int
     length: int
@@ -191,7 +191,7 @@ def _ints(value: Any, what: str, where: str) -> tuple[int, ...]:
     return tuple(value)
 
 
-def _path_of(key: str, planner_data: Any) -> Path:
+def _path_of(key: str, planner_data: Any) -> KeyPath:
     """The key's path in the saved (nested) state dict, from DCP's flatten mapping when present."""
     if isinstance(planner_data, dict):
         path = planner_data.get(key)
@@ -227,7 +227,7 @@ def _storage_index(storage_data: Any, where: str) -> dict[tuple[str, tuple[int, 
     return index
 
 
-def _tensor_entry(key: str, path: Path, md: Any, index: dict, where: str) -> TensorEntry:
+def _tensor_entry(key: str, path: KeyPath, md: Any, index: dict, where: str) -> TensorEntry:
     dtype = getattr(getattr(md, "properties", None), "dtype", None)
     if not isinstance(dtype, torch.dtype):
         raise CorruptCheckpointError(f"{where}: tensor {key!r} has no dtype in its properties")

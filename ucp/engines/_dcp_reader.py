@@ -75,6 +75,9 @@ class DcpCheckpoint:
         storage_options: fsspec options (credentials, endpoint).
         model_key, optim_key: the top-level keys of the model and optimizer state dicts; default:
             detected (``model``; ``optim`` or ``optimizer``).
+        allow_unsafe_pickle: load saved values with the full pickle machinery, which can run code
+            from the files. Only for checkpoints you trust whose values are more than tensors and
+            plain Python data. (``.metadata`` is always read with the restricted unpickler.)
 
     Attributes:
         engine: ``"dcp"``. step: the optimizer's step (the largest over parameters), or None.
@@ -93,10 +96,11 @@ class DcpCheckpoint:
     engine = "dcp"
 
     def __init__(self, url: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None,
-                 model_key: str | None = None, optim_key: str | None = None) -> None:
+                 model_key: str | None = None, optim_key: str | None = None,
+                 allow_unsafe_pickle: bool = False) -> None:
         self.url = os.fspath(url)
         self.storage = Storage(self.url, storage_options=storage_options)
-        self._blobs = BlobReader(self.storage)
+        self._blobs = BlobReader(self.storage, allow_unsafe_pickle=allow_unsafe_pickle)
         listing = self.storage.list("")
         self.metadata: DcpMetadata = _read_metadata(self.storage, listing)
         self.version = self.metadata.version
