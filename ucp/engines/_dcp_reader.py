@@ -188,16 +188,18 @@ class DcpCheckpoint:
         if lay.flattened:
             return self._groups_from_params()
         indices = sorted(set(lay.groups) | set(lay.members))
-        listed = [g for g in indices if g in lay.members]
-        members = dict(zip(listed, self._values([lay.members[g] for g in listed])))
+        wanted = [(g, "params", e) for g, e in sorted(lay.members.items())]
+        wanted += [(g, n, e) for g in indices for n, e in lay.groups.get(g, {}).items()]
+        values: dict[int, dict[str, Any]] = {g: {} for g in indices}
+        for (g, n, _), v in zip(wanted, self._values([e for _, _, e in wanted])):  # one batch: few reads
+            values[g][n] = v
         groups: list[dict[str, Any]] = []
         group_of: dict[str, int] = {}
         for pos, g in enumerate(indices):
-            hps = lay.groups.get(g, {})
-            groups.append(_jsonable_dict(dict(zip(hps, self._values(list(hps.values()))))))
+            groups.append(_jsonable_dict(values[g]))
             if g not in lay.members:
                 continue
-            names = members[g]
+            names = values[g]["params"]
             if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
                 raise CorruptCheckpointError(f"{self.url}: {lay.members[g].key!r} is not a list of "
                                              "parameter names")
