@@ -28,14 +28,13 @@ __all__ = ["convert", "open_source"]
 log = logging.getLogger("ucp")
 
 
-def _spec_of(spec: Any) -> tuple[Any, str | None]:
-    """(Spec object, its text) from a Spec, a path or UCL text; (None, None) for no spec."""
-    if spec is None:
-        return None, None
-    from ucp.grammar import load_spec
+def _spec_of(spec: Any) -> Any:
+    """A Spec from a Spec, a bundled spec's name, a path or UCL text; None for no spec."""
+    if spec is None or not isinstance(spec, str):
+        return spec
+    from ucp.grammar import bundled_spec, bundled_spec_names, load_spec
 
-    obj = load_spec(spec) if isinstance(spec, str) else spec
-    return obj, getattr(obj, "text", None) or (spec if isinstance(spec, str) else None)
+    return bundled_spec(spec) if spec in bundled_spec_names() else load_spec(spec)
 
 
 def open_source(src: str, *, engine: str = "auto", spec: Any = None, tag: str | None = None,
@@ -46,8 +45,7 @@ def open_source(src: str, *, engine: str = "auto", spec: Any = None, tag: str | 
     else:
         eng = get_engine(engine)
         found = eng.detect(src, storage_options=storage_options) or f"{engine} checkpoint (not detected)"
-    spec_obj, _ = _spec_of(spec)
-    return eng.open(src, spec=spec_obj, storage_options=storage_options, tag=tag), f"{eng.name}: {found}"
+    return eng.open(src, spec=_spec_of(spec), storage_options=storage_options, tag=tag), f"{eng.name}: {found}"
 
 
 def convert(src: str, dst: str, *, engine: str = "auto", spec: Any = None, workers: int = 1,
@@ -63,7 +61,8 @@ def convert(src: str, dst: str, *, engine: str = "auto", spec: Any = None, worke
         src: the source checkpoint (local path or fsspec URL).
         dst: where the universal checkpoint goes (local path or fsspec URL).
         engine: engine plugin name, or ``"auto"`` to detect it.
-        spec: a UCL spec (``Spec``, path or text) for layouts the data cannot tell (TP/PP).
+        spec: a UCL spec (``Spec``, bundled spec name, path or text) for layouts the data cannot
+            tell (TP/PP); its text and constant overrides are stored in the universal checkpoint.
         workers: processes converting in parallel on this machine.
         tag: which step/tag of the source (default: the newest).
         overwrite: replace a complete universal checkpoint at ``dst``.
@@ -81,9 +80,9 @@ def convert(src: str, dst: str, *, engine: str = "auto", spec: Any = None, worke
         >>> ckpt = ucp.convert("ds_ckpt/", "universal/", engine="deepspeed")
         >>> ckpt.read("wte.weight", state="exp_avg")
     """
+    spec = _spec_of(spec)
     source, found = open_source(src, engine=engine, spec=spec, tag=tag, storage_options=storage_options)
     log.info("found %s", found)
-    _, spec_text = _spec_of(spec)
     names = source.names()
     _check_names(names)
     coord = get_coordinator(600.0)
@@ -92,7 +91,7 @@ def convert(src: str, dst: str, *, engine: str = "auto", spec: Any = None, worke
         writer.begin(overwrite=overwrite)
     coord.all_gather_json(None, what="starting conversion")
     share = names[coord.rank::coord.world_size]
-    job = dict(engine=source.engine, src=src, spec=spec if isinstance(spec, str) else spec_text, tag=tag, storage_options=storage_options,
+    job = dict(engine=source.engine, src=src, spec=spec, tag=tag, storage_options=storage_options,
                dst=dst, dst_storage_options=dst_storage_options)
     entries = _convert_params(job, source, share, workers=workers,
                               progress=sys.stderr.isatty() if progress is None else progress)
@@ -105,7 +104,8 @@ def convert(src: str, dst: str, *, engine: str = "auto", spec: Any = None, worke
             "step": source.step,
             "source": {"engine": source.engine, "url": src,
                        "topology": None if source.topology is None else str(source.topology)},
-            "spec": spec_text,
+            "spec": None if spec is None else spec.text,
+            "spec_constants": None if spec is None else dict(spec.overrides),
             "param_groups": _jsonable(source.param_groups()),
             "params": {n: table[n] for n in names},
             "buffers": buffers,

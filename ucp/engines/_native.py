@@ -20,7 +20,7 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-from ucp._errors import ChecksumError, ConvertError, CorruptCheckpointError
+from ucp._errors import ChecksumError, ConvertError, CorruptCheckpointError, UcpSpecError
 from ucp._layout import MANIFEST, LATEST, newest_step, read_manifest
 from ucp._load import read_rank_index
 from ucp._meta import Manifest, RankIndex, TensorFragment, parse_step_dir, rank_stem, step_dir
@@ -139,16 +139,33 @@ class NativeCheckpoint:
             for sname, key in _tensor_leaves(states, ()):
                 self._add(fqn, ".".join(map(str, sname)), index.rank, by_key[key])
         groups = optim.get("param_groups") if isinstance(optim, dict) else None
-        if index.rank == 0 and isinstance(groups, list):
+        if isinstance(groups, list):
             from ucp._tree import unflatten
 
             for i, g in enumerate(unflatten(groups, lambda k: None)):
-                self._groups.append({k: v for k, v in g.items() if k != "params"})
+                if index.rank == 0:
+                    self._groups.append({k: v for k, v in g.items() if k != "params"})
                 for fqn in g.get("params", []):
-                    self._group_of[str(fqn)] = i
+                    self._group_of[self._canonical(str(fqn), index.rank, None)] = i
 
     def _add(self, name: str, state: str, rank: int, frag: TensorFragment) -> None:
+        name = self._canonical(name, rank, frag)
         self._params.setdefault(name, {}).setdefault(state, []).append(_Frag(rank, frag))
+
+    def _canonical(self, local: str, rank: int, frag: TensorFragment | None) -> str:
+        """The canonical name of what ``rank`` saved as ``local`` (the spec undoes PP renumbering
+        and renames; DTensor names are canonical already)."""
+        if self.spec is None or (frag is not None and frag.placements is not None):
+            return local
+        if self.topology is None:
+            raise ConvertError(f"{self.storage.url}: a UCL spec needs the topology the checkpoint "
+                               "was saved with; pass topology= to ucp.save")
+        try:
+            return self.spec.canonical_name(local, self.topology, rank)
+        except UcpSpecError:
+            if frag is None:  # a param-group entry of a DTensor parameter
+                return local
+            raise
 
     # -- SourceCheckpoint ----------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -161,7 +178,7 @@ class NativeCheckpoint:
         first = states["param"][0].frag
         # An fp32 model's weights are the fp32 state; a low-precision model keeps both.
         stored = ("fp32",) if first.dtype == "float32" else ("param", "fp32")
-        return ParamInfo(shape=first.global_shape, dtype=dtype_from_name(first.dtype),
+        return ParamInfo(shape=self._shape(name), dtype=dtype_from_name(first.dtype),
                          states=stored + tuple(s for s in states if s not in ("param", "fp32")),
                          frozen=bool(self._groups) and name not in self._group_of,
                          group=self._group_of.get(name))
@@ -190,14 +207,19 @@ class NativeCheckpoint:
         except KeyError:
             raise KeyError(f"no parameter {name!r} in {self.storage.url}") from None
 
+    def _shape(self, name: str) -> tuple[int, ...]:
+        """The canonical shape: recorded for DTensors, inferred through the spec otherwise."""
+        frags = self._states(name)["param"]
+        if frags[0].frag.placements is not None or self.spec is None:
+            return frags[0].frag.global_shape
+        return self.spec.infer_shape(name, {f.rank: f.frag.shape for f in frags}, self.topology)
+
     def _assemble(self, name: str, state: str, frags: list[_Frag]) -> torch.Tensor:
         first = frags[0].frag
+        if first.placements is None and self.spec is not None and first.shape != ():
+            return self._consolidate_by_spec(name, state, frags)
         if first.placements is None:
-            shapes = {f.frag.shape for f in frags}
-            if len(shapes) > 1 and self.spec is None:
-                raise ConvertError(f"{self.storage.url}: {name} ({state}) has different shapes on "
-                                   f"ranks {sorted((f.rank, f.frag.shape) for f in frags)[:4]}: it is "
-                                   "sharded but carries no DTensor placements; pass a UCL spec (--spec)")
+            self._check_replicas(name, state, frags)
             return self._read_fragment(frags[0])
         if any(p.startswith("P(") for p in first.placements):
             raise ConvertError(f"{name} ({state}) is a Partial DTensor (pending reduction); reduce "
@@ -217,6 +239,31 @@ class NativeCheckpoint:
             raise ConvertError(f"{self.storage.url}: the fragments of {name} ({state}) do not cover "
                                f"its global shape {list(first.global_shape)}; a rank's file is missing")
         return out
+
+    def _check_replicas(self, name: str, state: str, frags: list[_Frag]) -> None:
+        """Copies of a plain tensor on several ranks that no spec cuts must be true replicas."""
+        topo = self.topology
+        if len(frags) > 1 and self.spec is None and topo is not None and \
+                max(topo.tp, topo.pp, topo.ep, topo.sp) > 1:
+            raise ConvertError(f"{self.storage.url}: {name} ({state}) is a plain tensor saved on "
+                               f"{len(frags)} ranks of topology {topo}; how it is cut over tp/pp/ep "
+                               "is not recorded, so pass a UCL spec (--spec)")
+        differ = {(f.frag.shape, f.frag.crc32c) for f in frags}
+        if len(differ) > 1:
+            raise ConvertError(f"{self.storage.url}: {name} ({state}) differs between ranks "
+                               f"{sorted(f.rank for f in frags)[:8]} (shape or checksum), so it is "
+                               "sharded, not replicated, and carries no DTensor placements; pass a "
+                               "UCL spec (--spec)")
+
+    def _consolidate_by_spec(self, name: str, state: str, frags: list[_Frag]) -> torch.Tensor:
+        layout = self.spec.layout(name, self._shape(name), self.topology)
+        by_rank = {f.rank: f for f in frags}
+        missing = [r for r in layout.needed() if r not in by_rank]
+        if missing:
+            raise ConvertError(f"{self.storage.url}: {name} ({state}) needs the fragments of ranks "
+                               f"{missing}, which did not save it ({layout.rule})")
+        pieces = {r: self._read_fragment(by_rank[r]) for r in layout.needed()}
+        return self.spec.consolidate(name, pieces, self.topology, global_shape=layout.global_shape)
 
     def _read_fragment(self, f: _Frag) -> torch.Tensor:
         rel = f"{step_dir(self.manifest.step)}/{rank_stem(f.rank)}.safetensors"
