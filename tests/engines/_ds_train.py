@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import time
 
 import torch
@@ -156,8 +157,13 @@ def main(argv: list[str] | None = None) -> None:
     if rank == 0:
         print(f"saved {args.out} stage={args.stage} dtype={args.dtype} loss={loss.item():.4f} "
               f"in {time.perf_counter() - t0:.1f}s", flush=True)
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    torch.distributed.barrier()  # every rank's files are written and closed past this point
+    # Leave without running C++ destructors: tearing down gloo and DeepSpeed's CPU shared-memory
+    # communicator at interpreter exit sometimes aborts a rank ("terminate called without an active
+    # exception") after a complete save, which would fail the launch for nothing.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -238,6 +238,23 @@ def test_metadata_that_does_not_fit_the_partitions(fake_zero):
         DeepSpeedCheckpoint(fake.root)
 
 
+@pytest.mark.parametrize("damage", ["no_param_groups", "groups_not_a_list", "no_fp32"])
+def test_unexpected_structure_is_a_corrupt_checkpoint(fake_zero, damage):
+    fake = fake_zero(stage=2, dp=2, groups=SMALL_GROUPS)
+    victim = fake.tag_dir / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    sd = torch.load(victim, weights_only=True)
+    osd = sd["optimizer_state_dict"]
+    if damage == "no_param_groups":
+        del osd["base_optimizer_state"]["param_groups"]
+    elif damage == "groups_not_a_list":
+        osd["single_partition_of_fp32_groups"] = 7
+    else:
+        del osd["single_partition_of_fp32_groups"]
+    torch.save(sd, victim)
+    with pytest.raises(CorruptCheckpointError):
+        DeepSpeedCheckpoint(fake.root)
+
+
 class _Payload:
     def __init__(self, marker):
         self.marker = str(marker)

@@ -434,7 +434,7 @@ def _plan_zero3(files: CheckpointFiles, mp: int, load) -> MpPlan:
 
 
 def _plan_zero0(mp: int, path: str, model: Mapping) -> MpPlan:
-    """No ZeRO: whole tensors in the model file; optimizer states only where the mapping is certain."""
+    """No ZeRO: whole tensors in the model file; hyper-parameters and step, but no optimizer states."""
     module = _need(model, "module", path)
     if not isinstance(module, Mapping):
         raise ConvertError(f"{path}: a pipeline checkpoint without ZeRO files; its weights are in the "
@@ -453,7 +453,7 @@ def _plan_zero0(mp: int, path: str, model: Mapping) -> MpPlan:
         whole = {"param": ref, "fp32": ref} if ref.dtype == torch.float32 else {"param": ref}
         params[name] = ParamPlan(name, ref.shape, ref.dtype, False, None, None, whole=whole)
     opt = model.get("optimizer")
-    groups = _zero0_map_optimizer(opt, params) if isinstance(opt, Mapping) else []
+    groups = _zero0_groups(opt) if isinstance(opt, Mapping) else []
     plan = _finish(mp, 0, int(model.get("dp_world_size") or 1), {**model, "shared_params": aliases}, path,
                    params, [], [], [], groups)
     plan.steps = [s for s in (_zero0_steps(opt) if isinstance(opt, Mapping) else [])]
@@ -469,22 +469,8 @@ def _zero0_steps(opt: Mapping) -> list[Any]:
     return [st.get("step") for st in (inner.get("state") or {}).values()][:1]
 
 
-def _zero0_map_optimizer(opt: Mapping, params: OrderedDict) -> list[dict]:
-    """Attach per-parameter optimizer states when the optimizer's parameter list is exactly the model's.
-
-    ZeRO-0 files do not record which optimizer slot belongs to which parameter; the states are used
-    only when every parameter is in the optimizer, in model order, with matching shapes.
-    """
-    inner = _zero0_inner(opt)
-    groups, state = inner.get("param_groups") or [], inner.get("state") or {}
-    order = [(k, g) for g, pg in enumerate(groups) for k in pg.get("params", [])]
-    names = list(params)
-    if len(order) == len(names) and "fp32_groups_flat" not in opt:
-        slots = {n: order[i] for i, n in enumerate(names)}
-        ok = all(isinstance(v, TensorRef) and v.shape == params[n].shape
-                 for n, (k, _) in slots.items() for v in state.get(k, {}).values() if getattr(v, "shape", ()) != ())
-        if ok:
-            for n, (k, g) in slots.items():
-                extra = {s: v for s, v in state.get(k, {}).items() if isinstance(v, TensorRef) and v.shape != ()}
-                params[n] = dataclasses.replace(params[n], group=g, whole={**params[n].whole, **extra})
-    return groups
+def _zero0_groups(opt: Mapping) -> list[dict]:
+    """ZeRO-0 param groups. Their per-parameter states are not attributed to names on purpose: the
+    files do not record which optimizer slot belongs to which parameter, and same-shaped parameters
+    (layer norm weights and biases) would make any guess silently wrong."""
+    return list(_zero0_inner(opt).get("param_groups") or [])

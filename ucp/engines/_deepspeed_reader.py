@@ -25,7 +25,9 @@ from typing import Any
 
 import torch
 
-from .._errors import CheckpointNotFoundError, ConvertError, CorruptCheckpointError
+from .._errors import CheckpointNotFoundError, ConvertError, CorruptCheckpointError, UcpError
+from .._topology import Topology
+from ._base import ParamInfo as _BaseParamInfo
 from ._deepspeed_files import RangeReader, TensorRef, load_index
 from ._deepspeed_layout import CheckpointFiles, MpPlan, ParamPlan, discover, plan_mp_rank
 
@@ -33,25 +35,20 @@ __all__ = ["DeepSpeedCheckpoint", "ParamInfo"]
 
 
 @dataclasses.dataclass(frozen=True)
-class ParamInfo:
-    """What a checkpoint holds for one parameter.
+class ParamInfo(_BaseParamInfo):
+    """What a checkpoint holds for one parameter (the engines' common ``ParamInfo``, plus two fields).
 
     Attributes:
-        name: the parameter's name in the model's state dict.
         shape: its global shape (for tp=pp=1; else the shape on that model-parallel rank).
         dtype: the model's dtype for it (``param`` state); ``fp32`` and optimizer states are float32.
         states: the states that can be read, e.g. ``("param", "fp32", "exp_avg", "exp_avg_sq")``.
         frozen: True for a parameter the optimizer does not update (``requires_grad=False``).
         group: the optimizer param group index, None for frozen parameters.
+        name: the parameter's name in the model's state dict.
         aliases: other names the model uses for this same tensor (tied weights).
     """
 
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    states: tuple[str, ...]
-    frozen: bool
-    group: int | None
+    name: str = ""
     aliases: tuple[str, ...] = ()
 
 
@@ -66,6 +63,7 @@ class DeepSpeedCheckpoint:
             objects outside DeepSpeed's usual few.
 
     Attributes:
+        engine: ``"deepspeed"``. topology: dp/tp/pp sizes and ZeRO stage as a :class:`~ucp.Topology`.
         tag, tag_dir: the tag and its directory.
         zero_stage: 0, 1, 2 or 3. dp_size / tp_size / pp_size: the saving run's parallel sizes.
         step: the optimizer's step count (0 when the optimizer keeps none).
@@ -77,6 +75,8 @@ class DeepSpeedCheckpoint:
         UnsafeInputError: a file's pickle would run code, or the tag would leave ``path``.
         ConvertError: a layout this reader does not handle (MoE experts).
     """
+
+    engine = "deepspeed"
 
     def __init__(self, path: str | os.PathLike, *, tag: str | None = None,
                  allow_unsafe_pickle: bool = False) -> None:
@@ -129,7 +129,15 @@ class DeepSpeedCheckpoint:
 
     def _plan_at(self, mp: int) -> MpPlan:
         if mp not in self._plans:
-            self._plans[mp] = plan_mp_rank(self._files, mp, self._load)
+            try:
+                self._plans[mp] = plan_mp_rank(self._files, mp, self._load)
+            except UcpError:
+                raise
+            except (KeyError, IndexError, TypeError, AttributeError, ValueError) as e:
+                raise CorruptCheckpointError(
+                    f"{self.tag_dir}: unexpected structure in the files of mp rank {mp} ({type(e).__name__}: "
+                    f"{e}); they are damaged or from an unsupported DeepSpeed version (this reader follows "
+                    "0.19.8)") from e
         return self._plans[mp]
 
     def _mp(self, mp_rank: int | None) -> int:
@@ -144,6 +152,11 @@ class DeepSpeedCheckpoint:
         if not 0 <= mp_rank < mp_size:
             raise ConvertError(f"{self.tag_dir}: mp_rank {mp_rank} out of range 0..{mp_size - 1}")
         return mp_rank
+
+    @property
+    def topology(self) -> Topology:
+        """The saving run's layout: ``dp``, ``tp``, ``pp`` and the ZeRO stage."""
+        return Topology(dp=self.dp_size, tp=self.tp_size, pp=self.pp_size, zero=self.zero_stage)
 
     @property
     def mp_size(self) -> int:
@@ -183,7 +196,8 @@ class DeepSpeedCheckpoint:
         """Shape, dtype, readable states, frozen flag and param group of parameter ``name``."""
         plan, p = self._param(name, mp_rank)
         aliases = tuple(a for a, src in plan.aliases.items() if src == p.name)
-        return ParamInfo(p.name, p.shape, p.dtype, p.states, p.frozen, p.group, aliases)
+        return ParamInfo(shape=p.shape, dtype=p.dtype, states=p.states, frozen=p.frozen, group=p.group,
+                         name=p.name, aliases=aliases)
 
     def read(self, name: str, state: str = "fp32", *, mp_rank: int | None = None) -> torch.Tensor:
         """One state of one parameter, consolidated over data-parallel ranks, as a new CPU tensor.
