@@ -128,7 +128,10 @@ def convert_one(source: SourceCheckpoint, writer: UniversalWriter, name: str) ->
     info = source.info(name)
     path = f"params/{escape_name(name)}"
     nbytes = 0
-    for state in info.states:
+    states = info.states
+    if info.dtype == torch.float32 and "fp32" in states:  # an fp32 model's weights are stored once
+        states = tuple(s for s in states if s != "param")
+    for state in states:
         t = source.read(name, state)
         if state != "step" and tuple(t.shape) != tuple(info.shape):
             raise ConvertError(f"{name}: state {state!r} has shape {list(t.shape)}, but the "
@@ -136,7 +139,7 @@ def convert_one(source: SourceCheckpoint, writer: UniversalWriter, name: str) ->
         nbytes += writer.write(f"{path}/{state}", t)["nbytes"]
         del t
     return {"path": path, "shape": list(info.shape), "dtype": str(info.dtype).removeprefix("torch."),
-            "states": list(info.states), "frozen": info.frozen, "group": info.group, "nbytes": nbytes}
+            "states": list(states), "frozen": info.frozen, "group": info.group, "nbytes": nbytes}
 
 
 def _convert_params(job: dict[str, Any], source: SourceCheckpoint, names: list[str], *, workers: int,

@@ -390,3 +390,25 @@ def test_synthetic_layout_is_what_torch_loads(tmp_path: Path) -> None:
     dcp.load(loaded, checkpoint_id=str(tmp_path))
     assert torch.equal(loaded["model"]["w"], tensor)
     assert torch.equal(DcpCheckpoint(tmp_path).read("w", "param"), tensor)
+
+
+# -- through `ucp convert` ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["fsdp2", "tp"])
+def test_convert_detects_dcp_and_equals_torch_full_state(dcp_real: Path, tmp_path: Path, case: str) -> None:
+    import ucp
+
+    ckpt = ucp.convert(str(dcp_real / case / "ckpt"), str(tmp_path / "u"), engine="auto", workers=2)
+    full = torch.load(dcp_real / case / "full.pt", weights_only=True)
+    model, optim = full["model"], full["optim"]
+    assert ckpt.engine == "dcp" and ckpt.step == max(int(s["step"]) for s in optim["state"].values())
+    assert set(ckpt.names()) | set(ckpt.buffer_names()) == set(model)
+    for name in ckpt.names():
+        assert torch.equal(ckpt.read(name, "param"), model[name]), name
+        for state, want in optim["state"].get(name, {}).items():
+            if state != "step":
+                assert torch.equal(ckpt.read(name, state), want), (name, state)
+    for name in ckpt.buffer_names():
+        assert torch.equal(ckpt.read_buffer(name), model[name]), name
+    assert len(ckpt.param_groups) == len(optim["param_groups"])

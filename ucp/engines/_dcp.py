@@ -1,0 +1,26 @@
+"""The ``dcp`` engine: torch.distributed.checkpoint directories as a conversion source."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from ._dcp_reader import DcpCheckpoint, detect
+
+__all__ = ["ENGINE", "DcpEngine"]
+
+
+class DcpEngine:
+    """Detects (``.metadata`` + ``*.distcp``) and opens DCP checkpoints; DCP records every
+    chunk's box, so no spec is needed."""
+
+    name = "dcp"
+
+    def detect(self, url: str, *, storage_options: Mapping[str, Any] | None = None) -> str | None:
+        return detect(url, storage_options=storage_options)
+
+    def open(self, url: str, *, spec: Any = None, storage_options: Mapping[str, Any] | None = None,
+             tag: str | None = None) -> DcpCheckpoint:
+        return DcpCheckpoint(url, storage_options=storage_options)
+
+
+ENGINE = DcpEngine()
