@@ -171,6 +171,17 @@ def test_tag_directory_and_explicit_tag(fake_zero):
         DeepSpeedCheckpoint(fake.root).read("fc.bias", "momentum_buffer")
 
 
+def test_reader_can_be_sent_to_a_worker_process(fake_zero):
+    fake = fake_zero(stage=3, dp=2, groups=SMALL_GROUPS, frozen=[("frozen.w", (4, 3))])
+    with DeepSpeedCheckpoint(fake.root) as ckpt:
+        ckpt.read("emb.weight")  # files are open now
+        copy = pickle.loads(pickle.dumps(ckpt))
+    assert copy.names() == ckpt.names() and copy.topology == ckpt.topology
+    assert torch.equal(copy.read("emb.weight", "exp_avg"), fake.expected["emb.weight"]["exp_avg"])
+    assert torch.equal(copy.read("frozen.w", "param"), fake.expected["frozen.w"]["param"])
+    copy.close()
+
+
 # --- bad input -------------------------------------------------------------------------------------
 
 def test_missing_rank_file_is_named(fake_zero):

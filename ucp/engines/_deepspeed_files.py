@@ -54,6 +54,9 @@ class _Inert:
             raise pickle.UnpicklingError(f"{type(self).__name__}: expected a dict state, got {type(state)}")
         self.fields = dict(state)
 
+    def __getstate__(self) -> dict:
+        return self.fields
+
     def __getattr__(self, name: str) -> Any:
         if name == "fields":
             raise AttributeError(name)
@@ -263,12 +266,19 @@ def load_index(path: str | os.PathLike, *, allow_unsafe_pickle: bool = False) ->
 class RangeReader:
     """Reads element ranges of :class:`TensorRef` s with positional reads; keeps a few files open.
 
-    Not thread-safe; use one per thread or process.
+    Not thread-safe; use one per thread. A pickled copy (e.g. sent to a worker process) starts with
+    no files open.
     """
 
     def __init__(self, *, max_open: int = 64) -> None:
         self._files: OrderedDict[str, int] = OrderedDict()
         self._max_open = max_open
+
+    def __getstate__(self) -> dict:
+        return {"max_open": self._max_open}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(max_open=state["max_open"])
 
     def _fd(self, path: str) -> int:
         fd = self._files.pop(path, None)
