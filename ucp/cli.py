@@ -46,11 +46,18 @@ def main(verbose: bool) -> None:
       ucp --help
     """
     log = logging.getLogger("ucp")
-    if not log.handlers:  # what ucp finds and does goes to stderr; results go to stdout
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(handler)
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        log.addHandler(_StderrHandler())
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
+class _StderrHandler(logging.Handler):
+    """What ucp finds and does goes to the current stderr; results go to stdout."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(record.getMessage(), err=True)
+
+
 from . import _cli_commands  # noqa: E402,F401 - registers the commands on `main`
+from ._cli_spec import spec as _spec_group  # noqa: E402
+main.add_command(_spec_group)
