@@ -109,6 +109,7 @@ def convert(src: str, dst: str, *, engine: str = "auto", spec: Any = None, worke
             "param_groups": _jsonable(source.param_groups()),
             "params": {n: table[n] for n in names},
             "buffers": buffers,
+            "aliases": dict(getattr(source, "aliases", dict)()),
         })
     coord.all_gather_json(None, what="committing the universal checkpoint")
     return open_universal(dst, storage_options=dst_storage_options)

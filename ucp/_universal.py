@@ -197,6 +197,11 @@ class UniversalCheckpoint:
         return list(self._attrs.get("param_groups") or [])
 
     @property
+    def aliases(self) -> dict[str, str]:
+        """Tied weights: other names the model uses for a parameter (alias -> name)."""
+        return dict(self._attrs.get("aliases") or {})
+
+    @property
     def metadata(self) -> dict[str, Any]:
         """The whole group attribute table (a copy)."""
         return json.loads(json.dumps(self._attrs))

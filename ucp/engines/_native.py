@@ -21,7 +21,7 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from ucp._errors import ChecksumError, ConvertError, CorruptCheckpointError, UcpSpecError
-from ucp._layout import MANIFEST, LATEST, newest_step, read_manifest
+from ucp._layout import MANIFEST, newest_step, read_manifest
 from ucp._load import read_rank_index
 from ucp._meta import Manifest, RankIndex, TensorFragment, parse_step_dir, rank_stem, step_dir
 from ucp._stfile import dtype_from_name, from_bytes, header_length, parse_header
@@ -62,8 +62,8 @@ class NativeEngine:
 
     def detect(self, url: str, *, storage_options: Mapping[str, Any] | None = None) -> str | None:
         storage = Storage(url, storage_options=storage_options)
-        if storage.exists(MANIFEST) or storage.exists(LATEST) or any(
-                parse_step_dir(n) is not None for n in storage.list("")):
+        # DeepSpeed writes a `latest` file too: only step directories (or a manifest) are ucp's.
+        if storage.exists(MANIFEST) or any(parse_step_dir(n) is not None for n in storage.list("")):
             try:
                 root, step = _resolve_root(url, storage_options, None)
                 m = read_manifest(root, step)

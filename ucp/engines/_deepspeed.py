@@ -1,0 +1,108 @@
+"""The ``deepspeed`` engine: DeepSpeed ZeRO 0-3 checkpoints as a conversion source.
+
+Data-parallel (ZeRO) shards are consolidated by the reader (``_deepspeed_reader``). With tensor or
+pipeline parallelism each model-parallel rank's tensors are consolidated over dp first, then
+across tp/pp through a UCL spec, exactly as for ucp's own plain-tensor saves.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import torch
+
+from ucp._errors import ConvertError
+from ucp._topology import Topology
+
+from ._base import ParamInfo
+from ._deepspeed_reader import DeepSpeedCheckpoint
+
+__all__ = ["ENGINE", "DeepSpeedEngine", "DeepSpeedSource"]
+
+
+class DeepSpeedEngine:
+    """Detects (``latest`` + ``*model_states.pt``) and opens DeepSpeed checkpoints (local disk)."""
+
+    name = "deepspeed"
+
+    def detect(self, url: str, *, storage_options: Mapping[str, Any] | None = None) -> str | None:
+        if "://" in url and not url.startswith("file://") or not os.path.isdir(url):
+            return None
+        try:
+            ckpt = DeepSpeedCheckpoint(url)
+        except Exception:  # noqa: BLE001 - not (readable as) DeepSpeed: another engine may know it
+            return None
+        with ckpt:
+            return (f"DeepSpeed {ckpt.ds_version} checkpoint '{ckpt.tag}': ZeRO-{ckpt.zero_stage}, "
+                    f"dp={ckpt.dp_size}, tp={ckpt.tp_size}, pp={ckpt.pp_size}, {ckpt.dtype}, "
+                    f"step {ckpt.step}")
+
+    def open(self, url: str, *, spec: Any = None, storage_options: Mapping[str, Any] | None = None,
+             tag: str | None = None) -> DeepSpeedSource:
+        if "://" in url and not url.startswith("file://"):
+            raise ConvertError(f"{url}: the DeepSpeed reader reads local directories only; copy the "
+                               "checkpoint to local disk first (e.g. with `aws s3 sync`)")
+        return DeepSpeedSource(DeepSpeedCheckpoint(url.removeprefix("file://"), tag=tag), spec)
+
+
+class DeepSpeedSource:
+    """A DeepSpeed checkpoint as a ``SourceCheckpoint`` with canonical, consolidated parameters."""
+
+    engine = "deepspeed"
+
+    def __init__(self, ckpt: DeepSpeedCheckpoint, spec: Any) -> None:
+        self.ckpt, self.spec = ckpt, spec
+        self.step: int | None = ckpt.step
+        self.topology: Topology | None = ckpt.topology
+        self._mp = Topology(tp=ckpt.tp_size, pp=ckpt.pp_size)  # ranks = mp ranks (dp consolidated)
+        self._local: dict[str, dict[int, str]] = {}  # canonical name -> {mp rank: local name}
+        if self._mp.world_size == 1:
+            self._local = {n: {0: n} for n in ckpt.names()}
+        elif spec is None:
+            raise ConvertError(f"{ckpt.tag_dir}: saved with tp={ckpt.tp_size}, pp={ckpt.pp_size}; how "
+                               "parameters are cut over tp/pp is not recorded, so pass a UCL spec (--spec)")
+        else:
+            for mp in range(self._mp.world_size):
+                for local in ckpt.names(mp_rank=mp):
+                    canonical = spec.canonical_name(local, self._mp, mp)
+                    self._local.setdefault(canonical, {})[mp] = local
+
+    def names(self) -> list[str]:
+        return list(self._local)
+
+    def aliases(self) -> dict[str, str]:
+        """Tied weights: other names the model uses for a parameter (alias -> name)."""
+        return dict(self.ckpt.shared_params(mp_rank=0)) if self._mp.world_size == 1 else {}
+
+    def info(self, name: str) -> ParamInfo:
+        held = self._held(name)
+        mp, local = next(iter(held.items()))
+        i = self.ckpt.info(local, mp_rank=mp)
+        shape = i.shape if self.spec is None else self.spec.infer_shape(
+            name, {r: self.ckpt.info(n, mp_rank=r).shape for r, n in held.items()}, self._mp)
+        return ParamInfo(shape=tuple(shape), dtype=i.dtype, states=tuple(i.states), frozen=i.frozen,
+                         group=i.group)
+
+    def read(self, name: str, state: str = "fp32") -> torch.Tensor:
+        held = self._held(name)
+        if self._mp.world_size == 1:
+            return self.ckpt.read(held[0], state, mp_rank=0)
+        layout = self.spec.layout(name, self.info(name).shape, self._mp)
+        pieces = {r: self.ckpt.read(held[r], state, mp_rank=r) for r in layout.needed()}
+        return self.spec.consolidate(name, pieces, self._mp, global_shape=layout.global_shape)
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        return self.ckpt.buffers(mp_rank=0)
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.ckpt.param_groups()
+
+    def _held(self, name: str) -> dict[int, str]:
+        try:
+            return self._local[name]
+        except KeyError:
+            raise KeyError(f"no parameter {name!r} in {self.ckpt.tag_dir}") from None
+
+
+ENGINE = DeepSpeedEngine()
