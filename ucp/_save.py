@@ -14,7 +14,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -230,23 +230,47 @@ def _drain_at_exit() -> None:
         cf.wait(pending, timeout=_EXIT_WAIT_S)
 
 
+def write_rank_files(storage: Storage, *, step: int, rank: int, world_size: int, tree: Any,
+                     staged: dict[str, torch.Tensor], fragments: Sequence[TensorFragment],
+                     meshes: Sequence[MeshInfo] = ()) -> dict[str, dict[str, int]]:
+    """Writes ``rank-RRRRR.safetensors`` and ``rank-RRRRR.json`` of ``step``; returns their
+    file records (as dicts), for the manifest. Empties ``staged`` once its bytes are written.
+
+    Called by each rank's save worker, or by one process writing many ranks (``ucp.reshard``).
+    """
+    sd, stem = step_dir(step), rank_stem(rank)
+    fragments = tuple(dataclasses.replace(f, crc32c=checksum([_stfile.tensor_bytes(staged[f.key])])[0])
+                      for f in fragments)
+    data = storage.write(f"{sd}/{stem}.safetensors",
+                         _stfile.encode(staged, {"format": "pt", "ucp.step": str(step)}))
+    staged.clear()
+    index = RankIndex(rank=rank, world_size=world_size, step=step, tree=tree,
+                      fragments=fragments, data=data, meshes=tuple(meshes))
+    failpoint("save.index", rank=rank)
+    return {f"{stem}.safetensors": data.to_dict(),
+            f"{stem}.json": storage.write(f"{sd}/{stem}.json", dumps(index)).to_dict()}
+
+
+def write_manifest(storage: Storage, *, step: int, world_size: int, topology: Topology | None,
+                   spec: str | None, files: Mapping[str, FileRecord],
+                   meshes: Sequence[MeshInfo] = ()) -> None:
+    """Commits ``step``: writes its manifest, then ``latest``. Called by one process, after
+    every rank's files are written."""
+    manifest = Manifest(step=step, world_size=world_size, topology=topology, files=dict(files),
+                        created=time.time(), spec=spec, meshes=tuple(meshes))
+    storage.write(f"{step_dir(step)}/{MANIFEST}", dumps(manifest))
+    write_latest(storage, step)
+
+
 def _run(job: _Job) -> None:
-    sd, stem = step_dir(job.step), rank_stem(job.rank)
     if job.overwrite:
         _uncommit(job)
     error, files = None, {}
     try:
         failpoint("save.write", rank=job.rank)
-        fragments = tuple(dataclasses.replace(f, crc32c=checksum([_stfile.tensor_bytes(job.staged[f.key])])[0])
-                          for f in job.fragments)
-        data = job.storage.write(f"{sd}/{stem}.safetensors",
-                                 _stfile.encode(job.staged, {"format": "pt", "ucp.step": str(job.step)}))
-        job.staged.clear()
-        index = RankIndex(rank=job.rank, world_size=job.world_size, step=job.step, tree=job.tree,
-                          fragments=fragments, data=data, meshes=tuple(job.meshes))
-        failpoint("save.index", rank=job.rank)
-        files = {f"{stem}.safetensors": data.to_dict(),
-                 f"{stem}.json": job.storage.write(f"{sd}/{stem}.json", dumps(index)).to_dict()}
+        files = write_rank_files(job.storage, step=job.step, rank=job.rank,
+                                 world_size=job.world_size, tree=job.tree, staged=job.staged,
+                                 fragments=job.fragments, meshes=job.meshes)
     except Exception as e:  # noqa: BLE001 - reported to every rank below
         error = f"{type(e).__name__}: {e}"
         log.error("ucp: rank %d failed writing step %d: %s", job.rank, job.step, error)
@@ -279,10 +303,8 @@ def _commit(job: _Job, statuses: list[dict[str, Any]]) -> str | None:
                 info = MeshInfo.from_dict(m)
                 if info not in meshes:
                     meshes.append(info)
-        manifest = Manifest(step=job.step, world_size=job.world_size, topology=job.topology,
-                            files=files, created=time.time(), spec=job.spec, meshes=tuple(meshes))
-        job.storage.write(f"{step_dir(job.step)}/{MANIFEST}", dumps(manifest))
-        write_latest(job.storage, job.step)
+        write_manifest(job.storage, step=job.step, world_size=job.world_size, topology=job.topology,
+                       spec=job.spec, files=files, meshes=meshes)
     except Exception as e:  # noqa: BLE001 - broadcast to every rank
         return f"{type(e).__name__}: {e}"
     if job.keep is not None:
