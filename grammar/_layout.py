@@ -16,12 +16,13 @@ import dataclasses
 import itertools
 from typing import Iterator, Mapping
 
+from ucp._errors import UcpSpecError
 from ucp._topology import AXES as _TOPOLOGY_AXES
 from ucp._topology import Topology
 
 from ._resolve import Located, SplitOp
 
-__all__ = ["Piece", "DimLayout", "ParamLayout", "dim_layout", "iter_ranks"]
+__all__ = ["Piece", "DimLayout", "ParamLayout", "dim_layout", "iter_ranks", "inverse"]
 
 Segment = tuple[int, int, int]  # canonical start, canonical stop, local start
 
@@ -197,7 +198,6 @@ class ParamLayout:
 
     def _require(self, rank: int) -> None:
         if not self.holds(rank):
-            from ucp._errors import UcpSpecError
             where = ", ".join(f"{a} in {list(c)}" for a, c in self.placement)
             raise UcpSpecError(f"rank {rank} ({_coords(self.topology, rank)}) does not hold "
                                f"{self.name!r}; only ranks with {where} do ({self.rule})")
@@ -214,6 +214,14 @@ def iter_ranks(topology: Topology, placement: tuple[tuple[str, tuple[int, ...]],
                        [] if axis in fixed else values)
     for values in itertools.product(*choices):
         yield topology.rank(**dict(zip(_TOPOLOGY_AXES, values)))
+
+
+def inverse(perm: tuple[int, ...]) -> tuple[int, ...]:
+    """The inverse permutation: ``t.permute(perm).permute(inverse(perm))`` is ``t``."""
+    inv = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return tuple(inv)
 
 
 def _coords(topology: Topology, rank: int) -> str:

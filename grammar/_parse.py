@@ -208,8 +208,9 @@ def _from_lark(e: lark.exceptions.UnexpectedInput, text: str, source: str) -> Uc
         column = end - (text.rfind("\n", 0, end) + 1) + 1
         return UclError(message, source=source, line=line, column=column,
                         context=caret_context(text, line, column))
+    # the same caret display as semantic errors (lark's get_context clips at 40 characters)
     return UclError(message, source=source, line=e.line, column=e.column,
-                    context=e.get_context(text))
+                    context=caret_context(text, e.line, e.column))
 
 
 def parse(text: str, *, source: str = "<string>") -> A.SpecAst:

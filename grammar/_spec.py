@@ -17,7 +17,7 @@ from ucp._topology import Topology
 from . import _ast as A
 from ._check import Problem, check_spec
 from ._error import UclError, error_at
-from ._layout import ParamLayout, dim_layout, iter_ranks
+from ._layout import ParamLayout, dim_layout, inverse, iter_ranks
 from ._parse import parse
 from ._pattern import Pattern
 from ._resolve import Index, Located, Resolved, Rule, resolve
@@ -209,7 +209,7 @@ class Spec:
             raise UcpSpecError(f"no fragment of {name!r} comes from a rank that holds it on "
                                f"{topology} ({match.rule.describe()})")
         ndim = len(next(iter(held.values())))
-        inv = _inverse(self._perm_or_raise(match.rule, ndim, name))
+        inv = inverse(self._perm_or_raise(match.rule, ndim, name))
         return tuple(self._dim_size(match.rule, d, inv[d], held, topology, name)
                      for d in range(ndim))
 
@@ -294,12 +294,6 @@ class Spec:
         except Located as e:
             raise error_at(e.message, e.pos, self.ast) from e
 
-
-def _inverse(perm: tuple[int, ...]) -> tuple[int, ...]:
-    inv = [0] * len(perm)
-    for i, p in enumerate(perm):
-        inv[p] = i
-    return tuple(inv)
 
 
 def _local_patterns(rule: Rule) -> list[Pattern]:

@@ -13,7 +13,7 @@ import torch
 
 from ucp._errors import UcpSpecError
 
-from ._layout import ParamLayout, Piece
+from ._layout import ParamLayout, Piece, inverse
 
 __all__ = ["cut_tensor", "consolidate_tensors"]
 
@@ -21,12 +21,6 @@ __all__ = ["cut_tensor", "consolidate_tensors"]
 def _slices(region: tuple[tuple[int, int], ...]) -> tuple[slice, ...]:
     return tuple(slice(a, b) for a, b in region)
 
-
-def _inverse(perm: tuple[int, ...]) -> tuple[int, ...]:
-    inv = [0] * len(perm)
-    for i, p in enumerate(perm):
-        inv[p] = i
-    return tuple(inv)
 
 
 def cut_tensor(layout: ParamLayout, tensor: torch.Tensor, rank: int) -> torch.Tensor:
@@ -60,7 +54,7 @@ def consolidate_tensors(layout: ParamLayout, fragments: Mapping[int, torch.Tenso
     _validate(layout, fragments, needed)
     first = fragments[needed[0]]
     out = torch.empty(layout.global_shape, dtype=first.dtype, device=first.device)
-    inv = _inverse(layout.perm)
+    inv = inverse(layout.perm)
     for rank in layout.sources():
         for piece in layout.pieces(rank):
             out[_slices(piece.global_region)] = _block(fragments[rank], piece, inv)

@@ -320,3 +320,17 @@ def test_constants_can_be_overridden():
     assert spec.with_constants({"kv": 8}).constants["kv"] == 8
     with pytest.raises(UclError, match="cannot override nope"):
         load_spec(text, constants={"nope": 1})
+
+
+def test_one_layout_serves_every_state():
+    from ucp.grammar._tensor import consolidate_tensors, cut_tensor
+
+    spec = load_spec('param "qkv" split tp dim 0 groups 2 [2, 1, 1]\n')
+    topo = Topology(tp=2, dp=2)
+    layout = spec.layout("qkv", (8, 3), topo)
+    states = {"param": torch.randn(8, 3).to(torch.bfloat16), "fp32": torch.randn(8, 3),
+              "exp_avg": torch.randn(8, 3), "exp_avg_sq": torch.rand(8, 3, dtype=torch.float64)}
+    for state, full in states.items():
+        frags = {r: cut_tensor(layout, full, r) for r in layout.ranks()}
+        assert torch.equal(frags[1], spec.cut("qkv", full, topo, 1)), state
+        assert torch.equal(consolidate_tensors(layout, frags), full), state
