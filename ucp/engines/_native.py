@@ -241,13 +241,8 @@ class NativeCheckpoint:
         return out
 
     def _check_replicas(self, name: str, state: str, frags: list[_Frag]) -> None:
-        """Copies of a plain tensor on several ranks that no spec cuts must be true replicas."""
-        topo = self.topology
-        if len(frags) > 1 and self.spec is None and topo is not None and \
-                max(topo.tp, topo.pp, topo.ep, topo.sp) > 1:
-            raise ConvertError(f"{self.storage.url}: {name} ({state}) is a plain tensor saved on "
-                               f"{len(frags)} ranks of topology {topo}; how it is cut over tp/pp/ep "
-                               "is not recorded, so pass a UCL spec (--spec)")
+        """Copies of a plain tensor on several ranks that no spec cuts must be true replicas
+        (same shape and checksum); otherwise it is sharded and needs a spec."""
         differ = {(f.frag.shape, f.frag.crc32c) for f in frags}
         if len(differ) > 1:
             raise ConvertError(f"{self.storage.url}: {name} ({state}) differs between ranks "
