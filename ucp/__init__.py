@@ -22,6 +22,7 @@ from ._errors import (
 )
 from ._convert import convert
 from ._load import load
+from ._reshard import reshard
 from ._save import SaveHandle, save
 from ._topology import Topology
 from ._universal import UniversalCheckpoint
@@ -33,6 +34,7 @@ __all__ = [
     "load",
     "SaveHandle",
     "convert",
+    "reshard",
     "open",
     "UniversalCheckpoint",
     "Topology",

@@ -39,6 +39,9 @@ KIND = "ucp-universal"
 #: Target bytes per chunk: small enough that a rank reads little it does not need, large enough
 #: that per-chunk overhead stays negligible.
 CHUNK_BYTES = 4 * 2**20
+#: Smallest chunk the split below makes, and how many chunks a leading dim gets when it can.
+MIN_CHUNK_BYTES = 64 * 2**10
+MIN_SPLITS = 8
 _SAFE = re.compile(r"[A-Za-z0-9._-]")
 _MAX_NAME = 160
 _BITS = {torch.bfloat16: np.uint16, torch.float16: np.float16, torch.float8_e4m3fn: np.uint8,
@@ -59,15 +62,23 @@ def escape_name(name: str) -> str:
 
 def chunk_shape(shape: Sequence[int], itemsize: int, target: int = CHUNK_BYTES) -> tuple[int, ...]:
     """Chunk shape of about ``target`` bytes: the two leading dims are halved, largest first,
-    so both row- and column-parallel cuts read little beyond what they need."""
+    so both row- and column-parallel cuts read little beyond what they need. Then, while chunks
+    stay above ``MIN_CHUNK_BYTES``, each leading dim is halved until it has ``MIN_SPLITS``
+    chunks, so a 1/2 .. 1/8 slice of a mid-sized tensor (TP, ZeRO-3) still reads about itself."""
     chunk = [max(1, s) for s in shape]
     if not chunk:
         return ()
+    lead = range(min(2, len(chunk)))
     while math.prod(chunk) * itemsize > target:
-        lead = range(min(2, len(chunk)))
         i = max(lead, key=lambda d: chunk[d])
         if chunk[i] == 1:
             break
+        chunk[i] = (chunk[i] + 1) // 2
+    while math.prod(chunk) * itemsize >= 2 * MIN_CHUNK_BYTES:
+        coarse = [d for d in lead if chunk[d] > 1 and chunk[d] * MIN_SPLITS > shape[d]]
+        if not coarse:
+            break
+        i = max(coarse, key=lambda d: chunk[d])
         chunk[i] = (chunk[i] + 1) // 2
     return tuple(chunk)
 

@@ -61,3 +61,4 @@ class _StderrHandler(logging.Handler):
 from . import _cli_commands  # noqa: E402,F401 - registers the commands on `main`
 from ._cli_spec import spec as _spec_group  # noqa: E402
 main.add_command(_spec_group)
+from . import _cli_reshard  # noqa: E402,F401 - registers `reshard`

@@ -1,0 +1,296 @@
+"""Executing a load plan: reads grouped by chunk, run in parallel, copied into local tensors.
+
+For each array the plan touches, the chunks overlapping any of its boxes are gathered into
+rectangular blocks of chunks (each block one zarr read, at most ``max_block_bytes``), so a chunk
+is fetched once however many copies need it. Blocks run on a thread pool; each is copied into
+its destinations and dropped, so memory is the plan's tensors plus ``workers`` blocks.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import itertools
+import math
+import threading
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from ucp._errors import CorruptCheckpointError
+
+from ._plan import Copy, LocalTensor, Path, RankPlan, Read
+from ._source import ArrayInfo, ArraySource, read_many
+from ._zero import Region
+
+__all__ = ["ReadStats", "LoadedRank", "read_plan", "chunk_blocks", "estimate_reads"]
+
+#: Largest block of chunks one read fetches (bounds the memory of reads in flight).
+MAX_BLOCK_BYTES = 16 * 2**20
+#: Bytes each stored chunk carries besides its data (zarr's crc32c codec).
+CHUNK_OVERHEAD = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadStats:
+    """What loading cost: bytes fetched from storage vs bytes the plan needed.
+
+    ``amplification`` is ``bytes_read / bytes_needed`` (1.0 when nothing was needed). For a
+    source converted on the fly, ``bytes_read`` counts each consolidated state read in full.
+    """
+
+    bytes_read: int = 0
+    bytes_needed: int = 0
+    chunks_read: int = 0
+    reads: int = 0
+    seconds: float = 0.0
+
+    @property
+    def amplification(self) -> float:
+        return self.bytes_read / self.bytes_needed if self.bytes_needed else 1.0
+
+    def __add__(self, other: ReadStats) -> ReadStats:
+        return ReadStats(self.bytes_read + other.bytes_read, self.bytes_needed + other.bytes_needed,
+                         self.chunks_read + other.chunks_read, self.reads + other.reads,
+                         self.seconds + other.seconds)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "amplification": self.amplification}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedRank:
+    """A plan's tensors, read (``tensors`` maps each :class:`LocalTensor` path to its tensor)."""
+
+    plan: RankPlan
+    tensors: dict[Path, torch.Tensor]
+    stats: ReadStats
+
+
+# -- chunk grouping (pure) ----------------------------------------------------------------------
+def _runs(values: Iterable[int]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for v in sorted(values):
+        if out and out[-1][1] == v:
+            out[-1] = (out[-1][0], v + 1)
+        else:
+            out.append((v, v + 1))
+    return out
+
+
+def _chunk_boxes(index_boxes: set[tuple[int, ...]]) -> list[tuple[tuple[int, int], ...]]:
+    """Disjoint boxes of chunk indices covering the set: runs along dim 1, merged along dim 0."""
+    ndim = len(next(iter(index_boxes)))
+    if ndim == 0:
+        return [()]
+    if ndim == 1:
+        return [(r,) for r in _runs(i[0] for i in index_boxes)]
+    rows: dict[tuple[int, tuple[int, ...]], list[int]] = {}
+    for idx in index_boxes:
+        rows.setdefault((idx[0], idx[2:]), []).append(idx[1])
+    cols: dict[tuple[tuple[int, int], tuple[int, ...]], list[int]] = {}
+    for (i0, tail), js in rows.items():
+        for run in _runs(js):
+            cols.setdefault((run, tail), []).append(i0)
+    out = []
+    for (run, tail), i0s in cols.items():
+        for r0 in _runs(i0s):
+            out.append((r0, run) + tuple((t, t + 1) for t in tail))
+    return sorted(out)
+
+
+def chunk_blocks(boxes: Iterable[Region], shape: Sequence[int], chunks: Sequence[int],
+                 itemsize: int, max_bytes: int = MAX_BLOCK_BYTES) -> list[tuple[Region, int]]:
+    """The blocks of whole chunks to read for ``boxes`` of an array: ``(region, chunk count)``.
+
+    Every chunk overlapping a box is in exactly one block; a block is a box of chunks clipped to
+    the array, split along dim 0 to hold at most ``max_bytes`` (one chunk row at least).
+    """
+    touched: set[tuple[int, ...]] = set()
+    for box in boxes:
+        if any(a >= b for a, b in box):
+            continue
+        touched.update(itertools.product(*(range(a // c, (b - 1) // c + 1)
+                                            for (a, b), c in zip(box, chunks))))
+    if not touched:
+        return []
+    chunk_bytes = math.prod(chunks) * itemsize
+    out = []
+    for ibox in _chunk_boxes(touched):
+        per_row = math.prod(b - a for a, b in ibox[1:]) * chunk_bytes
+        step = max(1, max_bytes // max(1, per_row)) if ibox else 1
+        lo, hi = ibox[0] if ibox else (0, 1)
+        for start in range(lo, hi, step):
+            sub = ((start, min(hi, start + step)),) + ibox[1:] if ibox else ()
+            region = tuple((a * c, min(b * c, s)) for (a, b), c, s in zip(sub, chunks, shape))
+            out.append((region, math.prod(b - a for a, b in sub)))
+    return out
+
+
+def estimate_reads(plan: RankPlan, arrays: Callable[[str, str | None], ArrayInfo]) -> ReadStats:
+    """The bytes :func:`read_plan` would read and need for ``plan``, without reading.
+
+    ``arrays(name, state)`` gives each array's chunking (e.g. from ``chunk_shape``).
+    """
+    bytes_read = needed = nchunks = nreads = 0
+    for (name, state), reads in _by_array(plan.reads).items():
+        info = arrays(name, state)
+        r, n, c, k = _cost(reads, info)
+        bytes_read, needed, nchunks, nreads = bytes_read + r, needed + n, nchunks + c, nreads + k
+    return ReadStats(bytes_read, needed, nchunks, nreads)
+
+
+def _cost(reads: Sequence[Read], info: ArrayInfo) -> tuple[int, int, int, int]:
+    whole = info.chunks is None or any(r.whole for r in reads)
+    size = math.prod(info.shape) * info.itemsize if info.shape is not None else 0
+    needed = size if any(r.whole for r in reads) else sum(
+        math.prod(b - a for a, b in c.src) * info.itemsize for r in reads for c in r.copies)
+    if whole:
+        return size, needed, 0, 1
+    blocks = chunk_blocks((c.src for r in reads for c in r.copies), info.shape, info.chunks,
+                          info.itemsize)
+    per = math.prod(info.chunks) * info.itemsize + CHUNK_OVERHEAD
+    nchunks = sum(n for _, n in blocks)
+    return nchunks * per, needed, nchunks, len(blocks)
+
+
+def _by_array(reads: Iterable[Read]) -> dict[tuple[str, str | None], list[Read]]:
+    out: dict[tuple[str, str | None], list[Read]] = {}
+    for r in reads:
+        out.setdefault((r.name, r.state), []).append(r)
+    return out
+
+
+# -- execution ----------------------------------------------------------------------------------
+class _Dest:
+    """A local tensor, allocated (zeros) on first write; writes to it may come from any thread."""
+
+    def __init__(self, lt: LocalTensor) -> None:
+        self.lt, self.shape, self.tensor = lt, lt.shape, None
+        self.lock = threading.Lock()
+
+    def get(self, dtype: torch.dtype, what: str) -> torch.Tensor:
+        with self.lock:
+            if self.tensor is None:
+                self.tensor = torch.zeros(self.shape, dtype=self.lt.dtype or dtype)
+        if self.tensor.dtype != dtype:
+            raise CorruptCheckpointError(
+                f"{what} is stored as {dtype}, but {'/'.join(map(str, self.lt.path))} holds "
+                f"{self.tensor.dtype} (a flat ZeRO group mixes dtypes, or the checkpoint is "
+                "inconsistent); convert the checkpoint again")
+        return self.tensor
+
+
+def _what(read: Read) -> str:
+    return f"{read.name!r} ({read.state or 'buffer'})"
+
+
+def _apply(block: torch.Tensor, region: Region, reads: Sequence[Read], dests: dict[Path, _Dest]) -> None:
+    """Copies the part of every read that lies in ``region`` (``block`` holds that region)."""
+    for r in reads:
+        flat = dests[r.path].get(block.dtype, _what(r)).view(-1)
+        for c in r.copies:
+            inter = tuple((max(a, x), min(b, y)) for (a, b), (x, y) in zip(c.src, region))
+            if any(lo >= hi for lo, hi in inter):
+                continue
+            src = block[tuple(slice(a - r0, b - r0) for (a, b), (r0, _) in zip(inter, region))]
+            perm = r.perm or tuple(range(len(inter)))
+            if perm != tuple(range(len(perm))):
+                src = src.permute(perm)
+            view = flat[c.offset:c.offset + math.prod(c.view)].view(c.view)
+            dst = []
+            for (d0, _), p in zip(c.dst, perm):
+                start = d0 + inter[p][0] - c.src[p][0]
+                dst.append(slice(start, start + inter[p][1] - inter[p][0]))
+            view[tuple(dst)] = src
+
+
+def _as_copies(read: Read, info: ArrayInfo) -> Read:
+    """A ``whole`` read of an array of known shape, as one ordinary copy of all of it."""
+    if not read.whole:
+        return read
+    full = tuple((0, s) for s in info.shape)
+    return dataclasses.replace(read, copies=(Copy(full, 0, tuple(info.shape), full),),
+                               perm=tuple(range(len(full))), whole=False)
+
+
+def _tasks(plan: RankPlan, source: ArraySource, dests: dict[Path, _Dest], max_block_bytes: int
+           ) -> tuple[list[Callable[[], tuple[int, int, int]]], int]:
+    """One task per block of chunks (or per whole array); returns them and the bytes needed."""
+    groups = _by_array(plan.reads)
+    infos = dict(zip(groups, read_many(source, list(groups))))
+    tasks, needed = [], 0
+    for key, reads in groups.items():
+        info = infos[key]
+        if info.chunks is None:
+            tasks.append(lambda key=key, reads=reads: _whole(source, key, reads, dests))
+            continue
+        reads = [_as_copies(r, info) for r in reads]
+        for r, orig in zip(reads, groups[key]):
+            if orig.whole:
+                dests[r.path].shape = info.shape
+        needed += sum(math.prod(b - a for a, b in c.src) for r in reads for c in r.copies) * info.itemsize
+        per = math.prod(info.chunks) * info.itemsize + CHUNK_OVERHEAD
+        for region, n in chunk_blocks((c.src for r in reads for c in r.copies), info.shape,
+                                      info.chunks, info.itemsize, max_block_bytes):
+            def task(key=key, region=region, n=n, reads=reads, per=per) -> tuple[int, int, int]:
+                _apply(source.read(key[0], key[1], region), region, reads, dests)
+                return n * per, 0, n
+            tasks.append(task)
+    return tasks, needed
+
+
+def _whole(source: ArraySource, key: tuple[str, str | None], reads: Sequence[Read],
+           dests: dict[Path, _Dest]) -> tuple[int, int, int]:
+    """A source that reads whole arrays only: read once, copy every read's boxes out of it."""
+    data = source.read(key[0], key[1], None)
+    full = tuple((0, s) for s in data.shape)
+    reads = [_as_copies(r, ArrayInfo(tuple(data.shape), data.dtype, None, 0)) for r in reads]
+    for r in reads:
+        if dests[r.path].shape is None:
+            dests[r.path].shape = tuple(data.shape)
+    _apply(data, full, reads, dests)
+    item = data.element_size()
+    needed = sum(math.prod(b - a for a, b in c.src) for r in reads for c in r.copies) * item
+    return data.numel() * item, needed, 0
+
+
+def read_plan(plan: RankPlan, source: ArraySource, *, workers: int = 8,
+              max_block_bytes: int = MAX_BLOCK_BYTES) -> LoadedRank:
+    """Reads everything ``plan`` needs from ``source``; each rank calls it for its own plan.
+
+    No collective: any process may run any rank's plan. Memory: the plan's tensors plus up to
+    ``workers`` blocks of at most ``max_block_bytes``.
+
+    Raises:
+        CorruptCheckpointError / ChecksumError: a damaged array (names it).
+    """
+    start = time.perf_counter()
+    dests = {lt.path: _Dest(lt) for lt in plan.tensors}
+    tasks, needed = _tasks(plan, source, dests, max_block_bytes)
+    bytes_read = chunks = 0
+    threads = max(1, min(workers, len(tasks))) if source.concurrent else 1
+    with cf.ThreadPoolExecutor(threads, thread_name_prefix="ucp-reshard") as pool:
+        futures = [pool.submit(t) for t in tasks]
+        try:
+            for fut in cf.as_completed(futures):
+                r, n, c = fut.result()
+                bytes_read, needed, chunks = bytes_read + r, needed + n, chunks + c
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+    tensors = {path: _finish(d, source) for path, d in dests.items()}
+    stats = ReadStats(bytes_read, needed, chunks, len(tasks), time.perf_counter() - start)
+    return LoadedRank(plan, tensors, stats)
+
+
+def _finish(dest: _Dest, source: ArraySource) -> torch.Tensor:
+    """The tensor of ``dest``; one no read touched (all padding) takes its dtype from ``like``."""
+    if dest.tensor is not None:
+        return dest.tensor
+    dtype = dest.lt.dtype
+    if dtype is None and dest.lt.like is not None:
+        dtype = source.array(*dest.lt.like).dtype or source.read(*dest.lt.like, None).dtype
+    return torch.zeros(dest.shape or (), dtype=dtype or torch.float32)

@@ -1,0 +1,153 @@
+"""Reshard targets: engines a universal checkpoint can be laid out for on disk.
+
+A target is an object with a ``name``, a ``default_alignment`` and
+``write(source, dst, *, topology, spec, alignment, step, overwrite, storage_options, workers,
+progress) -> ReshardReport``. ucp's own native layout is built in (``"ucp"``); another engine
+registers with :func:`register_target`, or its ``ucp.engines`` plugin carries one as the
+attribute ``reshard_target``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import time
+from typing import Any, Mapping, Protocol
+
+from ucp._coord import get_coordinator
+from ucp._errors import CheckpointExistsError, ConvertError
+from ucp._layout import MANIFEST
+from ucp._meta import FileRecord, TensorFragment, step_dir
+from ucp._save import write_manifest, write_rank_files
+from ucp._stfile import dtype_name
+from ucp._topology import Topology
+from ucp._tree import flatten
+from ucp.grammar import Spec
+from ucp.storage import Storage
+
+from ._plan import plan_ranks
+from ._read import ReadStats, read_plan
+from ._source import ArraySource
+from ._state import build_state
+
+__all__ = ["ReshardReport", "ReshardTarget", "NativeTarget", "register_target", "get_target"]
+
+log = logging.getLogger("ucp")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReshardReport:
+    """What :func:`ucp.reshard` wrote.
+
+    Attributes:
+        url: the destination.
+        engine: the target engine.
+        topology: the target topology.
+        step: the step written.
+        ranks: target ranks written by this process.
+        stats: reads of this process (``stats.amplification``: bytes read / bytes needed).
+        seconds: wall time.
+    """
+
+    url: str
+    engine: str
+    topology: Topology
+    step: int
+    ranks: tuple[int, ...]
+    stats: ReadStats
+    seconds: float
+
+
+class ReshardTarget(Protocol):
+    name: str
+    default_alignment: int
+
+    def write(self, source: ArraySource, dst: str, *, topology: Topology, spec: Spec | None,
+              alignment: int, step: int, overwrite: bool,
+              storage_options: Mapping[str, Any] | None, workers: int,
+              progress: bool) -> ReshardReport: ...
+
+
+class NativeTarget:
+    """ucp's native per-rank format (what ``ucp.save`` writes), for any topology.
+
+    Called by one process, or by every process of a torchrun job: target ranks are shared out
+    round-robin, and process 0 commits the step once every process wrote its ranks.
+    """
+
+    name = "ucp"
+    default_alignment = 1
+
+    def write(self, source: ArraySource, dst: str, *, topology: Topology, spec: Spec | None,
+              alignment: int, step: int, overwrite: bool,
+              storage_options: Mapping[str, Any] | None, workers: int,
+              progress: bool) -> ReshardReport:
+        start = time.perf_counter()
+        plans = plan_ranks(source, topology, spec=spec, alignment=alignment)  # checks before I/O
+        storage = Storage(dst, storage_options=storage_options)
+        coord = get_coordinator(600.0)
+        manifest = f"{step_dir(step)}/{MANIFEST}"
+        if storage.exists(manifest):
+            if not overwrite:
+                raise CheckpointExistsError(f"step {step} is already committed under {dst}; pass "
+                                            "overwrite=True (--overwrite) to replace it")
+            if coord.rank == 0:
+                storage.delete(manifest)  # uncommitted while its files are replaced
+        coord.all_gather_json(None, what="starting to reshard")
+        mine = tuple(range(coord.rank, topology.world_size, coord.world_size))
+        files, stats = {}, ReadStats()
+        from tqdm import tqdm
+
+        for rank in tqdm(mine, desc="reshard", unit="rank", file=sys.stderr, disable=not progress):
+            loaded = read_plan(plans[rank], source, workers=workers)
+            files.update(_write_rank(storage, build_state(loaded, step=step), step=step,
+                                     rank=rank, world_size=topology.world_size))
+            stats = stats + loaded.stats
+        gathered = coord.all_gather_json(files, what="gathering resharded ranks")
+        if coord.rank == 0:
+            records = {k: FileRecord.from_dict(v) for part in gathered for k, v in part.items()}
+            write_manifest(storage, step=step, world_size=topology.world_size, topology=topology,
+                           spec=None if spec is None else spec.text, files=records)
+        coord.all_gather_json(None, what="committing the resharded checkpoint")
+        return ReshardReport(dst, self.name, topology, step, mine, stats, time.perf_counter() - start)
+
+
+def _write_rank(storage: Storage, state: Any, *, step: int, rank: int, world_size: int
+                ) -> dict[str, dict[str, int]]:
+    tree, tensors = flatten(state)
+    staged = {key: t.contiguous() for key, (_path, t) in tensors.items()}
+    fragments = [TensorFragment(key=k, dtype=dtype_name(t.dtype), shape=tuple(t.shape),
+                                global_shape=tuple(t.shape), offsets=(0,) * t.dim())
+                 for k, t in staged.items()]
+    return write_rank_files(storage, step=step, rank=rank, world_size=world_size, tree=tree,
+                            staged=staged, fragments=fragments)
+
+
+_TARGETS: dict[str, ReshardTarget] = {"ucp": NativeTarget()}
+
+
+def register_target(target: ReshardTarget) -> None:
+    """Makes ``target`` available as ``ucp.reshard(..., engine=target.name)``."""
+    _TARGETS[target.name] = target
+
+
+def get_target(name: str) -> ReshardTarget:
+    """The reshard target called ``name`` (registered, or an engine plugin's ``reshard_target``).
+
+    Raises:
+        ConvertError: no such target (lists the known ones).
+    """
+    if name in _TARGETS:
+        return _TARGETS[name]
+    from ucp.engines._registry import get_engine
+
+    known = ", ".join(sorted(_TARGETS))
+    try:
+        target = getattr(get_engine(name), "reshard_target", None)
+    except ConvertError as e:
+        raise ConvertError(f"no reshard target {name!r} (known: {known}): {e}") from e
+    if target is None:
+        raise ConvertError(f"engine {name!r} cannot be a reshard target yet (its plugin has no "
+                           f"reshard_target); known targets: {known}")
+    return target

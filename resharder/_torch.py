@@ -1,0 +1,188 @@
+"""The torch target: load a checkpoint into live modules (plain, DTensor TP, FSDP2).
+
+The live model's own state dicts (``get_model_state_dict`` / ``get_optimizer_state_dict``) are
+the template: every DTensor says, through its mesh and placements, which box of the global
+tensor this rank holds, so each rank reads only that box. The filled state dicts go back through
+``set_model_state_dict`` / ``set_optimizer_state_dict``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from ucp import _dtensor
+from ucp._errors import StateError
+from ucp._topology import Topology
+
+from ._plan import SCALAR_STATES, Copy, LocalTensor, RankPlan, Read
+from ._read import ReadStats, read_plan
+from ._source import ArraySource, open_array_source
+
+__all__ = ["load_into"]
+
+
+def _box(value: Any) -> tuple[tuple[tuple[int, int], ...], Any]:
+    """The global box a tensor holds, and how to rebuild it: ``(mesh, placements)`` or None."""
+    if not _dtensor.is_dtensor(value):
+        return tuple((0, s) for s in value.shape), None
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(value.shape, value.device_mesh,
+                                                          value.placements)
+    box_like = all(type(p) in (Shard, Replicate) for p in value.placements)
+    if not box_like or tuple(shape) != tuple(value.to_local().shape):
+        return tuple((0, s) for s in value.shape), (value.device_mesh, value.placements, "split")
+    return tuple((o, o + s) for o, s in zip(offset, shape)), (value.device_mesh, value.placements)
+
+
+class _Planner:
+    """Builds the plan for one template state dict, remembering how to rebuild each value."""
+
+    def __init__(self, source: ArraySource) -> None:
+        self.source = source
+        self.names, self.buffers = set(source.names()), set(source.buffer_names())
+        self.tensors: list[LocalTensor] = []
+        self.reads: list[Read] = []
+        self.rebuild: dict[tuple[Any, ...], tuple[Any, Any]] = {}
+
+    def add(self, path: tuple[Any, ...], name: str, state: str | None, value: torch.Tensor) -> None:
+        if state is not None and (state in SCALAR_STATES or value.dim() == 0):
+            self.tensors.append(LocalTensor(path, None, None))
+            self.reads.append(Read(name, state, path, (), whole=True))
+            self.rebuild[path] = (value, None)
+            return
+        where = f"{name!r} ({state or 'buffer'})"
+        if state is not None and tuple(value.shape) != tuple(self.source.info(name).shape):
+            raise StateError(f"{where}: the live model has shape {list(value.shape)}, the "
+                             f"checkpoint {list(self.source.info(name).shape)}; is it the same model?")
+        stored = self.source.array(name, state).dtype
+        if stored is not None and stored != value.dtype:
+            raise StateError(f"{where}: the live tensor is {value.dtype}, the checkpoint holds "
+                             f"{stored}; build the model in {stored} (or load it in that dtype and "
+                             "convert afterwards)")
+        box, how = _box(value)
+        shape = tuple(b - a for a, b in box)
+        self.tensors.append(LocalTensor(path, shape, value.dtype))
+        full = tuple((0, s) for s in shape)
+        self.reads.append(Read(name, state, path, (Copy(box, 0, shape, full),), tuple(range(len(box)))))
+        self.rebuild[path] = (value, how)
+
+    def model(self, msd: Mapping[str, Any], strict: bool) -> list[str]:
+        missing = []
+        for key, value in msd.items():
+            if key in self.names:
+                info = self.source.info(key)
+                use_fp32 = value.dtype == torch.float32 and "fp32" in info.states
+                self.add(("model", key), key, "fp32" if use_fp32 else "param", value)
+            elif key in self.buffers:
+                self.add(("model", key), key, None, value)
+            else:
+                missing.append(key)
+        if missing and strict:
+            raise StateError(f"the checkpoint has no {missing[:5]} ({len(missing)} model entries "
+                             "missing); pass strict=False to keep their current values")
+        return missing
+
+    def optim(self, osd: Mapping[str, Any]) -> None:
+        for fqn, states in osd.get("state", {}).items():
+            if fqn not in self.names:
+                raise StateError(f"the checkpoint has no parameter {fqn!r} (optimizer state)")
+            have = self.source.info(fqn).states
+            for s, value in states.items():
+                if not isinstance(value, torch.Tensor):
+                    continue
+                if s not in have:
+                    raise StateError(f"the checkpoint has no optimizer state {s!r} for {fqn!r} "
+                                     f"(it has {list(have)}); is it the same optimizer?")
+                self.add(("optim", fqn, s), fqn, s, value)
+
+    def value(self, path: tuple[Any, ...], tensors: Mapping[Any, torch.Tensor]) -> Any:
+        template, how = self.rebuild[path]
+        local = tensors[path].to(template.device)
+        if how is None:
+            return local.reshape(template.shape) if template.dim() == 0 else local
+        if len(how) == 3:  # placements whose shard is not one box: split the whole tensor locally
+            from torch.distributed.tensor import distribute_tensor
+
+            return distribute_tensor(local, how[0], how[1], src_data_rank=None)
+        return _dtensor.to_dtensor(local, how[0], tuple(how[1]), tuple(template.shape))
+
+
+def _groups(source: ArraySource, osd: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The live optimizer's groups with the checkpoint's hyper-parameters (types kept)."""
+    stored, live = source.param_groups, list(osd.get("param_groups", []))
+    if len(stored) != len(live):
+        raise StateError(f"the optimizer has {len(live)} param groups, the checkpoint "
+                         f"{len(stored)}; build the optimizer with the same groups")
+    out = []
+    for i, (mine, theirs) in enumerate(zip(live, stored)):
+        for fqn in mine["params"]:
+            group = source.info(fqn).group
+            if group is not None and group != i:
+                raise StateError(f"{fqn!r} is in optimizer group {i} here, but in group {group} "
+                                 "in the checkpoint; build the optimizer with the same groups")
+        hyper = {k: _like(mine.get(k), v) for k, v in theirs.items() if k != "params"}
+        out.append({**mine, **hyper, "params": mine["params"]})
+    return out
+
+
+def _like(template: Any, value: Any) -> Any:
+    """``value`` as the live type (JSON made tuples lists)."""
+    if isinstance(template, tuple) and isinstance(value, list):
+        return tuple(value)
+    if isinstance(template, torch.Tensor) and not isinstance(value, torch.Tensor):
+        return torch.tensor(value, dtype=template.dtype)
+    return value
+
+
+def load_into(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, src: Any, *,
+              spec: Any = None, engine: str = "auto", tag: str | None = None, strict: bool = True,
+              storage_options: Mapping[str, Any] | None = None, workers: int = 8) -> ReadStats:
+    """Loads a checkpoint into a live model (and optimizer), on any mesh and placements.
+
+    Called by every rank of the job (``set_*_state_dict`` may communicate); each rank reads only
+    the boxes its DTensors hold (plain tensors: all of them). The model and optimizer must have
+    been built and sharded (``parallelize_module``, ``fully_shard``) as for training.
+
+    Args:
+        model: the model; its state dict keys are the checkpoint's canonical names.
+        optimizer: its optimizer, or None to load weights only.
+        src: a universal checkpoint (URL or opened) or any checkpoint ``ucp convert`` reads.
+        spec / engine / tag / storage_options: how to open ``src`` (as for ``ucp.convert``).
+        strict: every model entry must be in the checkpoint.
+        workers: reads in flight.
+
+    Returns:
+        This rank's :class:`ReadStats` (bytes read, needed, amplification).
+
+    Raises:
+        StateError: the model or optimizer does not match the checkpoint (names the entry).
+
+    Example:
+        >>> fully_shard(model); opt = torch.optim.AdamW(model.parameters())
+        >>> stats = load_into(model, opt, "universal/")
+    """
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
+        set_optimizer_state_dict)
+
+    source = open_array_source(src, engine=engine, spec=spec, tag=tag, storage_options=storage_options)
+    msd = get_model_state_dict(model)
+    osd = get_optimizer_state_dict(model, optimizer) if optimizer is not None else None
+    p = _Planner(source)
+    p.model(msd, strict)
+    if osd is not None:
+        p.optim(osd)
+    plan = RankPlan(Topology(), 0, 1, tuple(p.tensors), tuple(p.reads), (), ())
+    loaded = read_plan(plan, source, workers=workers)
+    new_msd = {k: p.value(("model", k), loaded.tensors) for k in msd if ("model", k) in p.rebuild}
+    set_model_state_dict(model, new_msd, options=StateDictOptions(strict=strict))
+    if osd is not None:
+        state = {fqn: {s: p.value(("optim", fqn, s), loaded.tensors) if ("optim", fqn, s) in p.rebuild
+                       else v for s, v in states.items()}
+                 for fqn, states in osd["state"].items()}
+        set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": _groups(source, osd)})
+    return loaded.stats

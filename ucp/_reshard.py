@@ -1,0 +1,65 @@
+"""``ucp.reshard``: a checkpoint laid out for another topology (and engine), written to disk."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Mapping
+
+from ._topology import Topology
+
+__all__ = ["reshard"]
+
+
+def reshard(src: str, dst: str, *, topology: Topology | str, engine: str = "ucp", spec: Any = None,
+            alignment: int | None = None, src_engine: str = "auto", tag: str | None = None,
+            step: int | None = None, overwrite: bool = False, workers: int = 8,
+            storage_options: Mapping[str, Any] | None = None,
+            dst_storage_options: Mapping[str, Any] | None = None,
+            progress: bool | None = None) -> Any:
+    """Writes the checkpoint at ``src`` for ``topology`` at ``dst``, in ``engine``'s layout.
+
+    Called by one process, or by every process of a torchrun job (target ranks are shared out;
+    process 0 commits). Each target rank's state is planned first (a topology the model cannot
+    take fails before any tensor is read), then read chunk by chunk and written; memory holds one
+    target rank's state at a time.
+
+    Args:
+        src: a universal checkpoint, or any checkpoint ``ucp convert`` reads (converted on the
+            fly, parameter by parameter; no universal copy is written).
+        dst: where the resharded checkpoint goes (local path or fsspec URL).
+        topology: target topology, e.g. ``"dp=2,tp=2,pp=1,zero=1"``.
+        engine: target layout: ``"ucp"`` (ucp's native per-rank format, read back with
+            ``ucp.load(dst, rank=r)``), or an engine plugin that provides a reshard target.
+        spec: UCL spec (Spec, bundled name, path or text) for tp/pp/ep cuts; default: the one
+            stored in the universal checkpoint.
+        alignment: ZeRO partitions hold a multiple of this many elements (default: the target
+            engine's; 1 for ``ucp``).
+        src_engine / tag / storage_options: how to open ``src`` (as ``ucp.convert`` does).
+        step: the step to write (default: the source's, else 0).
+        overwrite: replace that step if ``dst`` already has it.
+        workers: reads in flight.
+        dst_storage_options: fsspec options for ``dst``.
+        progress: progress bar on stderr (default: when stderr is a terminal).
+
+    Returns:
+        A :class:`ucp.resharder.ReshardReport` (``.stats.amplification``: bytes read / needed).
+
+    Raises:
+        TopologyError: the model cannot take ``topology`` (names the parameter and constraint).
+        CheckpointExistsError: ``dst`` has the step and ``overwrite`` is False.
+
+    Example:
+        >>> ucp.reshard("universal/", "ckpt_tp1/", topology="dp=4,zero=1")
+        >>> ucp.load("ckpt_tp1/", rank=3)["optim"]["flat"][0]["exp_avg"]
+    """
+    from .resharder import get_target
+    from .resharder._api import resolve
+
+    target = get_target(engine)
+    source, topo, spec_ = resolve(src, topology, spec=spec, engine=src_engine, tag=tag,
+                                  storage_options=storage_options)
+    step = step if step is not None else source.step if source.step is not None else 0
+    return target.write(source, dst, topology=topo, spec=spec_,
+                        alignment=target.default_alignment if alignment is None else alignment,
+                        step=step, overwrite=overwrite, storage_options=dst_storage_options,
+                        workers=workers, progress=sys.stderr.isatty() if progress is None else progress)
