@@ -20,6 +20,7 @@ from ._errors import (
     UnsafeInputError,
     UnsupportedProtocolError,
 )
+from ._checkpointer import Checkpointer
 from ._convert import convert
 from ._load import load
 from ._reshard import reshard
@@ -33,6 +34,7 @@ __all__ = [
     "save",
     "load",
     "SaveHandle",
+    "Checkpointer",
     "convert",
     "reshard",
     "open",

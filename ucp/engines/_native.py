@@ -200,6 +200,17 @@ class NativeCheckpoint:
     def param_groups(self) -> list[dict[str, Any]]:
         return [dict(g) for g in self._groups]
 
+    def read_subtree(self, rank: int, key: str) -> Any:
+        """``state[key]`` as ``rank`` saved it (reading only its tensors), or None if absent."""
+        from ucp._tree import unflatten
+
+        index = self._indexes[rank]
+        tree = index.tree.get(key) if isinstance(index.tree, dict) else None
+        if tree is None:
+            return None
+        frags = {f.key: f for f in index.fragments}
+        return unflatten(tree, lambda k: self._read_fragment(_Frag(rank, frags[k])))
+
     # -- assembly ------------------------------------------------------------------------------
     def _states(self, name: str) -> dict[str, list[_Frag]]:
         try:
