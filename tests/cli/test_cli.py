@@ -1,0 +1,124 @@
+"""Behaviour shared by every command: help with an example, exit codes, one-line errors,
+--verbose tracebacks, progress bars on a terminal only, secrets never printed; and the real
+``ucp`` entry point in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+import ucp.cli
+from ucp import UcpError
+from ucp.cli import add_secrets, main, ucp_command
+
+
+def leaf_commands(group: click.Group, prefix: tuple[str, ...] = ()):
+    for name, cmd in group.commands.items():
+        if isinstance(cmd, click.Group):
+            yield from leaf_commands(cmd, prefix + (name,))
+        else:
+            yield prefix + (name,)
+
+
+def test_every_command_has_help_with_an_example():
+    names = list(leaf_commands(main))
+    assert {("inspect",), ("verify",), ("export",), ("ls",), ("convert",)} <= set(names)
+    for name in names:
+        r = CliRunner().invoke(main, [*name, "--help"])
+        assert r.exit_code == 0, name
+        example = r.stdout.split("Example:", 1)
+        assert len(example) == 2 and " ucp " in example[1].split("Options:")[0], name
+
+
+@pytest.mark.parametrize("args", [["inspect"], ["verify", "--bogus", "x"], ["nope"],
+                                  ["export", "a"], ["ls", "x", "-o", "novalue"],
+                                  ["export", "a", "b", "--max-shard-size", "-5"]])
+def test_usage_errors_exit_2(args):
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2 and "Usage:" in r.stderr and "Error:" in r.stderr, r.output
+
+
+def test_errors_are_one_line_and_verbose_adds_the_traceback(tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "zarr.json").write_text("{not json")
+    r = CliRunner().invoke(main, ["inspect", str(bad)])
+    assert r.exit_code == 1 and r.stdout == ""
+    assert r.stderr.startswith(f"Error: {bad}/zarr.json: not the group metadata")
+    assert r.stderr.count("\n") == 1
+    r = CliRunner().invoke(main, ["--verbose", "inspect", str(bad)])
+    assert r.exit_code == 1 and "Traceback (most recent call last)" in r.stderr
+    assert "JSONDecodeError" in r.stderr and r.stderr.splitlines()[-1].startswith("Error: ")
+
+
+def _demo_group() -> click.Group:
+    @click.group()
+    @click.option("--verbose", is_flag=True)
+    def demo(verbose):
+        pass
+
+    @demo.command()
+    @click.option("-o", "secret")
+    @click.option("--kind", default="ucp")
+    @ucp_command
+    def boom(secret, kind):
+        add_secrets(click.get_current_context(), {"client_kwargs": {"aws_secret_access_key": secret}})
+        if kind == "ucp":
+            raise UcpError(f"cannot list s3://admin:hunter22@bucket/x with {secret}\nmore detail")
+        raise KeyError(f"unexpected {secret}")
+
+    return demo
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+@pytest.mark.parametrize("kind", ["ucp", "bug"])
+def test_secrets_are_never_printed(verbose, kind, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "ENV-SECRET-42")
+    args = (["--verbose"] if verbose else []) + ["boom", "-o", "TOPSECRET-1234", "--kind", kind]
+    r = CliRunner().invoke(_demo_group(), args)
+    assert r.exit_code == 1
+    assert "TOPSECRET-1234" not in r.output and "hunter22" not in r.output
+    last = r.stderr.splitlines()[-1]
+    if kind == "ucp":
+        assert last.startswith("Error: cannot list s3://***@bucket/x with ***")
+    else:
+        assert last.startswith("Error: KeyError: 'unexpected ***'")
+    assert ("Traceback" in r.stderr) == verbose
+    assert ucp.cli.redact("key ENV-SECRET-42 here") == "key *** here"
+
+
+def test_progress_bar_only_on_a_terminal_and_not_quiet(sample, monkeypatch):
+    tty = types.SimpleNamespace(stderr=types.SimpleNamespace(isatty=lambda: True))
+    monkeypatch.setattr(ucp.cli, "sys", tty)
+    path = str(sample / "ckpt")
+    assert "verify" in CliRunner().invoke(main, ["verify", path]).stderr
+    assert CliRunner().invoke(main, ["verify", path, "--quiet"]).stderr == ""
+    assert CliRunner().invoke(main, ["--quiet", "verify", path]).stderr == ""
+    monkeypatch.undo()
+    assert CliRunner().invoke(main, ["verify", path]).stderr == ""  # CliRunner: not a terminal
+
+
+UCP = Path(sys.executable).with_name("ucp")
+
+
+@pytest.mark.skipif(not UCP.exists(), reason="the ucp entry point is not installed")
+def test_the_real_entry_point(sample, tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # stderr is a pipe here: no progress bar, so stderr stays empty
+    p = subprocess.run([str(UCP), "verify", str(sample / "universal"), "--json"],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 0 and p.stderr == "", p.stderr
+    doc = json.loads(p.stdout)
+    assert doc["ok"] and doc["checked"]["params"] == 29
+    p = subprocess.run([str(UCP), "inspect", str(tmp_path / "nowhere")], capture_output=True,
+                       text=True, timeout=120, env=env)
+    assert (p.returncode, p.stdout, p.stderr) == (
+        1, "", f"Error: {tmp_path / 'nowhere'}: no such file or directory\n")

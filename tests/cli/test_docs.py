@@ -1,0 +1,70 @@
+"""Every ``$ ucp ...`` line of docs/cli.md runs, in order, and prints what the page shows.
+
+Expected output is compared like a doctest with ELLIPSIS and NORMALIZE_WHITESPACE: ``...``
+matches any text. The exit status must be 2 when the output shows ``Usage:``, 1 when a line
+starts with ``Error:``, else 0.
+"""
+
+from __future__ import annotations
+
+import doctest
+import re
+import shlex
+import shutil
+from pathlib import Path
+
+from click.testing import CliRunner
+
+import ucp
+from ucp.cli import main
+
+from ._sample import gpt2_state, training_state
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "cli.md"
+_BLOCK = re.compile(r"^```console\n(.*?)^```", re.S | re.M)
+
+
+def doc_commands(text: str) -> list[tuple[str, str]]:
+    """(command line, expected output) for every ``$ `` line of the console blocks."""
+    out: list[tuple[str, str]] = []
+    for block in _BLOCK.findall(text):
+        for line in block.splitlines(keepends=True):
+            if line.startswith("$ "):
+                out.append((line[2:].strip(), ""))
+            else:
+                assert out, f"output before any command in docs/cli.md:\n{block}"
+                out[-1] = (out[-1][0], out[-1][1] + line)
+    return out
+
+
+def expected_exit(output: str) -> int:
+    if "Usage:" in output:
+        return 2
+    return 1 if any(line.startswith("Error:") for line in output.splitlines()) else 0
+
+
+def test_the_parser_finds_the_examples():
+    commands = doc_commands(DOC.read_text())
+    assert len(commands) >= 15
+    assert all(cmd.startswith("ucp ") for cmd, _ in commands)
+    names = {shlex.split(cmd)[1] for cmd, _ in commands}
+    assert names >= {"ls", "inspect", "verify", "export", "convert", "reshard", "spec"}
+
+
+def test_every_command_in_docs_cli_md(sample, tmp_path, s3_url, monkeypatch):
+    url, opts = s3_url
+    bucket = url.removeprefix("s3://").split("/")[0]
+    ucp.save(training_state(gpt2_state()), f"s3://{bucket}/run1", step=200,
+             storage_options=opts).wait()
+    work = tmp_path / "work"
+    shutil.copytree(sample, work)
+    monkeypatch.chdir(work)
+    checker, flags = doctest.OutputChecker(), doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+    runner = CliRunner()
+    for cmd, want in doc_commands(DOC.read_text()):
+        args = shlex.split(cmd.replace("s3://my-bucket", f"s3://{bucket}"))
+        result = runner.invoke(main, args[1:], prog_name="ucp")
+        got = result.output
+        assert checker.check_output(want, got, flags), (
+            f"docs/cli.md: `{cmd}` prints\n{got}\nbut the page shows\n{want}")
+        assert result.exit_code == expected_exit(want), (cmd, result.exit_code, got)
