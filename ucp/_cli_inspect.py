@@ -92,7 +92,7 @@ _spec_option = click.option("--spec", default=None,
 def inspect(path: str, as_json: bool, engine: str, tag: str | None, spec: str | None,
             options: tuple[tuple[str, Any], ...]) -> None:
     """Show what the checkpoint at PATH holds: format, step, topology, commit status, and every
-    parameter's shape, dtype, states and size. Reads metadata only.
+    parameter's shape, dtype, states and size. Reads metadata, not parameter data.
 
     \b
     Example:

@@ -429,7 +429,8 @@ class Report:
 
 def inspect_checkpoint(url: str, *, engine: str = "auto", spec: Any = None, tag: str | None = None,
                        storage_options: Mapping[str, Any] | None = None) -> Report:
-    """Describes the checkpoint at ``url`` from its metadata (no tensor data is read).
+    """Describes the checkpoint at ``url`` from its metadata (no parameter data is read; an
+    engine checkpoint's buffers, which are small, are).
 
     Args: as :func:`open_checkpoint`.
 
