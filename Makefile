@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: venv
-	$(BIN)/torchrun --standalone --nproc_per_node 2 examples/save_load.py
+	$(BIN)/python examples/demo.py
 
 test: venv
 	$(BIN)/python -m pytest -q

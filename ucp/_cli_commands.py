@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .cli import main, ucp_command
+from .cli import main, progress_enabled, ucp_command
 
 
 @main.command()
@@ -30,7 +30,7 @@ def convert(src: str, dst: str, engine: str, spec: str | None, workers: int, tag
     from ._convert import convert as _convert
 
     ckpt = _convert(src, dst, engine=engine, spec=spec, workers=workers, tag=tag,
-                    overwrite=overwrite, progress=None if not quiet else False)
+                    overwrite=overwrite, progress=progress_enabled(quiet))
     names = ckpt.names()
     click.echo(f"wrote {dst}: {len(names)} parameters, {len(ckpt.buffer_names())} buffers, "
                f"step {ckpt.step}")

@@ -97,7 +97,7 @@ def test_cli_convert_and_refuses_to_overwrite(tp_dp_checkpoint):
     runner = CliRunner()
     res = runner.invoke(main, ["convert", str(tp_dp_checkpoint / "ckpt"), str(dst), "-q"])
     assert res.exit_code == 0, res.output
-    assert "found ucp: ucp native checkpoint: step 3, 4 ranks" in res.stderr
+    assert "found ucp: ucp native checkpoint: step 3, 4 rank(s), topology dp=2,tp=2" in res.stderr
     assert "wrote" in res.stdout and "step 3" in res.stdout
     again = runner.invoke(main, ["convert", str(tp_dp_checkpoint / "ckpt"), str(dst), "-q"])
     last = again.stderr.strip().splitlines()[-1]

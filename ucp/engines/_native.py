@@ -69,13 +69,19 @@ class NativeEngine:
                 m = read_manifest(root, step)
             except Exception as e:  # noqa: BLE001 - detection reports, open raises
                 return f"ucp native checkpoint (unreadable: {e})"
-            return f"ucp native checkpoint: step {m.step}, {m.world_size} ranks, topology {m.topology}"
+            layout = f"topology {m.topology}" if m.topology else "topology not recorded"
+            return f"ucp native checkpoint: step {m.step}, {m.world_size} rank(s), {layout}"
         return None
 
     def open(self, url: str, *, spec: Any = None, storage_options: Mapping[str, Any] | None = None,
              tag: str | None = None) -> NativeCheckpoint:
         root, step = _resolve_root(url, storage_options, tag)
-        return NativeCheckpoint(root, read_manifest(root, step), spec=spec)
+        manifest = read_manifest(root, step)
+        if spec is None and manifest.spec:  # the spec given to ucp.save travels with the checkpoint
+            from ucp.grammar import load_spec
+
+            spec = load_spec(manifest.spec)
+        return NativeCheckpoint(root, manifest, spec=spec)
 
 
 class NativeCheckpoint:
