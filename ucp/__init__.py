@@ -22,6 +22,7 @@ from ._errors import (
 )
 from ._checkpointer import Checkpointer
 from ._convert import convert
+from ._deepspeed_hook import DeepSpeedCheckpointer, load_deepspeed, restore_deepspeed_extras
 from ._load import load
 from ._reshard import reshard
 from ._save import SaveHandle, save
@@ -35,6 +36,9 @@ __all__ = [
     "load",
     "SaveHandle",
     "Checkpointer",
+    "DeepSpeedCheckpointer",
+    "load_deepspeed",
+    "restore_deepspeed_extras",
     "convert",
     "reshard",
     "open",

@@ -52,7 +52,7 @@ def reshard(src: str, dst: str, *, topology: Topology | str, engine: str = "ucp"
         >>> ucp.reshard("universal/", "ckpt_tp1/", topology="dp=4,zero=1")
         >>> ucp.load("ckpt_tp1/", rank=3)["optim"]["flat"][0]["exp_avg"]
     """
-    from .resharder import get_target
+    from .resharder import _deepspeed, get_target  # noqa: F401 - _deepspeed registers engine="deepspeed"
     from .resharder._api import resolve
 
     target = get_target(engine)
