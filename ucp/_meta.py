@@ -11,15 +11,19 @@ import dataclasses
 import json
 from typing import Any, Mapping
 
-from ._errors import CorruptCheckpointError
+import crc32c as _crc32c
+
+from ._errors import ChecksumError, CorruptCheckpointError
 from ._topology import Topology
 
 __all__ = ["FORMAT_VERSION", "FileRecord", "MeshInfo", "TensorFragment", "RankIndex", "Manifest",
-           "step_dir", "rank_stem", "parse_step_dir", "dumps", "loads"]
+           "step_dir", "rank_stem", "parse_step_dir", "dumps", "loads", "seal", "CHECKSUM"]
 
 FORMAT_VERSION = 1
 #: Largest metadata document ucp reads (guards against hostile, oversized JSON).
 MAX_JSON_BYTES = 256 * 1024 * 1024
+#: Key under which a metadata document carries the CRC32C of its own content (see :func:`seal`).
+CHECKSUM = "checksum"
 
 
 def step_dir(step: int) -> str:
@@ -37,14 +41,39 @@ def rank_stem(rank: int) -> str:
     return f"rank-{rank:05d}"
 
 
+def _content_crc(doc: Mapping[str, Any]) -> str:
+    """CRC32C of a document's content without its checksum, in a canonical JSON form that does
+    not depend on how the file was formatted (so it survives re-serialisation)."""
+    body = {k: v for k, v in doc.items() if k != CHECKSUM}
+    raw = json.dumps(body, allow_nan=False, separators=(",", ":"), ensure_ascii=True).encode()
+    return f"crc32c:{_crc32c.crc32c(raw):08x}"
+
+
+def seal(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """``doc`` with the checksum of its own content under ``"checksum"``.
+
+    Manifests and the universal group metadata are the roots of trust (nothing else records
+    their checksum), so a bit flip in a spec, a topology or a hyper-parameter would otherwise
+    go unnoticed; :func:`loads` verifies the seal.
+    """
+    body = {k: v for k, v in doc.items() if k != CHECKSUM}
+    return {**body, CHECKSUM: _content_crc(body)}
+
+
 def dumps(obj: Any) -> bytes:
-    """JSON bytes (key order kept: it is the state order; no NaN) for a metadata dataclass or plain dict."""
+    """Sealed JSON bytes (key order kept: it is the state order; no NaN) for a metadata dataclass
+    or plain dict."""
     data = obj.to_dict() if hasattr(obj, "to_dict") else obj
-    return json.dumps(data, allow_nan=False, indent=1).encode()
+    return json.dumps(seal(data), allow_nan=False, indent=1).encode()
 
 
 def loads(data: bytes, *, what: str) -> dict[str, Any]:
-    """Parses a metadata JSON object; ``what`` names the file in errors."""
+    """Parses a metadata JSON object and verifies its seal; ``what`` names the file in errors.
+
+    Raises:
+        CorruptCheckpointError: too large, not JSON, not an object, or an unsupported version.
+        ChecksumError: the content does not match its own checksum.
+    """
     if len(data) > MAX_JSON_BYTES:
         raise CorruptCheckpointError(f"{what}: {len(data)} bytes is larger than any ucp metadata "
                                      f"file may be ({MAX_JSON_BYTES}); the file is not ucp metadata")
@@ -54,6 +83,16 @@ def loads(data: bytes, *, what: str) -> dict[str, Any]:
         raise CorruptCheckpointError(f"{what}: not valid JSON ({e}); the file is damaged") from e
     if not isinstance(obj, dict):
         raise CorruptCheckpointError(f"{what}: expected a JSON object, got {type(obj).__name__}")
+    if CHECKSUM in obj:  # documents written before ucp sealed its metadata carry none
+        try:
+            crc = _content_crc(obj)
+        except (ValueError, RecursionError) as e:  # NaN/inf smuggled in, or absurd nesting
+            raise CorruptCheckpointError(f"{what}: content cannot be checksummed ({e}); the file "
+                                         "is damaged") from e
+        if obj[CHECKSUM] != crc:
+            raise ChecksumError(f"{what}: content does not match its own checksum "
+                                f"({str(obj[CHECKSUM])[:40]!r}, computed {crc!r}); the file is corrupt "
+                                "or was edited by hand; restore it or use another step")
     version = obj.get("format_version")
     if version != FORMAT_VERSION:
         raise CorruptCheckpointError(f"{what}: format_version {version!r} is not supported by this "

@@ -27,7 +27,7 @@ import torch
 from ucp.storage import Storage, zarr_store
 
 from ._errors import ChecksumError, CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError
-from ._meta import FORMAT_VERSION, loads
+from ._meta import FORMAT_VERSION, loads, seal
 from ._stfile import dtype_from_name, dtype_name
 from ._topology import Topology
 from .engines._base import ParamInfo
@@ -145,7 +145,7 @@ class UniversalWriter:
 
 
 def _write_attrs(storage: Storage, attrs: Mapping[str, Any]) -> None:
-    doc = {"zarr_format": 3, "node_type": "group", "attributes": {"ucp": dict(attrs)}}
+    doc = {"zarr_format": 3, "node_type": "group", "attributes": {"ucp": seal(attrs)}}
     storage.write(GROUP_META, json.dumps(doc, allow_nan=False).encode())
 
 
