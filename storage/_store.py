@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 import crc32c as _crc32c
 import fsspec
 
-from ucp._errors import ChecksumError, StorageError, UnsafeInputError, UnsupportedProtocolError
+from ucp._errors import ChecksumError, CorruptCheckpointError, StorageError, UnsafeInputError, UnsupportedProtocolError
 from ucp._meta import FileRecord
 
 from ._retry import RetryPolicy, retry_call
@@ -168,31 +168,41 @@ class Storage:
         return FileRecord(size=size, crc32c=crc)
 
     # -- reads ---------------------------------------------------------------------------------
-    def read(self, rel: str, *, record: FileRecord | None = None, mutable: bool = False) -> bytes | bytearray:
+    def read(self, rel: str, *, record: FileRecord | None = None, mutable: bool = False,
+             max_bytes: int | None = None) -> bytes | bytearray:
         """Reads a whole file; with ``record``, verifies its size and CRC32C.
 
-        With ``mutable=True`` the result is a ``bytearray`` (tensors can then alias it).
+        With ``mutable=True`` the result is a ``bytearray`` (tensors can then alias it). A file
+        larger than ``max_bytes``, or (on local disk) of another size than ``record``, is refused
+        before its bytes are read, so a hostile file cannot make the reader allocate its size.
 
         Raises:
             FileNotFoundError (a ucp CheckpointNotFoundError is raised by callers that know more).
             ChecksumError: the bytes differ from ``record``; the message names the file.
+            CorruptCheckpointError: the file is larger than ``max_bytes``.
         """
-        target = self.path(rel)
+        target, where = self.path(rel), f"{self.url}/{rel}"
         if self.is_local:
             def fn() -> bytes | bytearray:
                 with open(target, "rb") as f:
+                    size = os.fstat(f.fileno()).st_size
+                    _check_size(size, record=record, max_bytes=max_bytes, where=where)
                     if not mutable:
                         return f.read()
-                    buf = bytearray(os.fstat(f.fileno()).st_size)
+                    buf = bytearray(size)
                     n = f.readinto(buf)
                     return buf if n == len(buf) else buf[:n]
         else:
             def fn() -> bytes | bytearray:
-                data = self.fs.cat_file(target)
+                if max_bytes is None:
+                    data = self.fs.cat_file(target)
+                else:  # one ranged GET: at most one byte more than allowed
+                    data = self.fs.cat_file(target, start=0, end=max_bytes + 1)
+                    _check_size(len(data), record=None, max_bytes=max_bytes, where=where)
                 return bytearray(data) if mutable else data
-        data = retry_call(fn, policy=self.retry, what=f"reading {self.url}/{rel}")
+        data = retry_call(fn, policy=self.retry, what=f"reading {where}")
         if record is not None:
-            verify(data, record, where=f"{self.url}/{rel}")
+            verify(data, record, where=where)
         return data
 
     def read_range(self, rel: str, start: int, end: int) -> bytes:
@@ -285,6 +295,15 @@ def verify(data: Buffer, record: FileRecord, *, where: str) -> None:
     if crc != record.crc32c:
         raise ChecksumError(f"{where}: CRC32C {crc:#010x} differs from the recorded "
                             f"{record.crc32c:#010x} (the file is corrupt); restore it or use another step")
+
+
+def _check_size(size: int, *, record: FileRecord | None, max_bytes: int | None, where: str) -> None:
+    if record is not None and size != record.size:
+        raise ChecksumError(f"{where}: size {size} differs from the recorded {record.size} bytes "
+                            "(truncated or replaced file); restore it or use another step")
+    if max_bytes is not None and size > max_bytes:
+        raise CorruptCheckpointError(f"{where}: more than the {max_bytes} bytes such a file may hold; "
+                                     "it is damaged or not what it claims to be")
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:

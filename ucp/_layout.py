@@ -11,7 +11,7 @@ import logging
 from ucp.storage import Storage
 
 from ._errors import CheckpointNotFoundError
-from ._meta import Manifest, dumps, loads, parse_step_dir, step_dir
+from ._meta import MAX_JSON_BYTES, Manifest, dumps, loads, parse_step_dir, step_dir
 
 __all__ = ["MANIFEST", "LATEST", "committed_steps", "newest_step", "read_manifest",
            "write_latest", "apply_retention"]
@@ -57,7 +57,7 @@ def read_manifest(storage: Storage, step: int) -> Manifest:
     """
     rel = f"{step_dir(step)}/{MANIFEST}"
     try:
-        raw = storage.read(rel)
+        raw = storage.read(rel, max_bytes=MAX_JSON_BYTES)
     except FileNotFoundError as e:
         steps = committed_steps(storage)
         raise CheckpointNotFoundError(f"step {step} is not committed under {storage.url} "

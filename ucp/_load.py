@@ -12,7 +12,7 @@ from . import _dtensor, _stfile
 from ._coord import dist_rank_and_world
 from ._errors import CorruptCheckpointError, TopologyError
 from ._layout import newest_step, read_manifest
-from ._meta import Manifest, RankIndex, loads, rank_stem, step_dir
+from ._meta import MAX_JSON_BYTES, Manifest, RankIndex, loads, rank_stem, step_dir
 from ._tree import flatten, unflatten
 
 __all__ = ["load", "read_rank_index"]
@@ -76,7 +76,7 @@ def read_rank_index(storage: Storage, manifest: Manifest, rank: int) -> RankInde
     """The verified ``rank-RRRRR.json`` of ``rank`` in a committed step."""
     name = f"{step_dir(manifest.step)}/{rank_stem(rank)}.json"
     where = f"{storage.url}/{name}"
-    raw = storage.read(name, record=_record(manifest, name))
+    raw = storage.read(name, record=_record(manifest, name), max_bytes=MAX_JSON_BYTES)
     return RankIndex.from_dict(loads(raw, what=where), what=where)
 
 

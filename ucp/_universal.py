@@ -27,7 +27,7 @@ import torch
 from ucp.storage import Storage, zarr_store
 
 from ._errors import ChecksumError, CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError
-from ._meta import FORMAT_VERSION, loads, seal
+from ._meta import FORMAT_VERSION, MAX_JSON_BYTES, loads, seal
 from ._stfile import dtype_from_name, dtype_name
 from ._topology import Topology
 from .engines._base import ParamInfo
@@ -152,7 +152,7 @@ def _write_attrs(storage: Storage, attrs: Mapping[str, Any]) -> None:
 def _read_attrs(storage: Storage) -> dict[str, Any]:
     where = f"{storage.url}/{GROUP_META}"
     try:
-        raw = storage.read(GROUP_META)
+        raw = storage.read(GROUP_META, max_bytes=MAX_JSON_BYTES)
     except FileNotFoundError as e:
         raise CheckpointNotFoundError(f"{storage.url} is not a universal checkpoint "
                                       f"(no {GROUP_META}); create one with `ucp convert`") from e
