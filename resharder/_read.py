@@ -14,8 +14,9 @@ import itertools
 import math
 import threading
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from ucp._errors import CorruptCheckpointError
@@ -105,7 +106,7 @@ def chunk_blocks(boxes: Iterable[Region], shape: Sequence[int], chunks: Sequence
     """The blocks of whole chunks to read for ``boxes`` of an array: ``(region, chunk count)``.
 
     Every chunk overlapping a box is in exactly one block; a block is a box of chunks clipped to
-    the array, split along dim 0 to hold at most ``max_bytes`` (one chunk row at least).
+    the array, holding at most ``max_bytes`` (one chunk at least).
     """
     touched: set[tuple[int, ...]] = set()
     for box in boxes:
@@ -118,13 +119,28 @@ def chunk_blocks(boxes: Iterable[Region], shape: Sequence[int], chunks: Sequence
     chunk_bytes = math.prod(chunks) * itemsize
     out = []
     for ibox in _chunk_boxes(touched):
-        per_row = math.prod(b - a for a, b in ibox[1:]) * chunk_bytes
-        step = max(1, max_bytes // max(1, per_row)) if ibox else 1
-        lo, hi = ibox[0] if ibox else (0, 1)
-        for start in range(lo, hi, step):
-            sub = ((start, min(hi, start + step)),) + ibox[1:] if ibox else ()
+        for sub in _split(ibox, chunk_bytes, max_bytes):
             region = tuple((a * c, min(b * c, s)) for (a, b), c, s in zip(sub, chunks, shape))
             out.append((region, math.prod(b - a for a, b in sub)))
+    return out
+
+
+def _split(ibox: tuple[tuple[int, int], ...], chunk_bytes: int, max_bytes: int
+           ) -> list[tuple[tuple[int, int], ...]]:
+    """A box of chunk indices cut into boxes of at most ``max_bytes`` (one chunk at least):
+    along dim 1 when one row of chunks is already too large, then along dim 0."""
+    if not ibox:
+        return [()]
+    if len(ibox) == 1:
+        (r0, r1), step = ibox[0], max(1, max_bytes // chunk_bytes)
+        return [((r, min(r1, r + step)),) for r in range(r0, r1, step)]
+    cell = math.prod(b - a for a, b in ibox[2:]) * chunk_bytes  # one (dim 0, dim 1) position
+    (c0, c1), (r0, r1) = ibox[1], ibox[0]
+    cstep, out = max(1, max_bytes // cell), []
+    for c in range(c0, c1, cstep):
+        col = (c, min(c1, c + cstep))
+        rstep = max(1, max_bytes // ((col[1] - col[0]) * cell))
+        out += [((r, min(r1, r + rstep)), col) + ibox[2:] for r in range(r0, r1, rstep)]
     return out
 
 
@@ -142,17 +158,18 @@ def estimate_reads(plan: RankPlan, arrays: Callable[[str, str | None], ArrayInfo
 
 
 def _cost(reads: Sequence[Read], info: ArrayInfo) -> tuple[int, int, int, int]:
-    whole = info.chunks is None or any(r.whole for r in reads)
-    size = math.prod(info.shape) * info.itemsize if info.shape is not None else 0
-    needed = size if any(r.whole for r in reads) else sum(
-        math.prod(b - a for a, b in c.src) * info.itemsize for r in reads for c in r.copies)
-    if whole:
+    """(bytes read, bytes needed, chunks, reads) of one array, as :func:`read_plan` counts them."""
+    if info.chunks is None:  # read whole, once
+        size = math.prod(info.shape) * info.itemsize if info.shape is not None else 0
+        needed = size if any(r.whole for r in reads) else sum(
+            math.prod(b - a for a, b in c.src) * info.itemsize for r in reads for c in r.copies)
         return size, needed, 0, 1
+    reads = [_as_copies(r, info) for r in reads]
+    needed = sum(math.prod(b - a for a, b in c.src) for r in reads for c in r.copies) * info.itemsize
     blocks = chunk_blocks((c.src for r in reads for c in r.copies), info.shape, info.chunks,
                           info.itemsize)
-    per = math.prod(info.chunks) * info.itemsize + CHUNK_OVERHEAD
     nchunks = sum(n for _, n in blocks)
-    return nchunks * per, needed, nchunks, len(blocks)
+    return nchunks * (math.prod(info.chunks) * info.itemsize + CHUNK_OVERHEAD), needed, nchunks, len(blocks)
 
 
 def _by_array(reads: Iterable[Read]) -> dict[tuple[str, str | None], list[Read]]:
@@ -163,23 +180,39 @@ def _by_array(reads: Iterable[Read]) -> dict[tuple[str, str | None], list[Read]]
 
 
 # -- execution ----------------------------------------------------------------------------------
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_NP_BITS = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
+
+
+def _bits(t: torch.Tensor) -> np.ndarray:
+    """The tensor's memory as a numpy integer array (bf16 and bool included). Copies run in
+    numpy: single-threaded and GIL-free, where torch's own copies would fight the reader threads
+    for its intra-op thread pool."""
+    return t.view(_BITS[t.element_size()]).numpy()
+
+
 class _Dest:
     """A local tensor, allocated (zeros) on first write; writes to it may come from any thread."""
 
-    def __init__(self, lt: LocalTensor) -> None:
-        self.lt, self.shape, self.tensor = lt, lt.shape, None
+    def __init__(self, lt: LocalTensor, out: torch.Tensor | None = None) -> None:
+        self.lt, self.shape, self.tensor, self.flat = lt, lt.shape, None, None
         self.lock = threading.Lock()
+        if out is not None:  # a caller's tensor, written in place
+            self.tensor, self.shape, self.flat = out, tuple(out.shape), _bits(out).reshape(-1)
 
-    def get(self, dtype: torch.dtype, what: str) -> torch.Tensor:
+    def get(self, dtype: torch.dtype, what: str) -> np.ndarray:
+        """The tensor's flat memory (numpy bits), allocated as ``dtype`` unless the plan fixed it."""
         with self.lock:
-            if self.tensor is None:
-                self.tensor = torch.zeros(self.shape, dtype=self.lt.dtype or dtype)
+            if self.tensor is None:  # numpy's zeros are lazily zeroed pages (torch.zeros fills)
+                want = self.lt.dtype or dtype
+                self.flat = np.zeros(math.prod(self.shape or ()), dtype=_NP_BITS[want.itemsize])
+                self.tensor = torch.from_numpy(self.flat).view(want).view(self.shape or ())
         if self.tensor.dtype != dtype:
             raise CorruptCheckpointError(
                 f"{what} is stored as {dtype}, but {'/'.join(map(str, self.lt.path))} holds "
                 f"{self.tensor.dtype} (a flat ZeRO group mixes dtypes, or the checkpoint is "
                 "inconsistent); convert the checkpoint again")
-        return self.tensor
+        return self.flat
 
 
 def _what(read: Read) -> str:
@@ -188,17 +221,18 @@ def _what(read: Read) -> str:
 
 def _apply(block: torch.Tensor, region: Region, reads: Sequence[Read], dests: dict[Path, _Dest]) -> None:
     """Copies the part of every read that lies in ``region`` (``block`` holds that region)."""
+    data = _bits(block)
     for r in reads:
-        flat = dests[r.path].get(block.dtype, _what(r)).view(-1)
+        flat = dests[r.path].get(block.dtype, _what(r))
         for c in r.copies:
             inter = tuple((max(a, x), min(b, y)) for (a, b), (x, y) in zip(c.src, region))
             if any(lo >= hi for lo, hi in inter):
                 continue
-            src = block[tuple(slice(a - r0, b - r0) for (a, b), (r0, _) in zip(inter, region))]
+            src = data[tuple(slice(a - r0, b - r0) for (a, b), (r0, _) in zip(inter, region))]
             perm = r.perm or tuple(range(len(inter)))
             if perm != tuple(range(len(perm))):
-                src = src.permute(perm)
-            view = flat[c.offset:c.offset + math.prod(c.view)].view(c.view)
+                src = src.transpose(perm)
+            view = flat[c.offset:c.offset + math.prod(c.view)].reshape(c.view)
             dst = []
             for (d0, _), p in zip(c.dst, perm):
                 start = d0 + inter[p][0] - c.src[p][0]
@@ -235,7 +269,8 @@ def _tasks(plan: RankPlan, source: ArraySource, dests: dict[Path, _Dest], max_bl
         for region, n in chunk_blocks((c.src for r in reads for c in r.copies), info.shape,
                                       info.chunks, info.itemsize, max_block_bytes):
             def task(key=key, region=region, n=n, reads=reads, per=per) -> tuple[int, int, int]:
-                _apply(source.read(key[0], key[1], region), region, reads, dests)
+                for sub, data in source.iter_region(key[0], key[1], region):
+                    _apply(data, sub, reads, dests)
                 return n * per, 0, n
             tasks.append(task)
     return tasks, needed
@@ -257,17 +292,27 @@ def _whole(source: ArraySource, key: tuple[str, str | None], reads: Sequence[Rea
 
 
 def read_plan(plan: RankPlan, source: ArraySource, *, workers: int = 8,
-              max_block_bytes: int = MAX_BLOCK_BYTES) -> LoadedRank:
+              max_block_bytes: int = MAX_BLOCK_BYTES,
+              out: Mapping[Path, torch.Tensor] | None = None) -> LoadedRank:
     """Reads everything ``plan`` needs from ``source``; each rank calls it for its own plan.
 
     No collective: any process may run any rank's plan. Memory: the plan's tensors plus up to
     ``workers`` blocks of at most ``max_block_bytes``.
 
+    Args:
+        plan: the plan.
+        source: where to read.
+        workers: reads in flight.
+        max_block_bytes: the most one read fetches.
+        out: tensors to fill in place instead of allocating (contiguous CPU tensors of the
+            local shape and dtype, by path); where no copy writes they keep their values.
+
     Raises:
         CorruptCheckpointError / ChecksumError: a damaged array (names it).
     """
     start = time.perf_counter()
-    dests = {lt.path: _Dest(lt) for lt in plan.tensors}
+    out = out or {}
+    dests = {lt.path: _Dest(lt, out.get(lt.path)) for lt in plan.tensors}
     tasks, needed = _tasks(plan, source, dests, max_block_bytes)
     bytes_read = chunks = 0
     threads = max(1, min(workers, len(tasks))) if source.concurrent else 1

@@ -8,17 +8,20 @@ Both adapters answer the planning questions (names, info, groups) and the readin
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import json
+import math
 import threading
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from ucp._errors import CorruptCheckpointError
+from ucp._errors import ChecksumError, CorruptCheckpointError, UcpError
 from ucp._stfile import dtype_from_name
 from ucp._universal import GROUP_META, UniversalCheckpoint, from_numpy, open_universal
 from ucp.engines._base import ParamInfo, SourceCheckpoint
-from ucp.storage import Storage
+from ucp.storage import Storage, checksum, retry_call
 
 from ._zero import Region
 
@@ -71,6 +74,12 @@ class ArraySource:
         """The values of ``region`` (canonical order; None: all) of an array, logical dtype."""
         raise NotImplementedError
 
+    def iter_region(self, name: str, state: str | None, region: Region) -> Iterator[tuple[Region, torch.Tensor]]:
+        """``region`` of an array in pieces ``(sub-region, values)`` that tile it (for a chunked
+        array and a region of whole chunks: chunk by chunk, so memory holds one chunk). A piece
+        may share memory with the next one: copy it out before asking for the next."""
+        yield region, self.read(name, state, region)
+
 
 def _param_source(info: ParamInfo, state: str) -> tuple[str, torch.dtype | None]:
     """Which stored state holds ``state``: an fp32 model keeps its weights once, as ``fp32``."""
@@ -79,8 +88,26 @@ def _param_source(info: ParamInfo, state: str) -> tuple[str, torch.dtype | None]
     return state, None
 
 
+@dataclasses.dataclass
+class _Array:
+    """An opened universal array: where it is, what it holds, and how to read it."""
+
+    path: str
+    info: ArrayInfo
+    dtype: torch.dtype  # the stored logical dtype
+    cast: torch.dtype | None  # applied after reading (an fp32 model's ``param``)
+    np_dtype: Any  # the stored numpy dtype (bits for bf16 and friends)
+    plain: bool  # chunk files read directly; otherwise through zarr
+    zarr: Any = None
+
+
 class UniversalSource(ArraySource):
-    """A universal checkpoint; region reads fetch only the zarr chunks that hold them."""
+    """A universal checkpoint; region reads fetch only the chunks that hold them.
+
+    Arrays laid out as ucp writes them (regular chunks, raw little-endian bytes + CRC32C) are
+    read chunk file by chunk file, each checked against its CRC32C; any other layout goes
+    through zarr.
+    """
 
     def __init__(self, ckpt: UniversalCheckpoint) -> None:
         self.ckpt, self.url = ckpt, ckpt.url
@@ -90,9 +117,9 @@ class UniversalSource(ArraySource):
         self._params: dict[str, Any] = dict(meta.get("params") or {})
         self._buffers: dict[str, Any] = dict(meta.get("buffers") or {})
         self._groups = list(meta.get("param_groups") or [])
-        # (name, state) -> (zarr array, stored logical dtype, info, cast to apply or None)
-        self._arrays: dict[tuple[str, str | None], tuple[Any, torch.dtype, ArrayInfo, Any]] = {}
+        self._arrays: dict[tuple[str, str | None], _Array] = {}
         self._lock = threading.Lock()
+        self._tls = threading.local()
         self._store = None
 
     def names(self) -> list[str]:
@@ -108,50 +135,149 @@ class UniversalSource(ArraySource):
     def buffer_names(self) -> list[str]:
         return list(self._buffers)
 
-    def _open(self, name: str, state: str | None) -> tuple[Any, torch.dtype, ArrayInfo, Any]:
+    def _path(self, name: str, state: str | None) -> tuple[str, torch.dtype | None]:
+        if state is None:
+            return self._buffers[name]["path"], None
+        info = self.info(name)
+        stored, cast = _param_source(info, state)
+        if stored not in info.states:
+            raise KeyError(f"parameter {name!r} has no state {state!r} in {self.url}; it has "
+                           f"{list(info.states)}")
+        return f"{self._params[name]['path']}/{stored}", cast
+
+    def _open(self, name: str, state: str | None) -> _Array:
         key = (name, state)
         with self._lock:
             if key in self._arrays:
                 return self._arrays[key]
+        path, cast = self._path(name, state)
+        try:
+            meta = json.loads(self.ckpt.storage.read(f"{path}/zarr.json"))
+        except (FileNotFoundError, ValueError) as e:
+            raise CorruptCheckpointError(f"{self.url}/{path}: array missing or unreadable ({e}); "
+                                         "convert the checkpoint again") from e
+        plain = _plain_chunks(meta)
+        zarr_array = None if plain else self._zarr(path)
+        np_dtype = np.dtype(meta["data_type"]) if plain else zarr_array.dtype
+        dtype = dtype_from_name((meta.get("attributes") or {}).get("ucp_dtype", ""))
+        shape = tuple(meta["shape"]) if plain else tuple(zarr_array.shape)
+        chunks = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"]) if plain else \
+            tuple(zarr_array.chunks)
+        want = None if state == "step" else tuple((self._buffers[name] if state is None
+                                                   else self._params[name])["shape"])
+        if want is not None and shape != want:
+            raise CorruptCheckpointError(f"{self.url}/{path}: array of shape {list(shape)}, the group "
+                                         f"metadata records {list(want)}; convert the checkpoint again")
+        info = ArrayInfo(shape, cast or dtype, chunks, np_dtype.itemsize)
+        opened = _Array(path, info, dtype, cast if cast not in (None, dtype) else None, np_dtype,
+                        plain, zarr_array)
+        with self._lock:
+            return self._arrays.setdefault(key, opened)
+
+    def _zarr(self, path: str) -> Any:
         import zarr
 
         from ucp.storage import zarr_store
 
-        cast = None
-        if state is None:
-            path = self._buffers[name]["path"]
-        else:
-            info = self.info(name)
-            stored, cast = _param_source(info, state)
-            if stored not in info.states:
-                raise KeyError(f"parameter {name!r} has no state {state!r} in {self.url}; it has "
-                               f"{list(info.states)}")
-            path = f"{self._params[name]['path']}/{stored}"
         if self._store is None:
             self._store = zarr_store(self.ckpt.storage, read_only=True)
         try:
-            arr = zarr.open_array(self._store, path=path, mode="r")
+            return zarr.open_array(self._store, path=path, mode="r")
         except (FileNotFoundError, KeyError) as e:
             raise CorruptCheckpointError(f"{self.url}/{path}: array missing ({e})") from e
-        dtype = dtype_from_name(arr.attrs.get("ucp_dtype", ""))
-        info_ = ArrayInfo(tuple(arr.shape), cast or dtype, tuple(arr.chunks), arr.dtype.itemsize)
-        with self._lock:
-            self._arrays[key] = (arr, dtype, info_, cast if cast is not None and cast != dtype else None)
-            return self._arrays[key]
 
     def array(self, name: str, state: str | None) -> ArrayInfo:
-        return self._open(name, state)[2]
+        return self._open(name, state).info
 
     def read(self, name: str, state: str | None, region: Region | None) -> torch.Tensor:
-        arr, dtype, _info, cast = self._open(name, state)
-        sel = ... if region is None else tuple(slice(a, b) for a, b in region)
+        a = self._open(name, state)
+        if a.zarr is None:
+            a.zarr = self._zarr(a.path)
+        sel = ... if region is None else tuple(slice(lo, hi) for lo, hi in region)
         try:
-            data = arr[sel]
+            data = a.zarr[sel]
+        except UcpError:  # e.g. a missing chunk, named by the store
+            raise
         except ValueError as e:
             raise CorruptCheckpointError(f"{self.url}: reading {name!r} ({state or 'buffer'}) "
                                          f"failed: {e}; the chunk is damaged, convert again") from e
-        t = from_numpy(np.asarray(data), dtype)
-        return t if cast is None else t.to(cast)
+        t = from_numpy(np.asarray(data), a.dtype)
+        return t if a.cast is None else t.to(a.cast)
+
+    def iter_region(self, name: str, state: str | None, region: Region) -> Iterator[tuple[Region, torch.Tensor]]:
+        a = self._open(name, state)
+        info = a.info
+        if not a.plain or any(lo % c or (hi % c and hi != s) for (lo, hi), c, s in
+                              zip(region, info.chunks, info.shape)):
+            yield region, self.read(name, state, region)
+            return
+        ranges = [range(lo // c, -(-hi // c)) for (lo, hi), c in zip(region, info.chunks)]
+        for idx in itertools.product(*ranges):
+            sub = tuple((i * c, min((i + 1) * c, s)) for i, c, s in zip(idx, info.chunks, info.shape))
+            t = from_numpy(self._chunk(a, idx), a.dtype)
+            yield sub, t if a.cast is None else t.to(a.cast)
+
+    def _raw(self, key: str, size: int) -> memoryview:
+        """A chunk file's bytes. On local disk they land in this thread's reused buffer (valid
+        until its next read): fresh buffers cost more in page faults than the read itself."""
+        storage = self.ckpt.storage
+        if not storage.is_local:
+            return memoryview(storage.read(key, mutable=True))
+        buf = getattr(self._tls, "buf", None)
+        if buf is None or len(buf) < size + 1:
+            buf = self._tls.buf = bytearray(max(size + 1, 1 << 20))
+        view, target = memoryview(buf), storage.path(key)
+
+        def fn() -> int:
+            with open(target, "rb", buffering=0) as f:
+                got = 0
+                while got < size + 1:  # one byte more than expected: a longer file shows
+                    n = f.readinto(view[got:size + 1])
+                    if not n:
+                        break
+                    got += n
+                return got
+        got = retry_call(fn, policy=storage.retry, what=f"reading {self.url}/{key}")
+        return view[:got]
+
+    def _chunk(self, a: _Array, idx: tuple[int, ...]) -> np.ndarray:
+        """One stored chunk, checked against its CRC32C and cut to the array's edge. ucp writes
+        every chunk, so a missing one is lost data (zarr would read it as zeros)."""
+        info, key = a.info, "/".join((a.path, "c", *map(str, idx)))
+        valid = tuple(slice(0, min(c, s - i * c)) for i, c, s in zip(idx, info.chunks, info.shape))
+        n = math.prod(info.chunks) * info.itemsize
+        try:
+            raw = self._raw(key, n + 4)
+        except FileNotFoundError as e:
+            raise CorruptCheckpointError(f"{self.url}/{key}: chunk file missing; the universal "
+                                         "checkpoint lost data, convert it again") from e
+        if raw.nbytes != n + 4:
+            raise CorruptCheckpointError(f"{self.url}/{key}: {raw.nbytes} bytes, a chunk of this "
+                                         f"array has {n + 4}; the file is damaged, convert again")
+        if checksum([raw[:n]])[0] != int.from_bytes(raw[n:], "little"):
+            raise ChecksumError(f"{self.url}/{key}: a chunk's CRC32C does not match (the file is "
+                                "corrupt); convert the checkpoint again")
+        return np.frombuffer(raw[:n], dtype=a.np_dtype.newbyteorder("<")).reshape(info.chunks)[valid]
+
+
+_PLAIN_CODECS = ([{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
+                 [{"name": "bytes"}, {"name": "crc32c"}])
+_PLAIN_TYPES = frozenset({"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
+                          "uint64", "float16", "float32", "float64"})
+
+
+def _plain_chunks(meta: Mapping[str, Any]) -> bool:
+    """Whether an array's ``zarr.json`` describes the layout ucp writes (regular chunks, keys
+    ``c/i/j``, raw little-endian bytes + CRC32C, fill value 0), so its chunk files can be read
+    directly; any other layout is read through zarr."""
+    grid, keys = meta.get("chunk_grid") or {}, meta.get("chunk_key_encoding") or {}
+    codecs = [{k: v for k, v in c.items() if k != "configuration" or v} for c in meta.get("codecs") or []]
+    return (meta.get("zarr_format") == 3 and meta.get("node_type") == "array"
+            and meta.get("data_type") in _PLAIN_TYPES and grid.get("name") == "regular"
+            and keys.get("name") == "default"
+            and (keys.get("configuration") or {}).get("separator", "/") == "/"
+            and codecs in _PLAIN_CODECS and not meta.get("storage_transformers")
+            and meta.get("fill_value") in (0, 0.0, False))
 
 
 class ConvertingSource(ArraySource):

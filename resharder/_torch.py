@@ -47,6 +47,7 @@ class _Planner:
         self.tensors: list[LocalTensor] = []
         self.reads: list[Read] = []
         self.rebuild: dict[tuple[Any, ...], tuple[Any, Any]] = {}
+        self.out: dict[tuple[Any, ...], torch.Tensor] = {}
 
     def add(self, path: tuple[Any, ...], name: str, state: str | None, value: torch.Tensor) -> None:
         if state is not None and (state in SCALAR_STATES or value.dim() == 0):
@@ -69,6 +70,10 @@ class _Planner:
         full = tuple((0, s) for s in shape)
         self.reads.append(Read(name, state, path, (Copy(box, 0, shape, full),), tuple(range(len(box)))))
         self.rebuild[path] = (value, how)
+        local = value.to_local() if how is not None and len(how) == 2 else value if how is None else None
+        if local is not None and local.device.type == "cpu" and local.is_contiguous() \
+                and tuple(local.shape) == shape:
+            self.out[path] = local.detach()  # the live tensor: filled in place, no copy after
 
     def model(self, msd: Mapping[str, Any], strict: bool) -> list[str]:
         missing = []
@@ -101,6 +106,8 @@ class _Planner:
 
     def value(self, path: tuple[Any, ...], tensors: Mapping[Any, torch.Tensor]) -> Any:
         template, how = self.rebuild[path]
+        if path in self.out:  # read in place into the template's own memory
+            return template
         local = tensors[path].to(template.device)
         if how is None:
             return local.reshape(template.shape) if template.dim() == 0 else local
@@ -177,7 +184,7 @@ def load_into(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, s
     if osd is not None:
         p.optim(osd)
     plan = RankPlan(Topology(), 0, 1, tuple(p.tensors), tuple(p.reads), (), ())
-    loaded = read_plan(plan, source, workers=workers)
+    loaded = read_plan(plan, source, workers=workers, out=p.out)
     new_msd = {k: p.value(("model", k), loaded.tensors) for k in msd if ("model", k) in p.rebuild}
     set_model_state_dict(model, new_msd, options=StateDictOptions(strict=strict))
     if osd is not None:

@@ -24,9 +24,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from ucp.storage import Storage, zarr_store
+from ucp.storage import Storage, checksum, zarr_store
 
-from ._errors import ChecksumError, CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError
+from ._errors import (ChecksumError, CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError,
+                      UcpError)
 from ._meta import FORMAT_VERSION, MAX_JSON_BYTES, loads, seal
 from ._stfile import dtype_from_name, dtype_name
 from ._topology import Topology
@@ -43,6 +44,9 @@ CHUNK_BYTES = 4 * 2**20
 MIN_CHUNK_BYTES = 64 * 2**10
 MIN_SPLITS = 8
 _SAFE = re.compile(r"[A-Za-z0-9._-]")
+_SAFE_STATE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+#: Largest array metadata file (``zarr.json``) read: a few hundred bytes in practice.
+MAX_ARRAY_META = 1 << 20
 _MAX_NAME = 160
 _BITS = {torch.bfloat16: np.uint16, torch.float16: np.float16, torch.float8_e4m3fn: np.uint8,
          torch.float8_e5m2: np.uint8, torch.uint16: np.uint16, torch.uint32: np.uint32,
@@ -132,7 +136,7 @@ class UniversalWriter:
                                 chunks=chunk_shape(data.shape, data.dtype.itemsize),
                                 filters=None, compressors=[Crc32cCodec()], serializer=BytesCodec(),
                                 fill_value=0, attributes={"ucp_dtype": dtype_name(tensor.dtype)},
-                                overwrite=True)
+                                overwrite=True, config={"write_empty_chunks": True})
         if data.size:
             arr[...] = data
         return {"shape": list(tensor.shape), "dtype": dtype_name(tensor.dtype),
@@ -182,9 +186,11 @@ class UniversalCheckpoint:
             raise CorruptCheckpointError(f"{url} is an incomplete universal checkpoint (its "
                                          "conversion did not finish); run `ucp convert` again")
         self._attrs = attrs
-        self._params: dict[str, dict[str, Any]] = dict(attrs.get("params") or {})
-        self._buffers: dict[str, dict[str, Any]] = dict(attrs.get("buffers") or {})
+        where = f"{url}/{GROUP_META}"
+        self._params = _checked_table(self.storage, attrs.get("params"), states=True, where=where)
+        self._buffers = _checked_table(self.storage, attrs.get("buffers"), states=False, where=where)
         self._store = zarr_store(self.storage, read_only=True)
+        self._arrays: dict[str, tuple[Any, torch.dtype]] = {}
 
     @property
     def step(self) -> int | None:
@@ -231,17 +237,19 @@ class UniversalCheckpoint:
     def read(self, name: str, state: str = "fp32", region: Sequence[slice] | None = None) -> torch.Tensor:
         """One state of a parameter, or only ``region`` of it (reads only the chunks needed)."""
         e = self._entry(name)
+        shape = tuple(e["shape"])
         if state == "param" and "param" not in e["states"] and "fp32" in e["states"]:
             # an fp32 model stores its weights once, as the fp32 state
-            return self._read_array(f"{e['path']}/fp32", region).to(dtype_from_name(e["dtype"]))
+            return self._read_array(f"{e['path']}/fp32", region, shape).to(dtype_from_name(e["dtype"]))
         if state not in e["states"]:
             raise KeyError(f"parameter {name!r} has no state {state!r}; it has {e['states']}")
-        return self._read_array(f"{e['path']}/{state}", region)
+        return self._read_array(f"{e['path']}/{state}", region, None if state == "step" else shape)
 
     def read_buffer(self, name: str) -> torch.Tensor:
         if name not in self._buffers:
             raise KeyError(f"no buffer {name!r} in {self.url}")
-        return self._read_array(self._buffers[name]["path"], None)
+        e = self._buffers[name]
+        return self._read_array(e["path"], None, tuple(e["shape"]))
 
     def _entry(self, name: str) -> dict[str, Any]:
         try:
@@ -250,21 +258,123 @@ class UniversalCheckpoint:
             raise KeyError(f"no parameter {name!r} in {self.url} ({len(self._params)} parameters; "
                            "see .names())") from None
 
-    def _read_array(self, path: str, region: Sequence[slice] | None) -> torch.Tensor:
+    def _read_array(self, path: str, region: Sequence[slice] | None,
+                    shape: tuple[int, ...] | None) -> torch.Tensor:
+        arr, dtype = self._array(path, shape)
+        try:
+            _check_region(self.storage, arr, path, region)
+            data = arr[tuple(region) if region is not None else ...]
+        except UcpError:  # a missing chunk names itself
+            raise
+        except ValueError as e:
+            if "checksum" in str(e).lower():
+                bad = _bad_chunk(self.storage, arr, path, region) or path
+                raise ChecksumError(f"{self.url}/{bad}: CRC32C does not match (the chunk is "
+                                    "corrupt); convert the checkpoint again") from e
+            raise CorruptCheckpointError(f"{self.url}/{path}: {e}") from e
+        return from_numpy(np.asarray(data), dtype)
+
+    def _array(self, path: str, shape: tuple[int, ...] | None) -> tuple[Any, torch.dtype]:
+        """The zarr array at ``path`` and its logical dtype, checked against the group table."""
+        if path in self._arrays:
+            return self._arrays[path]
         import zarr
 
+        meta = f"{path}/{GROUP_META}"
+        where = f"{self.url}/{meta}"
+        try:
+            size = self.storage.size(meta)
+        except FileNotFoundError as e:
+            raise CorruptCheckpointError(f"{self.url}/{path}: array missing (no {GROUP_META}); "
+                                         "convert the checkpoint again") from e
+        if size > MAX_ARRAY_META:
+            raise CorruptCheckpointError(f"{where}: {size} bytes is far more than array metadata "
+                                         "holds; the file is damaged")
         try:
             arr = zarr.open_array(self._store, path=path, mode="r")
             dtype = dtype_from_name(arr.attrs.get("ucp_dtype", ""))
-            data = arr[tuple(region) if region is not None else ...]
-        except (FileNotFoundError, KeyError) as e:
-            raise CorruptCheckpointError(f"{self.url}/{path}: array missing ({e})") from e
-        except ValueError as e:
-            if "checksum" in str(e).lower():
-                raise ChecksumError(f"{self.url}/{path}: a chunk's CRC32C does not match (the "
-                                    "file is corrupt); convert the checkpoint again") from e
-            raise CorruptCheckpointError(f"{self.url}/{path}: {e}") from e
-        return from_numpy(np.asarray(data), dtype)
+            stored = to_numpy(torch.empty(0, dtype=dtype)).dtype
+            ok = arr.dtype == stored and (shape is None or tuple(arr.shape) == shape) \
+                and all(c >= 1 for c in arr.chunks)
+        except Exception as e:  # noqa: BLE001 - damaged metadata makes zarr raise all kinds of errors
+            raise CorruptCheckpointError(f"{where}: unreadable array metadata ({type(e).__name__}: "
+                                         f"{e}); the file is damaged, convert the checkpoint again") from e
+        if not ok:
+            raise CorruptCheckpointError(f"{where}: array of {arr.dtype}{list(arr.shape)} does not hold "
+                                         f"the {dtype}{list(shape or arr.shape)} the group metadata "
+                                         "records; the file is damaged, convert the checkpoint again")
+        self._arrays[path] = arr, dtype
+        return arr, dtype
+
+
+def _checked_table(storage: Storage, table: Any, *, states: bool, where: str) -> dict[str, dict[str, Any]]:
+    """The ``params`` or ``buffers`` table of the group metadata, each entry checked: a path that
+    stays below the root, a shape, a known dtype and plain state names."""
+    if table is None:
+        return {}
+    if not isinstance(table, dict):
+        raise CorruptCheckpointError(f"{where}: the parameter table is a {type(table).__name__}")
+    for name, e in table.items():
+        ok = isinstance(e, dict) and isinstance(e.get("path"), str) and isinstance(e.get("shape"), list) \
+            and all(type(n) is int and n >= 0 for n in e["shape"]) and isinstance(e.get("dtype"), str)
+        if ok and states:
+            ok = isinstance(e.get("states"), list) and all(
+                isinstance(s, str) and _SAFE_STATE.fullmatch(s) for s in e["states"])
+        if not ok:
+            raise CorruptCheckpointError(f"{where}: malformed entry for {name[:200]!r}; the group "
+                                         "metadata is damaged, convert the checkpoint again")
+        storage.path(e["path"])  # raises UnsafeInputError for a path that leaves the root
+        try:
+            dtype_from_name(e["dtype"])
+        except CorruptCheckpointError as err:
+            raise CorruptCheckpointError(f"{where}: {name[:200]!r}: {err}") from None
+    return dict(table)
+
+
+def _region_chunks(arr: Any, region: Sequence[slice] | None) -> tuple[list[int], list[int]]:
+    """First chunk index and chunk count per dimension of ``region`` (unit-step slices)."""
+    bounds = [slice(None)] * arr.ndim if region is None else list(region)
+    first, counts = [], []
+    for sl, n, c in zip(bounds, arr.shape, arr.chunks):
+        start, stop, _ = sl.indices(n) if isinstance(sl, slice) else (0, n, 1)
+        first.append(start // c)
+        counts.append(max(0, -(-stop // c) - start // c))
+    return first, counts
+
+
+def _check_region(storage: Storage, arr: Any, path: str, region: Sequence[slice] | None) -> None:
+    """Refuses, before zarr allocates anything, a read whose cost the metadata inflates: zarr
+    spends memory per chunk (not per byte) planning a read, so a damaged or hostile array with a
+    huge shape cut in tiny chunks could exhaust memory from a tiny file. ucp's chunks hold at
+    least tens of KiB unless the whole array is small; and a large read's last chunk must exist."""
+    first, counts = _region_chunks(arr, region)
+    nchunks = math.prod(counts)
+    if nchunks == 0:
+        return
+    chunk_bytes = math.prod(arr.chunks) * arr.dtype.itemsize
+    if nchunks > 1024 and chunk_bytes < 16 * 1024:
+        raise CorruptCheckpointError(f"{storage.url}/{path}/{GROUP_META}: {nchunks} chunks of {chunk_bytes} "
+                                     "bytes is not how ucp chunks an array; the metadata is damaged")
+    if nchunks * chunk_bytes > 64 * 2**20:
+        last = tuple(f + c - 1 for f, c in zip(first, counts))
+        key = f"{path}/{arr.metadata.chunk_key_encoding.encode_chunk_key(last)}"
+        if not storage.exists(key):
+            raise CorruptCheckpointError(f"{storage.url}/{key}: chunk file missing (the array's "
+                                         "metadata or its data is damaged); convert the checkpoint again")
+
+
+def _bad_chunk(storage: Storage, arr: Any, path: str, region: Sequence[slice] | None) -> str | None:
+    """The first chunk in ``region`` whose stored CRC32C does not match its bytes (to name it)."""
+    first, counts = _region_chunks(arr, region)
+    for n, offset in enumerate(np.ndindex(*counts)):
+        if n == 100_000:  # naming the chunk is a courtesy; do not scan forever
+            break
+        idx = tuple(f + o for f, o in zip(first, offset))
+        key = f"{path}/{arr.metadata.chunk_key_encoding.encode_chunk_key(idx)}"
+        raw = storage.read(key)
+        if len(raw) < 4 or checksum([memoryview(raw)[:-4]])[0] != int.from_bytes(raw[-4:], "little"):
+            return key
+    return None
 
 
 def open_universal(url: str, *, storage_options: Mapping[str, Any] | None = None) -> UniversalCheckpoint:
