@@ -1,9 +1,10 @@
 """Executing a load plan: reads grouped by chunk, run in parallel, copied into local tensors.
 
 For each array the plan touches, the chunks overlapping any of its boxes are gathered into
-rectangular blocks of chunks (each block one zarr read, at most ``max_block_bytes``), so a chunk
-is fetched once however many copies need it. Blocks run on a thread pool; each is copied into
-its destinations and dropped, so memory is the plan's tensors plus ``workers`` blocks.
+rectangular blocks of chunks (one task each, at most ``max_block_bytes``), so a chunk is fetched
+once however many copies need it. Tasks run on a thread pool; a block is read chunk by chunk
+(:meth:`~._source.ArraySource.iter_region`) and each chunk is copied into its destinations and
+dropped, so memory is the plan's tensors plus a chunk per thread.
 """
 
 from __future__ import annotations
@@ -209,9 +210,9 @@ class _Dest:
                 self.tensor = torch.from_numpy(self.flat).view(want).view(self.shape or ())
         if self.tensor.dtype != dtype:
             raise CorruptCheckpointError(
-                f"{what} is stored as {dtype}, but {'/'.join(map(str, self.lt.path))} holds "
-                f"{self.tensor.dtype} (a flat ZeRO group mixes dtypes, or the checkpoint is "
-                "inconsistent); convert the checkpoint again")
+                f"{what} is stored as {dtype}, but the tensor it goes to "
+                f"({'/'.join(map(str, self.lt.path))}) is {self.tensor.dtype}: a ZeRO group mixes "
+                "dtypes, or a live tensor has another dtype than the checkpoint")
         return self.flat
 
 

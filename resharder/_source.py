@@ -2,7 +2,8 @@
 distributed checkpoint converted on the fly (each parameter consolidated whole, never written).
 
 Both adapters answer the planning questions (names, info, groups) and the reading ones
-(:meth:`array`, :meth:`read`); the executor in :mod:`._read` needs nothing else.
+(:meth:`array`, :meth:`read`, :meth:`iter_region`); the executor in :mod:`._read` needs nothing
+else.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 from ucp._errors import ChecksumError, CorruptCheckpointError, UcpError
 from ucp._stfile import dtype_from_name
-from ucp._universal import GROUP_META, UniversalCheckpoint, from_numpy, open_universal
+from ucp._universal import GROUP_META, MAX_ARRAY_META, UniversalCheckpoint, from_numpy, open_universal
 from ucp.engines._base import ParamInfo, SourceCheckpoint
 from ucp.storage import Storage, checksum, retry_call
 
@@ -151,18 +152,26 @@ class UniversalSource(ArraySource):
             if key in self._arrays:
                 return self._arrays[key]
         path, cast = self._path(name, state)
+        where = f"{self.url}/{path}/zarr.json"
         try:
-            meta = json.loads(self.ckpt.storage.read(f"{path}/zarr.json"))
-        except (FileNotFoundError, ValueError) as e:
-            raise CorruptCheckpointError(f"{self.url}/{path}: array missing or unreadable ({e}); "
-                                         "convert the checkpoint again") from e
-        plain = _plain_chunks(meta)
-        zarr_array = None if plain else self._zarr(path)
-        np_dtype = np.dtype(meta["data_type"]) if plain else zarr_array.dtype
-        dtype = dtype_from_name((meta.get("attributes") or {}).get("ucp_dtype", ""))
-        shape = tuple(meta["shape"]) if plain else tuple(zarr_array.shape)
-        chunks = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"]) if plain else \
-            tuple(zarr_array.chunks)
+            meta = json.loads(self.ckpt.storage.read(f"{path}/zarr.json", max_bytes=MAX_ARRAY_META))
+            plain = _plain_chunks(meta)
+            if plain:
+                np_dtype, shape = np.dtype(meta["data_type"]), tuple(meta["shape"])
+                chunks = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
+            else:
+                zarr_array = self._zarr(path)
+                np_dtype, shape, chunks = zarr_array.dtype, tuple(zarr_array.shape), tuple(zarr_array.chunks)
+            dtype = dtype_from_name((meta.get("attributes") or {}).get("ucp_dtype", ""))
+        except FileNotFoundError as e:
+            raise CorruptCheckpointError(f"{where} is missing; convert the checkpoint again") from e
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CorruptCheckpointError(f"{where}: unreadable array metadata ({e}); convert the "
+                                         "checkpoint again") from e
+        if len(chunks) != len(shape) or not all(type(c) is int and c >= 1 for c in chunks) \
+                or not all(type(n) is int and n >= 0 for n in shape):
+            raise CorruptCheckpointError(f"{where}: shape {list(shape)} / chunks {list(chunks)} are "
+                                         "not valid; convert the checkpoint again")
         want = None if state == "step" else tuple((self._buffers[name] if state is None
                                                    else self._params[name])["shape"])
         if want is not None and shape != want:
@@ -170,7 +179,7 @@ class UniversalSource(ArraySource):
                                          f"metadata records {list(want)}; convert the checkpoint again")
         info = ArrayInfo(shape, cast or dtype, chunks, np_dtype.itemsize)
         opened = _Array(path, info, dtype, cast if cast not in (None, dtype) else None, np_dtype,
-                        plain, zarr_array)
+                        plain, None if plain else zarr_array)
         with self._lock:
             return self._arrays.setdefault(key, opened)
 
@@ -222,7 +231,7 @@ class UniversalSource(ArraySource):
         until its next read): fresh buffers cost more in page faults than the read itself."""
         storage = self.ckpt.storage
         if not storage.is_local:
-            return memoryview(storage.read(key, mutable=True))
+            return memoryview(storage.read(key, mutable=True, max_bytes=size))
         buf = getattr(self._tls, "buf", None)
         if buf is None or len(buf) < size + 1:
             buf = self._tls.buf = bytearray(max(size + 1, 1 << 20))

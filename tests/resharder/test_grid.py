@@ -35,10 +35,10 @@ GRID = [  # (target topology, ZeRO alignment)
     ("dp=1,tp=1,pp=1,zero=0", 1),  # shrink to one rank
     ("tp=4,zero=0", 1),  # TP 2 -> 4, PP 2 -> 1
     ("tp=2,pp=2,zero=0", 1),  # the source topology itself
-    ("dp=4,zero=1", 2),  # TP 2 -> 1, PP 2 -> 1, grow DP, ZeRO-1
-    ("dp=2,tp=2,zero=2", 4),
+    ("dp=4,zero=1", 7),  # TP 2 -> 1, PP 2 -> 1, grow DP, ZeRO-1; odd alignments pad
+    ("dp=2,tp=2,zero=2", 5),
     ("dp=2,pp=2,zero=3", 1),  # ZeRO-3 per-parameter partitions
-    ("dp=3,zero=3", 2),  # dp not a power of two
+    ("dp=3,zero=3", 3),  # dp not a power of two
     ("dp=3,zero=2", 1),
     ("tp=2,dp=2,zero=3", 8),
     ("tp=4,zero=1", 1),  # dp=1: the partition is the whole group
@@ -96,7 +96,8 @@ def test_a_topology_the_model_cannot_take_fails_before_any_read(llama, target, n
 
     def no_reads(*a, **k):
         raise AssertionError("read before the topology was checked")
-    monkeypatch.setattr(_source.UniversalSource, "read", no_reads)
+    for method in ("read", "iter_region", "_open"):  # tensors, chunks, array metadata
+        monkeypatch.setattr(_source.UniversalSource, method, no_reads)
     with pytest.raises(ucp.TopologyError, match="cannot hold parameter") as e:
         load_rank_state(llama[1], target, 0)
     assert needle in str(e.value)
