@@ -121,10 +121,13 @@ class Storage:
         return sub
 
     # -- writes --------------------------------------------------------------------------------
-    def write(self, rel: str, data: Buffer | Sequence[Buffer], *, fsync: bool = True) -> FileRecord:
+    def write(self, rel: str, data: Buffer | Sequence[Buffer], *, fsync: bool = True,
+              atomic: bool = True) -> FileRecord:
         """Writes ``data`` (bytes, or a sequence of buffers written in order) atomically.
 
-        Readers see either the previous object or the complete new one, never a prefix.
+        Readers see either the previous object or the complete new one, never a prefix. With
+        ``atomic=False`` a local file is written in place (no temporary and rename): for pieces
+        of a larger whole whose commit record is written last anyway.
 
         Returns:
             The file's size and CRC32C.
@@ -132,15 +135,15 @@ class Storage:
         chunks = _as_chunks(data)
         target = self.path(rel)
         if self.is_local:
-            fn = lambda: self._write_local(target, chunks, fsync=fsync)  # noqa: E731
+            fn = lambda: self._write_local(target, chunks, fsync=fsync, atomic=atomic)  # noqa: E731
         else:
             fn = lambda: self._write_remote(target, chunks)  # noqa: E731
         return retry_call(fn, policy=self.retry, what=f"writing {self.url}/{rel}")
 
-    def _write_local(self, target: str, chunks: Sequence[Buffer], *, fsync: bool) -> FileRecord:
+    def _write_local(self, target: str, chunks: Sequence[Buffer], *, fsync: bool, atomic: bool) -> FileRecord:
         directory = os.path.dirname(target)
         os.makedirs(directory, exist_ok=True)
-        tmp = f"{target}{_PARTIAL}{uuid.uuid4().hex[:12]}"
+        tmp = f"{target}{_PARTIAL}{uuid.uuid4().hex[:12]}" if atomic else target
         crc, size = 0, 0
         try:
             with open(tmp, "wb", buffering=0) as f:
@@ -153,7 +156,8 @@ class Storage:
                         size += n
                 if fsync:
                     os.fsync(f.fileno())
-            os.replace(tmp, target)
+            if atomic:
+                os.replace(tmp, target)
         except BaseException:
             _remove_quietly(tmp)
             raise
