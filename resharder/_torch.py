@@ -18,7 +18,7 @@ from ucp._topology import Topology
 
 from ._plan import SCALAR_STATES, Copy, LocalTensor, RankPlan, Read
 from ._read import ReadStats, read_plan
-from ._source import ArraySource, open_array_source
+from ._source import ArraySource, open_array_source, read_many
 
 __all__ = ["load_into"]
 
@@ -59,11 +59,6 @@ class _Planner:
         if state is not None and tuple(value.shape) != tuple(self.source.info(name).shape):
             raise StateError(f"{where}: the live model has shape {list(value.shape)}, the "
                              f"checkpoint {list(self.source.info(name).shape)}; is it the same model?")
-        stored = self.source.array(name, state).dtype
-        if stored is not None and stored != value.dtype:
-            raise StateError(f"{where}: the live tensor is {value.dtype}, the checkpoint holds "
-                             f"{stored}; build the model in {stored} (or load it in that dtype and "
-                             "convert afterwards)")
         box, how = _box(value)
         shape = tuple(b - a for a, b in box)
         self.tensors.append(LocalTensor(path, shape, value.dtype))
@@ -74,6 +69,17 @@ class _Planner:
         if local is not None and local.device.type == "cpu" and local.is_contiguous() \
                 and tuple(local.shape) == shape:
             self.out[path] = local.detach()  # the live tensor: filled in place, no copy after
+
+    def check_dtypes(self) -> None:
+        """Every live tensor has the stored dtype (array metadata read in parallel, no data)."""
+        reads = [r for r in self.reads if not r.whole]
+        infos = read_many(self.source, [(r.name, r.state) for r in reads])
+        for r, info in zip(reads, infos):
+            live = self.rebuild[r.path][0].dtype
+            if info.dtype is not None and info.dtype != live:
+                raise StateError(f"{r.name!r} ({r.state or 'buffer'}): the live tensor is {live}, "
+                                 f"the checkpoint holds {info.dtype}; build the model in "
+                                 f"{info.dtype} (or load it in that dtype and convert afterwards)")
 
     def model(self, msd: Mapping[str, Any], strict: bool) -> list[str]:
         missing = []
@@ -183,6 +189,7 @@ def load_into(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, s
     p.model(msd, strict)
     if osd is not None:
         p.optim(osd)
+    p.check_dtypes()
     plan = RankPlan(Topology(), 0, 1, tuple(p.tensors), tuple(p.reads), (), ())
     loaded = read_plan(plan, source, workers=workers, out=p.out)
     new_msd = {k: p.value(("model", k), loaded.tensors) for k in msd if ("model", k) in p.rebuild}

@@ -164,3 +164,10 @@ def test_a_different_model_is_refused(sources):
     model = torch.nn.Linear(3, 3)
     with pytest.raises(ucp.StateError, match="weight"):
         load_into(model, None, str(sources / "u-tp"))
+
+
+def test_a_live_dtype_other_than_the_stored_one_is_refused(sources):
+    from ucp.resharder import load_into
+
+    with pytest.raises(ucp.StateError, match="bfloat16.*float32"):
+        load_into(Net().bfloat16(), None, str(sources / "u-tp"))
