@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
-from typing import Any
+from typing import Any, Awaitable, Callable, TypeVar
 
-from ucp._errors import CorruptCheckpointError
+from ucp._errors import CorruptCheckpointError, StorageError, UcpError
 
+from ._retry import RetryPolicy, is_transient
 from ._store import Storage
 
 __all__ = ["zarr_store"]
 
+T = TypeVar("T")
+log = logging.getLogger("ucp.storage")
 # A chunk key of zarr v3's default encoding: ``.../c/0/1`` or ``.../c.0.1`` (``.../c`` for 0-d).
 _CHUNK_KEY = re.compile(r"(?:^|/)c(?:[./]\d+)*$")
 
@@ -18,7 +23,8 @@ _CHUNK_KEY = re.compile(r"(?:^|/)c(?:[./]\d+)*$")
 def zarr_store(storage: Storage, *, read_only: bool) -> Any:
     """A zarr store rooted at ``storage``'s root: ``LocalStore`` on disk, ``FsspecStore`` otherwise.
 
-    Reads of a region fetch only the chunks (byte ranges on an object store) that hold it. A
+    Reads of a region fetch only the chunks (byte ranges on an object store) that hold it. Every
+    call is retried on transient errors with ``storage.retry``, as :class:`Storage` calls are. A
     read-only store raises :class:`~ucp.CorruptCheckpointError` for a missing chunk instead of
     letting zarr fill it with the fill value: ucp writes every chunk, so a missing one is lost data.
     """
@@ -29,32 +35,71 @@ def zarr_store(storage: Storage, *, read_only: bool) -> Any:
     else:
         store = zarr.storage.FsspecStore.from_url(storage.url, storage_options=storage.storage_options or None,
                                                   read_only=read_only)
-    return _strict_store(store, storage.url) if read_only else store
+    return _wrap(store, storage.url, storage.retry, strict=read_only)
 
 
-def _strict_store(store: Any, url: str) -> Any:
+async def _retried(fn: Callable[[], Awaitable[T]], policy: RetryPolicy, what: str) -> T:
+    """``retry_call`` for coroutines: transient errors retried, zarr's own errors passed on."""
+    for attempt in range(policy.attempts):
+        try:
+            return await fn()
+        except (UcpError, FileNotFoundError):
+            raise
+        except Exception as e:  # noqa: BLE001 - classified below
+            if not is_transient(e):
+                raise
+            if attempt + 1 == policy.attempts:
+                raise StorageError(f"{what} failed after {policy.attempts} attempts; "
+                                   f"last error: {type(e).__name__}: {e}") from e
+            delay = policy.delay(attempt)
+            log.warning("%s: transient %s (%s); retry %d/%d in %.2fs", what, type(e).__name__, e,
+                        attempt + 1, policy.attempts - 1, delay)
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _wrap(store: Any, url: str, policy: RetryPolicy, *, strict: bool) -> Any:
     from zarr.storage import WrapperStore
 
-    class StrictChunkStore(WrapperStore):  # type: ignore[misc,type-arg]
-        """Missing chunks are errors (naming the chunk), not fill values."""
+    base = url.rstrip("/")
+
+    class UcpStore(WrapperStore):  # type: ignore[misc,type-arg]
+        """Retries transient errors; when ``strict``, a missing chunk is an error naming it."""
 
         async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
-            value = await self._store.get(key, prototype, byte_range)
-            if value is None and _CHUNK_KEY.search(key):
-                raise _missing(url, key)
+            value = await _retried(lambda: self._store.get(key, prototype, byte_range), policy,
+                                   f"reading {base}/{key}")
+            if value is None and strict and _CHUNK_KEY.search(key):
+                raise _missing(base, key)
             return value
 
         async def get_partial_values(self, prototype: Any, key_ranges: Any) -> Any:
             key_ranges = list(key_ranges)
-            values = await self._store.get_partial_values(prototype, key_ranges)
+            values = await _retried(lambda: self._store.get_partial_values(prototype, key_ranges), policy,
+                                    f"reading {len(key_ranges)} ranges below {base}")
             for (key, _), value in zip(key_ranges, values):
-                if value is None and _CHUNK_KEY.search(key):
-                    raise _missing(url, key)
+                if value is None and strict and _CHUNK_KEY.search(key):
+                    raise _missing(base, key)
             return values
 
-    return StrictChunkStore(store)
+        async def exists(self, key: str) -> bool:
+            return await _retried(lambda: self._store.exists(key), policy, f"checking {base}/{key}")
+
+        async def set(self, key: str, value: Any) -> None:
+            await _retried(lambda: self._store.set(key, value), policy, f"writing {base}/{key}")
+
+        async def set_if_not_exists(self, key: str, value: Any) -> None:
+            await _retried(lambda: self._store.set_if_not_exists(key, value), policy, f"writing {base}/{key}")
+
+        async def delete(self, key: str) -> None:
+            await _retried(lambda: self._store.delete(key), policy, f"deleting {base}/{key}")
+
+        async def delete_dir(self, prefix: str) -> None:
+            await _retried(lambda: self._store.delete_dir(prefix), policy, f"deleting {base}/{prefix}")
+
+    return UcpStore(store)
 
 
-def _missing(url: str, key: str) -> CorruptCheckpointError:
-    return CorruptCheckpointError(f"{url.rstrip('/')}/{key}: chunk file missing (zarr would read it as "
-                                  "zeros); the universal checkpoint lost data, convert it again")
+def _missing(base: str, key: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(f"{base}/{key}: chunk file missing (zarr would read it as zeros); "
+                                  "the universal checkpoint lost data, convert it again")
