@@ -16,7 +16,7 @@ import time
 from typing import Any, Mapping, Protocol
 
 from ucp._coord import get_coordinator
-from ucp._errors import CheckpointExistsError, ConvertError
+from ucp._errors import CheckpointExistsError, ConvertError, UcpError
 from ucp._layout import MANIFEST
 from ucp._meta import FileRecord, TensorFragment, step_dir
 from ucp._save import write_manifest, write_rank_files
@@ -108,7 +108,7 @@ class NativeTarget:
         if coord.rank == 0:
             records = {k: FileRecord.from_dict(v) for part in gathered for k, v in part.items()}
             write_manifest(storage, step=step, world_size=topology.world_size, topology=topology,
-                           spec=None if spec is None else spec.text, files=records)
+                           spec=None if spec is None else spec_text(spec), files=records)
         coord.all_gather_json(None, what="committing the resharded checkpoint")
         return ReshardReport(dst, self.name, topology, step, mine, stats, time.perf_counter() - start)
 
@@ -122,6 +122,31 @@ def _write_rank(storage: Storage, state: Any, *, step: int, rank: int, world_siz
                  for k, t in staged.items()]
     return write_rank_files(storage, step=step, rank=rank, world_size=world_size, tree=tree,
                             staged=staged, fragments=fragments)
+
+
+def spec_text(spec: Spec) -> str:
+    """The spec's text with its constant overrides written in, so the manifest's spec alone
+    reads the checkpoint back (``ucp convert`` uses it). Each overridden constant's line is
+    replaced; the result is checked to resolve to the same constants, else the original text is
+    kept (and ``--spec`` is then needed to convert)."""
+    if not spec.overrides:
+        return spec.text
+    from ucp.grammar import load_spec
+    from ucp.grammar._ast import Const
+
+    lines = spec.text.split("\n")
+    for st in spec.ast.statements:
+        if isinstance(st, Const) and st.name in spec.overrides:
+            lines[st.pos.line - 1] = f"{st.name} = {int(spec.overrides[st.name])}"
+    text = "\n".join(lines)
+    try:
+        if dict(load_spec(text).constants) == dict(spec.constants):
+            return text
+    except UcpError:
+        pass
+    log.warning("ucp: the spec's constant overrides could not be written into its text; the "
+                "manifest keeps the original spec, so pass --spec to convert the checkpoint")
+    return spec.text
 
 
 _TARGETS: dict[str, ReshardTarget] = {"ucp": NativeTarget()}
