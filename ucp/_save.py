@@ -259,7 +259,10 @@ def write_manifest(storage: Storage, *, step: int, world_size: int, topology: To
     manifest = Manifest(step=step, world_size=world_size, topology=topology, files=dict(files),
                         created=time.time(), spec=spec, meshes=tuple(meshes))
     storage.write(f"{step_dir(step)}/{MANIFEST}", dumps(manifest))
-    write_latest(storage, step)
+    try:
+        write_latest(storage, step)
+    except Exception as e:  # noqa: BLE001 - the step is committed: readers trust manifests, not `latest`
+        log.warning("ucp: step %d is committed, but updating %s/latest failed: %s", step, storage.url, e)
 
 
 def _run(job: _Job) -> None:
@@ -280,6 +283,8 @@ def _run(job: _Job) -> None:
     failed = [s for s in statuses if s["error"]]
     if failed:
         detail = "; ".join(f"rank {s['rank']}: {s['error']}" for s in failed)
+        if job.rank == 0:
+            _discard(job)
         raise SaveError(f"step {job.step} was not committed to {job.storage.url}: {detail}")
     outcome = _commit(job, statuses) if job.rank == 0 else None
     outcome = job.coord.broadcast_json(outcome, what=f"commit of step {job.step} by rank 0 "
@@ -306,6 +311,7 @@ def _commit(job: _Job, statuses: list[dict[str, Any]]) -> str | None:
         write_manifest(job.storage, step=job.step, world_size=job.world_size, topology=job.topology,
                        spec=job.spec, files=files, meshes=meshes)
     except Exception as e:  # noqa: BLE001 - broadcast to every rank
+        _discard(job)
         return f"{type(e).__name__}: {e}"
     if job.keep is not None:
         try:
@@ -313,6 +319,18 @@ def _commit(job: _Job, statuses: list[dict[str, Any]]) -> str | None:
         except Exception as e:  # noqa: BLE001 - the new step is committed; old ones stay
             log.warning("ucp: retention after step %d failed (older steps kept): %s", job.step, e)
     return None
+
+
+def _discard(job: _Job) -> None:
+    """Coordinator only, once every rank has stopped writing a step that is not committed:
+    removes the step's files, so a save that failed on a full disk does not keep the space the
+    next save needs. Best effort; retention removes what is left."""
+    sd = step_dir(job.step)
+    try:
+        if not job.storage.exists(f"{sd}/{MANIFEST}"):  # an ambiguous manifest write may have landed
+            job.storage.delete(sd, recursive=True)
+    except Exception as e:  # noqa: BLE001 - the save's own error is the one to report
+        log.warning("ucp: could not remove the files of uncommitted step %d: %s", job.step, e)
 
 
 def _uncommit(job: _Job) -> None:
