@@ -40,6 +40,7 @@ from .engines._base import ParamInfo
 __all__ = ["UniversalCheckpoint", "UniversalWriter", "escape_name", "chunk_shape", "open_universal"]
 
 GROUP_META = "zarr.json"
+_GROUP_NODE = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}).encode()
 KIND = "ucp-universal"
 #: Target bytes per chunk: small enough that a rank reads little it does not need, large enough
 #: that per-chunk overhead stays negligible.
@@ -114,6 +115,7 @@ class UniversalWriter:
     def __init__(self, url: str, *, storage_options: Mapping[str, Any] | None = None) -> None:
         self.storage = Storage(url, storage_options=storage_options)
         self.url = url
+        self._groups: set[str] = set()
 
     def begin(self, *, overwrite: bool) -> None:
         """Marks the destination incomplete (refusing to replace a complete one unless ``overwrite``)."""
@@ -152,7 +154,17 @@ class UniversalWriter:
             else:  # object stores: latency-bound, so many requests in flight
                 self.storage.map(lambda idx: self._write_chunk(path, data, chunks, idx), cells)
         self.storage.write(f"{path}/zarr.json", json.dumps(meta).encode(), fsync=False)
+        self._write_parents(path)
         return {"shape": list(tensor.shape), "dtype": dtype_name(tensor.dtype), "nbytes": int(data.nbytes)}
+
+    def _write_parents(self, path: str) -> None:
+        """Explicit group nodes for ``params/`` and ``params/<name>/`` (zarr v3 has no implicit groups)."""
+        parts = path.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            group = "/".join(parts[:i])
+            if group not in self._groups:
+                self._groups.add(group)
+                self.storage.write(f"{group}/zarr.json", _GROUP_NODE, fsync=False)
 
     def _write_chunk(self, path: str, data: np.ndarray, chunks: tuple[int, ...], idx: tuple[int, ...]) -> None:
         region = tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(idx, chunks, data.shape))
