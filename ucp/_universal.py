@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import os
 import json
 import struct
 import math
@@ -180,8 +179,9 @@ class UniversalWriter:
 
     def commit(self, table: Mapping[str, Any]) -> None:
         """Writes the final group metadata (the commit); must come after every array."""
-        if self.storage.is_local:
-            os.sync()  # chunks were written without fsync each; make them durable before the commit
+        # Chunks are not fsynced one by one (that would cost more than the conversion): a crash
+        # right after the commit can lose some of them, which every read detects (missing
+        # chunk file or CRC32C mismatch); the source is still there to convert again.
         _write_attrs(self.storage, {**table, "format_version": FORMAT_VERSION, "kind": KIND,
                                     "complete": True})
 
