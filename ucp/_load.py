@@ -57,7 +57,7 @@ def load(url: str, *, step: int | None = None, rank: int | None = None, like: An
                             f"step {step} under {url}")
     index = read_rank_index(storage, manifest, rank)
     data_name = f"{step_dir(step)}/{rank_stem(rank)}.safetensors"
-    data = storage.read(data_name, record=_record(manifest, data_name), mutable=True)
+    data = _read_listed(storage, manifest, data_name, mutable=True)
     tensors = _stfile.decode(data, where=f"{url}/{data_name}")
     templates = flatten(like)[1] if like is not None else {}
     built = {f.key: _rebuild(f, tensors, index, templates, where=f"{url}/{data_name}")
@@ -76,8 +76,18 @@ def read_rank_index(storage: Storage, manifest: Manifest, rank: int) -> RankInde
     """The verified ``rank-RRRRR.json`` of ``rank`` in a committed step."""
     name = f"{step_dir(manifest.step)}/{rank_stem(rank)}.json"
     where = f"{storage.url}/{name}"
-    raw = storage.read(name, record=_record(manifest, name), max_bytes=MAX_JSON_BYTES)
+    raw = _read_listed(storage, manifest, name, max_bytes=MAX_JSON_BYTES)
     return RankIndex.from_dict(loads(raw, what=where), what=where)
+
+
+def _read_listed(storage: Storage, manifest: Manifest, name: str, **kwargs: Any) -> bytes | bytearray:
+    """A file the manifest lists, verified; a missing one is a damaged step (named), not a bare
+    FileNotFoundError."""
+    try:
+        return storage.read(name, record=_record(manifest, name), **kwargs)
+    except FileNotFoundError as e:
+        raise CorruptCheckpointError(f"{storage.url}/{name} is missing, but the manifest of step "
+                                     f"{manifest.step} lists it; restore it or load another step") from e
 
 
 def _record(manifest: Manifest, name: str) -> Any:

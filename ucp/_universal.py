@@ -309,7 +309,8 @@ class UniversalCheckpoint:
                 bad = _bad_chunk(self.storage, arr, path, region) or path
                 raise ChecksumError(f"{self.url}/{bad}: CRC32C does not match (the chunk is "
                                     "corrupt); convert the checkpoint again") from e
-            raise CorruptCheckpointError(f"{self.url}/{path}: {e}") from e
+            raise CorruptCheckpointError(f"{self.url}/{path}/{GROUP_META} or one of the array's "
+                                         f"chunks is damaged ({e}); convert the checkpoint again") from e
         return from_numpy(np.asarray(data), dtype)
 
     def _array(self, path: str, shape: tuple[int, ...] | None) -> tuple[Any, torch.dtype]:
@@ -323,8 +324,8 @@ class UniversalCheckpoint:
         try:
             size = self.storage.size(meta)
         except FileNotFoundError as e:
-            raise CorruptCheckpointError(f"{self.url}/{path}: array missing (no {GROUP_META}); "
-                                         "convert the checkpoint again") from e
+            raise CorruptCheckpointError(f"{where} is missing (array {path!r} is lost); convert the "
+                                         "checkpoint again") from e
         if size > MAX_ARRAY_META:
             raise CorruptCheckpointError(f"{where}: {size} bytes is far more than array metadata "
                                          "holds; the file is damaged")
