@@ -7,6 +7,8 @@ Used by ``tests/reliability`` and ``scripts/reliability.py``; nothing here runs 
   :func:`install` in every process that opens such a URL (spawned ranks included).
 * :func:`disk_full` makes writes below a directory fail with ``ENOSPC`` once a byte budget is
   spent, part-way through a file, like a filesystem that fills up during a save.
+* :class:`TcpProxy` stands between a client and a server on 127.0.0.1; ``down()`` is a network
+  outage (listener closed, every open connection reset), ``up()`` ends it.
 * :func:`flip_bit`, :func:`truncate` damage a file; :func:`kill_after` SIGKILLs this process
   after a delay (a crash at a random point of whatever it is doing).
 """
@@ -20,6 +22,8 @@ import io
 import os
 import random
 import signal
+import socket
+import struct
 import threading
 import time
 from typing import Any, Iterator
@@ -28,7 +32,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 __all__ = ["FlakyFileSystem", "install", "flaky_url", "injected_counts", "disk_full", "flip_bit",
-           "truncate", "kill_after", "PROTOCOL"]
+           "truncate", "kill_after", "TcpProxy", "PROTOCOL"]
 
 PROTOCOL = "ucpflaky"
 #: Per-process totals: calls seen and faults injected by every FlakyFileSystem (for reports).
@@ -229,3 +233,88 @@ def kill_after(seconds: float) -> threading.Timer:
     timer.daemon = True
     timer.start()
     return timer
+
+
+class TcpProxy:
+    """Forwards ``127.0.0.1:port`` to ``127.0.0.1:target_port``.
+
+    ``down()`` closes the listening socket and resets every open connection, as an outage of the
+    server or the network does (keep-alive connections included, unlike merely stopping an HTTP
+    server's accept loop); ``up()`` listens on the same port again.
+    """
+
+    def __init__(self, target_port: int, port: int = 0) -> None:
+        self.target_port = target_port
+        self._lock = threading.Lock()
+        self._conns: set[socket.socket] = set()
+        self._listener: socket.socket | None = None
+        self.port = port
+        self.up()
+
+    def up(self) -> None:
+        with self._lock:
+            if self._listener is not None:
+                return
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", self.port))
+            s.listen(64)
+            self.port = s.getsockname()[1]
+            self._listener = s
+        threading.Thread(target=self._accept, args=(s,), daemon=True).start()
+
+    def down(self) -> None:
+        with self._lock:
+            listener, self._listener = self._listener, None
+            conns, self._conns = self._conns, set()
+        if listener is not None:
+            _close(listener, reset=False)
+        for c in conns:
+            _close(c, reset=True)
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # down()
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+            except OSError:
+                _close(client, reset=True)
+                continue
+            with self._lock:
+                if self._listener is not listener:
+                    _close(client, reset=True)
+                    _close(server, reset=True)
+                    return
+                self._conns.update((client, server))
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with self._lock:
+                gone = [c for c in (src, dst) if c in self._conns]
+                self._conns.difference_update(gone)
+            for c in gone:
+                _close(c, reset=False)
+
+
+def _close(sock: socket.socket, *, reset: bool) -> None:
+    try:
+        if reset:  # RST, not FIN: the peer sees "connection reset"
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        else:
+            sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    try:
+        sock.close()
+    except OSError:
+        pass

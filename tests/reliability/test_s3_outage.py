@@ -1,0 +1,40 @@
+"""The S3 server (moto on 127.0.0.1, behind a proxy that resets every connection) stopped and
+restarted while a save or a load reaches one of its files: retried, then either success or a
+clear error naming the file; never a committed partial checkpoint, never lost data."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from ._trials import S3Server, s3_outage_trial
+
+
+@pytest.fixture(scope="module")
+def server():
+    pytest.importorskip("s3fs")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    srv = S3Server()
+    yield srv
+    srv.stop()
+
+
+def _check(outcome, *, error):
+    assert outcome.injected and outcome.detected and outcome.recovered, outcome.note
+    assert outcome.lost == 0, outcome.note
+    if error is not None:
+        assert outcome.error == error, outcome.note
+
+
+@pytest.mark.parametrize("phase", ["save", "load"])
+@pytest.mark.parametrize("seed,error", [(2, False), (3, True)])  # a short outage; a long one
+def test_outage(server, phase, seed, error):
+    _check(s3_outage_trial(server, seed, phase=phase), error=error if phase == "save" else None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", ["save", "load"])
+@pytest.mark.parametrize("seed", range(100, 106))
+def test_outages(server, phase, seed):
+    _check(s3_outage_trial(server, seed, phase=phase), error=None)
