@@ -123,9 +123,16 @@ def _zstd_decompress(data: bytes, key: str, file: str) -> bytes:
         except ImportError as e:
             raise ConvertError(f"{file}: {key!r} is zstd-compressed (stream.zstd/1); install the "
                                "'zstandard' package to read it") from e
-        return pyzstd.decompress(data)
-    with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)) as reader:
-        return reader.read()
+        decompress = pyzstd.decompress
+    else:
+        def decompress(raw: bytes) -> bytes:
+            with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw)) as reader:
+                return reader.read()
+    try:
+        return decompress(data)
+    except Exception as e:  # noqa: BLE001 - zstandard/pyzstd raise their own error types
+        raise CorruptCheckpointError(f"{file}: {key!r} is recorded as zstd-compressed but does not "
+                                     f"decompress ({e}); the file is damaged") from e
 
 
 def _load(data: bytes, blob: Blob, *, safe: bool) -> Any:
