@@ -274,13 +274,20 @@ class Manifest:
         topo = d.get("topology")
         try:
             topology = None if topo is None else Topology.from_dict(topo)
-        except (TypeError, ValueError, AttributeError) as e:
-            raise CorruptCheckpointError(f"{what}: bad topology {topo!r}: {e}") from e
+        except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as e:
+            raise CorruptCheckpointError(f"{what}: bad topology {str(topo)[:200]}: {e}") from e
         spec = d.get("spec")
         if spec is not None and not isinstance(spec, str):
             raise CorruptCheckpointError(f"{what}: spec must be text")
-        return cls(step=_field(d, "step", int, what), world_size=_field(d, "world_size", int, what),
-                   topology=topology, created=float(_field(d, "created", (int, float), what)),
+        meshes = d.get("meshes") or []
+        if not isinstance(meshes, list):
+            raise CorruptCheckpointError(f"{what}: meshes must be a list")
+        step, world_size = _field(d, "step", int, what), _field(d, "world_size", int, what)
+        created = _field(d, "created", (int, float), what)
+        if not (0 <= step < 10**8 and 1 <= world_size <= 2**24 and abs(created) < 1e15):
+            raise CorruptCheckpointError(f"{what}: step {step}, world_size {world_size} or created "
+                                         f"{created} is out of range")
+        return cls(step=step, world_size=world_size, topology=topology, created=float(created),
                    files={str(k): FileRecord.from_dict(v, f"{what} file {k!r}") for k, v in files.items()},
                    engine=_field(d, "engine", str, what), spec=spec,
-                   meshes=tuple(MeshInfo.from_dict(m, f"{what} mesh") for m in d.get("meshes") or []))
+                   meshes=tuple(MeshInfo.from_dict(m, f"{what} mesh") for m in meshes))
