@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Iterator, Mapping
 
 import torch
 
-from ucp._errors import ChecksumError, ConvertError, CorruptCheckpointError, UcpSpecError
+from ucp._errors import CheckpointNotFoundError, ChecksumError, ConvertError, CorruptCheckpointError, UcpSpecError
 from ucp._layout import MANIFEST, newest_step, read_manifest
 from ucp._load import read_rank_index
 from ucp._meta import Manifest, RankIndex, TensorFragment, parse_step_dir, rank_stem, step_dir
-from ucp._stfile import dtype_from_name, from_bytes, header_length, parse_header
+from ucp._stfile import dtype_from_name, dtype_name, from_bytes, header_length, parse_header
 from ucp._topology import Topology
 from ucp.storage import Storage, checksum
 
@@ -51,7 +52,11 @@ def _resolve_root(url: str, storage_options: Mapping[str, Any] | None, tag: str 
         parent = url.rstrip("/")[: -len(base) - 1]
         return Storage(parent, storage_options=storage_options), parse_step_dir(base)
     if tag is not None:
-        return storage, int(str(tag).removeprefix("step-"))
+        digits = str(tag).removeprefix("step-")
+        if not (digits.isascii() and digits.isdigit() and len(digits) <= 8):
+            raise CheckpointNotFoundError(f"{url}: tag {str(tag)[:100]!r} is not a step (a number, or "
+                                          "step-NNNNNNNN)")
+        return storage, int(digits)
     return storage, newest_step(storage)
 
 
@@ -241,6 +246,7 @@ class NativeCheckpoint:
         if any(p.startswith("P(") for p in first.placements):
             raise ConvertError(f"{name} ({state}) is a Partial DTensor (pending reduction); reduce "
                                "it (e.g. .redistribute to Replicate) before saving")
+        self._check_regions(name, state, frags)  # before allocating what the records claim
         out = torch.empty(first.global_shape, dtype=dtype_from_name(first.dtype))
         covered = torch.zeros(first.global_shape, dtype=torch.bool)
         done: set[tuple[tuple[int, ...], tuple[int, ...]]] = set()
@@ -277,13 +283,38 @@ class NativeCheckpoint:
         pieces = {r: self._read_fragment(by_rank[r]) for r in layout.needed()}
         return self.spec.consolidate(name, pieces, self.topology, global_shape=layout.global_shape)
 
-    def _read_fragment(self, f: _Frag) -> torch.Tensor:
+    def _check_regions(self, name: str, state: str, frags: list[_Frag]) -> None:
+        """The DTensor fragments of one state: records that agree with each other and with the
+        shard headers, and regions whose sizes add up to at least the global shape. A damaged or
+        hostile rank index then cannot make the converter allocate more than the shards hold."""
+        first = frags[0].frag
+        for f in frags:
+            self._entry(f)
+            if (f.frag.global_shape, f.frag.dtype) != (first.global_shape, first.dtype):
+                raise CorruptCheckpointError(f"{self.storage.url}: rank {f.rank} records {name} ({state}) as "
+                                             f"{f.frag.dtype}{list(f.frag.global_shape)}, rank {frags[0].rank} as "
+                                             f"{first.dtype}{list(first.global_shape)}; the step is inconsistent")
+        regions = {(f.frag.offsets, f.frag.shape) for f in frags}
+        if sum(math.prod(s) for _, s in regions) < math.prod(first.global_shape):
+            raise ConvertError(f"{self.storage.url}: the fragments of {name} ({state}) do not cover "
+                               f"its global shape {list(first.global_shape)}; a rank's file is missing")
+
+    def _entry(self, f: _Frag) -> tuple[Any, ...]:
+        """The shard header entry of a fragment, checked against its record."""
         rel = f"{step_dir(self.manifest.step)}/{rank_stem(f.rank)}.safetensors"
         base, entries = self._header(f.rank)
         try:
             dtype, shape, start, stop = entries[f.frag.key]
         except KeyError:
             raise CorruptCheckpointError(f"{self.storage.url}/{rel}: no tensor {f.frag.key!r}") from None
+        if tuple(shape) != f.frag.shape or dtype_name(dtype) != f.frag.dtype:
+            raise CorruptCheckpointError(f"{self.storage.url}/{rel}: tensor {f.frag.key!r} is "
+                                         f"{dtype_name(dtype)}{list(shape)}, its fragment record says "
+                                         f"{f.frag.dtype}{list(f.frag.shape)}; the step is inconsistent")
+        return rel, base, dtype, shape, start, stop
+
+    def _read_fragment(self, f: _Frag) -> torch.Tensor:
+        rel, base, dtype, shape, start, stop = self._entry(f)
         buf = bytearray(self.storage.read_range(rel, base + start, base + stop))
         if f.frag.crc32c is not None and checksum([buf])[0] != f.frag.crc32c:
             raise ChecksumError(f"{self.storage.url}/{rel}: tensor {f.frag.key!r} fails its CRC32C "
