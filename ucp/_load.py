@@ -29,7 +29,8 @@ def load(url: str, *, step: int | None = None, rank: int | None = None, like: An
         url: checkpoint root given to :func:`ucp.save`.
         step: the step to load; ``None`` for the newest committed one.
         rank: whose state to read; defaults to this process's rank. Reading another rank's
-            state (e.g. in a single inspection process) needs no torch.distributed.
+            state (e.g. in a single inspection process) needs no torch.distributed, unless it
+            holds DTensors (TopologyError then: ucp.convert / ucp.open read those anywhere).
         like: a state with the same structure whose DTensors supply the meshes to rebuild
             DTensors on (otherwise the saved meshes are rebuilt).
         storage_options: fsspec options (credentials, endpoint).
@@ -112,5 +113,19 @@ def _rebuild(f: Any, tensors: Mapping[str, torch.Tensor], index: RankIndex,
     if _dtensor.is_dtensor(template):
         mesh = template.device_mesh
     else:
-        mesh = _dtensor.build_mesh(index.meshes[f.mesh])
-    return _dtensor.to_dtensor(t, mesh, placements, f.global_shape)
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise TopologyError(f"{where}: {f.key!r} is a DTensor; rebuilding it needs "
+                                "torch.distributed initialized as in the saving job (or like= holding "
+                                "DTensors); read it in one process with ucp.convert / ucp.open")
+        try:
+            mesh = _dtensor.build_mesh(index.meshes[f.mesh])
+        except (RuntimeError, ValueError) as e:  # torch's own errors for a mesh this job cannot have
+            raise TopologyError(f"{where}: cannot rebuild the DeviceMesh of {f.key!r} "
+                                f"({str(e).splitlines()[0]}); load it from the saving job's ranks") from e
+    try:
+        return _dtensor.to_dtensor(t, mesh, placements, f.global_shape)
+    except (RuntimeError, ValueError, IndexError) as e:
+        raise CorruptCheckpointError(f"{where}: {f.key!r} does not fit its DTensor record "
+                                     f"({str(e).splitlines()[0]})") from e

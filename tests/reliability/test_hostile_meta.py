@@ -93,3 +93,19 @@ def test_malformed_manifest_json(native, raw):
 def test_native_tag_that_is_not_a_step(native, tmp_path, tag):
     with pytest.raises(ucp.CheckpointNotFoundError):
         ucp.convert(str(native), str(tmp_path / "u"), tag=tag, progress=False)
+
+
+def save_dtensor(rank, world, url):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (2,))
+    ucp.save({"x": distribute_tensor(torch.arange(8.0), mesh, [Shard(0)])}, url, step=1).wait()
+
+
+def test_dtensor_state_in_one_process_is_a_topology_error(run_ranks, tmp_path):
+    """It used to be a bare ValueError from torch's env:// rendezvous."""
+    run_ranks(save_dtensor, 2, args=(str(tmp_path),))
+    with pytest.raises(ucp.TopologyError, match="'x' is a DTensor; rebuilding it needs torch.distributed"):
+        ucp.load(str(tmp_path), rank=1)
+    assert torch.equal(ucp.convert(str(tmp_path), str(tmp_path / "u"), progress=False).read("x"), torch.arange(8.0))
