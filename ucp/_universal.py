@@ -58,11 +58,14 @@ _BITS = {torch.bfloat16: np.uint16, torch.float16: np.float16, torch.float8_e4m3
 
 
 def escape_name(name: str) -> str:
-    """A path segment for ``name``: percent-escapes all but ``[A-Za-z0-9._-]``, and a leading
-    ``.`` or ``_``; long names are cut and suffixed with a hash. Injective in practice."""
+    """A path segment for ``name``: percent-escapes all but ``[A-Za-z0-9._-]``, a leading ``.``
+    or ``_``, and the dot of ``zarr.json`` (the group's own metadata file lives beside the
+    parameters' directories); long names are cut and suffixed with a hash. Injective in practice."""
     out = "".join(c if _SAFE.fullmatch(c) else "".join(f"%{b:02X}" for b in c.encode()) for c in name)
     if not out or out[0] in "._":
-        out = f"%{ord(out[0]):02X}{out[1:]}" if out else "%00"
+        out = f"%{ord(out[0]):02X}{out[1:]}" if out else "%"
+    if out.lower() == GROUP_META:
+        out = f"{out[:4]}%2E{out[5:]}"
     if len(out) > _MAX_NAME:
         out = f"{out[:_MAX_NAME - 18]}~{hashlib.sha1(name.encode()).hexdigest()[:16]}"
     return out
