@@ -6,7 +6,8 @@
 2. elastic: the same job saves asynchronously every 5 steps, and one rank is SIGKILLed at step 23
    ("a node is lost"); the job dies;
 3. the job is restarted on the 3 surviving ranks as tp=1 x dp=3: ucp.Checkpointer.resume finds
-   step 20 (the newest committed), reshards it on the fly, and training continues to step 40.
+   the newest committed step (20, unless that save was still being written when the rank died),
+   reshards it on the fly, and training continues to step 40.
 It prints the losses side by side and writes DIR/loss.png. Nothing needs the network.
 """
 
@@ -77,7 +78,7 @@ def main() -> None:
     r = torchrun(4, "--tp", "2", "--ckpt", str(ckpt), "--loss-log", str(log), "--crash-at", "23")
     assert r.returncode != 0, "the job should have died with its rank"
     print(f"    the job died (exit {r.returncode}); committed: "
-          f"{sorted(p.name for p in ckpt.iterdir() if p.name.startswith('step-'))}", flush=True)
+          f"{sorted(p.name for p in ckpt.glob('step-*') if (p / 'manifest.json').exists())}", flush=True)
     print("3/3 restart on the 3 surviving ranks as tp=1 x dp=3 ...", flush=True)
     r = torchrun(3, "--tp", "1", "--ckpt", str(ckpt), "--loss-log", str(log))
     assert r.returncode == 0, r.stderr[-3000:]
