@@ -212,6 +212,7 @@ def _to_refs(obj: Any, path: str, records: dict[int, tuple[str, int, int]]) -> A
                                          "format); re-save the checkpoint with a current torch")
         ref = TensorRef(path, int(start), storage.nbytes(), obj.dtype, tuple(obj.shape), tuple(obj.stride()),
                         obj.storage_offset())
+        _check_view(ref)
         name, size, method = records.get(ref.storage_offset_bytes, ("?", -1, zipfile.ZIP_STORED))
         if size != ref.storage_nbytes or method != zipfile.ZIP_STORED:
             raise CorruptCheckpointError(
@@ -228,6 +229,23 @@ def _to_refs(obj: Any, path: str, records: dict[int, tuple[str, int, int]]) -> A
     if isinstance(obj, tuple) and not isinstance(obj, torch.Size):
         return tuple(_to_refs(v, path, records) for v in obj)
     return obj
+
+
+def _check_view(ref: TensorRef) -> None:
+    """A tensor's view must lie inside its storage, and its elements must not overlap (a stride-0
+    ``expand``): every element then has bytes of its own in the file, so reading a tensor never
+    allocates more than the file holds. DeepSpeed saves contiguous tensors; torch.save of an
+    expanded view keeps the view, so a 2 KB file could otherwise ask for any amount of memory."""
+    numel = ref.numel
+    if numel == 0:
+        return
+    last = ref.offset + sum((n - 1) * s for n, s in zip(ref.shape, ref.stride))
+    if ref.offset < 0 or any(s < 0 for s in ref.stride) or (last + 1) * ref.itemsize > ref.storage_nbytes \
+            or numel * ref.itemsize > ref.storage_nbytes:
+        raise CorruptCheckpointError(
+            f"{ref.path}: a {ref.dtype} tensor of shape {list(ref.shape)} (strides {list(ref.stride)}, offset "
+            f"{ref.offset}) does not lie inside its {ref.storage_nbytes}-byte storage, or its elements overlap; "
+            "the file is damaged or was not written by DeepSpeed (save contiguous tensors)")
 
 
 def load_index(path: str | os.PathLike, *, allow_unsafe_pickle: bool = False) -> Any:
