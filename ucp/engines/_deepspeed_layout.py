@@ -190,7 +190,10 @@ def _need(d: Mapping, key: str, path: str) -> Any:
 
 
 def _numel(shape: Iterable[int]) -> int:
-    return math.prod(int(s) for s in shape)
+    dims = [int(s) for s in shape]
+    if any(d < 0 for d in dims):
+        raise ValueError(f"negative dimension in shape {dims}")
+    return math.prod(dims)
 
 
 def _flat_states(osd: Mapping, stage: int, slot: int, key: Any) -> tuple[str, ...]:
@@ -292,7 +295,7 @@ def _dp_files(files: CheckpointFiles, table: Mapping[tuple[int, int], str], mp: 
 def _dp_size(osd: Mapping, path: str) -> int:
     count = _need(osd, "partition_count", path)
     counts = set(count) if isinstance(count, (list, tuple)) else {count}
-    if len(counts) != 1 or not all(isinstance(c, int) and c > 0 for c in counts):
+    if len(counts) != 1 or not all(isinstance(c, int) and 0 < c <= 1 << 20 for c in counts):
         raise ConvertError(f"{path}: param groups are partitioned over different data-parallel sizes "
                            f"({sorted(counts)}), as with MoE expert groups; not supported by this reader")
     return counts.pop()

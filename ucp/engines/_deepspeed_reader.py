@@ -19,9 +19,10 @@ DeepSpeed's file layout, and how a parameter's bytes are found in it, is describ
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -32,6 +33,30 @@ from ._deepspeed_files import RangeReader, TensorRef, load_index
 from ._deepspeed_layout import CheckpointFiles, MpPlan, ParamPlan, discover, plan_mp_rank
 
 __all__ = ["DeepSpeedCheckpoint", "ParamInfo"]
+
+#: More data/tensor/pipeline-parallel ranks than this means a damaged file, not a real run.
+_MAX_RANKS = 1 << 20
+
+
+@contextlib.contextmanager
+def _structure(where: str) -> Iterator[None]:
+    """Reports what malformed metadata raises from deep inside the reader (a value of the wrong
+    type or range where the layout expects another) as the CorruptCheckpointError it is."""
+    try:
+        yield
+    except UcpError:
+        raise
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError, OverflowError, RuntimeError) as e:
+        raise CorruptCheckpointError(
+            f"{where}: unexpected structure ({type(e).__name__}: {str(e).splitlines()[0][:200]}); the files "
+            "are damaged or from an unsupported DeepSpeed version (this reader follows 0.19.8)") from e
+
+
+def _ref(ref: Any, name: str) -> TensorRef:
+    if not isinstance(ref, TensorRef):
+        raise CorruptCheckpointError(f"{name!r}: a {type(ref).__name__} where a tensor should be; the "
+                                     "checkpoint's files are damaged")
+    return ref
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,16 +112,21 @@ class DeepSpeedCheckpoint:
         self._plans: dict[int, MpPlan] = {}
         first = self._first_model_file()
         meta = self._load(first)
-        dims = meta.get("checkpoint_parallel_dimensions") or {}
-        self.tp_size = int(dims.get("tp_degree") or meta.get("mp_world_size") or 1)
-        self.pp_size = int(dims.get("pp_degree") or 1)
-        self.global_steps = int(meta.get("global_steps") or 0)
-        self.ds_version = str(meta.get("ds_version") or "unknown")
+        with _structure(first):
+            dims = meta.get("checkpoint_parallel_dimensions") or {}
+            self.tp_size = int(dims.get("tp_degree") or meta.get("mp_world_size") or 1)
+            self.pp_size = int(dims.get("pp_degree") or 1)
+            self.global_steps = int(meta.get("global_steps") or 0)
+            self.ds_version = str(meta.get("ds_version") or "unknown")
+        if not (1 <= self.tp_size <= _MAX_RANKS and 1 <= self.pp_size <= _MAX_RANKS):
+            raise CorruptCheckpointError(f"{first}: tp={self.tp_size}, pp={self.pp_size} is not a parallel "
+                                         "layout; the file is damaged")
         self._check_mp_files()
         plan = self._plan_at(0)
         self.zero_stage, self.dp_size = plan.stage, plan.dp_size
         self.dtype = next((p.dtype for p in plan.params.values() if not p.frozen), torch.float32)
-        self.step = self._step(plan)
+        with _structure(self.tag_dir):
+            self.step = self._step(plan)
 
     # -- files ---------------------------------------------------------------------------------
     def _load(self, path: str) -> Any:
@@ -129,15 +159,8 @@ class DeepSpeedCheckpoint:
 
     def _plan_at(self, mp: int) -> MpPlan:
         if mp not in self._plans:
-            try:
+            with _structure(f"{self.tag_dir}: the files of mp rank {mp}"):
                 self._plans[mp] = plan_mp_rank(self._files, mp, self._load)
-            except UcpError:
-                raise
-            except (KeyError, IndexError, TypeError, AttributeError, ValueError) as e:
-                raise CorruptCheckpointError(
-                    f"{self.tag_dir}: unexpected structure in the files of mp rank {mp} ({type(e).__name__}: "
-                    f"{e}); they are damaged or from an unsupported DeepSpeed version (this reader follows "
-                    "0.19.8)") from e
         return self._plans[mp]
 
     def _mp(self, mp_rank: int | None) -> int:
@@ -212,8 +235,12 @@ class DeepSpeedCheckpoint:
             CorruptCheckpointError: a file is shorter than its metadata says.
         """
         plan, p = self._param(name, mp_rank)
+        with _structure(f"{self.tag_dir}: {p.name!r} ({state})"):
+            return self._read(plan, p, state)
+
+    def _read(self, plan: MpPlan, p: ParamPlan, state: str) -> torch.Tensor:
         if state in p.whole:
-            t = self._reader.read(p.whole[state])
+            t = self._reader.read(_ref(p.whole[state], p.name))
             if t.numel() != p.numel:
                 raise CorruptCheckpointError(f"{p.whole[state].path}: {state} of {p.name!r} has {t.numel()} "
                                              f"elements, expected {p.numel} for shape {list(p.shape)}")
@@ -240,26 +267,31 @@ class DeepSpeedCheckpoint:
 
     def _source(self, plan: MpPlan, p: ParamPlan, dp_rank: int, state: str) -> TensorRef:
         if p.frozen:  # ZeRO-3 frozen parameters: one padded fragment per rank
-            return plan.frozen_frags[dp_rank][p.name]
+            return _ref(plan.frozen_frags[dp_rank][p.name], p.name)
         try:
-            return plan.flat_ref(dp_rank, p.slot, state)
+            return _ref(plan.flat_ref(dp_rank, p.slot, state), p.name)
         except (KeyError, IndexError, TypeError):
             raise CorruptCheckpointError(f"{plan.optim_paths[dp_rank]}: no {state!r} for flat group {p.slot} "
                                          f"(holding {p.name!r}); the file is incomplete") from None
 
     def buffers(self, *, mp_rank: int | None = None) -> dict[str, torch.Tensor]:
         """The model's persistent buffers (as saved: a bf16 model may keep fp32 buffers)."""
-        return {k: self._reader.read(ref) for k, ref in self._plan(mp_rank).buffers.items()}
+        plan = self._plan(mp_rank)
+        with _structure(f"{self.tag_dir}: buffers"):
+            return {k: self._reader.read(_ref(ref, k)) for k, ref in plan.buffers.items()}
 
     def param_groups(self) -> list[dict]:
         """The optimizer's param groups' hyper-parameters (lr, betas, eps, weight_decay...), no params."""
-        return [{k: v for k, v in g.items() if k != "params"} for g in self._plan_at(0).param_groups]
+        plan = self._plan_at(0)
+        with _structure(f"{self.tag_dir}: optimizer param groups"):
+            return [{k: v for k, v in g.items() if k != "params"} for g in plan.param_groups]
 
     def _step(self, plan: MpPlan) -> int:
         values = []
         for s in plan.steps:
             if isinstance(s, TensorRef):
-                s = self._reader.read(s).item()
+                t = self._reader.read(s)
+                s = t.item() if t.numel() == 1 else None
             if s is not None:
                 values.append(int(s))
         return max(values, default=0)
