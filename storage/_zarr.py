@@ -101,5 +101,9 @@ def _wrap(store: Any, url: str, policy: RetryPolicy, *, strict: bool) -> Any:
 
 
 def _missing(base: str, key: str) -> CorruptCheckpointError:
-    return CorruptCheckpointError(f"{base}/{key}: chunk file missing (zarr would read it as zeros); "
-                                  "the universal checkpoint lost data, convert it again")
+    # A damaged array zarr.json (another chunk grid or key encoding) also sends zarr to chunk
+    # keys that do not exist, so the message names both places.
+    array = key.rsplit("/c", 1)[0] if "/c" in key else key.rsplit("/", 1)[0]
+    return CorruptCheckpointError(f"{base}/{key}: chunk file missing (zarr would read it as zeros), "
+                                  f"or {base}/{array}/zarr.json is damaged; the universal checkpoint "
+                                  "lost data, convert it again")

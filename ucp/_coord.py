@@ -6,6 +6,7 @@ bounded by the group's timeout.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import json
 import threading
@@ -110,6 +111,15 @@ def get_coordinator(timeout: float) -> Coordinator:
                                 store=_default_store(dist))
             _GROUPS[key] = coord
         return coord
+
+
+@atexit.register
+def _drop_groups() -> None:
+    """Releases ucp's coordination groups while the interpreter is still whole (registered
+    after the save worker's drain, so it runs after it): a gloo group torn down during
+    interpreter finalisation can abort the process."""
+    with _LOCK:
+        _GROUPS.clear()
 
 
 def _default_store(dist: Any) -> Any:

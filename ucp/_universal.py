@@ -312,6 +312,10 @@ class UniversalCheckpoint:
                 bad = _bad_chunk(self.storage, arr, path, region) or path
                 raise ChecksumError(f"{self.url}/{bad}: CRC32C does not match (the chunk is "
                                     "corrupt); convert the checkpoint again") from e
+            bad = _bad_chunk(self.storage, arr, path, region)
+            if bad is not None:  # e.g. a truncated chunk: zarr fails before any checksum
+                raise CorruptCheckpointError(f"{self.url}/{bad}: the chunk is damaged ({e}); convert "
+                                             "the checkpoint again") from e
             raise CorruptCheckpointError(f"{self.url}/{path}/{GROUP_META} or one of the array's "
                                          f"chunks is damaged ({e}); convert the checkpoint again") from e
         return from_numpy(np.asarray(data), dtype)
@@ -410,13 +414,14 @@ def _check_region(storage: Storage, arr: Any, path: str, region: Sequence[slice]
 def _bad_chunk(storage: Storage, arr: Any, path: str, region: Sequence[slice] | None) -> str | None:
     """The first chunk in ``region`` whose stored CRC32C does not match its bytes (to name it)."""
     first, counts = _region_chunks(arr, region)
+    expected = math.prod(arr.chunks) * np.dtype(arr.dtype).itemsize + 4  # bytes + CRC32C
     for n, offset in enumerate(np.ndindex(*counts)):
         if n == 100_000:  # naming the chunk is a courtesy; do not scan forever
             break
         idx = tuple(f + o for f, o in zip(first, offset))
         key = f"{path}/{arr.metadata.chunk_key_encoding.encode_chunk_key(idx)}"
         raw = storage.read(key)
-        if len(raw) < 4 or checksum([memoryview(raw)[:-4]])[0] != int.from_bytes(raw[-4:], "little"):
+        if len(raw) != expected or checksum([memoryview(raw)[:-4]])[0] != int.from_bytes(raw[-4:], "little"):
             return key
     return None
 
