@@ -84,15 +84,22 @@ class Storage:
                  retry: RetryPolicy = RetryPolicy(), workers: int = 8) -> None:
         url = os.fspath(url)
         protocol = url.split("://", 1)[0] if "://" in url else "file"
-        try:
-            fs, root = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
-        except ImportError as e:
+        def open_fs() -> tuple[Any, Exception | None]:
+            try:
+                return fsspec.core.url_to_fs(url, **dict(storage_options or {})), None
+            except (ImportError, ValueError) as e:  # not retried: reported below
+                return None, e
+
+        # some filesystems (ftp, sftp) connect here already: retried, then a StorageError
+        opened, error = retry_call(open_fs, policy=retry, what=f"opening {url}")
+        if isinstance(error, ImportError):
             pkg = PACKAGE_FOR_PROTOCOL.get(protocol, f"the fsspec implementation of {protocol!r}")
             raise UnsupportedProtocolError(f"cannot open {url!r}: protocol {protocol!r} needs {pkg}, "
-                                           f"which is not installed ({e})") from e
-        except ValueError as e:
+                                           f"which is not installed ({error})") from error
+        if error is not None:
             raise UnsupportedProtocolError(f"cannot open {url!r}: fsspec knows no protocol "
-                                           f"{protocol!r} ({e})") from e
+                                           f"{protocol!r} ({error})") from error
+        fs, root = opened
         self.url = url
         self.storage_options = dict(storage_options or {})
         self.fs = fs

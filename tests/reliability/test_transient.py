@@ -104,3 +104,9 @@ def save_flaky_rank1_dead(rank, world, root):
     except ucp.SaveError as e:
         return {"done": [], "error": str(e)}
     return {"done": [2], "error": None}
+
+
+def test_an_unreachable_server_when_opening_is_a_storage_error():
+    """ftp (like sftp) connects while the filesystem is made; that failed with a bare OSError."""
+    with pytest.raises(ucp.StorageError, match=r"opening ftp://127.0.0.1:9/x failed after 5 attempts"):
+        Storage("ftp://127.0.0.1:9/x")
