@@ -7,6 +7,10 @@ does not know ucp still handles them sensibly.
 
 from __future__ import annotations
 
+import logging
+import re
+from typing import Any
+
 __all__ = [
     "UcpError",
     "CheckpointNotFoundError",
@@ -25,8 +29,39 @@ __all__ = [
 ]
 
 
+# Credentials a URL can carry: "scheme://user:password@host" or "scheme://token@host", and
+# signature/token query parameters (presigned S3 URLs, Azure SAS). Never printed by ucp.
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://)[^/@\s\"'<>]+@")
+_SECRET_PARAM = re.compile(r"([?&](?:sig|signature|token|access_token|key|secret|password|x-amz-signature|"
+                           r"x-amz-security-token|x-amz-credential)=)[^&\s\"'<>]+", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """``text`` with the credentials that URLs in it may carry replaced by ``***``."""
+    return _SECRET_PARAM.sub(r"\1***", _USERINFO.sub(r"\1***@", text))
+
+
 class UcpError(Exception):
-    """Base class of every error ucp raises on purpose."""
+    """Base class of every error ucp raises on purpose. Its message never holds a credential
+    embedded in a URL (see :func:`redact`)."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*(redact(a) if isinstance(a, str) else a for a in args))
+
+
+class _RedactFilter(logging.Filter):
+    """Removes URL credentials from ucp's log records (messages and their arguments)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = redact(str(record.msg))
+        if isinstance(record.args, tuple):
+            record.args = tuple(redact(str(a)) if isinstance(a, (str, BaseException)) else a
+                                for a in record.args)
+        return True
+
+
+for _name in ("ucp", "ucp.storage"):  # every logger ucp writes to
+    logging.getLogger(_name).addFilter(_RedactFilter())
 
 
 class CheckpointNotFoundError(UcpError, FileNotFoundError):
