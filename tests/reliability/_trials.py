@@ -102,7 +102,7 @@ def audit(url: str, world: int, acked: int, *, storage_options: dict | None = No
 def save_until_killed(rank: int, world: int, root: str, plan: dict[str, Any]) -> dict[str, Any]:
     """Saves steps 1..n (keep=2); the victim dies by a failpoint or a timer (``plan``)."""
     torch.set_num_threads(1)
-    victim = rank == plan["victim"]
+    victim = rank == plan["victim"]  # -1 (and mode "none"): nobody dies
     if victim and plan["mode"] == "timer":
         tf.kill_after(plan["delay"])
     acked: list[int] = []
@@ -230,13 +230,15 @@ SAVE_FILES = ("rank-00000.safetensors", "rank-00000.json", "manifest.json", "lat
 LOAD_FILES = ("manifest.json", "rank-00000.json", "rank-00000.safetensors")
 
 
-def s3_outage_trial(server: S3Server, seed: int, *, phase: str) -> Outcome:
+def s3_outage_trial(server: S3Server, seed: int, *, phase: str, until_done: bool = False) -> Outcome:
     """The server goes away just as a save (or a load) reaches a random one of its files, and
     comes back 0.05..0.6 s (short) or 3..5 s (long) later. ucp's default policy retries for about
     0.75 s, so short outages recover and long ones end in a clear StorageError/SaveError; a failed
-    save never leaves a committed step behind, and the previous step stays loadable."""
+    save never leaves a committed step behind, and the previous step stays loadable. With
+    ``until_done`` the server stays down until the operation has given up."""
     rng = random.Random(seed)
     length = rng.uniform(0.05, 0.6) if seed % 2 == 0 else rng.uniform(3.0, 5.0)
+    length = 3600.0 if until_done else length
     target = rng.choice(SAVE_FILES if phase == "save" else LOAD_FILES)
     url = server.bucket(f"outage-{phase}-{seed}")
     opts = server.options()
@@ -268,6 +270,9 @@ def s3_outage_trial(server: S3Server, seed: int, *, phase: str) -> Outcome:
         setattr(Storage, method, real)
         logging.getLogger("ucp").removeHandler(retries)
     for t in timers:
+        if until_done:
+            t.cancel()
+            server.start()
         t.join()  # the server is back
     acked = 2 if phase == "save" and error is None else 1
     lost, note = audit(url, 1, acked, storage_options=opts, numel=numel)
@@ -454,3 +459,106 @@ def _classify(root: Path, rel: str, expected: dict[str, Any], *, deleted: bool) 
         return "crash", f"{type(e).__name__}: {e}"
     want = expected["native"] if native else expected["universal"]
     return ("harmless" if same(got, want) else "silent"), ""
+
+
+# -- failure past the retry bound, on one rank of two -------------------------------------------
+
+def save_with_dead_store(rank: int, world: int, root: str, victim: int, step: int) -> dict[str, Any]:
+    tf.install()
+    opts = {"fail_rate": 1.0 if rank == victim else 0.0, "ops": ["pipe_file"], "seed": rank}
+    try:
+        ucp.save(state(rank, step, 20_000), tf.flaky_url(root), step=step, storage_options=opts,
+                 timeout=60).wait()
+    except ucp.SaveError as e:
+        return {"error": str(e)}
+    return {"error": None}
+
+
+def bound_trial(seed: int, root: Path, run_ranks: Callable[..., Any]) -> Outcome:
+    """One rank's store fails every write: each rank's save must fail naming that rank and the
+    exhausted retries; the previous step stays the newest, bit for bit."""
+    victim = random.Random(seed).randrange(2)
+    url = str(root)
+    run_ranks(save_until_killed, 2, args=(url, {"victim": -1, "mode": "none", "steps": 1, "numel": 20_000,
+                                                "timeout": 60.0}), timeout=120)
+    results = run_ranks(save_with_dead_store, 2, args=(url, victim, 2), check=False, timeout=120)
+    errors = [(r.value or {}).get("error") or "" for r in results]
+    out = Outcome(error=all(errors))
+    out.detected = all(f"rank {victim}: StorageError" in e and "after 5 attempts" in e for e in errors)
+    lost, note = audit(url, 2, 1, numel=20_000)
+    out.lost = lost
+    out.recovered = lost == 0 and committed_steps(Storage(url)) == [1]
+    out.note = f"rank {victim}'s store dead: " + " | ".join(e.splitlines()[0][:120] for e in errors) + \
+        (f"; {note}" if note else "")
+    return out
+
+
+# -- a real full filesystem: a small tmpfs in a private mount namespace ---------------------------
+
+REAL_ENOSPC = r"""
+import os, sys, json, torch, ucp
+from ucp._layout import committed_steps
+from ucp.storage import Storage
+root, first, second = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+ucp.save({"w": torch.ones(first)}, root, step=1).wait()
+try:
+    ucp.save({"w": torch.full((second,), 2.0)}, root, step=2).wait()
+    error = None
+except ucp.SaveError as e:
+    error = str(e)
+steps = committed_steps(Storage(root))
+intact = bool((ucp.load(root, step=1)["w"] == 1).all())
+partials = [f for d, _, fs in os.walk(root) for f in fs if ".partial" in f]
+leftover = os.path.exists(os.path.join(root, "step-00000002")) and 2 not in steps
+again = None
+try:
+    ucp.save({"w": torch.full((first,), 3.0)}, root, step=3, keep=1).wait()
+    again = bool((ucp.load(root)["w"] == 3).all())
+except ucp.SaveError as e:
+    again = str(e)
+print(json.dumps({"error": error, "steps": steps, "intact": intact, "partials": partials,
+                  "leftover": leftover, "again": again}))
+"""
+
+
+def can_mount_tmpfs() -> bool:
+    import subprocess
+
+    if shutil.which("unshare") is None:
+        return False
+    try:
+        probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k none /mnt"],
+                               capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return probe.returncode == 0
+
+
+def real_enospc_trial(seed: int, root: Path) -> Outcome:
+    """A 4 MiB tmpfs (unshare -rm): step 1 takes 0.4..1.6 MB, and step 2 just about does not fit
+    beside it, so the disk fills up in its shard, its index or its manifest."""
+    import json
+    import subprocess
+    import sys
+
+    rng = random.Random(seed)
+    first = rng.randrange(100_000, 400_000)  # float32 elements
+    room = (4 * 2**20 - first * 4) // 4  # what is left, about: step 2 fails somewhere near its end
+    second = room - rng.randrange(0, 6000)
+    mnt = root / "mnt"
+    mnt.mkdir(parents=True, exist_ok=True)
+    script = root / "real.py"
+    script.write_text(REAL_ENOSPC)
+    cmd = (f"mount -t tmpfs -o size=4m none {mnt} && exec {sys.executable} {script} {mnt}/ckpt "
+           f"{first} {second}")
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", cmd], capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        return Outcome(injected=False, note=proc.stderr[-300:])
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = Outcome(error=r["error"] is not None)
+    out.injected = out.error  # the disk filled up (else step 2 fitted: not a trial of this fault)
+    out.detected = out.error and "No space left on device" in r["error"]
+    out.lost = int(not r["intact"]) + int(r["steps"] not in ([1], [1, 2]))
+    out.recovered = r["intact"] and not r["partials"] and not r["leftover"] and r["again"] is True
+    out.note = f"{first * 4} + {second * 4} bytes on 4 MiB: {json.dumps(r)[:300]}"
+    return out

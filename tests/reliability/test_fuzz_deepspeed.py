@@ -11,6 +11,7 @@ tests/engines/test_deepspeed_reader.py::test_pickle_payload_is_refused_without_r
 from __future__ import annotations
 
 import copy
+import os
 import dataclasses
 import importlib.util
 import resource
@@ -27,6 +28,8 @@ import ucp
 from ucp.engines import _deepspeed_reader
 from ucp.engines._deepspeed_files import TensorRef, _check_view, load_index
 
+#: scripts/reliability.py raises the example counts through UCP_FUZZ_EXAMPLES.
+_SCALE = int(os.environ.get("UCP_FUZZ_EXAMPLES", "0"))
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                                       HealthCheck.function_scoped_fixture])
 
@@ -125,7 +128,7 @@ def _exercise(root: Path) -> None:
                 assert t.numel() < 10_000, (name, state, t.shape)  # the files hold ~200 elements
 
 
-@settings(max_examples=250, **SETTINGS)
+@settings(max_examples=_SCALE or 250, **SETTINGS)
 @given(data=st.data())
 def test_reader_metadata(trees, data, monkeypatch):
     root, real = trees

@@ -7,6 +7,7 @@ The UCL parser is fuzzed by tests/grammar/test_ucl_parse.py (syntax and semantic
 from __future__ import annotations
 
 import copy
+import os
 import json
 import tempfile
 from pathlib import Path
@@ -20,6 +21,8 @@ import ucp
 from ucp._meta import Manifest, RankIndex, TensorFragment, dumps, loads, seal
 from ucp.storage import checksum
 
+#: scripts/reliability.py raises the example counts through UCP_FUZZ_EXAMPLES.
+_SCALE = int(os.environ.get("UCP_FUZZ_EXAMPLES", "0"))
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 _SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.integers(-3, 70),
@@ -82,7 +85,7 @@ def native_docs(tmp_path_factory):
             (sd / "rank-00000.safetensors").read_bytes())
 
 
-@settings(max_examples=300, **SETTINGS)
+@settings(max_examples=_SCALE or 300, **SETTINGS)
 @given(st.binary(max_size=300) | st.text(max_size=200).map(str.encode))
 def test_loads_raw_bytes(raw):
     try:
@@ -91,7 +94,7 @@ def test_loads_raw_bytes(raw):
         pass
 
 
-@settings(max_examples=400, **SETTINGS)
+@settings(max_examples=_SCALE or 400, **SETTINGS)
 @given(st.data())
 def test_manifest_reader(native_docs, data):
     doc = _mutate(native_docs[0], data)
@@ -106,7 +109,7 @@ def test_manifest_reader(native_docs, data):
         pass
 
 
-@settings(max_examples=400, **SETTINGS)
+@settings(max_examples=_SCALE or 400, **SETTINGS)
 @given(st.data())
 def test_fragment_table_reader(native_docs, data):
     doc = _mutate(native_docs[1], data)
@@ -118,7 +121,7 @@ def test_fragment_table_reader(native_docs, data):
         assert isinstance(f, TensorFragment) and all(s >= 0 for s in f.shape)
 
 
-@settings(max_examples=150, **SETTINGS)
+@settings(max_examples=_SCALE or 150, **SETTINGS)
 @given(st.data())
 def test_load_with_a_fuzzed_rank_index(native_docs, data):
     """The fuzzed index is sealed and recorded in the manifest (as a buggy or hostile writer would
