@@ -110,3 +110,11 @@ def test_an_unreachable_server_when_opening_is_a_storage_error():
     """ftp (like sftp) connects while the filesystem is made; that failed with a bare OSError."""
     with pytest.raises(ucp.StorageError, match=r"opening ftp://127.0.0.1:9/x failed after 5 attempts"):
         Storage("ftp://127.0.0.1:9/x")
+
+
+def test_exhausted_retries_are_not_reported_as_a_missing_file(tmp_path):
+    """The native engine's file check took any OSError (a StorageError is one) for a missing file."""
+    ucp.save(_state(0, 1), str(tmp_path / "n"), step=1).wait()
+    opts = {"fail_rate": 1.0, "ops": ["info"]}
+    with pytest.raises(ucp.StorageError, match=r"sizing .*rank-00000.json failed after 5 attempts"):
+        ucp.convert(tf.flaky_url(tmp_path / "n"), str(tmp_path / "u"), storage_options=opts, progress=False)

@@ -113,7 +113,7 @@ class NativeCheckpoint:
         def size(name: str) -> int | None:
             try:
                 return self.storage.size(f"{sd}/{name}")
-            except (FileNotFoundError, OSError):
+            except FileNotFoundError:  # a StorageError (retries exhausted) is not a missing file
                 return None
         names = sorted(self.manifest.files)
         for name, got in zip(names, self.storage.map(size, names)):
