@@ -171,8 +171,9 @@ def fault_rows(args: argparse.Namespace) -> list[FaultRow]:
         "every call of an fsspec filesystem fails with probability 10% / 30% / 50% (connection reset, "
         "timeout, EIO; half the failing writes fail after taking effect) during 4 saves (keep=2), a "
         "convert and universal reads",
-        "retried within the bound (5 attempts): everything succeeds and reads back bit for bit, or a "
-        "StorageError says the bound was exhausted"),
+        "retried within the bound (5 attempts): everything succeeds and reads back bit for bit; or, when "
+        "one call fails five times in a row (likely at 50%), a StorageError naming the file and the "
+        "exhausted attempts; every step a save acknowledged loads back bit for bit either way"),
         args.transient, lambda seed, d: _trials.transient_trial(seed, d, fail_rate=rates[seed % len(rates)])))
     _progress("failure past the retry bound")
     rows.append(run_trials(FaultRow(
@@ -294,6 +295,8 @@ FIXES = [
     ("7bc01bc", "12 kinds of malformed DeepSpeed metadata escaped as bare Python errors"),
     ("e3f7c06", "an unreachable ftp/sftp server escaped as a bare OSError, without retries"),
     ("d833301", "credentials inside a URL were printed in errors and logs"),
+    ("946b96a", "exhausted retries while `ucp convert` checked a step's files were reported as a missing "
+                "file (\"restore it\")"),
 ]
 
 

@@ -30,7 +30,7 @@ from ucp.engines._deepspeed_files import TensorRef, _check_view, load_index
 
 #: scripts/reliability.py raises the example counts through UCP_FUZZ_EXAMPLES.
 _SCALE = int(os.environ.get("UCP_FUZZ_EXAMPLES", "0"))
-SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+SETTINGS = dict(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                                       HealthCheck.function_scoped_fixture])
 
 

@@ -23,7 +23,7 @@ from ucp.storage import checksum
 
 #: scripts/reliability.py raises the example counts through UCP_FUZZ_EXAMPLES.
 _SCALE = int(os.environ.get("UCP_FUZZ_EXAMPLES", "0"))
-SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = dict(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 _SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.integers(-3, 70),
                      st.floats(allow_nan=False), st.text(max_size=12),
