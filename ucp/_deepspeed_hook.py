@@ -1,41 +1,45 @@
 """DeepSpeed resume hook: save a live DeepSpeed engine through ucp, resume on another dp size.
 
-Saving: every ``every`` steps, ``engine.save_checkpoint`` writes DeepSpeed's native files to a
-staging folder (DeepSpeed's own blocking save, the only way to read its ZeRO partitions), then a
-background thread on every rank runs ``ucp.convert`` into ``URL/step-NNNNNNNN`` (a universal
-checkpoint; committed once its metadata says complete) and deletes the staging copy. Training
-continues while the conversion runs; a save that falls due while the previous conversion is still
-running waits for it (policy "wait").
+Saving: every ``every`` steps, :meth:`DeepSpeedCheckpointer.maybe_save` takes a snapshot of the
+live engine on each rank (:func:`ucp._deepspeed_snapshot.capture`: the rank's fp32 master
+partitions and optimizer states, as DeepSpeed's ZeRO-1/2 optimizer holds them, plus on rank 0 the
+module's state dict, and the counters, LR scheduler, RNG and client state) and hands it to
+:func:`ucp.save`. That call returns once the tensors are copied into host memory; a background
+worker writes ``URL/step-NNNNNNNN/rank-RRRRR.{safetensors,json}`` and commits the step with
+``manifest.json`` once every rank has written. DeepSpeed's own ``save_checkpoint`` is not used and
+nothing is pickled. A save that falls due while the previous one is still being written waits
+for it (``overlap="wait"``) or is skipped on every rank (``overlap="skip"``).
 
-Resuming: the newest complete universal checkpoint is resharded into DeepSpeed's universal layout
-(``ucp.reshard(..., engine="deepspeed")``) for the current dp size, loaded with
-``engine.load_checkpoint`` under ``load_universal``, and the frozen parameters and buffers that
-DeepSpeed's universal load skips are copied in (:func:`restore_deepspeed_extras`).
+Resuming: the newest committed step is read as a conversion source
+(:class:`ucp._deepspeed_snapshot.DeepSpeedSnapshot`: each parameter consolidated from the saving
+ranks' flat partitions with the ZeRO partition math of ucp's DeepSpeed reader), resharded into
+DeepSpeed's universal layout (``ucp.reshard(..., engine="deepspeed")``) for the current dp size,
+loaded with ``engine.load_checkpoint`` under ``load_universal``, and the frozen parameters and
+buffers that DeepSpeed's universal load skips are copied in (:func:`restore_deepspeed_extras`).
+The engine's step counters and LR scheduler state are then restored, and, when the dp size is
+unchanged, each rank's RNG states.
 
 Every rank calls every method, in the same order (they run ucp's collectives on its own gloo
-group, never on the training group). The staging folder must be visible to every rank (one
-machine, or a shared filesystem).
+groups, never on the training group). The staging folder (only used by a resume) must be visible
+to every rank (one machine, or a shared filesystem).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
-import threading
-from typing import Any
+from typing import Any, Literal, Mapping
 
 import torch
 
 from ._coord import get_coordinator
-from ._errors import CheckpointNotFoundError, SaveError, UcpError
+from ._errors import CheckpointNotFoundError, StateError, UcpError
+from ._save import SaveHandle
 
 __all__ = ["DeepSpeedCheckpointer", "load_deepspeed", "restore_deepspeed_extras"]
 
 log = logging.getLogger("ucp")
-_STEP_DIR = re.compile(r"step-(\d{8,})$")
-_TIMEOUT = 600.0
 
 
 def restore_deepspeed_extras(engine: Any, load_dir: str, *, tag: str | None = None) -> list[str]:
@@ -106,134 +110,158 @@ def load_deepspeed(engine: Any, load_dir: str, *, tag: str | None = None) -> int
     return int(engine.global_steps)
 
 
-def _saved_topology(url: str, step: int) -> str:
-    """The topology a universal checkpoint was saved from (for the one-line resume log)."""
-    from ._universal import open_universal
-
-    topo = open_universal(os.path.join(url, f"step-{step:08d}")).topology
-    return "unknown topology" if topo is None else str(topo)
-
 
 class DeepSpeedCheckpointer:
-    """Periodic saves from a DeepSpeed engine into ucp's universal format, and elastic resume.
+    """Periodic asynchronous saves of a DeepSpeed ZeRO-1/2 engine through ucp, and elastic resume.
 
     Args:
-        url: where universal checkpoints go (``URL/step-NNNNNNNN``; a local path).
+        url: the checkpoint root (``URL/step-NNNNNNNN``, ucp's native per-rank format; a local
+            path or an fsspec URL).
         every: save when ``step % every == 0``.
-        keep: how many complete checkpoints to keep (None: all).
-        staging: a folder every rank sees, for DeepSpeed's native save and the resharded copy a
-            resume loads (default: ``URL/.staging``).
+        keep: how many committed steps to keep (None: all).
+        staging: a local folder every rank sees, where a resume writes the resharded copy it
+            loads (default: ``URL/.staging``; deleted after the load).
+        overlap: a save still in flight when the next is due: ``"wait"`` (default) blocks until
+            it is committed, then snapshots; ``"skip"`` skips the new save on every rank.
+        timeout: seconds ranks wait for each other while committing a save.
 
     Example:
         >>> ckpt = ucp.DeepSpeedCheckpointer("ckpt/", every=10, keep=2)
         >>> start = ckpt.resume(engine)                # 0 on a fresh run
         >>> for step in range(start + 1, steps + 1):
         ...     ...; engine.backward(loss); engine.step()
-        ...     ckpt.maybe_save(step, engine)
+        ...     ckpt.maybe_save(step, engine)          # returns after the snapshot copy
         >>> ckpt.close()
     """
 
-    def __init__(self, url: str, *, every: int, keep: int | None = None, staging: str | None = None) -> None:
-        if every < 1 or (keep is not None and keep < 1):
-            raise ValueError(f"every={every}, keep={keep}: both must be >= 1 (keep may be None)")
-        self.url, self.every, self.keep = url, every, keep
+    def __init__(self, url: str, *, every: int, keep: int | None = None, staging: str | None = None,
+                 overlap: Literal["wait", "skip"] = "wait", timeout: float = 600.0) -> None:
+        if not isinstance(every, int) or every < 1 or (keep is not None and keep < 1):
+            raise StateError(f"every={every!r}, keep={keep!r}: both must be integers >= 1 (keep may be None)")
+        if overlap not in ("wait", "skip"):
+            raise StateError(f"overlap={overlap!r} must be 'wait' or 'skip'")
+        self.url, self.every, self.keep, self.overlap, self.timeout = url, every, keep, overlap, timeout
         self.staging = staging or os.path.join(url, ".staging")
-        self._coord = get_coordinator(_TIMEOUT)  # collective on first use: create it up front
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
+        #: The client state of the step :meth:`resume` loaded (``{}`` before a resume).
+        self.client_state: dict[str, Any] = {}
+        # Collective on first use: created up front, on every rank. ucp.save's worker uses this
+        # group from its thread; the "skip" decision needs a group of its own (another timeout
+        # is another group), since two threads must not share one gloo group.
+        self._coord = get_coordinator(timeout)
+        self._decide = get_coordinator(timeout + 1.0) if overlap == "skip" else None
+        self._pending: SaveHandle | None = None
+
+    @property
+    def pending(self) -> SaveHandle | None:
+        """The handle of the last save started (None before the first, or after :meth:`wait`)."""
+        return self._pending
 
     def steps(self) -> list[int]:
-        """Steps of the complete universal checkpoints under ``url``, oldest first."""
-        from ._universal import open_universal
+        """Committed steps under ``url``, oldest first."""
+        from ._layout import committed_steps
+        from .storage import Storage
 
-        found = []
-        for entry in sorted(os.listdir(self.url)) if os.path.isdir(self.url) else []:
-            m = _STEP_DIR.match(entry)
-            if m:
-                try:
-                    open_universal(os.path.join(self.url, entry))
-                except UcpError:
-                    continue  # not committed (a conversion was interrupted)
-                found.append(int(m.group(1)))
-        return found
+        try:
+            return committed_steps(Storage(self.url))
+        except FileNotFoundError:
+            return []
 
-    def resume(self, engine: Any) -> int:
-        """Loads the newest complete checkpoint into ``engine``; returns its step (0: none).
+    # -- saving --------------------------------------------------------------------------------
+    def maybe_save(self, step: int, engine: Any, *, client_state: Mapping[str, Any] | None = None) -> bool:
+        """Saves when ``step % every == 0``; returns whether a save was started.
 
-        Every rank calls it. The checkpoint is resharded for ``engine``'s dp size into
-        ``staging`` (shared out over the ranks), loaded, and the resharded copy deleted.
+        Blocks only for the snapshot copy (and, with ``overlap="wait"``, for a previous save still
+        in flight); :attr:`pending` is the save's handle. Every rank calls it with the same step.
         """
+        if step % self.every:
+            return False
+        if self._pending is not None and self._decide is not None:
+            busy = self._decide.all_gather_json(not self._pending.done(),
+                                                what=f"deciding whether to save step {step}")
+            if any(busy):
+                log.warning("ucp: save of step %d skipped: step %d is still being written", step,
+                            self._pending.step)
+                return False
+        self.save(step, engine, client_state=client_state)
+        return True
+
+    def save(self, step: int, engine: Any, *, client_state: Mapping[str, Any] | None = None) -> SaveHandle:
+        """Snapshots ``engine`` and saves it as ``step``, asynchronously; returns the handle.
+
+        Waits for the previous save first (its error, if any, is raised here). ``client_state``:
+        a dict of tensors and plain values saved with the step (:attr:`client_state` after a
+        resume).
+
+        Raises:
+            SaveError: the previous save failed (names the rank).
+            UcpError: an engine layout the hook does not cover (ZeRO-0/3, tp/pp, MoE).
+        """
+        from ._deepspeed_snapshot import capture
+        from ._save import save
+
+        self.wait()
+        state = capture(engine, step=step, client_state=client_state)
+        meta = state["meta"]
+        self._pending = save(state, self.url, step=step, keep=self.keep, overwrite=True,
+                             topology=f"dp={meta['dp_size']},zero={meta['stage']}", timeout=self.timeout)
+        return self._pending
+
+    def wait(self) -> None:
+        """Blocks until the save in flight (if any) is committed.
+
+        Raises:
+            SaveError: it failed on some rank (named in the message); nothing was committed.
+        """
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.wait()
+
+    def close(self) -> None:
+        """Waits for the last save; call it before the process exits."""
+        self.wait()
+
+    # -- resuming ------------------------------------------------------------------------------
+    def resume(self, engine: Any) -> int:
+        """Loads the newest committed step into ``engine``; returns it (0: nothing to resume).
+
+        Every rank calls it. Each rank reads every saving rank's files (the whole optimizer state:
+        mind host memory for large models), the step is resharded for ``engine``'s dp size into
+        ``staging`` (parameters shared out over the ranks), loaded, and the copy deleted.
+        """
+        from ._deepspeed_snapshot import DeepSpeedSnapshot
         from ._reshard import reshard
 
+        self.wait()
         steps = self.steps()
         if not steps:
             return 0
         step, stage = steps[-1], min(int(engine.zero_optimization_stage()), 2)
+        source = DeepSpeedSnapshot(self.url, step)
         topology = f"dp={engine.dp_world_size},zero={stage}"
         load_dir = os.path.join(self.staging, f"resume-{step:08d}")
-        report = reshard(os.path.join(self.url, f"step-{step:08d}"), load_dir, topology=topology,
-                         engine="deepspeed", overwrite=True, progress=False)
-        loaded = load_deepspeed(engine, load_dir)
+        report = reshard(source, load_dir, topology=topology, engine="deepspeed", step=source.step,
+                         overwrite=True, progress=False)
+        load_deepspeed(engine, load_dir)
+        self._restore(engine, source)
         self._coord.all_gather_json(None, what="loading the resharded DeepSpeed checkpoint")
         if self._coord.rank == 0:
             shutil.rmtree(load_dir, ignore_errors=True)
-            log.info("resumed step %d: %s -> %s (%.1fs to reshard)", step, _saved_topology(self.url, step),
-                     topology, report.seconds)
-        return loaded
+            log.info("resumed step %d: %s -> %s (%.1fs to reshard)", step, source.topology, topology,
+                     report.seconds)
+        return step
 
-    def maybe_save(self, step: int, engine: Any) -> bool:
-        """Saves when ``step % every == 0``; returns whether it did."""
-        if step % self.every:
-            return False
-        self.save(step, engine)
-        return True
+    def _restore(self, engine: Any, source: Any) -> None:
+        """What DeepSpeed's universal load leaves out: counters, LR scheduler, RNG, client state."""
+        from ._deepspeed_snapshot import restore_rng
 
-    def save(self, step: int, engine: Any) -> None:
-        """DeepSpeed's native save into ``staging`` (blocking), then the conversion to
-        ``URL/step-NNNNNNNN`` in the background. Waits for the previous conversion first."""
-        self.wait()
-        tag = f"global_step{step}"
-        engine.save_checkpoint(os.path.join(self.staging, "ds"), tag=tag,
-                               client_state={"universal_checkpoint_info": {}})
-        self._thread = threading.Thread(target=self._convert, args=(step, tag), name="ucp-ds-convert",
-                                        daemon=True)
-        self._thread.start()
-
-    def _convert(self, step: int, tag: str) -> None:
-        from ._convert import convert
-
-        try:
-            src = os.path.join(self.staging, "ds")
-            convert(src, os.path.join(self.url, f"step-{step:08d}"), engine="deepspeed", tag=tag,
-                    overwrite=True, progress=False)
-            if self._coord.rank == 0:
-                shutil.rmtree(os.path.join(src, tag), ignore_errors=True)
-                self._retire()
-        except BaseException as e:  # noqa: BLE001 - re-raised on the training thread by wait()
-            self._error = e
-
-    def _retire(self) -> None:
-        if self.keep is None:
-            return
-        for old in self.steps()[:-self.keep]:
-            shutil.rmtree(os.path.join(self.url, f"step-{old:08d}"), ignore_errors=True)
-
-    def wait(self) -> None:
-        """Blocks until the conversion in flight (if any) is done.
-
-        Raises:
-            SaveError: it failed on this rank.
-        """
-        if self._thread is not None:
-            self._thread.join(_TIMEOUT)
-            if self._thread.is_alive():
-                raise SaveError(f"converting the DeepSpeed save into {self.url} took over {_TIMEOUT:.0f}s")
-            self._thread = None
-        if self._error is not None:
-            err, self._error = self._error, None
-            raise SaveError(f"converting the DeepSpeed save into {self.url} failed on rank "
-                            f"{self._coord.rank}: {err}") from err
-
-    def close(self) -> None:
-        """Waits for the last conversion; call it before the process exits."""
-        self.wait()
+        meta = source.meta
+        engine.global_steps, engine.global_samples = meta["global_steps"], meta["global_samples"]
+        engine.skipped_steps = meta["skipped_steps"]
+        sched, saved = getattr(engine, "lr_scheduler", None), source.states[0]["lr_scheduler"]
+        if sched is not None and saved is not None:
+            sched.load_state_dict(saved)
+        same = source.dp_size == engine.dp_world_size
+        mine = source.states[self._coord.rank if same else 0]
+        if same:  # another dp size: ranks hold other data, so the saved RNG streams do not carry over
+            restore_rng(mine["rng"])
+        self.client_state = dict(mine["client"])

@@ -1,10 +1,11 @@
 """examples/train_deepspeed.py: DeepSpeed ZeRO-2 bf16 on 2 ranks saves at step 10 through
-``ucp.DeepSpeedCheckpointer``; the job resumes at 10 on 3 ranks (and, as a control, on 2) and
-the loss curve continues.
+``ucp.DeepSpeedCheckpointer`` (an async ucp snapshot, LR scheduler included); the job resumes at
+10 on 3 ranks (and, as a control, on 2) and the loss curve continues.
 
 Tolerances, measured (DeepSpeed 0.19.8, CPU/gloo, torch 2.13):
 - same dp size (2 -> 2): the resumed losses are bit-identical to the uninterrupted run's, so the
-  round trip DeepSpeed -> universal -> DeepSpeed loses nothing;
+  round trip live engine -> ucp snapshot -> DeepSpeed universal layout -> engine loses nothing
+  (optimizer state, step counters and the LR scheduler's position included);
 - step 11 on 3 ranks: its loss comes from the restored weights alone; it differs only by the order
   of the 3-rank loss all-reduce (measured 3.5e-8 relative; asserted 1e-6);
 - steps 12-20 on 3 (or 1) ranks: DeepSpeed reduces bf16 gradients over a different number of
