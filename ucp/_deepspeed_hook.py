@@ -100,7 +100,8 @@ def load_deepspeed(engine: Any, load_dir: str, *, tag: str | None = None) -> int
     before = config.load_universal_checkpoint
     config.load_universal_checkpoint = True
     try:
-        # ucp carries no DeepSpeed LR-scheduler state: the engine's scheduler stays as built.
+        # The universal layout holds no LR-scheduler state: the engine's scheduler stays as built
+        # (DeepSpeedCheckpointer.resume restores it from its own snapshot).
         path, _client = engine.load_checkpoint(load_dir, tag=tag, load_lr_scheduler_states=False)
     finally:
         config.load_universal_checkpoint = before
@@ -108,7 +109,6 @@ def load_deepspeed(engine: Any, load_dir: str, *, tag: str | None = None) -> int
         raise CheckpointNotFoundError(f"DeepSpeed found nothing to load under {load_dir} (tag {tag})")
     restore_deepspeed_extras(engine, load_dir, tag=tag)
     return int(engine.global_steps)
-
 
 
 class DeepSpeedCheckpointer:
@@ -120,7 +120,8 @@ class DeepSpeedCheckpointer:
         every: save when ``step % every == 0``.
         keep: how many committed steps to keep (None: all).
         staging: a local folder every rank sees, where a resume writes the resharded copy it
-            loads (default: ``URL/.staging``; deleted after the load).
+            loads (default: ``URL/.staging``, so pass one when ``url`` is remote; deleted after
+            the load).
         overlap: a save still in flight when the next is due: ``"wait"`` (default) blocks until
             it is committed, then snapshots; ``"skip"`` skips the new save on every rank.
         timeout: seconds ranks wait for each other while committing a save.
