@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import math
 import threading
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -19,10 +18,12 @@ import numpy as np
 import torch
 
 from ucp._errors import ChecksumError, CorruptCheckpointError, UcpError
+from ucp._shard import ChunkReader, Layout, layout_of
 from ucp._stfile import dtype_from_name
-from ucp._universal import GROUP_META, MAX_ARRAY_META, UniversalCheckpoint, from_numpy, open_universal
+from ucp._universal import (GROUP_META, MAX_ARRAY_META, UniversalCheckpoint, _meta_crc, from_numpy,
+                            open_universal, to_numpy)
 from ucp.engines._base import ParamInfo, SourceCheckpoint
-from ucp.storage import Storage, checksum, retry_call
+from ucp.storage import Storage, checksum
 
 from ._zero import Region
 
@@ -100,6 +101,7 @@ class _Array:
     np_dtype: Any  # the stored numpy dtype (bits for bf16 and friends)
     plain: bool  # chunk files read directly; otherwise through zarr
     zarr: Any = None
+    layout: Layout | None = None  # how the chunks lie in files (plain only)
 
 
 class UniversalSource(ArraySource):
@@ -120,8 +122,8 @@ class UniversalSource(ArraySource):
         self._groups = list(meta.get("param_groups") or [])
         self._arrays: dict[tuple[str, str | None], _Array] = {}
         self._lock = threading.Lock()
-        self._tls = threading.local()
         self._store = None
+        self._reader = ChunkReader(ckpt.storage, ckpt.url)
 
     def names(self) -> list[str]:
         return list(self._params)
@@ -153,19 +155,34 @@ class UniversalSource(ArraySource):
                 return self._arrays[key]
         path, cast = self._path(name, state)
         where = f"{self.url}/{path}/zarr.json"
+        entry = self._buffers[name] if state is None else self._params[name]
+        want_crc = _meta_crc(entry, None if state is None else path.rsplit("/", 1)[1])
         try:
-            meta = json.loads(self.ckpt.storage.read(f"{path}/zarr.json", max_bytes=MAX_ARRAY_META))
-            plain = _plain_chunks(meta)
-            if plain:
-                np_dtype, shape = np.dtype(meta["data_type"]), tuple(meta["shape"])
-                chunks = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
+            raw = self.ckpt.storage.read(f"{path}/zarr.json", max_bytes=MAX_ARRAY_META)
+            if want_crc is not None and checksum([raw])[0] != want_crc:
+                raise ChecksumError(f"{where}: CRC32C does not match the one the group metadata records "
+                                    "(the array metadata is damaged); convert the checkpoint again")
+            meta = json.loads(raw)
+            layout = layout_of(meta)
+            plain = layout is not None
+            if layout is not None:
+                np_dtype, shape, chunks = layout.dtype, layout.shape, layout.chunks
             else:
                 zarr_array = self._zarr(path)
                 np_dtype, shape, chunks = zarr_array.dtype, tuple(zarr_array.shape), tuple(zarr_array.chunks)
+                outer = tuple(getattr(zarr_array, "shards", None) or chunks)
+                if len(outer) != len(shape) or not all(type(c) is int and c >= 1 for c in outer):
+                    raise CorruptCheckpointError(f"{where}: shards {list(outer)} are not valid; convert "
+                                                 "the checkpoint again")
             dtype = dtype_from_name((meta.get("attributes") or {}).get("ucp_dtype", ""))
+            if to_numpy(torch.empty(0, dtype=dtype)).dtype != np_dtype:
+                raise CorruptCheckpointError(f"{where}: {np_dtype} data does not hold the {dtype} the "
+                                             "array's attributes name; convert the checkpoint again")
+        except UcpError:
+            raise
         except FileNotFoundError as e:
             raise CorruptCheckpointError(f"{where} is missing; convert the checkpoint again") from e
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError, ArithmeticError) as e:
             raise CorruptCheckpointError(f"{where}: unreadable array metadata ({e}); convert the "
                                          "checkpoint again") from e
         if len(chunks) != len(shape) or not all(type(c) is int and c >= 1 for c in chunks) \
@@ -179,7 +196,7 @@ class UniversalSource(ArraySource):
                                          f"metadata records {list(want)}; convert the checkpoint again")
         info = ArrayInfo(shape, cast or dtype, chunks, np_dtype.itemsize)
         opened = _Array(path, info, dtype, cast if cast not in (None, dtype) else None, np_dtype,
-                        plain, None if plain else zarr_array)
+                        plain, None if plain else zarr_array, layout)
         with self._lock:
             return self._arrays.setdefault(key, opened)
 
@@ -226,67 +243,11 @@ class UniversalSource(ArraySource):
             t = from_numpy(self._chunk(a, idx), a.dtype)
             yield sub, t if a.cast is None else t.to(a.cast)
 
-    def _raw(self, key: str, size: int) -> memoryview:
-        """A chunk file's bytes. On local disk they land in this thread's reused buffer (valid
-        until its next read): fresh buffers cost more in page faults than the read itself."""
-        storage = self.ckpt.storage
-        if not storage.is_local:
-            return memoryview(storage.read(key, mutable=True, max_bytes=size))
-        buf = getattr(self._tls, "buf", None)
-        if buf is None or len(buf) < size + 1:
-            buf = self._tls.buf = bytearray(max(size + 1, 1 << 20))
-        view, target = memoryview(buf), storage.path(key)
-
-        def fn() -> int:
-            with open(target, "rb", buffering=0) as f:
-                got = 0
-                while got < size + 1:  # one byte more than expected: a longer file shows
-                    n = f.readinto(view[got:size + 1])
-                    if not n:
-                        break
-                    got += n
-                return got
-        got = retry_call(fn, policy=storage.retry, what=f"reading {self.url}/{key}")
-        return view[:got]
-
     def _chunk(self, a: _Array, idx: tuple[int, ...]) -> np.ndarray:
         """One stored chunk, checked against its CRC32C and cut to the array's edge. ucp writes
         every chunk, so a missing one is lost data (zarr would read it as zeros)."""
-        info, key = a.info, "/".join((a.path, "c", *map(str, idx)))
-        valid = tuple(slice(0, min(c, s - i * c)) for i, c, s in zip(idx, info.chunks, info.shape))
-        n = math.prod(info.chunks) * info.itemsize
-        try:
-            raw = self._raw(key, n + 4)
-        except FileNotFoundError as e:
-            raise CorruptCheckpointError(f"{self.url}/{key}: chunk file missing; the universal "
-                                         "checkpoint lost data, convert it again") from e
-        if raw.nbytes != n + 4:
-            raise CorruptCheckpointError(f"{self.url}/{key}: {raw.nbytes} bytes, a chunk of this "
-                                         f"array has {n + 4}; the file is damaged, convert again")
-        if checksum([raw[:n]])[0] != int.from_bytes(raw[n:], "little"):
-            raise ChecksumError(f"{self.url}/{key}: a chunk's CRC32C does not match (the file is "
-                                "corrupt); convert the checkpoint again")
-        return np.frombuffer(raw[:n], dtype=a.np_dtype.newbyteorder("<")).reshape(info.chunks)[valid]
-
-
-_PLAIN_CODECS = ([{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
-                 [{"name": "bytes"}, {"name": "crc32c"}])
-_PLAIN_TYPES = frozenset({"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
-                          "uint64", "float16", "float32", "float64"})
-
-
-def _plain_chunks(meta: Mapping[str, Any]) -> bool:
-    """Whether an array's ``zarr.json`` describes the layout ucp writes (regular chunks, keys
-    ``c/i/j``, raw little-endian bytes + CRC32C, fill value 0), so its chunk files can be read
-    directly; any other layout is read through zarr."""
-    grid, keys = meta.get("chunk_grid") or {}, meta.get("chunk_key_encoding") or {}
-    codecs = [{k: v for k, v in c.items() if k != "configuration" or v} for c in meta.get("codecs") or []]
-    return (meta.get("zarr_format") == 3 and meta.get("node_type") == "array"
-            and meta.get("data_type") in _PLAIN_TYPES and grid.get("name") == "regular"
-            and keys.get("name") == "default"
-            and (keys.get("configuration") or {}).get("separator", "/") == "/"
-            and codecs in _PLAIN_CODECS and not meta.get("storage_transformers")
-            and meta.get("fill_value") in (0, 0.0, False))
+        assert a.layout is not None
+        return self._reader.chunk(a.path, a.layout, idx)
 
 
 class ConvertingSource(ArraySource):

@@ -12,8 +12,10 @@ import concurrent.futures as cf
 import json
 import logging
 import multiprocessing as mp
+import queue
 import sys
-from typing import Any, Iterable, Mapping
+import threading
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -126,21 +128,76 @@ def _check_names(names: Iterable[str]) -> None:
 
 def convert_one(source: SourceCheckpoint, writer: UniversalWriter, name: str) -> dict[str, Any]:
     """Writes every state of one parameter; returns its table entry."""
-    info = source.info(name)
-    path = f"params/{escape_name(name)}"
-    nbytes = 0
-    states = info.states
-    if info.dtype == torch.float32 and "fp32" in states:  # an fp32 model's weights are stored once
-        states = tuple(s for s in states if s != "param")
-    for state in states:
-        t = source.read(name, state)
-        if state != "step" and tuple(t.shape) != tuple(info.shape):
-            raise ConvertError(f"{name}: state {state!r} has shape {list(t.shape)}, but the "
-                               f"parameter's shape is {list(info.shape)}")
-        nbytes += writer.write(f"{path}/{state}", t)["nbytes"]
-        del t
-    return {"path": path, "shape": list(info.shape), "dtype": str(info.dtype).removeprefix("torch."),
-            "states": list(states), "frozen": info.frozen, "group": info.group, "nbytes": nbytes}
+    return dict(convert_stream(source, writer, [name]))[name]
+
+
+#: States read ahead of the one being written (reading overlaps writing).
+READ_AHEAD = 1
+
+
+def convert_stream(source: SourceCheckpoint, writer: UniversalWriter,
+                   names: Sequence[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Writes every state of every parameter in ``names``; yields ``(name, table entry)`` as
+    each parameter is done. A reader thread reads the next state while this one writes the
+    current (memory: at most ``READ_AHEAD + 2`` states alive)."""
+    items: queue.Queue[Any] = queue.Queue(maxsize=READ_AHEAD)
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read() -> None:
+        try:
+            for name in names:
+                info = source.info(name)
+                states = info.states
+                if info.dtype == torch.float32 and "fp32" in states:  # an fp32 model's weights are stored once
+                    states = tuple(s for s in states if s != "param")
+                for state in states:
+                    t = source.read(name, state)
+                    if state != "step" and tuple(t.shape) != tuple(info.shape):
+                        raise ConvertError(f"{name}: state {state!r} has shape {list(t.shape)}, but the "
+                                           f"parameter's shape is {list(info.shape)}")
+                    if not put((name, info, state, t)):
+                        return
+                    del t
+                if not put((name, info, None, states)):
+                    return
+        except BaseException as e:  # noqa: BLE001 - handed to the writing thread
+            put(e)
+
+    if not names:
+        return
+    thread = threading.Thread(target=read, name="ucp-convert-read", daemon=True)
+    thread.start()
+    try:
+        nbytes, crcs, done = 0, {}, 0
+        while done < len(names):
+            item = items.get()
+            if isinstance(item, BaseException):
+                raise item
+            name, info, state, t = item
+            if state is None:  # every state of ``name`` is written
+                done += 1
+                yield name, {"path": f"params/{escape_name(name)}", "shape": list(info.shape),
+                             "dtype": str(info.dtype).removeprefix("torch."), "states": list(t),
+                             "frozen": info.frozen, "group": info.group, "nbytes": nbytes,
+                             "meta_crc32c": crcs}
+                nbytes, crcs = 0, {}
+                continue
+            written = writer.write(f"params/{escape_name(name)}/{state}", t)
+            nbytes += written["nbytes"]
+            crcs[state] = written["meta_crc32c"]
+            del t, item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _convert_params(job: dict[str, Any], source: SourceCheckpoint, names: list[str], *, workers: int,
@@ -152,8 +209,8 @@ def _convert_params(job: dict[str, Any], source: SourceCheckpoint, names: list[s
     try:
         if workers <= 1 or len(names) <= 1:
             writer = UniversalWriter(job["dst"], storage_options=job["dst_storage_options"])
-            for name in names:
-                out[name] = convert_one(source, writer, name)
+            for name, entry in convert_stream(source, writer, names):
+                out[name] = entry
                 bar.update(1)
             return out
         ctx = mp.get_context("spawn")

@@ -6,7 +6,10 @@
     DST/params/<escaped name>/<state>   one array per state: param, fp32, exp_avg, exp_avg_sq, ...
     DST/buffers/<escaped name>          one array per buffer
 
-Every chunk carries a CRC32C (zarr's ``crc32c`` codec), verified on read. bf16/fp16/fp8 are
+Arrays are zarr v3 sharded arrays (see :mod:`ucp._shard`): small inner chunks, the unit a reader
+reads, stored together in one shard file per array (per GiB); every inner chunk and every shard
+index carries a CRC32C (zarr's ``crc32c`` codec), verified on read, and the table records the
+CRC32C of every array's ``zarr.json``. bf16/fp16/fp8 are
 stored as their bits (uint16/uint8) with the logical dtype in the array's ``ucp_dtype``
 attribute. Parameter names are percent-escaped so no name can leave the checkpoint root. A
 checkpoint is complete only when ``attributes["ucp"]["complete"]`` is true, and that group
@@ -32,6 +35,7 @@ from ucp.storage import Storage, checksum, zarr_store
 from ._errors import (ChecksumError, CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError,
                       StorageError, UcpError)
 from ._meta import FORMAT_VERSION, MAX_JSON_BYTES, loads, seal
+from ._shard import ChunkReader, Layout, ShardParts, layout_of, parse_index, shard_shape, sharded_meta
 from ._stfile import dtype_from_name, dtype_name
 from ._topology import Topology
 from .engines._base import ParamInfo
@@ -134,12 +138,15 @@ class UniversalWriter:
     def write(self, path: str, tensor: torch.Tensor) -> dict[str, Any]:
         """Writes one array at ``path`` (relative); returns its table entry.
 
-        Chunks are encoded here, as zarr v3 specifies them (little-endian bytes, then the
-        CRC32C of those bytes; edge chunks padded with the fill value), and written in parallel
-        without zarr's per-chunk machinery, which costs several times the I/O itself.
+        Shards are encoded here, as zarr v3's sharding codec specifies them (inner chunks of
+        little-endian bytes, each followed by its CRC32C, edge chunks padded with the fill value;
+        the index last), without zarr's per-chunk machinery, which costs several times the I/O
+        itself; a local shard streams to its file one inner chunk at a time.
         """
         data = to_numpy(tensor)
         chunks = chunk_shape(data.shape, data.dtype.itemsize)
+        sharded = data.ndim > 0 and data.size > 0
+        shard = shard_shape(data.shape, chunks, data.dtype.itemsize) if sharded else chunks
         meta = {"zarr_format": 3, "node_type": "array", "shape": list(data.shape),
                 "data_type": data.dtype.name if data.dtype != np.bool_ else "bool",
                 "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}},
@@ -147,17 +154,26 @@ class UniversalWriter:
                 "fill_value": False if data.dtype == np.bool_ else 0,
                 "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
                 "attributes": {"ucp_dtype": dtype_name(tensor.dtype)}, "storage_transformers": []}
-        if data.size:
-            grid = [range(-(-s // c)) for s, c in zip(data.shape, chunks)]
-            cells = itertools.product(*grid)
-            if self.storage.is_local:  # the page cache absorbs writes best from one thread
+        if sharded:
+            meta.update(sharded_meta(chunks, shard))
+            grid = [range(-(-s // c)) for s, c in zip(data.shape, shard)]
+            cells = list(itertools.product(*grid))
+            write = lambda idx: self.storage.write(  # noqa: E731
+                f"{path}/c/{'/'.join(map(str, idx))}", ShardParts(data, chunks, shard, idx), fsync=False,
+                atomic=False)
+            if self.storage.is_local or len(cells) == 1:  # the page cache absorbs writes best from one thread
                 for idx in cells:
-                    self._write_chunk(path, data, chunks, idx)
-            else:  # object stores: latency-bound, so many requests in flight
-                self.storage.map(lambda idx: self._write_chunk(path, data, chunks, idx), cells)
-        self.storage.write(f"{path}/zarr.json", json.dumps(meta).encode(), fsync=False)
+                    write(idx)
+            else:  # object stores: latency-bound, so several requests in flight
+                self.storage.map(write, cells)
+        elif data.ndim == 0:  # a 0-d array: one plain chunk
+            raw = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+            self.storage.write(f"{path}/c", [raw, struct.pack("<I", crc32c(raw))], fsync=False, atomic=False)
+        encoded = json.dumps(meta).encode()
+        self.storage.write(f"{path}/zarr.json", encoded, fsync=False)
         self._write_parents(path)
-        return {"shape": list(tensor.shape), "dtype": dtype_name(tensor.dtype), "nbytes": int(data.nbytes)}
+        return {"shape": list(tensor.shape), "dtype": dtype_name(tensor.dtype), "nbytes": int(data.nbytes),
+                "meta_crc32c": crc32c(encoded)}
 
     def _write_parents(self, path: str) -> None:
         """Explicit group nodes for ``params/`` and ``params/<name>/`` (zarr v3 has no implicit groups)."""
@@ -167,18 +183,6 @@ class UniversalWriter:
             if group not in self._groups:
                 self._groups.add(group)
                 self.storage.write(f"{group}/zarr.json", _GROUP_NODE, fsync=False)
-
-    def _write_chunk(self, path: str, data: np.ndarray, chunks: tuple[int, ...], idx: tuple[int, ...]) -> None:
-        region = tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(idx, chunks, data.shape))
-        block = data[region]
-        if block.shape != chunks:  # an edge chunk: zarr stores it at full size, padded
-            full = np.zeros(chunks, dtype=data.dtype)
-            full[tuple(slice(0, b) for b in block.shape)] = block
-            block = full
-        raw = memoryview(np.ascontiguousarray(block).reshape(-1).view(np.uint8))
-        key = "/".join(map(str, idx)) if idx else ""
-        rel = f"{path}/c/{key}" if key else f"{path}/c"
-        self.storage.write(rel, [raw, struct.pack("<I", crc32c(raw))], fsync=False, atomic=False)
 
     def commit(self, table: Mapping[str, Any]) -> None:
         """Writes the final group metadata (the commit); must come after every array."""
@@ -232,6 +236,8 @@ class UniversalCheckpoint:
         self._buffers = _checked_table(self.storage, attrs.get("buffers"), states=False, where=where)
         self._store = zarr_store(self.storage, read_only=True)
         self._arrays: dict[str, tuple[Any, torch.dtype]] = {}
+        self._layouts: dict[str, Layout | None] = {}
+        self._reader = ChunkReader(self.storage, url)
 
     @property
     def step(self) -> int | None:
@@ -281,16 +287,18 @@ class UniversalCheckpoint:
         shape = tuple(e["shape"])
         if state == "param" and "param" not in e["states"] and "fp32" in e["states"]:
             # an fp32 model stores its weights once, as the fp32 state
-            return self._read_array(f"{e['path']}/fp32", region, shape).to(dtype_from_name(e["dtype"]))
+            return self._read_array(f"{e['path']}/fp32", region, shape,
+                                    _meta_crc(e, "fp32")).to(dtype_from_name(e["dtype"]))
         if state not in e["states"]:
             raise KeyError(f"parameter {name!r} has no state {state!r}; it has {e['states']}")
-        return self._read_array(f"{e['path']}/{state}", region, None if state == "step" else shape)
+        return self._read_array(f"{e['path']}/{state}", region, None if state == "step" else shape,
+                                _meta_crc(e, state))
 
     def read_buffer(self, name: str) -> torch.Tensor:
         if name not in self._buffers:
             raise KeyError(f"no buffer {name!r} in {self.url}")
         e = self._buffers[name]
-        return self._read_array(e["path"], None, tuple(e["shape"]))
+        return self._read_array(e["path"], None, tuple(e["shape"]), _meta_crc(e, None))
 
     def _entry(self, name: str) -> dict[str, Any]:
         try:
@@ -300,19 +308,28 @@ class UniversalCheckpoint:
                            "see .names())") from None
 
     def _read_array(self, path: str, region: Sequence[slice] | None,
-                    shape: tuple[int, ...] | None) -> torch.Tensor:
-        arr, dtype = self._array(path, shape)
+                    shape: tuple[int, ...] | None, meta_crc: int | None = None) -> torch.Tensor:
+        arr, dtype = self._array(path, shape, meta_crc)
+        layout = self._layouts.get(path)
+        simple = region is None or (len(region) <= len(arr.shape) and all(
+            isinstance(sl, slice) and sl.step in (None, 1) for sl in region))
+        if layout is not None and simple:  # ucp's own layout: chunks read straight from their files
+            _check_region(self.storage, arr, path, region, layout)
+            bounds = None if region is None else [
+                (lo, max(lo, hi)) for lo, hi, _ in (sl.indices(n) for sl, n in
+                                                    itertools.zip_longest(region, layout.shape, fillvalue=slice(None)))]
+            return from_numpy(self._reader.read(path, layout, bounds), dtype)
         try:
-            _check_region(self.storage, arr, path, region)
+            _check_region(self.storage, arr, path, region, layout)
             data = arr[tuple(region) if region is not None else ...]
         except UcpError:  # a missing chunk names itself
             raise
         except ValueError as e:
             if "checksum" in str(e).lower():
-                bad = _bad_chunk(self.storage, arr, path, region) or path
+                bad = _bad_chunk(self.storage, arr, path, region, self._layouts.get(path)) or path
                 raise ChecksumError(f"{self.url}/{bad}: CRC32C does not match (the chunk is "
                                     "corrupt); convert the checkpoint again") from e
-            bad = _bad_chunk(self.storage, arr, path, region)
+            bad = _bad_chunk(self.storage, arr, path, region, self._layouts.get(path))
             if bad is not None:  # e.g. a truncated chunk: zarr fails before any checksum
                 raise CorruptCheckpointError(f"{self.url}/{bad}: the chunk is damaged ({e}); convert "
                                              "the checkpoint again") from e
@@ -320,8 +337,10 @@ class UniversalCheckpoint:
                                          f"chunks is damaged ({e}); convert the checkpoint again") from e
         return from_numpy(np.asarray(data), dtype)
 
-    def _array(self, path: str, shape: tuple[int, ...] | None) -> tuple[Any, torch.dtype]:
-        """The zarr array at ``path`` and its logical dtype, checked against the group table."""
+    def _array(self, path: str, shape: tuple[int, ...] | None,
+               meta_crc: int | None = None) -> tuple[Any, torch.dtype]:
+        """The zarr array at ``path`` and its logical dtype, checked against the group table
+        (shape, and the CRC32C of its ``zarr.json`` that checkpoints since format 1.1 record)."""
         if path in self._arrays:
             return self._arrays[path]
         import zarr
@@ -329,19 +348,19 @@ class UniversalCheckpoint:
         meta = f"{path}/{GROUP_META}"
         where = f"{self.url}/{meta}"
         try:
-            size = self.storage.size(meta)
+            raw = self.storage.read(meta, max_bytes=MAX_ARRAY_META)
         except FileNotFoundError as e:
             raise CorruptCheckpointError(f"{where} is missing (array {path!r} is lost); convert the "
                                          "checkpoint again") from e
-        if size > MAX_ARRAY_META:
-            raise CorruptCheckpointError(f"{where}: {size} bytes is far more than array metadata "
-                                         "holds; the file is damaged")
+        if meta_crc is not None and crc32c(raw) != meta_crc:
+            raise ChecksumError(f"{where}: CRC32C does not match the one the group metadata records "
+                                "(the array metadata is damaged); convert the checkpoint again")
         try:
             arr = zarr.open_array(self._store, path=path, mode="r")
             dtype = dtype_from_name(arr.attrs.get("ucp_dtype", ""))
             stored = to_numpy(torch.empty(0, dtype=dtype)).dtype
             ok = arr.dtype == stored and (shape is None or tuple(arr.shape) == shape) \
-                and all(c >= 1 for c in arr.chunks)
+                and all(c >= 1 for c in arr.chunks) and all(c >= 1 for c in arr.shards or ())
         except StorageError:  # the store's retries ran out: not damage
             raise
         except Exception as e:  # noqa: BLE001 - damaged metadata makes zarr raise all kinds of errors
@@ -351,8 +370,21 @@ class UniversalCheckpoint:
             raise CorruptCheckpointError(f"{where}: array of {arr.dtype}{list(arr.shape)} does not hold "
                                          f"the {dtype}{list(shape or arr.shape)} the group metadata "
                                          "records; the file is damaged, convert the checkpoint again")
+        try:
+            layout = layout_of(json.loads(raw))
+        except ValueError:
+            layout = None
+        self._layouts[path] = layout
         self._arrays[path] = arr, dtype
         return arr, dtype
+
+
+def _meta_crc(entry: Mapping[str, Any], state: str | None) -> int | None:
+    """The CRC32C of an array's ``zarr.json`` recorded in its table entry (None: not recorded)."""
+    crcs = entry.get("meta_crc32c")
+    if state is not None and isinstance(crcs, dict):
+        crcs = crcs.get(state)
+    return crcs if type(crcs) is int else None
 
 
 def _checked_table(storage: Storage, table: Any, *, states: bool, where: str) -> dict[str, dict[str, Any]]:
@@ -390,11 +422,12 @@ def _region_chunks(arr: Any, region: Sequence[slice] | None) -> tuple[list[int],
     return first, counts
 
 
-def _check_region(storage: Storage, arr: Any, path: str, region: Sequence[slice] | None) -> None:
+def _check_region(storage: Storage, arr: Any, path: str, region: Sequence[slice] | None,
+                  layout: Layout | None) -> None:
     """Refuses, before zarr allocates anything, a read whose cost the metadata inflates: zarr
     spends memory per chunk (not per byte) planning a read, so a damaged or hostile array with a
     huge shape cut in tiny chunks could exhaust memory from a tiny file. ucp's chunks hold at
-    least tens of KiB unless the whole array is small; and a large read's last chunk must exist."""
+    least tens of KiB unless the whole array is small; and a large read's last file must exist."""
     first, counts = _region_chunks(arr, region)
     nchunks = math.prod(counts)
     if nchunks == 0:
@@ -405,15 +438,39 @@ def _check_region(storage: Storage, arr: Any, path: str, region: Sequence[slice]
                                      "bytes is not how ucp chunks an array; the metadata is damaged")
     if nchunks * chunk_bytes > 64 * 2**20:
         last = tuple(f + c - 1 for f, c in zip(first, counts))
-        key = f"{path}/{arr.metadata.chunk_key_encoding.encode_chunk_key(last)}"
+        if layout is not None:
+            key = f"{path}/{layout.locate(last)[0]}"
+        else:
+            key = f"{path}/{arr.metadata.chunk_key_encoding.encode_chunk_key(last)}"
         if not storage.exists(key):
             raise CorruptCheckpointError(f"{storage.url}/{key}: chunk file missing (the array's "
                                          "metadata or its data is damaged); convert the checkpoint again")
 
 
-def _bad_chunk(storage: Storage, arr: Any, path: str, region: Sequence[slice] | None) -> str | None:
-    """The first chunk in ``region`` whose stored CRC32C does not match its bytes (to name it)."""
+def _bad_chunk(storage: Storage, arr: Any, path: str, region: Sequence[slice] | None,
+               layout: Layout | None) -> str | None:
+    """The first chunk (or shard) file in ``region`` whose stored CRC32Cs do not match its
+    bytes, or whose index is damaged (to name it)."""
     first, counts = _region_chunks(arr, region)
+    if layout is not None and layout.shard is not None:
+        per = math.prod(layout.per_shard)
+        size = math.prod(layout.chunks) * layout.dtype.itemsize + 4
+        for n, sidx in enumerate(layout.shards_of(first, counts)):
+            if n == 1000:  # naming the file is a courtesy; do not scan forever
+                break
+            key = f"{path}/c/{'/'.join(map(str, sidx))}"
+            raw = memoryview(storage.read(key))
+            index = parse_index(raw[-layout.index_bytes:], per) if raw.nbytes >= layout.index_bytes else None
+            if index is None:
+                return key
+            body = raw.nbytes - layout.index_bytes
+            for off, nb in index.tolist():
+                if (off, nb) == (2**64 - 1, 2**64 - 1):
+                    continue
+                if nb != size or off + nb > body or crc32c(raw[off:off + nb - 4]) != \
+                        int.from_bytes(raw[off + nb - 4:off + nb], "little"):
+                    return key
+        return None
     expected = math.prod(arr.chunks) * np.dtype(arr.dtype).itemsize + 4  # bytes + CRC32C
     for n, offset in enumerate(np.ndindex(*counts)):
         if n == 100_000:  # naming the chunk is a courtesy; do not scan forever

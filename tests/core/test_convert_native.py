@@ -106,21 +106,26 @@ def test_cli_convert_and_refuses_to_overwrite(tp_dp_checkpoint):
                                 "--overwrite"]).exit_code == 0
 
 
-def test_interrupted_conversion_never_looks_complete(tp_dp_checkpoint, monkeypatch):
+@pytest.mark.parametrize("where", ["write", "read"])
+def test_interrupted_conversion_never_looks_complete(tp_dp_checkpoint, monkeypatch, where):
+    """A failure while writing an array, or while the read-ahead thread reads the source."""
     dst = tp_dp_checkpoint / "broken"
-    import ucp._convert as conv
+    from ucp._universal import UniversalWriter
+    from ucp.engines._native import NativeCheckpoint
 
     calls = {"n": 0}
-    real = conv.convert_one
+    cls, attr = (UniversalWriter, "write") if where == "write" else (NativeCheckpoint, "read")
+    real = getattr(cls, attr)
 
-    def failing(source, writer, name):
+    def failing(self, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:
             raise ucp.ConvertError("disk gone")
-        return real(source, writer, name)
-    monkeypatch.setattr(conv, "convert_one", failing)
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(cls, attr, failing)
     with pytest.raises(ucp.ConvertError, match="disk gone"):
         ucp.convert(str(tp_dp_checkpoint / "ckpt"), str(dst))
+    assert calls["n"] == 3  # stopped at the failure: the reader does not run on
     meta = json.loads((dst / "zarr.json").read_text())
     assert meta["attributes"]["ucp"]["complete"] is False
     with pytest.raises(ucp.CorruptCheckpointError, match="incomplete"):

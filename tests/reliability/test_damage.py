@@ -30,8 +30,6 @@ def test_damage_in_every_file_type(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="issue 8 (open): a few bit flips in an array's zarr.json make "
-                   "zarr look for other chunk keys; the UcpError then names the chunk, not the zarr.json")
 def test_damage_sweep(tmp_path):
     _check(damage_trials(tmp_path, flips=400, truncations=20, seed=2))
 

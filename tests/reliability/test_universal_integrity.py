@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import ucp
+from ucp.resharder import load_rank_state
 from ucp._meta import seal
+from crc32c import crc32c
 
 
 @pytest.fixture
@@ -36,6 +38,15 @@ def _edit_table(u, fn) -> None:
     _edit_json(u / "zarr.json", edit)
 
 
+def _edit_array(u, name, state, fn, *, consistent=True) -> None:
+    """Edits an array's zarr.json; ``consistent``: also records its new CRC32C in the (sealed)
+    table, as a hostile writer would, so the readers' own checks are what is tested."""
+    path = u / "params" / name / state / "zarr.json"
+    _edit_json(path, fn)
+    if consistent:
+        _edit_table(u, lambda a: a["params"][name]["meta_crc32c"].update({state: crc32c(path.read_bytes())}))
+
+
 def test_all_zero_arrays_read_back(universal):
     u, state = universal
     ckpt = ucp.open(str(u))
@@ -53,7 +64,7 @@ def test_missing_chunk_is_named_not_read_as_zeros(universal):
 
 def test_bit_flip_in_a_chunk_names_the_chunk(universal):
     u, _ = universal
-    chunk = sorted(p for p in (u / "params" / "z" / "fp32" / "c").rglob("*") if p.is_file())[1]
+    chunk = sorted(p for p in (u / "params" / "z" / "fp32" / "c").rglob("*") if p.is_file())[0]
     raw = bytearray(chunk.read_bytes())
     raw[100] ^= 0x10
     chunk.write_bytes(bytes(raw))
@@ -61,19 +72,29 @@ def test_bit_flip_in_a_chunk_names_the_chunk(universal):
         ucp.open(str(u)).read("z")
 
 
+_PLAIN = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
+
+
+@pytest.mark.parametrize("consistent", [False, True], ids=["flipped", "consistent"])
 @pytest.mark.parametrize("edit", [
     lambda m: m.update(shape=[65, 8]),  # one digit flipped: 64 -> 65
     lambda m: m["chunk_key_encoding"]["configuration"].update(separator="."),  # chunks "not found"
     lambda m: m["chunk_grid"]["configuration"].update(chunk_shape=[0, 8]),
     lambda m: m["chunk_grid"]["configuration"].update(chunk_shape="64"),
+    lambda m: m["codecs"][0]["configuration"].update(chunk_shape=[32, 8]),  # inner chunks
+    lambda m: m["codecs"][0]["configuration"].update(chunk_shape=[48, 8]),  # not a divisor
+    lambda m: m.update(codecs=_PLAIN),  # the shard read as one plain chunk
     lambda m: m.update(data_type="float64"),
     lambda m: m["attributes"].update(ucp_dtype="bfloat16"),
-], ids=["shape", "separator", "zero-chunk", "chunk-type", "dtype", "logical-dtype"])
-def test_damaged_array_metadata_is_named(universal, edit):
+], ids=["shape", "separator", "zero-chunk", "chunk-type", "inner", "inner-odd", "unsharded", "dtype",
+        "logical-dtype"])
+def test_damaged_array_metadata_is_named(universal, edit, consistent):
     u, _ = universal
-    _edit_json(u / "params" / "w" / "fp32" / "zarr.json", edit)
+    _edit_array(u, "w", "fp32", edit, consistent=consistent)
     with pytest.raises(ucp.UcpError, match=r"params/w/fp32"):
         ucp.open(str(u)).read("w")
+    with pytest.raises(ucp.UcpError, match=r"params/w/fp32"):
+        load_rank_state(str(u), "dp=2,zero=1", 1)
 
 
 @pytest.mark.parametrize("path", ["../outside", "/etc", "params/../../x", "a\x00b"])
@@ -100,8 +121,8 @@ def test_huge_declared_shape_is_refused_with_bounded_memory(universal, rows, chu
     """Consistent table and array metadata that claim a 4 GiB / 32 TiB array in a tiny file."""
     u, _ = universal
     _edit_table(u, lambda a: a["params"]["w"].update(shape=[rows, 8]))
-    _edit_json(u / "params" / "w" / "fp32" / "zarr.json", lambda m: (
-        m.update(shape=[rows, 8]), m["chunk_grid"]["configuration"].update(chunk_shape=[chunk, 8])))
+    _edit_array(u, "w", "fp32", lambda m: (
+        m.update(shape=[rows, 8], codecs=_PLAIN), m["chunk_grid"]["configuration"].update(chunk_shape=[chunk, 8])))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     ckpt = ucp.open(str(u))
     assert ckpt.info("w").shape == (rows, 8)

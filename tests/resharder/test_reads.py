@@ -10,6 +10,9 @@ import pytest
 import torch
 
 import ucp
+from crc32c import crc32c
+
+from ucp._meta import seal
 from ucp.resharder import load_rank_state
 
 
@@ -36,13 +39,14 @@ def test_flat_partitions_of_real_chunks(universal):
 
 
 def test_a_missing_chunk_is_lost_data(universal):
-    """ucp writes every chunk (zeros too), so a missing one is an error, never zeros."""
+    """ucp writes every chunk (zeros too), so a missing one (here a whole shard file) is an
+    error, never zeros."""
     root, _ = universal
-    chunk = root / "params" / "w" / "fp32" / "c" / "0" / "1"
+    chunk = root / "params" / "w" / "fp32" / "c" / "0" / "0"
     chunk.unlink()
     with pytest.raises(ucp.CorruptCheckpointError, match="missing") as e:
         load_rank_state(str(root), "dp=2,zero=1", 0)
-    assert "params/w/fp32/c/0/1" in str(e.value)
+    assert "params/w/fp32/c/0/0" in str(e.value)
 
 
 def test_a_flipped_bit_names_the_chunk(universal):
@@ -69,6 +73,11 @@ def test_other_zarr_layouts_are_read_through_zarr(universal):
                             chunks=(100, 100), compressors=[GzipCodec()], attributes=attrs,
                             overwrite=True, config={"write_empty_chunks": True})
     new[...] = data
+    meta = root / "params" / "w" / "fp32" / "zarr.json"
+    doc = json.loads((root / "zarr.json").read_text())  # record the new metadata's CRC32C
+    doc["attributes"]["ucp"]["params"]["w"]["meta_crc32c"]["fp32"] = crc32c(meta.read_bytes())
+    doc["attributes"]["ucp"] = seal(doc["attributes"]["ucp"])
+    (root / "zarr.json").write_text(json.dumps(doc))
     assert json.loads((root / "params" / "w" / "fp32" / "zarr.json").read_text())["codecs"][-1]["name"] == "gzip"
     got = load_rank_state(str(root), "dp=2,zero=1", 1)
     assert torch.equal(got["model"]["w"], want["w"])

@@ -1,0 +1,125 @@
+"""The universal arrays' shard files (zarr v3 sharding): few files, readable by zarr itself,
+read by region through ucp's own readers, and every damage to a shard named."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+import ucp
+import ucp._shard as shard
+from ucp._shard import layout_of, shard_shape
+from ucp._universal import chunk_shape
+from ucp.resharder import load_rank_state
+
+
+@pytest.fixture
+def small_shards(monkeypatch):
+    monkeypatch.setattr(shard, "SHARD_BYTES", 200_000)  # several shards per array below
+
+
+def _state():
+    g = torch.Generator().manual_seed(0)
+    return {"w": torch.randn(700, 333, generator=g), "e": torch.randn(1000, 96, generator=g).bfloat16(),
+            "b": torch.randn(5, generator=g), "i": torch.arange(24, dtype=torch.int64).reshape(2, 3, 4),
+            "empty": torch.zeros(0, 5)}
+
+
+def _convert(tmp_path, state):
+    ucp.save({"model": state}, str(tmp_path / "n"), step=1).wait()
+    return ucp.convert(str(tmp_path / "n"), str(tmp_path / "u"), progress=False)
+
+
+def _bits(t):
+    return t.contiguous().view(torch.uint8) if t.numel() else t
+
+
+def test_shard_shape_cuts_dim0_in_whole_chunks():
+    inner = chunk_shape((4096, 4096), 4)
+    assert shard_shape((4096, 4096), inner, 4, limit=1 << 40) == (4096, 4096)
+    cut = shard_shape((4096, 4096), inner, 4, limit=16 << 20)
+    assert cut[1] == 4096 and cut[0] % inner[0] == 0 and cut[0] * 4096 * 4 <= 16 << 20
+    assert shard_shape((10, 7), (4, 4), 4) == (12, 8)  # rounded up to whole inner chunks
+    assert shard_shape((10,), (4,), 4, limit=1) == (4,)  # never below one row of chunks
+
+
+def test_round_trip_through_ucp_and_zarr(tmp_path, small_shards):
+    state = _state()
+    ckpt = _convert(tmp_path, state)
+    files = {p.parent.parent.name: len(list((p.parent / "c").rglob("*")))
+             for p in (tmp_path / "u" / "params").glob("*/*/zarr.json")}
+    assert files["w"] >= 700 * 333 * 4 // 200_000 and files["b"] == 1  # several shards; one for a small array
+    for name, t in state.items():
+        got = ckpt.read(name, "param")
+        assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(_bits(got), _bits(t)), name
+        if t.ndim == 2 and t.numel():
+            region = (slice(37, 611), slice(5, 91))
+            assert torch.equal(_bits(ckpt.read(name, "param", region)), _bits(t[region])), name
+        # zarr itself reads ucp's shards (the format is plain zarr v3)
+        state_dir = "fp32" if t.dtype == torch.float32 else "param"
+        arr = zarr.open_array(str(tmp_path / "u" / "params" / name / state_dir), mode="r")
+        want = t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+        assert np.array_equal(arr[...].view(want.dtype), want), name
+    got = load_rank_state(str(tmp_path / "u"), "dp=3,zero=3", 2)["model"]
+    for name in ("w", "e"):
+        flat = state[name].reshape(-1)
+        part = -(-flat.numel() // 3)
+        want = torch.cat([flat, flat.new_zeros(3 * part - flat.numel())])[2 * part:]
+        assert torch.equal(_bits(got[name]), _bits(want)), name
+
+
+def test_layout_of_reads_what_the_writer_writes(tmp_path, small_shards):
+    _convert(tmp_path, _state())
+    meta = json.loads((tmp_path / "u" / "params" / "w" / "fp32" / "zarr.json").read_text())
+    layout = layout_of(meta)
+    assert layout is not None and layout.shape == (700, 333) and layout.shard is not None
+    assert layout.chunks == chunk_shape((700, 333), 4)
+    assert layout.locate((0, 0)) == ("c/0/0", 0)
+    meta["codecs"][0]["configuration"]["index_location"] = "start"
+    assert layout_of(meta) is None  # not ucp's layout: read through zarr
+
+
+def _shard_file(tmp_path, name="w", state="fp32", which=-1):
+    return sorted(p for p in (tmp_path / "u" / "params" / name / state / "c").rglob("*") if p.is_file())[which]
+
+
+@pytest.mark.parametrize("where", ["index", "chunk", "truncate", "index-entry"])
+def test_damaged_shard_is_named_by_every_reader(tmp_path, small_shards, where):
+    _convert(tmp_path, _state())
+    f = _shard_file(tmp_path)
+    raw = bytearray(f.read_bytes())
+    if where == "index":
+        raw[-7] ^= 0x01
+    elif where == "chunk":
+        raw[3] ^= 0x80
+    elif where == "truncate":
+        raw = raw[:len(raw) // 2]
+    else:  # a consistent index (its CRC recomputed) whose first entry points one byte off
+        from crc32c import crc32c
+        layout = layout_of(json.loads((tmp_path / "u" / "params" / "w" / "fp32" / "zarr.json").read_text()))
+        nidx = layout.index_bytes
+        table = np.frombuffer(bytes(raw[-nidx:-4]), dtype="<u8").copy()
+        table[0] += 1
+        raw[-nidx:] = table.tobytes() + crc32c(table.tobytes()).to_bytes(4, "little")
+    f.write_bytes(bytes(raw))
+    rel = f.relative_to(tmp_path / "u").as_posix()
+    with pytest.raises(ucp.UcpError, match=rel):
+        ucp.open(str(tmp_path / "u")).read("w")
+    with pytest.raises(ucp.UcpError, match=rel):
+        load_rank_state(str(tmp_path / "u"), "dp=1", 0)
+
+
+def test_flipped_array_metadata_is_named_by_its_crc(tmp_path):
+    _convert(tmp_path, _state())
+    meta = tmp_path / "u" / "params" / "w" / "fp32" / "zarr.json"
+    raw = bytearray(meta.read_bytes())
+    raw[raw.index(b'"chunk_shape"') + 17] ^= 0x01  # a digit of the shard shape
+    meta.write_bytes(bytes(raw))
+    with pytest.raises(ucp.ChecksumError, match="params/w/fp32/zarr.json: CRC32C"):
+        ucp.open(str(tmp_path / "u")).read("w")
+    with pytest.raises(ucp.ChecksumError, match="params/w/fp32/zarr.json: CRC32C"):
+        load_rank_state(str(tmp_path / "u"), "dp=1", 0)
