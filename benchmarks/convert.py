@@ -10,6 +10,7 @@ by side in one run, medians of --repeats, per size:
     ``python -m deepspeed.checkpoint.ds_to_universal --num_extract_workers W --num_merge_workers W``;
   * the I/O floor: reading every input byte and writing as many bytes as ucp wrote, with plain
     file reads/writes.
+Each measured command starts after ``sync`` (no dirty pages left by the one before).
 Targets (issue 4): >= 3x faster than ds_to_universal, <= 0.5x its peak RSS, within 2x the I/O floor,
 and wall time growing about linearly with bytes between the two sizes.
 """
@@ -33,6 +34,7 @@ HERE = Path(__file__).resolve().parent
 
 def run_measured(cmd: list[str]) -> tuple[float, int]:
     """Runs ``cmd``; returns (wall seconds, peak RSS bytes summed over its process tree)."""
+    os.sync()  # every measured command starts with no dirty pages of the one before
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -66,6 +68,7 @@ def tree_bytes(path: Path) -> int:
 
 def io_floor(src: Path, out_bytes: int, scratch: Path) -> float:
     """Seconds to read every file under ``src`` and write ``out_bytes`` to new files."""
+    os.sync()
     t0 = time.perf_counter()
     for f in sorted(p for p in src.rglob("*") if p.is_file()):
         with open(f, "rb") as fh:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 import threading
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
@@ -13,27 +14,35 @@ from ._meta import MeshInfo
 __all__ = ["is_dtensor", "describe", "placement_to_str", "placements_from_str", "mesh_info",
            "build_mesh", "to_dtensor"]
 
-try:  # DTensor lives in torch.distributed.tensor since torch 2.4
-    from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-except ImportError:  # pragma: no cover - torch built without distributed
-    DTensor = None  # type: ignore[assignment,misc]
+if TYPE_CHECKING:
+    from torch.distributed.tensor import Placement
+
+
+def _td() -> Any:
+    """``torch.distributed.tensor``, imported on first use (it costs half a second, and a
+    process that never makes a DTensor, e.g. ``ucp convert`` of a DeepSpeed checkpoint, never
+    needs it)."""
+    import torch.distributed.tensor as td
+
+    return td
 
 _MESHES: dict[MeshInfo, Any] = {}
 _MESH_LOCK = threading.Lock()
 
 
 def is_dtensor(t: Any) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
+    td = sys.modules.get("torch.distributed.tensor")  # no DTensor exists before it is imported
+    return td is not None and isinstance(t, td.DTensor)
 
 
 def placement_to_str(p: Placement, where: str) -> str:
     """``Shard(d)`` -> ``"S(d)"``, ``Replicate()`` -> ``"R"``, ``Partial(op)`` -> ``"P(op)"``."""
-    if type(p) is Shard:
+    td = _td()
+    if type(p) is td.Shard:
         return f"S({p.dim})"
-    if type(p) is Replicate:
+    if type(p) is td.Replicate:
         return "R"
-    if type(p) is Partial:
+    if type(p) is td.Partial:
         return f"P({p.reduce_op})"
     raise StateError(f"{where}: DTensor placement {p!r} is not supported yet (ucp saves Shard, "
                      "Replicate and Partial); redistribute the tensor before saving")
@@ -43,11 +52,11 @@ def placements_from_str(items: Sequence[str], where: str) -> tuple[Placement, ..
     out: list[Placement] = []
     for s in items:
         if s == "R":
-            out.append(Replicate())
+            out.append(_td().Replicate())
         elif s.startswith("S(") and s.endswith(")") and s[2:-1].isdigit():
-            out.append(Shard(int(s[2:-1])))
+            out.append(_td().Shard(int(s[2:-1])))
         elif s.startswith("P(") and s.endswith(")"):
-            out.append(Partial(s[2:-1]))
+            out.append(_td().Partial(s[2:-1]))
         else:
             raise CorruptCheckpointError(f"{where}: unknown placement {s!r}")
     return tuple(out)
@@ -67,6 +76,8 @@ def describe(t: Any, where: str) -> tuple[torch.Tensor, tuple[int, ...], tuple[i
     """
     placements = tuple(placement_to_str(p, where) for p in t.placements)
     local = t.to_local()
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
     shape, offsets = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
     if tuple(shape) != tuple(local.shape):
         raise StateError(f"{where}: DTensor local shape {tuple(local.shape)} differs from the "
@@ -93,5 +104,5 @@ def build_mesh(info: MeshInfo, device_type: str = "cpu") -> Any:
 def to_dtensor(local: torch.Tensor, mesh: Any, placements: tuple[Placement, ...],
                global_shape: tuple[int, ...]) -> Any:
     stride = torch.empty(global_shape, device="meta").stride()
-    return DTensor.from_local(local, mesh, placements, run_check=False,
+    return _td().DTensor.from_local(local, mesh, placements, run_check=False,
                               shape=torch.Size(global_shape), stride=stride)
