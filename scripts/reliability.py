@@ -297,6 +297,9 @@ FIXES = [
     ("d833301", "credentials inside a URL were printed in errors and logs"),
     ("946b96a", "exhausted retries while `ucp convert` checked a step's files were reported as a missing "
                 "file (\"restore it\")"),
+    ("e92ba7b", "4 of 2105 bit flips in an array's `zarr.json` (a digit of its chunk shape) were reported "
+                "as a damaged chunk, not as damaged metadata: the table now records each array "
+                "metadata file's CRC32C"),
 ]
 
 
@@ -386,8 +389,8 @@ def render(faults: list[FaultRow], damage: dict[str, dict[str, Any]], damage_s: 
     lines += ["", "## Not covered here", "",
               "- Third-party DEBUG logging: fsspec's http filesystem logs URLs verbatim at DEBUG; ucp redacts "
               "its own records and errors, and its CLI shows only ucp's logger.",
-              "- A universal checkpoint's chunk files hold no name of their own: a chunk file swapped with "
-              "another chunk of the same array (valid CRC) is not detected.",
+              "- A universal checkpoint's shard files hold no name of their own: a shard file swapped with "
+              "another shard of the same array (valid CRCs) is not detected.",
               "- Faults on GPUs (CUDA staging) and on real object stores other than moto.", ""]
     return "\n".join(lines)
 

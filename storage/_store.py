@@ -129,7 +129,7 @@ class Storage:
 
     # -- writes --------------------------------------------------------------------------------
     def write(self, rel: str, data: Buffer | Sequence[Buffer], *, fsync: bool = True,
-              atomic: bool = True) -> FileRecord:
+              atomic: bool = True, crc: bool = True) -> FileRecord:
         """Writes ``data`` (bytes, or a sequence of buffers written in order) atomically.
 
         Readers see either the previous object or the complete new one, never a prefix. With
@@ -137,26 +137,28 @@ class Storage:
         of a larger whole whose commit record is written last anyway.
 
         Returns:
-            The file's size and CRC32C.
+            The file's size and CRC32C (0 with ``crc=False``: for data that carries its own).
         """
         chunks = _as_chunks(data)
         target = self.path(rel)
         if self.is_local:
-            fn = lambda: self._write_local(target, chunks, fsync=fsync, atomic=atomic)  # noqa: E731
+            fn = lambda: self._write_local(target, chunks, fsync=fsync, atomic=atomic, crc=crc)  # noqa: E731
         else:
-            fn = lambda: self._write_remote(target, chunks)  # noqa: E731
+            fn = lambda: self._write_remote(target, chunks, crc=crc)  # noqa: E731
         return retry_call(fn, policy=self.retry, what=f"writing {self.url}/{rel}")
 
-    def _write_local(self, target: str, chunks: Sequence[Buffer], *, fsync: bool, atomic: bool) -> FileRecord:
+    def _write_local(self, target: str, chunks: Sequence[Buffer], *, fsync: bool, atomic: bool,
+                     crc: bool = True) -> FileRecord:
         directory = os.path.dirname(target)
         os.makedirs(directory, exist_ok=True)
         tmp = f"{target}{_PARTIAL}{uuid.uuid4().hex[:12]}" if atomic else target
-        crc, size = 0, 0
+        value, size = 0, 0
         try:
             with open(tmp, "wb", buffering=0) as f:
                 for chunk in chunks:
                     view = memoryview(chunk).cast("B")
-                    crc = _crc32c.crc32c(view, crc)
+                    if crc:
+                        value = _crc32c.crc32c(view, value)
                     while view:  # raw writes may be short
                         n = f.write(view)
                         view = view[n:]
@@ -170,13 +172,12 @@ class Storage:
             raise
         if fsync:
             _fsync_dir(directory)
-        return FileRecord(size=size, crc32c=crc)
+        return FileRecord(size=size, crc32c=value)
 
-    def _write_remote(self, target: str, chunks: Sequence[Buffer]) -> FileRecord:
-        crc, size = checksum(chunks)
+    def _write_remote(self, target: str, chunks: Sequence[Buffer], *, crc: bool = True) -> FileRecord:
         payload = bytes(chunks[0]) if len(chunks) == 1 else b"".join(bytes(c) for c in chunks)
         self.fs.pipe_file(target, payload)
-        return FileRecord(size=size, crc32c=crc)
+        return FileRecord(size=len(payload), crc32c=checksum([payload])[0] if crc else 0)
 
     # -- reads ---------------------------------------------------------------------------------
     def read(self, rel: str, *, record: FileRecord | None = None, mutable: bool = False,

@@ -224,6 +224,10 @@ class DeepSpeedSnapshot:
         """Tied parameters: alias -> the name :meth:`names` lists."""
         return dict(self.meta["shared"])
 
+    def aliases(self) -> dict[str, str]:
+        """Tied weights (alias -> name), as ``ucp convert`` records them."""
+        return self.shared_params()
+
     def info(self, name: str) -> ParamInfo:
         if name in self._params:
             g, shape, _ = self._params[name]

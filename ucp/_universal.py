@@ -160,7 +160,7 @@ class UniversalWriter:
             cells = list(itertools.product(*grid))
             write = lambda idx: self.storage.write(  # noqa: E731
                 f"{path}/c/{'/'.join(map(str, idx))}", ShardParts(data, chunks, shard, idx), fsync=False,
-                atomic=False)
+                atomic=False, crc=False)  # every inner chunk and the index carry their own CRC32C
             if self.storage.is_local or len(cells) == 1:  # the page cache absorbs writes best from one thread
                 for idx in cells:
                     write(idx)

@@ -55,6 +55,24 @@ def test_maybe_save_returns_after_staging_and_saves_the_values_of_its_step(tmp_p
     results = ok_ranks(proc, "async")
     assert sorted(results) == [0, 1], proc.stdout[-3000:]
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.name.startswith("step-")) == ["step-00000002"]
+    # `ucp convert` recognises the snapshot and lays the ZeRO partitions out per parameter
+    import torch
+
+    import ucp
+    from ucp._deepspeed_snapshot import DeepSpeedSnapshot
+    from ucp.engines import detect_engine
+
+    assert "DeepSpeedCheckpointer snapshot" in detect_engine(str(tmp_path / "ckpt"))[1]
+    snap = DeepSpeedSnapshot(str(tmp_path / "ckpt"), 2)
+    uni = ucp.convert(str(tmp_path / "ckpt"), str(tmp_path / "universal"), progress=False)
+    assert uni.names() == snap.names() and uni.engine == "deepspeed-snapshot" and uni.step == snap.step
+    for name in snap.names():
+        info = snap.info(name)
+        for state in info.states:
+            want, got = snap.read(name, state), uni.read(name, state)
+            assert got.dtype == want.dtype and torch.equal(got.view(torch.uint8), want.contiguous().view(torch.uint8)), \
+                (name, state)
+    assert set(uni.buffer_names()) == set(snap.buffers())
 
 
 def test_a_rank_killed_mid_save_leaves_the_previous_step_loadable(tmp_path):

@@ -75,18 +75,38 @@ class NativeEngine:
             except Exception as e:  # noqa: BLE001 - detection reports, open raises
                 return f"ucp native checkpoint (unreadable: {e})"
             layout = f"topology {m.topology}" if m.topology else "topology not recorded"
-            return f"ucp native checkpoint: step {m.step}, {m.world_size} rank(s), {layout}"
+            kind = "ucp native checkpoint"
+            try:
+                if _snapshot_format(read_rank_index(root, m, 0)):
+                    kind = "ucp native checkpoint (a DeepSpeedCheckpointer snapshot of ZeRO partitions)"
+            except Exception:  # noqa: BLE001 - detection reports, open raises
+                pass
+            return f"{kind}: step {m.step}, {m.world_size} rank(s), {layout}"
         return None
 
     def open(self, url: str, *, spec: Any = None, storage_options: Mapping[str, Any] | None = None,
              tag: str | None = None) -> NativeCheckpoint:
         root, step = _resolve_root(url, storage_options, tag)
         manifest = read_manifest(root, step)
+        if _snapshot_format(read_rank_index(root, manifest, 0)):
+            # DeepSpeedCheckpointer's saves: ZeRO flat partitions, laid out by their own reader
+            from ucp._deepspeed_snapshot import DeepSpeedSnapshot
+
+            return DeepSpeedSnapshot(root.url, step, storage_options=storage_options)  # type: ignore[return-value]
         if spec is None and manifest.spec:  # the spec given to ucp.save travels with the checkpoint
             from ucp.grammar import load_spec
 
             spec = load_spec(manifest.spec)
         return NativeCheckpoint(root, manifest, spec=spec)
+
+
+def _snapshot_format(index: RankIndex) -> bool:
+    """Whether a rank's saved tree is a ``DeepSpeedCheckpointer`` snapshot (``meta.format``)."""
+    from ucp._deepspeed_snapshot import FORMAT
+
+    tree = index.tree
+    meta = tree.get("meta") if isinstance(tree, dict) else None
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
 
 
 class NativeCheckpoint:
