@@ -128,9 +128,11 @@ def main() -> None:
     args = p.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
     rows = {}
+    runs = {}
     for label, shape in (("small", args.small), ("large", args.large)):
         src = make_ckpt(args.dir, label, shape)
-        rows[label] = {k: statistics.median(v) for k, v in bench_size(args.dir, src, args.repeats, args.workers).items()}
+        runs[label] = bench_size(args.dir, src, args.repeats, args.workers)
+        rows[label] = {k: statistics.median(v) for k, v in runs[label].items()}
     print(f"ZeRO-2 bf16, 2 ranks; workers={args.workers}; medians of {args.repeats} runs")
     print(f"{'size':6s} {'input GB':>8s} {'ucp s':>7s} {'ds s':>7s} {'floor s':>7s} {'ucp GB':>7s} {'ds GB':>7s}"
           f" {'speedup':>7s} {'RSS ratio':>9s} {'ucp/floor':>9s}")
@@ -138,6 +140,12 @@ def main() -> None:
         print(f"{label:6s} {r['in_bytes'] / 1e9:8.2f} {r['ucp_s']:7.2f} {r['ds_s']:7.2f} {r['floor_s']:7.2f} "
               f"{r['ucp_rss'] / 1e9:7.2f} {r['ds_rss'] / 1e9:7.2f} {r['ds_s'] / r['ucp_s']:7.1f}x "
               f"{r['ucp_rss'] / r['ds_rss']:9.2f} {r['ucp_s'] / r['floor_s']:9.2f}")
+    print("per run (side by side, in order): ucp s / ds s / floor s")
+    for label, r in runs.items():
+        trips = ", ".join(f"{u:.2f}/{d:.2f}/{f:.2f}" for u, d, f in zip(r["ucp_s"], r["ds_s"], r["floor_s"]))
+        speed = statistics.median(d / u for u, d in zip(r["ucp_s"], r["ds_s"]))
+        floor = statistics.median(u / f for u, f in zip(r["ucp_s"], r["floor_s"]))
+        print(f"{label:6s} {trips}; medians of per-run ratios: speedup {speed:.1f}x, ucp/floor {floor:.2f}")
     s, l = rows["small"], rows["large"]
     print(f"scaling: bytes x{l['in_bytes'] / s['in_bytes']:.2f} -> ucp time x{l['ucp_s'] / s['ucp_s']:.2f}, "
           f"ucp peak RSS x{l['ucp_rss'] / s['ucp_rss']:.2f}")
