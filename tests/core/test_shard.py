@@ -123,3 +123,38 @@ def test_flipped_array_metadata_is_named_by_its_crc(tmp_path):
         ucp.open(str(tmp_path / "u")).read("w")
     with pytest.raises(ucp.ChecksumError, match="params/w/fp32/zarr.json: CRC32C"):
         load_rank_state(str(tmp_path / "u"), "dp=1", 0)
+
+
+def test_unsharded_arrays_of_older_checkpoints_read_directly(tmp_path):
+    """An array in the one-file-per-chunk layout (universal checkpoints before shards), written by
+    zarr itself, reads the same through both of ucp's readers."""
+    from crc32c import crc32c
+    from zarr.codecs import Crc32cCodec
+
+    from ucp._meta import seal
+
+    state = _state()
+    _convert(tmp_path, state)
+    root = tmp_path / "u"
+    path = root / "params" / "w" / "fp32"
+    old = zarr.open_array(str(path), mode="r")
+    data, attrs = old[...], dict(old.attrs)
+    new = zarr.create_array(str(path), shape=data.shape, dtype=data.dtype, chunks=old.chunks,
+                            compressors=[Crc32cCodec()], attributes=attrs, overwrite=True, fill_value=0,
+                            config={"write_empty_chunks": True})
+    new[...] = data
+    meta = json.loads((path / "zarr.json").read_text())
+    layout = layout_of(meta)
+    assert layout is not None and layout.shard is None  # ucp's plain layout: read directly
+    assert len(list((path / "c").rglob("*"))) > 4
+    doc = json.loads((root / "zarr.json").read_text())
+    doc["attributes"]["ucp"]["params"]["w"]["meta_crc32c"]["fp32"] = crc32c((path / "zarr.json").read_bytes())
+    doc["attributes"]["ucp"] = seal(doc["attributes"]["ucp"])
+    (root / "zarr.json").write_text(json.dumps(doc))
+    ckpt = ucp.open(str(root))
+    assert torch.equal(ckpt.read("w"), state["w"])
+    assert torch.equal(ckpt.read("w", region=(slice(100, 300), slice(7, 200))), state["w"][100:300, 7:200])
+    got = load_rank_state(str(root), "dp=3,zero=3", 1)["model"]["w"]
+    flat = state["w"].reshape(-1)
+    part = -(-flat.numel() // 3)
+    assert torch.equal(got, flat[part:2 * part])
