@@ -115,11 +115,21 @@ def get_coordinator(timeout: float) -> Coordinator:
 
 @atexit.register
 def _drop_groups() -> None:
-    """Releases ucp's coordination groups while the interpreter is still whole (registered
-    after the save worker's drain, so it runs after it): a gloo group torn down during
-    interpreter finalisation can abort the process."""
+    """Releases process groups while the interpreter is still whole (registered after the save
+    worker's drain, so it runs after it). A gloo group destroyed during interpreter finalisation
+    can abort the process ("terminate called without an active exception": its worker threads
+    take the GIL to free tensors, and a thread taking the GIL during finalisation is unwound
+    through C++ code that cannot be): so ucp's coordination groups and cached device meshes
+    are dropped here, and a garbage collection frees the groups that reference cycles still
+    hold (FSDP2 modules and their meshes make such cycles) now rather than at finalisation."""
+    import gc
+
+    from . import _dtensor
+
     with _LOCK:
         _GROUPS.clear()
+    _dtensor.clear_meshes()
+    gc.collect()
 
 
 def _default_store(dist: Any) -> Any:

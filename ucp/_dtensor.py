@@ -85,6 +85,12 @@ def describe(t: Any, where: str) -> tuple[torch.Tensor, tuple[int, ...], tuple[i
     return local, tuple(t.shape), tuple(int(o) for o in offsets), placements, mesh_info(t.device_mesh)
 
 
+def clear_meshes() -> None:
+    """Forgets the cached meshes (and so their process groups)."""
+    with _MESH_LOCK:
+        _MESHES.clear()
+
+
 def build_mesh(info: MeshInfo, device_type: str = "cpu") -> Any:
     """A DeviceMesh equal to ``info`` (cached: the same saved mesh maps to one DeviceMesh).
 
