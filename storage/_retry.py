@@ -71,14 +71,24 @@ def retry_call(fn: Callable[[], T], *, policy: RetryPolicy, what: str) -> T:
             return fn()
         except (UcpError, FileNotFoundError):
             raise
-        except Exception as e:  # noqa: BLE001 - classified below, re-raised as StorageError
-            if not is_transient(e):
-                raise StorageError(f"{what} failed: {type(e).__name__}: {e}") from e
-            if attempt + 1 == policy.attempts:
-                raise StorageError(f"{what} failed after {policy.attempts} attempts; "
-                                   f"last error: {type(e).__name__}: {e}") from e
-            delay = policy.delay(attempt)
-            log.warning("%s: transient %s (%s); retry %d/%d in %.2fs", what, type(e).__name__, e,
-                        attempt + 1, policy.attempts - 1, delay)
-            time.sleep(delay)
+        except Exception as e:  # noqa: BLE001 - classified by retry_delay
+            time.sleep(retry_delay(e, attempt, policy=policy, what=what, wrap_final=True))
     raise AssertionError("unreachable")
+
+
+def retry_delay(exc: Exception, attempt: int, *, policy: RetryPolicy, what: str, wrap_final: bool) -> float:
+    """After ``attempt`` (0-based) failed with ``exc``: the delay before the next attempt, logged;
+    or raises: ``StorageError`` when the attempts are exhausted, and for a final error either a
+    ``StorageError`` (``wrap_final``) or ``exc`` itself. The policy of :func:`retry_call`, shared
+    with the retrying zarr store."""
+    if not is_transient(exc):
+        if wrap_final:
+            raise StorageError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
+        raise exc
+    if attempt + 1 == policy.attempts:
+        raise StorageError(f"{what} failed after {policy.attempts} attempts; "
+                           f"last error: {type(exc).__name__}: {exc}") from exc
+    delay = policy.delay(attempt)
+    log.warning("%s: transient %s (%s); retry %d/%d in %.2fs", what, type(exc).__name__, exc,
+                attempt + 1, policy.attempts - 1, delay)
+    return delay

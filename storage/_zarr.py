@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import re
 from typing import Any, Awaitable, Callable, TypeVar
 
-from ucp._errors import CorruptCheckpointError, StorageError, UcpError
+from ucp._errors import CorruptCheckpointError, UcpError
 
-from ._retry import RetryPolicy, is_transient
+from ._retry import RetryPolicy, retry_delay
 from ._store import Storage
 
 __all__ = ["zarr_store"]
 
 T = TypeVar("T")
-log = logging.getLogger("ucp.storage")
 # A chunk key of zarr v3's default encoding: ``.../c/0/1`` or ``.../c.0.1`` (``.../c`` for 0-d).
 _CHUNK_KEY = re.compile(r"(?:^|/)c(?:[./]\d+)*$")
 
@@ -45,16 +43,8 @@ async def _retried(fn: Callable[[], Awaitable[T]], policy: RetryPolicy, what: st
             return await fn()
         except (UcpError, FileNotFoundError):
             raise
-        except Exception as e:  # noqa: BLE001 - classified below
-            if not is_transient(e):
-                raise
-            if attempt + 1 == policy.attempts:
-                raise StorageError(f"{what} failed after {policy.attempts} attempts; "
-                                   f"last error: {type(e).__name__}: {e}") from e
-            delay = policy.delay(attempt)
-            log.warning("%s: transient %s (%s); retry %d/%d in %.2fs", what, type(e).__name__, e,
-                        attempt + 1, policy.attempts - 1, delay)
-            await asyncio.sleep(delay)
+        except Exception as e:  # noqa: BLE001 - classified by retry_delay; zarr's own errors pass on
+            await asyncio.sleep(retry_delay(e, attempt, policy=policy, what=what, wrap_final=False))
     raise AssertionError("unreachable")
 
 
