@@ -17,13 +17,13 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from ucp._errors import ChecksumError, CorruptCheckpointError, UcpError
+from ucp._errors import CorruptCheckpointError, UcpError
 from ucp._shard import ChunkReader, Layout, layout_of
 from ucp._stfile import dtype_from_name
-from ucp._universal import (GROUP_META, MAX_ARRAY_META, UniversalCheckpoint, _meta_crc, from_numpy,
-                            open_universal, to_numpy)
+from ucp._universal import (GROUP_META, UniversalCheckpoint, _meta_crc, from_numpy, open_universal,
+                            read_array_meta, to_numpy)
 from ucp.engines._base import ParamInfo, SourceCheckpoint
-from ucp.storage import Storage, checksum
+from ucp.storage import Storage
 
 from ._zero import Region
 
@@ -158,11 +158,7 @@ class UniversalSource(ArraySource):
         entry = self._buffers[name] if state is None else self._params[name]
         want_crc = _meta_crc(entry, None if state is None else path.rsplit("/", 1)[1])
         try:
-            raw = self.ckpt.storage.read(f"{path}/zarr.json", max_bytes=MAX_ARRAY_META)
-            if want_crc is not None and checksum([raw])[0] != want_crc:
-                raise ChecksumError(f"{where}: CRC32C does not match the one the group metadata records "
-                                    "(the array metadata is damaged); convert the checkpoint again")
-            meta = json.loads(raw)
+            meta = json.loads(read_array_meta(self.ckpt.storage, self.url, path, want_crc))
             layout = layout_of(meta)
             plain = layout is not None
             if layout is not None:

@@ -35,7 +35,7 @@ from ucp.storage import Storage, checksum, zarr_store
 from ._errors import (ChecksumError, CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError,
                       StorageError, UcpError)
 from ._meta import FORMAT_VERSION, MAX_JSON_BYTES, loads, seal
-from ._shard import ChunkReader, Layout, ShardParts, layout_of, parse_index, shard_shape, sharded_meta
+from ._shard import ChunkReader, Layout, ShardParts, layout_of, shard_shape, sharded_meta
 from ._stfile import dtype_from_name, dtype_name
 from ._topology import Topology
 from .engines._base import ParamInfo
@@ -326,10 +326,10 @@ class UniversalCheckpoint:
             raise
         except ValueError as e:
             if "checksum" in str(e).lower():
-                bad = _bad_chunk(self.storage, arr, path, region, self._layouts.get(path)) or path
+                bad = _bad_chunk(self.storage, arr, path, region, layout, self._reader) or path
                 raise ChecksumError(f"{self.url}/{bad}: CRC32C does not match (the chunk is "
                                     "corrupt); convert the checkpoint again") from e
-            bad = _bad_chunk(self.storage, arr, path, region, self._layouts.get(path))
+            bad = _bad_chunk(self.storage, arr, path, region, layout, self._reader)
             if bad is not None:  # e.g. a truncated chunk: zarr fails before any checksum
                 raise CorruptCheckpointError(f"{self.url}/{bad}: the chunk is damaged ({e}); convert "
                                              "the checkpoint again") from e
@@ -345,16 +345,8 @@ class UniversalCheckpoint:
             return self._arrays[path]
         import zarr
 
-        meta = f"{path}/{GROUP_META}"
-        where = f"{self.url}/{meta}"
-        try:
-            raw = self.storage.read(meta, max_bytes=MAX_ARRAY_META)
-        except FileNotFoundError as e:
-            raise CorruptCheckpointError(f"{where} is missing (array {path!r} is lost); convert the "
-                                         "checkpoint again") from e
-        if meta_crc is not None and crc32c(raw) != meta_crc:
-            raise ChecksumError(f"{where}: CRC32C does not match the one the group metadata records "
-                                "(the array metadata is damaged); convert the checkpoint again")
+        where = f"{self.url}/{path}/{GROUP_META}"
+        raw = read_array_meta(self.storage, self.url, path, meta_crc)
         try:
             arr = zarr.open_array(self._store, path=path, mode="r")
             dtype = dtype_from_name(arr.attrs.get("ucp_dtype", ""))
@@ -377,6 +369,21 @@ class UniversalCheckpoint:
         self._layouts[path] = layout
         self._arrays[path] = arr, dtype
         return arr, dtype
+
+
+def read_array_meta(storage: Storage, url: str, path: str, meta_crc: int | None) -> bytes:
+    """An array's ``zarr.json`` (bounded in size), checked against the CRC32C the group table
+    records for it (None: not recorded)."""
+    where = f"{url}/{path}/{GROUP_META}"
+    try:
+        raw = storage.read(f"{path}/{GROUP_META}", max_bytes=MAX_ARRAY_META)
+    except FileNotFoundError as e:
+        raise CorruptCheckpointError(f"{where} is missing (array {path!r} is lost); convert the "
+                                     "checkpoint again") from e
+    if meta_crc is not None and crc32c(raw) != meta_crc:
+        raise ChecksumError(f"{where}: CRC32C does not match the one the group metadata records "
+                            "(the array metadata is damaged); convert the checkpoint again")
+    return bytes(raw)
 
 
 def _meta_crc(entry: Mapping[str, Any], state: str | None) -> int | None:
@@ -448,28 +455,19 @@ def _check_region(storage: Storage, arr: Any, path: str, region: Sequence[slice]
 
 
 def _bad_chunk(storage: Storage, arr: Any, path: str, region: Sequence[slice] | None,
-               layout: Layout | None) -> str | None:
+               layout: Layout | None, reader: ChunkReader) -> str | None:
     """The first chunk (or shard) file in ``region`` whose stored CRC32Cs do not match its
-    bytes, or whose index is damaged (to name it)."""
+    bytes, or whose shard index is damaged (to name it)."""
     first, counts = _region_chunks(arr, region)
-    if layout is not None and layout.shard is not None:
-        per = math.prod(layout.per_shard)
-        size = math.prod(layout.chunks) * layout.dtype.itemsize + 4
-        for n, sidx in enumerate(layout.shards_of(first, counts)):
-            if n == 1000:  # naming the file is a courtesy; do not scan forever
+    if layout is not None:  # ucp's layouts: the chunk reader checks every byte it reads
+        for n, offset in enumerate(np.ndindex(*counts)):
+            if n == 100_000:  # naming the file is a courtesy; do not scan forever
                 break
-            key = f"{path}/c/{'/'.join(map(str, sidx))}"
-            raw = memoryview(storage.read(key))
-            index = parse_index(raw[-layout.index_bytes:], per) if raw.nbytes >= layout.index_bytes else None
-            if index is None:
-                return key
-            body = raw.nbytes - layout.index_bytes
-            for off, nb in index.tolist():
-                if (off, nb) == (2**64 - 1, 2**64 - 1):
-                    continue
-                if nb != size or off + nb > body or crc32c(raw[off:off + nb - 4]) != \
-                        int.from_bytes(raw[off + nb - 4:off + nb], "little"):
-                    return key
+            idx = tuple(f + o for f, o in zip(first, offset))
+            try:
+                reader.chunk(path, layout, idx)
+            except UcpError:
+                return f"{path}/{layout.locate(idx)[0]}"
         return None
     expected = math.prod(arr.chunks) * np.dtype(arr.dtype).itemsize + 4  # bytes + CRC32C
     for n, offset in enumerate(np.ndindex(*counts)):

@@ -111,6 +111,8 @@ def test_damaged_shard_is_named_by_every_reader(tmp_path, small_shards, where):
         ucp.open(str(tmp_path / "u")).read("w")
     with pytest.raises(ucp.UcpError, match=rel):
         load_rank_state(str(tmp_path / "u"), "dp=1", 0)
+    with pytest.raises(ucp.UcpError, match=rel):  # a strided region: read through zarr, named after
+        ucp.open(str(tmp_path / "u")).read("w", region=(slice(None, None, 2), slice(None)))
 
 
 def test_flipped_array_metadata_is_named_by_its_crc(tmp_path):
