@@ -4,20 +4,9 @@ clear error naming the file; never a committed partial checkpoint, never lost da
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 
-from ._trials import S3Server, s3_outage_trial
-
-
-@pytest.fixture(scope="module")
-def server():
-    pytest.importorskip("s3fs")
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    srv = S3Server()
-    yield srv
-    srv.stop()
+from ._trials import s3_outage_trial
 
 
 def _check(outcome, *, error):

@@ -15,18 +15,7 @@ from click.testing import CliRunner
 import ucp
 from ucp.cli import main
 
-from ._trials import S3Server
-
 SECRET = "SeCrEt-7a1c0ffee"
-
-
-@pytest.fixture(scope="module")
-def server():
-    pytest.importorskip("s3fs")
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    srv = S3Server()
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture
