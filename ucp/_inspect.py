@@ -30,7 +30,7 @@ from ._layout import LATEST, MANIFEST, all_step_dirs, committed_steps, read_mani
 from ._meta import parse_step_dir, step_dir
 from ._stfile import dtype_name, header_length, parse_header, from_bytes
 from ._topology import Topology
-from .engines._base import ParamInfo
+from .engines._base import ParamInfo, Region, cut
 
 __all__ = ["SCHEMA_VERSION", "Opened", "TensorRow", "StepRow", "Report", "open_checkpoint",
            "detect_format", "inspect_checkpoint", "list_steps", "human_bytes", "parse_size",
@@ -121,8 +121,8 @@ class Opened:
     def info(self, name: str) -> ParamInfo:
         return self.source.info(name)
 
-    def read(self, name: str, state: str = "fp32") -> torch.Tensor:
-        return self.source.read(name, state)
+    def read(self, name: str, state: str = "fp32", region: Region | None = None) -> torch.Tensor:
+        return self.source.read(name, state, region)
 
     def buffer_names(self) -> list[str]:
         if self.format in ("universal", "safetensors"):
@@ -224,11 +224,11 @@ class SafetensorsFiles:
         _, dtype, shape, _, _ = self._entry(name)
         return ParamInfo(shape=tuple(shape), dtype=dtype, states=("param",))
 
-    def read(self, name: str, state: str = "fp32") -> torch.Tensor:
+    def read(self, name: str, state: str = "fp32", region: Region | None = None) -> torch.Tensor:
         f, dtype, shape, start, stop = self._entry(name)
         if state not in ("param", "fp32"):
             raise KeyError(f"{name!r} has only the state 'param' in a safetensors file")
-        t = from_bytes(bytearray(self.storage.read_range(f, start, stop)), dtype, shape)
+        t = cut(from_bytes(bytearray(self.storage.read_range(f, start, stop)), dtype, shape), region)
         return t.float() if state == "fp32" else t
 
     def buffer_names(self) -> list[str]:

@@ -25,7 +25,8 @@ from ._coord import Coordinator, dist_rank_and_world, get_coordinator
 from ._errors import CheckpointExistsError, SaveError, StateError
 from ._faults import failpoint
 from ._layout import MANIFEST, apply_retention, write_latest
-from ._meta import FileRecord, Manifest, MeshInfo, RankIndex, TensorFragment, dumps, rank_stem, step_dir
+from ._meta import (FileRecord, Manifest, MeshInfo, RankIndex, TensorFragment, block_checksums, dumps,
+                    rank_stem, step_dir)
 from ._topology import Topology
 from ._tree import flatten
 
@@ -239,8 +240,7 @@ def write_rank_files(storage: Storage, *, step: int, rank: int, world_size: int,
     Called by each rank's save worker, or by one process writing many ranks (``ucp.reshard``).
     """
     sd, stem = step_dir(step), rank_stem(rank)
-    fragments = tuple(dataclasses.replace(f, crc32c=checksum([_stfile.tensor_bytes(staged[f.key])])[0])
-                      for f in fragments)
+    fragments = tuple(_checksummed(f, _stfile.tensor_bytes(staged[f.key])) for f in fragments)
     data = storage.write(f"{sd}/{stem}.safetensors",
                          _stfile.encode(staged, {"format": "pt", "ucp.step": str(step)}))
     staged.clear()
@@ -249,6 +249,11 @@ def write_rank_files(storage: Storage, *, step: int, rank: int, world_size: int,
     failpoint("save.index", rank=rank)
     return {f"{stem}.safetensors": data.to_dict(),
             f"{stem}.json": storage.write(f"{sd}/{stem}.json", dumps(index)).to_dict()}
+
+
+def _checksummed(frag: TensorFragment, data: memoryview) -> TensorFragment:
+    """``frag`` with the checksum of its bytes, and of each block of them (partial reads)."""
+    return dataclasses.replace(frag, crc32c=checksum([data])[0], block_crc32c=block_checksums(data))
 
 
 def write_manifest(storage: Storage, *, step: int, world_size: int, topology: Topology | None,

@@ -25,6 +25,7 @@ import numpy as np
 from crc32c import crc32c
 
 from ucp.storage import retry_call
+from ucp.storage._stats import count_read
 
 __all__ = ["ChunkReader", "Layout", "ShardParts", "layout_of", "parse_index", "shard_shape", "sharded_meta"]
 
@@ -295,4 +296,5 @@ class ChunkReader:
                     got += k
                 return got
         got = retry_call(fn, policy=storage.retry, what=f"reading {self.url}/{key}")
+        count_read(got)
         return view[:got]
