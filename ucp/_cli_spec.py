@@ -14,7 +14,7 @@ import click
 
 from ._errors import CheckpointNotFoundError, CorruptCheckpointError, TopologyError
 from ._topology import Topology
-from .grammar import Problem, Spec, UclError, bundled_spec, bundled_spec_names, load_spec
+from .grammar import Problem, Spec, UclError, load_spec
 
 __all__ = ["spec", "parameter_shapes"]
 
@@ -109,9 +109,9 @@ class _TopologyType(click.ParamType):
 
 
 def _load(file: str, constants: dict[str, int]) -> Spec:
-    if not Path(file).exists() and file in bundled_spec_names():
-        return bundled_spec(file, constants=constants)
-    return load_spec(Path(file), constants=constants)
+    """FILE of ``spec check``: an existing file, else a bundled name (never UCL text: a word
+    that is neither is reported as such)."""
+    return load_spec(Path(file) if Path(file).is_file() else file, constants=constants)
 
 
 @click.group("spec")
@@ -151,8 +151,10 @@ def check(file: str, against: str | None, topology: Topology | None,
     try:
         loaded = _load(file, dict(assignments))
     except UclError as e:
-        _report_error(file, e, as_json)
-        raise click.ClickException(f"{file}: the spec does not load: {e.message}") from e
+        if as_json:
+            _report_error(file, e)
+        # once, on stderr: where, what, and the offending line with a caret
+        raise click.ClickException(str(e)) from e
     problems, count = [], None
     if against is not None:
         shapes = parameter_shapes(against)
@@ -177,13 +179,7 @@ def _report(file: str, problems: list[Problem], as_json: bool) -> None:
         click.echo(f"{where}: {p.kind}: {p.message}")
 
 
-def _report_error(file: str, e: UclError, as_json: bool) -> None:
-    """A spec that does not load: where, what, and the offending line with a caret."""
-    if as_json:
-        click.echo(json.dumps({"spec": file, "ok": False, "error": {
-            "message": e.message, "line": e.line, "column": e.column}}, indent=1))
-        return
-    where = file if e.line is None else f"{file}:{e.line}:{e.column}"
-    click.echo(f"{where}: error: {e.message}")
-    if e.context:
-        click.echo(e.context.rstrip("\n"))
+def _report_error(file: str, e: UclError) -> None:
+    """A spec that does not load, as the ``--json`` document on stdout."""
+    click.echo(json.dumps({"spec": file, "ok": False, "error": {
+        "message": e.message, "line": e.line, "column": e.column}}, indent=1))

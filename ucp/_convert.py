@@ -32,11 +32,11 @@ log = logging.getLogger("ucp")
 
 def _spec_of(spec: Any) -> Any:
     """A Spec from a Spec, a bundled spec's name, a path or UCL text; None for no spec."""
-    if spec is None or not isinstance(spec, str):
-        return spec
-    from ucp.grammar import bundled_spec, bundled_spec_names, load_spec
+    if spec is None:
+        return None
+    from ucp.grammar import load_spec
 
-    return bundled_spec(spec) if spec in bundled_spec_names() else load_spec(spec)
+    return load_spec(spec)
 
 
 def open_source(src: str, *, engine: str = "auto", spec: Any = None, tag: str | None = None,

@@ -79,13 +79,12 @@ def parse_size(text: str | int) -> int:
 
 
 def load_spec_arg(spec: Any, constants: Mapping[str, int] | None = None) -> Any:
-    """A Spec from a Spec, a bundled spec's name, a path, or UCL text (None stays None)."""
-    if spec is None or not isinstance(spec, str):
-        return spec
-    from ucp.grammar import bundled_spec, bundled_spec_names, load_spec
+    """A Spec from a Spec, a bundled spec's name, a path, or UCL text (None stays None); see
+    :func:`ucp.grammar.load_spec`, the one resolver."""
+    if spec is None:
+        return None
+    from ucp.grammar import load_spec
 
-    if spec in bundled_spec_names():
-        return bundled_spec(spec, constants=constants)
     return load_spec(spec, constants=constants)
 
 

@@ -122,3 +122,17 @@ def test_the_real_entry_point(sample, tmp_path):
                        text=True, timeout=120, env=env)
     assert (p.returncode, p.stdout, p.stderr) == (
         1, "", f"Error: {tmp_path / 'nowhere'}: no such file or directory\n")
+
+
+@pytest.mark.parametrize("command", [["inspect", "{ckpt}"], ["verify", "{ckpt}"],
+                                     ["convert", "{ckpt}", "{out}"],
+                                     ["export", "{ckpt}", "{out}"],
+                                     ["reshard", "{ckpt}", "{out}", "--to", "dp=1"]])
+def test_every_spec_option_names_a_misspelled_bundled_spec(command, sample, tmp_path,
+                                                           monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = [a.format(ckpt=sample / "ckpt", out=tmp_path / "out") for a in command]
+    r = CliRunner().invoke(main, [*args, "--spec", "gtp2"])
+    assert (r.exit_code, r.stdout) == (1, "")
+    assert r.stderr == ("Error: gtp2: no bundled spec or file named 'gtp2'; bundled: gpt2, "
+                        "llama_megatron, mixtral_moe\n")
