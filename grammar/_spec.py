@@ -7,9 +7,7 @@ import dataclasses
 import os
 import re
 from pathlib import Path
-from typing import Mapping, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from ucp._errors import UcpSpecError
 from ucp._topology import AXES as _TOPOLOGY_AXES
@@ -23,7 +21,9 @@ from ._layout import ParamLayout, dim_layout, inverse, iter_ranks
 from ._parse import parse
 from ._pattern import Pattern
 from ._resolve import Index, Located, Resolved, Rule, resolve
-from ._tensor import consolidate_tensors, cut_tensor
+
+if TYPE_CHECKING:  # torch is imported by cut/consolidate only: parsing specs needs none
+    import torch
 
 __all__ = ["Spec", "Match", "from_ast", "load_spec", "bundled_spec"]
 
@@ -174,6 +174,8 @@ class Spec:
         Raises:
             UcpSpecError: as :meth:`layout`, or when ``rank`` does not hold the parameter.
         """
+        from ._tensor import cut_tensor
+
         return cut_tensor(self.layout(name, tuple(tensor.shape), topology), tensor, rank)
 
     def consolidate(self, name: str, fragments: Mapping[int, torch.Tensor], topology: Topology,
@@ -190,6 +192,8 @@ class Spec:
         if global_shape is None:
             global_shape = self.infer_shape(name, {r: tuple(t.shape) for r, t in fragments.items()},
                                             topology)
+        from ._tensor import consolidate_tensors
+
         return consolidate_tensors(self.layout(name, global_shape, topology), fragments)
 
     def infer_shape(self, name: str, local_shapes: Mapping[int, Sequence[int]],

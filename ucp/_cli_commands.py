@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import click
 
-from .cli import main, progress_enabled, ucp_command
+from ._cli_base import progress_enabled, ucp_command
+
+__all__ = ["convert"]
 
 
-@main.command()
+@click.command()
 @click.argument("src")
 @click.argument("dst")
 @click.option("--engine", default="auto", show_default=True,

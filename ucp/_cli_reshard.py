@@ -3,35 +3,19 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import click
 
-from ._errors import TopologyError
+from ._cli_base import TopologyType, ucp_command
 from ._topology import Topology
-from .cli import main, ucp_command
 
 __all__ = ["reshard"]
 
 
-class _TopologyType(click.ParamType):
-    """``dp=..,tp=..,pp=..,zero=..`` parsed into a :class:`~ucp.Topology` (usage error otherwise)."""
-
-    name = "TOPOLOGY"
-
-    def convert(self, value: Any, param: Any, ctx: Any) -> Topology:
-        if isinstance(value, Topology):
-            return value
-        try:
-            return Topology.parse(value)
-        except TopologyError as e:
-            self.fail(str(e), param, ctx)
-
-
-@main.command()
+@click.command()
 @click.argument("src")
 @click.argument("dst")
-@click.option("--to", "topology", required=True, type=_TopologyType(),
+@click.option("--to", "topology", required=True, type=TopologyType(),
               help="Target topology, e.g. dp=2,tp=2,pp=1,zero=1 (omitted axes are 1, zero 0).")
 @click.option("--engine", default="ucp", show_default=True,
               help="Target layout: ucp (native per-rank files), or an engine with a reshard target.")

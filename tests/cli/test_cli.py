@@ -15,6 +15,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
+import ucp._cli_base
 import ucp.cli
 from ucp import UcpError
 from ucp.cli import add_secrets, main, ucp_command
@@ -97,7 +98,7 @@ def test_secrets_are_never_printed(verbose, kind, monkeypatch):
 
 def test_progress_bar_only_on_a_terminal_and_not_quiet(sample, monkeypatch):
     tty = types.SimpleNamespace(stderr=types.SimpleNamespace(isatty=lambda: True))
-    monkeypatch.setattr(ucp.cli, "sys", tty)
+    monkeypatch.setattr(ucp._cli_base, "sys", tty)
     path = str(sample / "ckpt")
     assert "verify" in CliRunner().invoke(main, ["verify", path]).stderr
     assert CliRunner().invoke(main, ["verify", path, "--quiet"]).stderr == ""
@@ -136,3 +137,50 @@ def test_every_spec_option_names_a_misspelled_bundled_spec(command, sample, tmp_
     assert (r.exit_code, r.stdout) == (1, "")
     assert r.stderr == ("Error: gtp2: no bundled spec or file named 'gtp2'; bundled: gpt2, "
                         "llama_megatron, mixtral_moe\n")
+
+
+_PROBE = """
+import json, sys
+from ucp.cli import main
+try:
+    main(sys.argv[1:], prog_name="ucp")
+except SystemExit as e:
+    code = e.code
+heavy = sorted(m for m in ("torch", "zarr", "numpy", "safetensors", "lark") if m in sys.modules)
+print(json.dumps({"code": code, "heavy": heavy}), file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("args, code", [
+    (["--help"], 0), (["--version"], 0), (["ls", "{ckpt}"], 0), (["ls", "{ckpt}", "--json"], 0),
+    (["spec", "check", "--help"], 0), (["inspect"], 2), (["nope"], 2),
+    (["reshard", "a", "b", "--to", "tp=zero"], 2), (["export", "a", "b", "--max-shard-size", "-5"], 2),
+    (["ls", "x", "-o", "novalue"], 2)])
+def test_help_version_ls_and_usage_errors_import_no_torch(args, code, sample):
+    argv = [a.format(ckpt=sample / "ckpt") for a in args]
+    p = subprocess.run([sys.executable, "-c", _PROBE, *argv], capture_output=True, text=True,
+                       timeout=120)
+    found = json.loads(p.stderr.strip().splitlines()[-1])
+    assert found == {"code": code, "heavy": []}, p.stderr
+
+
+def test_the_grammar_imports_no_torch():
+    probe = "import sys, ucp.grammar; print(sorted(m for m in sys.modules if m.startswith('torch')))"
+    p = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert (p.returncode, p.stdout) == (0, "[]\n"), p.stderr
+
+
+def test_the_command_modules_never_import_the_group():
+    """ucp.cli imports the command modules; none of them imports ucp.cli back (no cycle)."""
+    import ast
+
+    folder = Path(ucp.cli.__file__).parent
+    modules = sorted(folder.glob("_cli_*.py"))
+    assert {m.stem for m in modules} >= {"_cli_base", "_cli_commands", "_cli_inspect",
+                                         "_cli_spec", "_cli_reshard"}
+    for path in modules:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                target = ("." * node.level) + (node.module or "")
+                assert target not in (".cli", "ucp.cli"), f"{path.name} imports {target}"
+                assert not (target == "." and any(a.name == "cli" for a in node.names)), path.name
