@@ -22,10 +22,10 @@ demo: venv
 	$(BIN)/python examples/demo.py
 
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-fast: venv
-	$(BIN)/python -m pytest -q -m 'not slow'
+	$(BIN)/python -m pytest -q --durations=15 -m 'not slow'
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -8,12 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ucp.testing import scaled_timeout
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_demo_survives_a_lost_rank_and_resumes_on_fewer(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "demo.py"), "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=scaled_timeout(600))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert "the job died" in out

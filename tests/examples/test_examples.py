@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ucp.testing import scaled_timeout
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -15,7 +17,7 @@ def test_save_load_example(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2",
                            str(ROOT / "examples" / "save_load.py"), "--out", str(tmp_path), "--steps", "20"],
-                          capture_output=True, text=True, timeout=300, env=env)
+                          capture_output=True, text=True, timeout=scaled_timeout(300), env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "every shard equal bit for bit: True" in proc.stdout
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("step-")) == \
