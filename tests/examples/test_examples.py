@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from click.testing import CliRunner
+
+import ucp
+from ucp.cli import main
 from ucp.testing import scaled_timeout
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,3 +26,10 @@ def test_save_load_example(tmp_path):
     assert "every shard equal bit for bit: True" in proc.stdout
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("step-")) == \
         ["step-00000010", "step-00000020"]
+    # the optimizer state is keyed by parameter names: the checkpoint inspects and converts
+    assert CliRunner().invoke(main, ["inspect", str(tmp_path)]).exit_code == 0
+    r = CliRunner().invoke(main, ["convert", str(tmp_path), str(tmp_path / "universal")])
+    assert r.exit_code == 0, r.output
+    universal = ucp.open(str(tmp_path / "universal"))
+    assert universal.step == 20 and universal.info("up.weight").shape == (1024, 256)
+    assert {"fp32", "exp_avg", "exp_avg_sq"} <= set(universal.info("up.weight").states)
