@@ -5,7 +5,9 @@ output. Each command calls the library (:mod:`ucp._inspect`, :mod:`ucp._verify`,
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -142,10 +144,17 @@ def export(src: str, dst: str, dtype: str | None, max_shard_size: int, spec: str
     from ._export import export_hf
 
     so = storage_options(options)
-    result = export_hf(src, dst, dtype=dtype, max_shard_size=max_shard_size, spec=spec,
-                       engine=engine, tag=tag, config=config, overwrite=overwrite,
-                       storage_options=so, dst_storage_options=so,
-                       progress=progress_enabled(quiet))
+    new_dir = None if "://" in dst or os.path.exists(dst) else dst
+    try:
+        result = export_hf(src, dst, dtype=dtype, max_shard_size=max_shard_size, spec=spec,
+                           engine=engine, tag=tag, config=config, overwrite=overwrite,
+                           storage_options=so, dst_storage_options=so,
+                           progress=progress_enabled(quiet))
+    except BaseException:  # an error or Ctrl-C: leave no empty directory behind
+        if new_dir is not None:
+            with contextlib.suppress(OSError):  # not empty, or already gone
+                os.rmdir(new_dir)
+        raise
     shards = sum(f.endswith(".safetensors") for f in result.files)
     renamed = f", {result.renamed} renamed by the spec" if result.renamed else ""
     click.echo(f"wrote {display_url(dst)}: {result.tensors} tensors{renamed}, "

@@ -22,8 +22,26 @@ from ._cli_spec import spec
 
 __all__ = ["main", "ucp_command", "progress_enabled", "add_secrets", "redact"]
 
+#: The shell's exit status for a process ended by SIGINT (128 + 2).
+EXIT_INTERRUPTED = 130
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+class _Interrupted(click.ClickException):
+    exit_code = EXIT_INTERRUPTED
+
+
+class _Group(click.Group):
+    """The ``ucp`` group: Ctrl-C ends any command with one line and exit status 130 (click's
+    own ``Aborted!`` exits 1, which scripts cannot tell from a failure)."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as e:
+            raise _Interrupted("interrupted (Ctrl-C)") from e
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--verbose", is_flag=True, help="Print the full traceback on errors.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars (also off when stderr is "
               "not a terminal).")

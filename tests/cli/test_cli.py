@@ -184,3 +184,44 @@ def test_the_command_modules_never_import_the_group():
                 target = ("." * node.level) + (node.module or "")
                 assert target not in (".cli", "ucp.cli"), f"{path.name} imports {target}"
                 assert not (target == "." and any(a.name == "cli" for a in node.names)), path.name
+
+
+def test_ctrl_c_exits_130_with_one_line(sample, monkeypatch):
+    import ucp._inspect
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ucp._inspect, "inspect_checkpoint", interrupted)
+    r = CliRunner().invoke(main, ["inspect", str(sample / "ckpt")])
+    assert (r.exit_code, r.stdout, r.stderr) == (130, "", "Error: interrupted (Ctrl-C)\n")
+
+
+def test_an_interrupted_export_leaves_no_empty_directory(sample, tmp_path, monkeypatch):
+    import ucp._export
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ucp._export, "_read", interrupted)  # the first shard is open
+    dst = tmp_path / "hf"
+    r = CliRunner().invoke(main, ["export", str(sample / "universal"), str(dst)])
+    assert r.exit_code == 130 and not dst.exists(), r.output
+    dst.mkdir()  # a directory the user made stays
+    r = CliRunner().invoke(main, ["export", str(sample / "universal"), str(dst)])
+    assert r.exit_code == 130 and dst.is_dir()
+
+
+def test_sigint_while_a_command_imports_torch_is_one_line_and_130(tmp_path):
+    import signal
+    import time
+
+    code = ("import sys; from ucp.cli import main; print('ready', flush=True); "
+            "main(sys.argv[1:], prog_name='ucp')")
+    p = subprocess.Popen([sys.executable, "-c", code, "inspect", str(tmp_path)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.stdout.readline() == "ready\n"
+    time.sleep(0.2)  # inside the command: importing torch and the readers takes seconds
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert (p.returncode, out, err) == (130, "", "Error: interrupted (Ctrl-C)\n")
