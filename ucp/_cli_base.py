@@ -21,7 +21,7 @@ import click
 from ._errors import TopologyError, UcpError
 from ._topology import Topology
 
-__all__ = ["ucp_command", "progress_enabled", "add_secrets", "redact", "StderrHandler",
+__all__ = ["ucp_command", "progress_enabled", "add_secrets", "redact", "cli_terms", "StderrHandler",
            "TopologyType", "storage_option", "storage_options", "spec_option"]
 
 
@@ -45,13 +45,27 @@ def ucp_command(fn: Callable[..., Any]) -> Callable[..., Any]:
             verbose = ctx is not None and bool((ctx.find_root().params or {}).get("verbose"))
             if verbose:
                 click.echo(redact(traceback.format_exc(), ctx).rstrip("\n"), err=True)
-            lines = str(e).strip().splitlines() or [""]
+            lines = cli_terms(str(e)).strip().splitlines() or [""]
             text = lines[0] if isinstance(e, UcpError) else f"{type(e).__name__}: {lines[0]}"
             if not verbose and (len(lines) > 1 or not isinstance(e, UcpError)):
                 text += " (--verbose shows more)"
             raise click.ClickException(redact(text, ctx)) from e
 
     return wrapper
+
+
+# The library's messages name keyword arguments; on the command line they are options.
+_KEYWORD_AND_OPTION = re.compile(r"\b[a-z_]+=True \((--[a-z-]+)\)")
+_KEYWORDS = {"overwrite=True": "--overwrite"}
+
+
+def cli_terms(message: str) -> str:
+    """``message`` with library keyword arguments said as the command line's options:
+    ``pass overwrite=True (--overwrite)`` and ``pass overwrite=True`` become ``pass --overwrite``."""
+    message = _KEYWORD_AND_OPTION.sub(r"\1", message)
+    for keyword, option in _KEYWORDS.items():
+        message = message.replace(keyword, option)
+    return message
 
 
 _SECRET_KEYS = ("secret", "token", "password", "passwd", "credential", "key", "auth", "sas",

@@ -176,12 +176,19 @@ def ls(url: str, as_json: bool, options: tuple[tuple[str, Any], ...]) -> None:
     """
     from ._steps import SCHEMA_VERSION, list_steps
 
-    steps = list_steps(url, storage_options=storage_options(options))
+    so = storage_options(options)
+    steps = list_steps(url, storage_options=so)
     if as_json:
         now = time.time()
         click.echo(json.dumps({"schema": "ucp.ls", "schema_version": SCHEMA_VERSION,
                                "url": display_url(url),
                                "steps": [s.to_dict(now) for s in steps]}, indent=1))
+    elif not steps:
+        from ._steps import describe_other
+
+        what = describe_other(url, storage_options=so)
+        click.echo(f"{display_url(url)}: no step directories" + (
+            "" if what is None else f"; this is {what}: `ucp inspect {display_url(url)}` shows it"))
     else:
         click.echo(format_steps(url, steps))
 

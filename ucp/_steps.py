@@ -18,7 +18,8 @@ from ._errors import CheckpointNotFoundError, UcpError
 from ._layout import LATEST, all_step_dirs, committed_steps, read_manifest
 from ._meta import parse_step_dir, step_dir
 
-__all__ = ["SCHEMA_VERSION", "StepRow", "list_steps", "display_url", "human_bytes", "parse_size"]
+__all__ = ["SCHEMA_VERSION", "StepRow", "list_steps", "describe_other", "display_url", "human_bytes",
+           "parse_size"]
 
 #: Version of the JSON documents ``ucp inspect/verify/ls --json`` print (see docs/cli.md).
 SCHEMA_VERSION = 1
@@ -131,3 +132,27 @@ def _mtime(info: Mapping[str, Any]) -> float | None:
 
 def _iso(t: float) -> str:
     return datetime.datetime.fromtimestamp(t, tz=datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def describe_other(url: str, *, storage_options: Mapping[str, Any] | None = None) -> str | None:
+    """What a folder with no step directories holds, told by its file names alone (no torch):
+    ``"a universal checkpoint"``, ``"a DeepSpeed checkpoint"``, ``"a torch.distributed.checkpoint
+    (DCP) directory"``, ``"a step directory of a ucp checkpoint"``, or None."""
+    storage = Storage(url, storage_options=storage_options)
+    names = set(storage.list(""))
+    if "zarr.json" in names:
+        return "a universal checkpoint"
+    if ".metadata" in names or any(n.endswith(".distcp") for n in names):
+        return "a torch.distributed.checkpoint (DCP) directory"
+    if "manifest.json" in names or any(n.startswith("rank-") for n in names):
+        return "a step directory of a ucp checkpoint"
+    deepspeed_file = ("model_states.pt", "optim_states.pt")
+    if any(n.startswith("global_step") or n.endswith(deepspeed_file) for n in names):
+        return "a DeepSpeed checkpoint"
+    if LATEST in names:
+        try:
+            tag = storage.read(LATEST).decode("utf-8", "replace").strip()
+        except OSError:
+            return None
+        return "a DeepSpeed checkpoint" if tag and tag in names else None
+    return None

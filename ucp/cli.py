@@ -14,13 +14,13 @@ import logging
 
 import click
 
-from ._cli_base import StderrHandler, add_secrets, progress_enabled, redact, ucp_command
+from ._cli_base import StderrHandler, add_secrets, cli_terms, progress_enabled, redact, ucp_command
 from ._cli_commands import convert
 from ._cli_inspect import export, inspect, ls, verify
 from ._cli_reshard import reshard
 from ._cli_spec import spec
 
-__all__ = ["main", "ucp_command", "progress_enabled", "add_secrets", "redact"]
+__all__ = ["main", "ucp_command", "progress_enabled", "add_secrets", "redact", "cli_terms"]
 
 #: The shell's exit status for a process ended by SIGINT (128 + 2).
 EXIT_INTERRUPTED = 130

@@ -225,3 +225,63 @@ def test_sigint_while_a_command_imports_torch_is_one_line_and_130(tmp_path):
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=120)
     assert (p.returncode, out, err) == (130, "", "Error: interrupted (Ctrl-C)\n")
+
+
+# -- one set of conventions across commands -------------------------------------------------------
+
+def _command(name: tuple[str, ...]) -> click.Command:
+    cmd: click.Command = main
+    for part in name:
+        cmd = cmd.commands[part]
+    return cmd
+
+
+def test_every_command_taking_a_url_takes_storage_options_and_workers_means_one_thing():
+    url_args = {"src", "dst", "path", "url"}
+    helps = set()
+    for name in leaf_commands(main):
+        params = {p.name: p for p in _command(name).params}
+        if url_args & {n for n, p in params.items() if isinstance(p, click.Argument)}:
+            assert "-o" in params["options"].opts, name
+        if "workers" in params and "--workers" in params["workers"].opts:
+            helps.add(params["workers"].help)
+    assert helps == {"Worker processes converting in parallel."}
+    assert "--io-threads" in {o for p in _command(("reshard",)).params for o in p.opts}
+
+
+def _option_args(options: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in options.items():
+        if isinstance(value, dict):
+            out += _option_args(value, f"{prefix}{key}.")
+        else:
+            out += ["-o", f"{prefix}{key}={json.dumps(value) if not isinstance(value, str) else value}"]
+    return out
+
+
+def test_convert_and_reshard_read_s3_with_storage_options(sample, tmp_path, s3_url):
+    url, opts = s3_url
+    ucp.save(ucp.load(str(sample / "ckpt")), url, step=200, storage_options=opts).wait()
+    o = _option_args(opts)
+    r = CliRunner().invoke(main, ["convert", url, str(tmp_path / "u"), *o])
+    assert r.exit_code == 0 and "wrote" in r.stdout, r.output
+    r = CliRunner().invoke(main, ["reshard", url, str(tmp_path / "r"), "--to", "dp=1", *o])
+    assert r.exit_code == 0 and "wrote" in r.stdout, r.output
+    assert "testing-secret" not in r.output
+
+
+def test_errors_speak_in_options_not_keyword_arguments(sample, tmp_path):
+    dst = str(tmp_path / "u")
+    assert CliRunner().invoke(main, ["convert", str(sample / "ckpt"), dst]).exit_code == 0
+    r = CliRunner().invoke(main, ["convert", str(sample / "ckpt"), dst])
+    assert r.exit_code == 1 and "pass --overwrite to replace it" in r.stderr, r.stderr
+    assert "overwrite=True" not in r.stderr
+    assert ucp.cli.cli_terms("pass overwrite=True (--overwrite) or overwrite=True") == \
+        "pass --overwrite or --overwrite"
+
+
+def test_convert_says_a_missing_source_does_not_exist(tmp_path):
+    r = CliRunner().invoke(main, ["convert", str(tmp_path / "nowhere"), str(tmp_path / "u")])
+    assert (r.exit_code, r.stderr) == (
+        1, f"Error: {tmp_path / 'nowhere'}: no such file or directory; check the path\n")
+    assert not (tmp_path / "u").exists()
