@@ -20,6 +20,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import torch
 
 from ._coord import get_coordinator
+from ._dest import check_destination
 from ._errors import CheckpointNotFoundError, ConvertError
 from ._steps import display_url
 from ._universal import UniversalCheckpoint, UniversalWriter, escape_name, open_universal
@@ -97,6 +98,7 @@ def convert(src: str, dst: str, *, engine: str = "auto", spec: Any = None, worke
         >>> ckpt = ucp.convert("ds_ckpt/", "universal/", engine="deepspeed")
         >>> ckpt.read("wte.weight", state="exp_avg")
     """
+    check_destination(src, dst)
     spec = _spec_of(spec)
     source, found = open_source(src, engine=engine, spec=spec, tag=tag, storage_options=storage_options)
     log.info("found %s", found)

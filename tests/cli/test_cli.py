@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -285,3 +286,24 @@ def test_convert_says_a_missing_source_does_not_exist(tmp_path):
     assert (r.exit_code, r.stderr) == (
         1, f"Error: {tmp_path / 'nowhere'}: no such file or directory; check the path\n")
     assert not (tmp_path / "u").exists()
+
+
+@pytest.mark.parametrize("command, dst, where", [
+    (["convert", "{ckpt}"], "{ckpt}", "is the source itself"),
+    (["convert", "{ckpt}"], "{ckpt}/universal", "lies inside the source"),
+    (["reshard", "{ckpt}"], "{ckpt}/", "is the source itself"),
+    (["export", "{universal}"], "{root}", "contains the source")])
+def test_a_destination_overlapping_the_source_is_refused(command, dst, where, sample, tmp_path):
+    work = tmp_path / "work"
+    shutil.copytree(sample, work)
+    paths = {"ckpt": work / "ckpt", "universal": work / "universal", "root": work}
+    args = [a.format(**paths) for a in command] + [dst.format(**paths)]
+    if command[0] == "reshard":
+        args += ["--to", "dp=1"]
+    before = sorted(p.relative_to(work) for p in work.rglob("*"))
+    r = CliRunner().invoke(main, args)
+    assert (r.exit_code, r.stdout) == (1, ""), r.output
+    assert r.stderr == (f"Error: {dst.format(**paths)}: the destination {where} ({args[1]}); "
+                        "writing there would mix the output with the source's files: choose a "
+                        "destination outside it\n")
+    assert sorted(p.relative_to(work) for p in work.rglob("*")) == before  # nothing written
