@@ -74,6 +74,7 @@ def test_save_load_bijection(tmp_path_factory, state):
     assert_same(state, ucp.load(url))
 
 
+@pytest.mark.filterwarnings("ignore:ucp.save. .* keyed by integer indices")  # on purpose: they load back
 def test_realistic_state_round_trip(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95))
