@@ -20,7 +20,9 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import torch
 
 from ._coord import get_coordinator
-from ._errors import ConvertError
+from ._dest import check_destination
+from ._errors import CheckpointNotFoundError, ConvertError
+from ._steps import display_url
 from ._universal import UniversalCheckpoint, UniversalWriter, escape_name, open_universal
 from .engines._base import SourceCheckpoint
 from .engines._registry import detect_engine, get_engine
@@ -32,22 +34,36 @@ log = logging.getLogger("ucp")
 
 def _spec_of(spec: Any) -> Any:
     """A Spec from a Spec, a bundled spec's name, a path or UCL text; None for no spec."""
-    if spec is None or not isinstance(spec, str):
-        return spec
-    from ucp.grammar import bundled_spec, bundled_spec_names, load_spec
+    if spec is None:
+        return None
+    from ucp.grammar import load_spec
 
-    return bundled_spec(spec) if spec in bundled_spec_names() else load_spec(spec)
+    return load_spec(spec)
 
 
 def open_source(src: str, *, engine: str = "auto", spec: Any = None, tag: str | None = None,
                 storage_options: Mapping[str, Any] | None = None) -> tuple[SourceCheckpoint, str]:
     """Opens a distributed checkpoint through its engine plugin; returns it and what was found."""
     if engine == "auto":
-        eng, found = detect_engine(src, storage_options=storage_options)
+        try:
+            eng, found = detect_engine(src, storage_options=storage_options)
+        except ConvertError as e:
+            _require_exists(src, storage_options, e)
+            raise
     else:
         eng = get_engine(engine)
         found = eng.detect(src, storage_options=storage_options) or f"{engine} checkpoint (not detected)"
     return eng.open(src, spec=_spec_of(spec), storage_options=storage_options, tag=tag), f"{eng.name}: {found}"
+
+
+def _require_exists(src: str, storage_options: Mapping[str, Any] | None, cause: Exception) -> None:
+    """Says that ``src`` does not exist, rather than that no engine recognises it."""
+    from ucp.storage import Storage
+
+    storage = Storage(src, storage_options=storage_options)
+    if not storage.list("") and not storage.exists(""):
+        raise CheckpointNotFoundError(f"{display_url(src)}: no such file or directory; check "
+                                      "the path") from cause
 
 
 def convert(src: str, dst: str, *, engine: str = "auto", spec: Any = None, workers: int = 1,
@@ -82,6 +98,7 @@ def convert(src: str, dst: str, *, engine: str = "auto", spec: Any = None, worke
         >>> ckpt = ucp.convert("ds_ckpt/", "universal/", engine="deepspeed")
         >>> ckpt.read("wte.weight", state="exp_avg")
     """
+    check_destination(src, dst)
     spec = _spec_of(spec)
     source, found = open_source(src, engine=engine, spec=spec, tag=tag, storage_options=storage_options)
     log.info("found %s", found)

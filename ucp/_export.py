@@ -34,6 +34,7 @@ import torch
 
 from ucp.storage import Storage
 
+from ._dest import check_destination
 from ._errors import CheckpointExistsError, ConvertError, UcpSpecError
 from ._inspect import INDEX, Opened, display_url, open_checkpoint, parse_size
 from ._stfile import _ST_DTYPES, tensor_bytes
@@ -113,6 +114,7 @@ def export_hf(src: str, dst: str, *, dtype: str | torch.dtype | None = None,
     Example:
         >>> export_hf("universal/", "hf/", dtype="bf16", max_shard_size="2GB")
     """
+    check_destination(src, dst)
     target = _dtype(dtype)
     limit = parse_size(max_shard_size)
     if limit <= 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Mapping
 
+from ._dest import check_destination
 from ._topology import Topology
 
 __all__ = ["reshard"]
@@ -55,6 +56,7 @@ def reshard(src: str, dst: str, *, topology: Topology | str, engine: str = "ucp"
     from .resharder import _deepspeed, get_target  # noqa: F401 - _deepspeed registers engine="deepspeed"
     from .resharder._api import resolve
 
+    check_destination(src, dst)
     target = get_target(engine)
     source, topo, spec_ = resolve(src, topology, spec=spec, engine=src_engine, tag=tag,
                                   storage_options=storage_options)

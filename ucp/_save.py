@@ -14,7 +14,8 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, Mapping, Sequence
+import warnings
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
@@ -125,6 +126,8 @@ def save(state: Mapping[str, Any], url: str, *, step: int, keep: int | None = No
     topo = Topology.parse(topology) if isinstance(topology, str) else topology
     tree, tensors = flatten(state)
     rank, world = dist_rank_and_world()
+    if rank == 0:
+        _warn_unnamed_optimizer_state(state)
     coord = get_coordinator(timeout)
     storage = Storage(url, storage_options=storage_options)
     if not overwrite and storage.exists(f"{step_dir(step)}/{MANIFEST}"):
@@ -137,6 +140,32 @@ def save(state: Mapping[str, Any], url: str, *, step: int, keep: int | None = No
                keep=keep, overwrite=overwrite)
     _worker().submit(job)
     return SaveHandle(job.future, step=step, url=url)
+
+
+def _indexed_optimizer_states(obj: Any, path: str) -> Iterator[str]:
+    """Key paths of the optimizer state dicts in ``obj`` whose parameters are integer indices
+    (``torch.optim.Optimizer.state_dict()``), not names."""
+    if not isinstance(obj, Mapping):
+        return
+    groups = obj.get("param_groups")
+    if isinstance(obj.get("state"), Mapping) and isinstance(groups, (list, tuple)) and any(
+            isinstance(g, Mapping) and any(isinstance(p, int) for p in g.get("params", ()))
+            for g in groups):
+        yield path
+        return
+    for k, v in obj.items():
+        yield from _indexed_optimizer_states(v, f"{path}[{k!r}]")
+
+
+def _warn_unnamed_optimizer_state(state: Mapping[str, Any]) -> None:
+    """Says at save time, with the fix, what ``ucp convert`` would only refuse later."""
+    for path in _indexed_optimizer_states(state, "state"):
+        warnings.warn(
+            f"ucp.save: {path} is an optimizer state_dict keyed by integer indices "
+            "(torch.optim.Optimizer.state_dict()); ucp.load reads it back, but `ucp convert`, "
+            "`ucp inspect` and resharding need parameter names: save the optimizer state of "
+            "torch.distributed.checkpoint.state_dict.get_state_dict(model, optimizer) instead "
+            "(keyed by parameter names), or use ucp.Checkpointer", UserWarning, stacklevel=3)
 
 
 def _stage(tensors: Mapping[str, tuple[tuple[Any, ...], torch.Tensor]]

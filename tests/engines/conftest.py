@@ -23,9 +23,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from ucp.testing import scaled_timeout
+
 HERE = Path(__file__).resolve().parent
 TRAIN = HERE / "_ds_train.py"
-LAUNCH_TIMEOUT_S = 300  # a first run also JIT-builds DeepSpeed's CPU shared-memory op (~30 s)
+LAUNCH_TIMEOUT_S = 300  # a first run also JIT-builds DeepSpeed's CPU shared-memory op (~30 s);
+# on a quiet machine: scaled with the machine's load (ucp.testing.scaled_timeout)
 
 #: key -> (ranks, training script flags)
 DS_CONFIGS: dict[str, tuple[int, list[str]]] = {
@@ -56,10 +59,11 @@ def free_port() -> int:
 
 def _run(cmd: list[str], what: str, timeout: int = LAUNCH_TIMEOUT_S) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    timeout = scaled_timeout(timeout)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired as e:
-        pytest.fail(f"{what} timed out after {timeout}s: {' '.join(cmd)}\n{(e.stdout or '')[-3000:]}")
+        pytest.fail(f"{what} timed out after {timeout:.0f}s: {' '.join(cmd)}\n{(e.stdout or '')[-3000:]}")
     if proc.returncode != 0:
         pytest.fail(f"{what} failed (exit {proc.returncode}): {' '.join(cmd)}\n"
                     f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+from ucp.testing import scaled_timeout
+
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("_deepspeed_hook_worker.py")
 
@@ -43,7 +45,7 @@ def torchrun(nproc: int, *args: str, env: dict[str, str] | None = None) -> subpr
     env.pop("UCP_FAILPOINT", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
            "127.0.0.1", "--master_port", str(port), str(WORKER), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=scaled_timeout(300), env=env)
 
 
 def ok_ranks(proc: subprocess.CompletedProcess, mode: str) -> dict[int, dict]:
