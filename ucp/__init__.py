@@ -19,6 +19,7 @@ from ._errors import (
     UcpSpecError,
     UnsafeInputError,
     UnsupportedProtocolError,
+    VerificationError,
 )
 from ._checkpointer import Checkpointer
 from ._convert import convert
@@ -60,4 +61,5 @@ __all__ = [
     "UcpSpecError",
     "UnsafeInputError",
     "UnsupportedProtocolError",
+    "VerificationError",
 ]

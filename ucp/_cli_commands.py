@@ -17,10 +17,12 @@ from .cli import main, progress_enabled, ucp_command
               help="Worker processes converting in parallel.")
 @click.option("--step", "tag", default=None, help="Step/tag of SRC to convert (default: newest).")
 @click.option("--overwrite", is_flag=True, help="Replace a complete universal checkpoint at DST.")
+@click.option("--no-verify", is_flag=True,
+              help="Skip fingerprinting: no check that DST holds what SRC holds, none recorded.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @ucp_command
 def convert(src: str, dst: str, engine: str, spec: str | None, workers: int, tag: str | None,
-            overwrite: bool, quiet: bool) -> None:
+            overwrite: bool, no_verify: bool, quiet: bool) -> None:
     """Consolidate a distributed checkpoint SRC into a universal checkpoint DST.
 
     \b
@@ -30,7 +32,7 @@ def convert(src: str, dst: str, engine: str, spec: str | None, workers: int, tag
     from ._convert import convert as _convert
 
     ckpt = _convert(src, dst, engine=engine, spec=spec, workers=workers, tag=tag,
-                    overwrite=overwrite, progress=progress_enabled(quiet))
+                    overwrite=overwrite, verify=not no_verify, progress=progress_enabled(quiet))
     names = ckpt.names()
     click.echo(f"wrote {dst}: {len(names)} parameters, {len(ckpt.buffer_names())} buffers, "
                f"step {ckpt.step}")

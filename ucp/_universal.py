@@ -34,6 +34,8 @@ from ucp.storage import Storage, checksum, zarr_store
 
 from ._errors import (ChecksumError, CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError,
                       StorageError, UcpError)
+from ._fingerprint import fingerprint as fingerprint_of
+from ._fingerprint import to_hex
 from ._meta import FORMAT_VERSION, MAX_JSON_BYTES, loads, seal
 from ._shard import ChunkReader, Layout, ShardParts, layout_of, shard_shape, sharded_meta
 from ._stfile import dtype_from_name, dtype_name
@@ -135,8 +137,9 @@ class UniversalWriter:
                                             "checkpoint; pass overwrite=True (--overwrite) to replace it")
         _write_attrs(self.storage, {"format_version": FORMAT_VERSION, "kind": KIND, "complete": False})
 
-    def write(self, path: str, tensor: torch.Tensor) -> dict[str, Any]:
-        """Writes one array at ``path`` (relative); returns its table entry.
+    def write(self, path: str, tensor: torch.Tensor, *, fingerprint: bool = False) -> dict[str, Any]:
+        """Writes one array at ``path`` (relative); returns its table entry (with
+        ``fingerprint``: the fingerprint of the bytes written, see :mod:`ucp._fingerprint`).
 
         Shards are encoded here, as zarr v3's sharding codec specifies them (inner chunks of
         little-endian bytes, each followed by its CRC32C, edge chunks padded with the fill value;
@@ -172,8 +175,11 @@ class UniversalWriter:
         encoded = json.dumps(meta).encode()
         self.storage.write(f"{path}/zarr.json", encoded, fsync=False)
         self._write_parents(path)
-        return {"shape": list(tensor.shape), "dtype": dtype_name(tensor.dtype), "nbytes": int(data.nbytes),
-                "meta_crc32c": crc32c(encoded)}
+        entry = {"shape": list(tensor.shape), "dtype": dtype_name(tensor.dtype), "nbytes": int(data.nbytes),
+                 "meta_crc32c": crc32c(encoded)}
+        if fingerprint:  # of the array as encoded (bits of bf16 and friends), not of the input
+            entry["fingerprint"] = to_hex(fingerprint_of(torch.from_numpy(data)))
+        return entry
 
     def _write_parents(self, path: str) -> None:
         """Explicit group nodes for ``params/`` and ``params/<name>/`` (zarr v3 has no implicit groups)."""

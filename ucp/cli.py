@@ -122,3 +122,4 @@ from ._cli_spec import spec as _spec_group  # noqa: E402
 main.add_command(_spec_group)
 from . import _cli_inspect  # noqa: E402,F401 - inspect, verify, export, ls
 from . import _cli_reshard  # noqa: E402,F401 - registers `reshard`
+from . import _cli_diff  # noqa: E402,F401 - registers `diff`
