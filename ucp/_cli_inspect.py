@@ -113,10 +113,12 @@ def inspect(path: str, as_json: bool, engine: str, tag: str | None, spec: str | 
 @_step_option
 @_spec_option
 @_storage_option
+@click.option("--deep", is_flag=True, help="Also recompute every array's fingerprint from its "
+              "data and compare it with the one recorded at conversion.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @ucp_command
 def verify(path: str, as_json: bool, engine: str, tag: str | None, spec: str | None,
-           options: tuple[tuple[str, Any], ...], quiet: bool) -> None:
+           options: tuple[tuple[str, Any], ...], deep: bool, quiet: bool) -> None:
     """Check the checkpoint at PATH: every checksum, every parameter covered exactly once by its
     fragments, shapes that fit the spec. Exit 0 when all is well, 1 with the list of problems.
 
@@ -124,12 +126,13 @@ def verify(path: str, as_json: bool, engine: str, tag: str | None, spec: str | N
     Example:
       ucp verify ./ckpt --step 200
       ucp verify s3://bucket/universal --json
+      ucp verify ./universal --deep
     """
     from ._verify import verify_checkpoint
 
     report = verify_checkpoint(path, engine=engine, spec=spec, tag=tag,
                                storage_options=_storage_options(options),
-                               progress=progress_enabled(quiet))
+                               progress=progress_enabled(quiet), deep=deep)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=1))
     else:

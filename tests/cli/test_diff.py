@@ -161,3 +161,18 @@ def test_convert_records_layout_independent_fingerprints(source, tmp_path):
     run("convert", str(source), str(tmp_path / "plain"), "--no-verify")
     plain = ucp.open(str(tmp_path / "plain")).metadata
     assert "fingerprint_algorithm" not in plain and "fingerprints" not in plain["params"][GATE_UP]
+
+
+def test_verify_deep_recomputes_the_recorded_fingerprints(source, tmp_path):
+    u = str(tmp_path / "u")
+    ucp.convert(str(source), u)
+    out = run("verify", u, "--deep", "--json").stdout
+    assert json.loads(out)["ok"] and "fingerprint (ucp-fp1) was recomputed" in out
+    # values rewritten with valid checksums (same shape, dtype and array metadata): only --deep sees it
+    good = ucp.open(u).read(GATE_UP, "exp_avg")
+    UniversalWriter(u).write(f"params/{escape_name(GATE_UP)}/exp_avg", swap_gate_up(good))
+    run("verify", u)
+    doc = json.loads(run("verify", u, "--deep", "--json", code=1).stdout)
+    assert [(p["kind"], p["where"]) for p in doc["problems"]] == [("fingerprint", f"{GATE_UP} (exp_avg)")]
+    run("convert", str(source), str(tmp_path / "plain"), "--no-verify")
+    assert "no fingerprints are recorded" in run("verify", str(tmp_path / "plain"), "--deep").stdout
