@@ -25,6 +25,8 @@ __all__ = ["diff"]
               help="Relative tolerance (see --atol).")
 @click.option("--engine-a", default="auto", show_default=True, help="Format of A (as for convert).")
 @click.option("--engine-b", default="auto", show_default=True, help="Format of B (as for convert).")
+@click.option("--step-a", "tag_a", default=None, help="Step/tag of A (default: newest).")
+@click.option("--step-b", "tag_b", default=None, help="Step/tag of B (default: newest).")
 @click.option("--spec", default=None, help="UCL spec for sources whose TP/PP layout needs one.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (schema ucp.diff, version 1).")
 @click.option("--all", "show_all", is_flag=True, help="Also list the states that are equal.")
@@ -32,7 +34,8 @@ __all__ = ["diff"]
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @ucp_command
 def diff(a: str, b: str, states: str | None, atol: float, rtol: float, engine_a: str,
-         engine_b: str, spec: str | None, as_json: bool, show_all: bool,
+         engine_b: str, tag_a: str | None, tag_b: str | None, spec: str | None, as_json: bool,
+         show_all: bool,
          options: tuple[tuple[str, Any], ...], quiet: bool) -> None:
     """Compare checkpoints A and B parameter by parameter and state by state.
 
@@ -49,7 +52,8 @@ def diff(a: str, b: str, states: str | None, atol: float, rtol: float, engine_a:
 
     wanted = None if states is None else [s.strip() for s in states.split(",") if s.strip()]
     report = diff_checkpoints(a, b, states=wanted, atol=atol, rtol=rtol, engine_a=engine_a,
-                              engine_b=engine_b, spec=spec, storage_options=_storage_options(options),
+                              engine_b=engine_b, tag_a=tag_a, tag_b=tag_b, spec=spec,
+                              storage_options=_storage_options(options),
                               progress=progress_enabled(quiet))
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=1))

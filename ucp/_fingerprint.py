@@ -42,7 +42,7 @@ __all__ = ["ALGORITHM", "combine", "fingerprint", "fingerprint_box", "fingerprin
 ALGORITHM = "ucp-fp1"
 MOD = 1 << 64
 #: Odd multiplier of the index weights (r = 3 mod 8: multiplicative order 2**62).
-R = 0x9E3779B97F4A7C13 ^ 0x8
+R = 0x9E3779B97F4A7C1B
 #: Added to every element's bits, so a zero still counts at its index.
 C = 0x632BE59BD9B4E019
 #: Columns per block and elements per slab (temporaries of a few MiB).
