@@ -35,7 +35,7 @@ from ucp.storage import Storage, checksum, zarr_store
 from ._errors import (ChecksumError, CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError,
                       StorageError, UcpError)
 from ._fingerprint import fingerprint as fingerprint_of
-from ._fingerprint import to_hex
+from ._fingerprint import from_hex, to_hex
 from ._meta import FORMAT_VERSION, MAX_JSON_BYTES, loads, seal
 from ._shard import ChunkReader, Layout, ShardParts, layout_of, shard_shape, sharded_meta
 from ._stfile import dtype_from_name, dtype_name
@@ -299,6 +299,22 @@ class UniversalCheckpoint:
             raise KeyError(f"parameter {name!r} has no state {state!r}; it has {e['states']}")
         return self._read_array(f"{e['path']}/{state}", region, None if state == "step" else shape,
                                 _meta_crc(e, state))
+
+    def recorded_fingerprint(self, name: str, state: str | None) -> int | None:
+        """The fingerprint recorded for a parameter state (``state=None``: a buffer) when it was
+        written, or None (converted with ``--no-verify``, or by an older ucp)."""
+        e = self._buffers.get(name, {}) if state is None else self._entry(name)
+        if state is None:
+            value = e.get("fingerprint")
+        else:
+            if state == "param" and "param" not in e["states"] and e["dtype"] == "float32":
+                state = "fp32"  # an fp32 model's weights are stored once, as fp32: the same bits
+            value = (e.get("fingerprints") or {}).get(state)
+        try:
+            return from_hex(value) if value is not None else None
+        except ValueError as err:
+            raise CorruptCheckpointError(f"{self.url}/{GROUP_META}: {name!r} ({state or 'buffer'}): "
+                                         f"{err}; the group metadata is damaged") from err
 
     def read_buffer(self, name: str) -> torch.Tensor:
         if name not in self._buffers:
