@@ -164,11 +164,13 @@ def verify(path: str, as_json: bool, engine: str, tag: str | None, spec: str | N
 @click.option("--config", type=click.Path(exists=True, dir_okay=False), default=None,
               help="A config.json to copy into DST, for transformers' from_pretrained.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier export in DST.")
+@click.option("--no-verify", is_flag=True, help="Skip the check of each tensor written against "
+              "the fingerprint a universal SRC records.")
 @_storage_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @ucp_command
 def export(src: str, dst: str, dtype: str | None, max_shard_size: int, spec: str | None,
-           engine: str, tag: str | None, config: str | None, overwrite: bool,
+           engine: str, tag: str | None, config: str | None, overwrite: bool, no_verify: bool,
            options: tuple[tuple[str, Any], ...], quiet: bool) -> None:
     """Write the model weights of SRC (a universal checkpoint, or anything `ucp convert` reads)
     as Hugging Face safetensors in DST: model.safetensors, or model-0000i-of-0000N.safetensors
@@ -183,7 +185,7 @@ def export(src: str, dst: str, dtype: str | None, max_shard_size: int, spec: str
     so = _storage_options(options)
     result = export_hf(src, dst, dtype=dtype, max_shard_size=max_shard_size, spec=spec,
                        engine=engine, tag=tag, config=config, overwrite=overwrite,
-                       storage_options=so, dst_storage_options=so,
+                       verify=not no_verify, storage_options=so, dst_storage_options=so,
                        progress=progress_enabled(quiet))
     shards = sum(f.endswith(".safetensors") for f in result.files)
     renamed = f", {result.renamed} renamed by the spec" if result.renamed else ""

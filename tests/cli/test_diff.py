@@ -176,3 +176,19 @@ def test_verify_deep_recomputes_the_recorded_fingerprints(source, tmp_path):
     assert [(p["kind"], p["where"]) for p in doc["problems"]] == [("fingerprint", f"{GATE_UP} (exp_avg)")]
     run("convert", str(source), str(tmp_path / "plain"), "--no-verify")
     assert "no fingerprints are recorded" in run("verify", str(tmp_path / "plain"), "--deep").stdout
+
+
+def test_export_checks_each_tensor_against_the_recorded_fingerprint(source, tmp_path, monkeypatch):
+    from ucp import _export
+
+    u = str(tmp_path / "u")
+    ucp.convert(str(source), u)
+    run("export", u, str(tmp_path / "hf"))  # faithful: passes the check
+    read = _export._read
+    monkeypatch.setattr(_export, "_read", lambda opened, item: swap_gate_up(read(opened, item))
+                        if item.src == GATE_UP else read(opened, item))
+    result = run("export", u, str(tmp_path / "hf2"), code=1)
+    assert f"Error: {GATE_UP}: state 'param' as exported to " in result.stderr
+    assert "differs from the checkpoint (fingerprint " in result.stderr
+    assert not (tmp_path / "hf2" / "model.safetensors").exists()
+    run("export", u, str(tmp_path / "hf3"), "--no-verify")
