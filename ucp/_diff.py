@@ -16,9 +16,10 @@ import math
 import sys
 from typing import Any, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 
-from ._fingerprint import _bits
+from ._fingerprint import bit_view
 from ._inspect import SCHEMA_VERSION, display_url
 
 __all__ = ["DiffReport", "StateDiff", "diff_checkpoints"]
@@ -203,7 +204,7 @@ class _Acc:
         self.dtypes = (str(xa.dtype).removeprefix("torch."), str(xb.dtype).removeprefix("torch."))
         if xa.numel() == 0:
             return
-        same = xa.dtype == xb.dtype and bool(torch.equal(_bits(xa), _bits(xb)))
+        same = xa.dtype == xb.dtype and bool(np.array_equal(bit_view(xa), bit_view(xb)))
         self.bitwise &= same
         if same:
             return

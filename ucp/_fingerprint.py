@@ -23,7 +23,7 @@ a widening copy, a multiply and a sum: about what reading the bytes costs.
 Weights are separable: the flat index of an element of a box is ``base + sum_d i_d * stride_d``,
 so its weight is ``r**base * prod_d (r**stride_d)**i_d``; a box is summed as a 2-D matrix
 (rows x last dim) with a row-weight and a column-weight vector, a slab at a time so temporaries
-stay in cache. int64 arithmetic wraps modulo 2**64 (tests check every path against a pure-Python
+stay in cache. uint64 arithmetic wraps modulo 2**64 (tests check every path against a pure-Python
 reference).
 """
 
@@ -33,9 +33,10 @@ import functools
 import math
 from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 
-__all__ = ["ALGORITHM", "combine", "fingerprint", "fingerprint_box", "fingerprint_flat",
+__all__ = ["ALGORITHM", "bit_view", "combine", "fingerprint", "fingerprint_box", "fingerprint_flat",
            "from_hex", "to_hex"]
 
 #: Name recorded beside stored fingerprints; a new formula gets a new name.
@@ -57,22 +58,18 @@ def _signed(v: int) -> int:
     return v - MOD if v >= 1 << 63 else v
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """Each element's bit pattern as int64 (sign-extended: injective for every element size)."""
+def bit_view(t: torch.Tensor) -> np.ndarray:
+    """The bit patterns of ``t`` (on CPU) as a numpy view of signed integers of its element size.
+
+    Raises:
+        TypeError: a complex dtype, or elements of another size than 1, 2, 4 or 8 bytes.
+    """
     if t.dtype == torch.bool:
         t = t.view(torch.uint8)
     size = t.element_size()
     if size not in _INT or t.is_complex():
         raise TypeError(f"no fingerprint for dtype {t.dtype}: elements of {size} bytes")
-    return t.view(_INT[size]).to(torch.int64)
-
-
-def _terms(t: torch.Tensor) -> torch.Tensor:
-    """``g(t)`` elementwise as a new int64 tensor (8-byte elements: high half folded in)."""
-    x = _bits(t)
-    if t.element_size() == 8:
-        x = x ^ (x >> 32).bitwise_and_(0xFFFFFFFF)  # a logical shift; a new tensor, not the input
-    return x
+    return t.detach().view(_INT[size]).numpy()
 
 
 @functools.lru_cache(maxsize=64)
@@ -92,24 +89,35 @@ def _powers(base: int, n: int) -> torch.Tensor:
 def _weighted(values: torch.Tensor, rows: torch.Tensor, col_base: int) -> int:
     """``sum_ij rows[i] * col_base**j * (g(values[i, j]) + C)`` for a 2-D ``values`` (mod 2**64).
 
+    The per-element work runs in numpy, whose uint64 arithmetic wraps by definition (and is
+    faster here than torch's): a sign-extending copy into a reused buffer, a multiply, a sum.
     The ``C`` part is ``C * sum(rows) * sum(col weights)``: no per-element work.
     """
     m, k = values.shape
-    total = 0
+    bits = bit_view(values)
+    fold = values.element_size() == 8
     step = max(1, SLAB // max(1, k))
-    cols = _powers(col_base, min(k, BLOCK))
-    col_sums = 0
+    cols = _powers(col_base, min(k, BLOCK)).numpy().view(np.uint64)
+    rw = rows.numpy().view(np.uint64)
+    buf = np.empty(min(m, step) * min(k, BLOCK), dtype=np.int64)
+    total = col_sums = 0
     for c0 in range(0, k, BLOCK):
         col_sums += pow(col_base, c0, MOD) * int(cols[:min(BLOCK, k - c0)].sum())
     for r0 in range(0, m, step):
-        rw = rows[r0:r0 + step]
         for c0 in range(0, k, BLOCK):
-            x = _terms(values[r0:r0 + step, c0:c0 + BLOCK])
-            s = x.mul_(cols[:x.shape[1]]).sum(1)
+            block = bits[r0:r0 + step, c0:c0 + BLOCK]
+            x = buf[:block.size].reshape(block.shape)
+            np.copyto(x, block, casting="unsafe")  # sign-extends
+            x = x.view(np.uint64)
+            if fold:
+                x ^= x >> np.uint64(32)
+            x *= cols[:block.shape[1]]
+            s = x.sum(1)
             if c0:
-                s.mul_(_signed(pow(col_base, c0, MOD)))
-            total += int(s.mul_(rw).sum())
-    return (total + C * col_sums * int(rows.sum())) % MOD
+                s *= np.uint64(pow(col_base, c0, MOD))
+            s *= rw[r0:r0 + step]
+            total += int(s.sum())
+    return (total + C * col_sums * int(rw.sum())) % MOD
 
 
 def fingerprint_flat(values: torch.Tensor, offset: int = 0) -> int:
