@@ -35,7 +35,7 @@ from ucp.storage import Storage, checksum, zarr_store
 from ._errors import (ChecksumError, CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError,
                       StorageError, UcpError)
 from ._fingerprint import fingerprint as fingerprint_of
-from ._fingerprint import from_hex, to_hex
+from ._fingerprint import combine, from_hex, to_hex
 from ._meta import FORMAT_VERSION, MAX_JSON_BYTES, loads, seal
 from ._shard import ChunkReader, Layout, ShardParts, layout_of, shard_shape, sharded_meta
 from ._stfile import dtype_from_name, dtype_name
@@ -157,12 +157,13 @@ class UniversalWriter:
                 "fill_value": False if data.dtype == np.bool_ else 0,
                 "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
                 "attributes": {"ucp_dtype": dtype_name(tensor.dtype)}, "storage_transformers": []}
+        prints: dict[tuple[int, ...], int] | None = {} if fingerprint and sharded else None
         if sharded:
             meta.update(sharded_meta(chunks, shard))
             grid = [range(-(-s // c)) for s, c in zip(data.shape, shard)]
             cells = list(itertools.product(*grid))
             write = lambda idx: self.storage.write(  # noqa: E731
-                f"{path}/c/{'/'.join(map(str, idx))}", ShardParts(data, chunks, shard, idx), fsync=False,
+                f"{path}/c/{'/'.join(map(str, idx))}", ShardParts(data, chunks, shard, idx, prints), fsync=False,
                 atomic=False, crc=False)  # every inner chunk and the index carry their own CRC32C
             if self.storage.is_local or len(cells) == 1:  # the page cache absorbs writes best from one thread
                 for idx in cells:
@@ -177,8 +178,10 @@ class UniversalWriter:
         self._write_parents(path)
         entry = {"shape": list(tensor.shape), "dtype": dtype_name(tensor.dtype), "nbytes": int(data.nbytes),
                  "meta_crc32c": crc32c(encoded)}
-        if fingerprint:  # of the array as encoded (bits of bf16 and friends), not of the input
-            entry["fingerprint"] = to_hex(fingerprint_of(torch.from_numpy(data)))
+        if fingerprint:  # of the chunks as encoded (bits of bf16 and friends), summed
+            whole = prints is None or len(prints) != math.prod(-(-n // c) for n, c in zip(data.shape, chunks))
+            entry["fingerprint"] = to_hex(fingerprint_of(torch.from_numpy(data)) if whole
+                                          else combine(prints.values()))
         return entry
 
     def _write_parents(self, path: str) -> None:
