@@ -18,7 +18,7 @@ elements ``d`` apart changes ``F`` by ``(g_a - g_b) * r**j * (r**d - 1)``; with 
 ``2**32`` for elements of up to 4 bytes (8-byte ones fold their high half into the low one, so a
 flipped sign still shows low), so such a swap is always seen in tensors of fewer than ``2**30``
 elements, and otherwise misses only when ``d`` is a multiple of ``2**30``. Per element, the cost is
-a widening copy, a multiply and a sum: about what reading the bytes costs.
+a widening copy and a fused multiply-and-sum.
 
 Weights are separable: the flat index of an element of a box is ``base + sum_d i_d * stride_d``,
 so its weight is ``r**base * prod_d (r**stride_d)**i_d``; a box is summed as a 2-D matrix
@@ -90,7 +90,8 @@ def _weighted(values: torch.Tensor, rows: torch.Tensor, col_base: int) -> int:
     """``sum_ij rows[i] * col_base**j * (g(values[i, j]) + C)`` for a 2-D ``values`` (mod 2**64).
 
     The per-element work runs in numpy, whose uint64 arithmetic wraps by definition (and is
-    faster here than torch's): a sign-extending copy into a reused buffer, a multiply, a sum.
+    faster here than torch's): a sign-extending copy into a reused buffer, then one fused
+    multiply-and-sum pass (``einsum``).
     The ``C`` part is ``C * sum(rows) * sum(col weights)``: no per-element work.
     """
     m, k = values.shape
@@ -111,8 +112,7 @@ def _weighted(values: torch.Tensor, rows: torch.Tensor, col_base: int) -> int:
             x = x.view(np.uint64)
             if fold:
                 x ^= x >> np.uint64(32)
-            x *= cols[:block.shape[1]]
-            s = x.sum(1)
+            s = np.einsum("ij,j->i", x, cols[:block.shape[1]])  # multiply and sum, one pass
             if c0:
                 s *= np.uint64(pow(col_base, c0, MOD))
             s *= rw[r0:r0 + step]
