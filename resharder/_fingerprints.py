@@ -13,13 +13,15 @@ from __future__ import annotations
 import math
 from typing import Iterable
 
+import torch
+
 from ucp._errors import VerificationError
 from ucp._fingerprint import MOD, combine, fingerprint, fingerprint_box, from_hex, to_hex
 
 from ._read import LoadedRank
 from ._source import ArraySource
 
-__all__ = ["OutputFingerprints", "check_output", "source_fingerprint"]
+__all__ = ["OutputFingerprints", "check_output", "check_recorded", "source_fingerprint"]
 
 Key = tuple[str, str]
 
@@ -105,7 +107,24 @@ def check_output(source: ArraySource, gathered: Iterable[list[list[str]]], dst: 
             continue  # overlapping boxes: this layout cannot be summed box by box
         want = source_fingerprint(source, name, state)
         if value != want:
-            raise VerificationError(
-                f"{name}: state {state!r} as resharded to {dst} differs from the source (fingerprint "
-                f"{to_hex(value)} over all ranks, the source's {to_hex(want)}): values moved, changed "
-                "or were dropped; do not use this output, and report the bug with the topology")
+            raise _mismatch(name, state, dst, f"{to_hex(value)} over all ranks", want)
+
+
+def check_recorded(source: ArraySource, name: str, state: str, t: torch.Tensor, dst: str) -> None:
+    """Raises :class:`VerificationError` when ``t``, a whole state about to be written, does not
+    have the fingerprint the universal ``source`` records for it (nothing recorded, or ``t`` in
+    another dtype than the stored one: nothing to check)."""
+    ckpt = getattr(source, "ckpt", None)
+    want = ckpt.recorded_fingerprint(name, state) if ckpt is not None else None
+    if want is None or source.array(name, state).dtype != t.dtype:
+        return
+    got = fingerprint(t)
+    if got != want:
+        raise _mismatch(name, state, dst, to_hex(got), want)
+
+
+def _mismatch(name: str, state: str, dst: str, got: str, want: int) -> VerificationError:
+    return VerificationError(
+        f"{name}: state {state!r} as resharded to {dst} differs from the source (fingerprint {got}, "
+        f"the source's {to_hex(want)}): values moved, changed or were dropped; do not use this "
+        "output, and report the bug with the topology")

@@ -63,3 +63,21 @@ def test_a_planted_bug_is_named_and_nothing_is_committed(llama, tmp_path, monkey
     result = CliRunner().invoke(main, ["reshard", llama[1], str(tmp_path / "cli"), "--to", "tp=2", "-q"])
     assert result.exit_code == 1 and f"Error: {QKV}: state 'exp_avg'" in result.stderr
     ucp.reshard(llama[1], str(tmp_path / "unchecked"), topology="tp=2", verify=False)
+
+
+def test_the_deepspeed_target_checks_each_state_against_the_recorded_one(llama, tmp_path, monkeypatch):
+    from ucp.resharder import _deepspeed
+    from ucp.resharder._source import UniversalSource
+
+    checked = []
+    check = _deepspeed.check_recorded
+    monkeypatch.setattr(_deepspeed, "check_recorded", lambda src, n, s, t, d: (checked.append((n, s)),
+                                                                                check(src, n, s, t, d)))
+    ucp.reshard(llama[1], str(tmp_path / "ok"), topology="dp=2", engine="deepspeed")
+    assert (QKV, "exp_avg_sq") in checked and len(checked) > 60
+    read = UniversalSource.read
+    monkeypatch.setattr(UniversalSource, "read", lambda self, n, s, r: torch.zeros_like(read(self, n, s, r))
+                        if (n, s) == (QKV, "exp_avg_sq") else read(self, n, s, r))
+    with pytest.raises(ucp.VerificationError, match=rf"^{QKV}: state 'exp_avg_sq' as resharded to .*zero/{QKV} "
+                                                    r"differs from the source"):
+        ucp.reshard(llama[1], str(tmp_path / "bad"), topology="dp=2", engine="deepspeed")
