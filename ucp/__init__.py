@@ -28,6 +28,7 @@ from ._errors import (
     UcpSpecError,
     UnsafeInputError,
     UnsupportedProtocolError,
+    VerificationError,
 )
 from ._topology import Topology
 
@@ -103,4 +104,5 @@ __all__ = [
     "UcpSpecError",
     "UnsafeInputError",
     "UnsupportedProtocolError",
+    "VerificationError",
 ]

@@ -22,11 +22,13 @@ __all__ = ["convert"]
               help="Worker processes converting in parallel.")
 @click.option("--step", "tag", default=None, help="Step/tag of SRC to convert (default: newest).")
 @click.option("--overwrite", is_flag=True, help="Replace a complete universal checkpoint at DST.")
+@click.option("--no-verify", is_flag=True,
+              help="Skip fingerprinting: no check that DST holds what SRC holds, none recorded.")
 @storage_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @ucp_command
 def convert(src: str, dst: str, engine: str, spec: str | None, workers: int, tag: str | None,
-            overwrite: bool, options: tuple[tuple[str, Any], ...], quiet: bool) -> None:
+            overwrite: bool, no_verify: bool, options: tuple[tuple[str, Any], ...], quiet: bool) -> None:
     """Consolidate a distributed checkpoint SRC into a universal checkpoint DST.
 
     \b
@@ -37,7 +39,7 @@ def convert(src: str, dst: str, engine: str, spec: str | None, workers: int, tag
 
     so = storage_options(options)
     ckpt = _convert(src, dst, engine=engine, spec=spec, workers=workers, tag=tag,
-                    overwrite=overwrite, storage_options=so, dst_storage_options=so,
+                    overwrite=overwrite, verify=not no_verify, storage_options=so, dst_storage_options=so,
                     progress=progress_enabled(quiet))
     names = ckpt.names()
     click.echo(f"wrote {dst}: {len(names)} parameters, {len(ckpt.buffer_names())} buffers, "

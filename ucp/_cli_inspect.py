@@ -79,10 +79,12 @@ def inspect(path: str, as_json: bool, engine: str, tag: str | None, spec: str | 
 @_step_option
 @spec_option
 @storage_option
+@click.option("--deep", is_flag=True, help="Also recompute every array's fingerprint from its "
+              "data and compare it with the one recorded at conversion.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @ucp_command
 def verify(path: str, as_json: bool, engine: str, tag: str | None, spec: str | None,
-           options: tuple[tuple[str, Any], ...], quiet: bool) -> None:
+           options: tuple[tuple[str, Any], ...], deep: bool, quiet: bool) -> None:
     """Check the checkpoint at PATH: every checksum, every parameter covered exactly once by its
     fragments, shapes that fit the spec. Exit 0 when all is well, 1 with the list of problems.
 
@@ -90,12 +92,13 @@ def verify(path: str, as_json: bool, engine: str, tag: str | None, spec: str | N
     Example:
       ucp verify ./ckpt --step 200
       ucp verify s3://bucket/universal --json
+      ucp verify ./universal --deep
     """
     from ._verify import verify_checkpoint
 
     report = verify_checkpoint(path, engine=engine, spec=spec, tag=tag,
                                storage_options=storage_options(options),
-                               progress=progress_enabled(quiet))
+                               progress=progress_enabled(quiet), deep=deep)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=1))
     else:
@@ -127,11 +130,13 @@ def verify(path: str, as_json: bool, engine: str, tag: str | None, spec: str | N
 @click.option("--config", type=click.Path(exists=True, dir_okay=False), default=None,
               help="A config.json to copy into DST, for transformers' from_pretrained.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier export in DST.")
+@click.option("--no-verify", is_flag=True, help="Skip the check of each tensor written against "
+              "the fingerprint a universal SRC records.")
 @storage_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @ucp_command
 def export(src: str, dst: str, dtype: str | None, max_shard_size: int, spec: str | None,
-           engine: str, tag: str | None, config: str | None, overwrite: bool,
+           engine: str, tag: str | None, config: str | None, overwrite: bool, no_verify: bool,
            options: tuple[tuple[str, Any], ...], quiet: bool) -> None:
     """Write the model weights of SRC (a universal checkpoint, or anything `ucp convert` reads)
     as Hugging Face safetensors in DST: model.safetensors, or model-0000i-of-0000N.safetensors
@@ -148,7 +153,7 @@ def export(src: str, dst: str, dtype: str | None, max_shard_size: int, spec: str
     try:
         result = export_hf(src, dst, dtype=dtype, max_shard_size=max_shard_size, spec=spec,
                            engine=engine, tag=tag, config=config, overwrite=overwrite,
-                           storage_options=so, dst_storage_options=so,
+                           verify=not no_verify, storage_options=so, dst_storage_options=so,
                            progress=progress_enabled(quiet))
     except BaseException:  # an error or Ctrl-C: leave no empty directory behind
         if new_dir is not None:

@@ -31,13 +31,16 @@ __all__ = ["reshard"]
 @click.option("--overwrite", is_flag=True, help="Replace the step if DST already has it.")
 @click.option("--io-threads", "workers", default=8, show_default=True,
               type=click.IntRange(1, 256), help="Reads in flight.")
+@click.option("--no-verify", is_flag=True,
+              help="Skip the check of every resharded state against SRC by fingerprint.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @storage_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @ucp_command
 def reshard(src: str, dst: str, topology: Topology, engine: str, spec: str | None,
             src_engine: str, alignment: int | None, tag: str | None, overwrite: bool,
-            workers: int, as_json: bool, options: tuple[tuple[str, Any], ...], quiet: bool) -> None:
+            workers: int, no_verify: bool, as_json: bool, options: tuple[tuple[str, Any], ...],
+            quiet: bool) -> None:
     """Write checkpoint SRC for another parallel topology at DST.
 
     SRC is a universal checkpoint, or any checkpoint `ucp convert` reads (converted on the fly,
@@ -55,7 +58,7 @@ def reshard(src: str, dst: str, topology: Topology, engine: str, spec: str | Non
     report = _reshard(src, dst, topology=topology, engine=engine, spec=spec, alignment=alignment,
                       src_engine=src_engine, tag=tag, overwrite=overwrite, workers=workers,
                       storage_options=so, dst_storage_options=so,
-                      progress=None if not quiet else False)
+                      progress=None if not quiet else False, verify=not no_verify)
     stats = report.stats
     if as_json:
         click.echo(json.dumps({"url": dst, "engine": report.engine, "step": report.step,

@@ -16,6 +16,7 @@ import click
 
 from ._cli_base import StderrHandler, add_secrets, cli_terms, progress_enabled, redact, ucp_command
 from ._cli_commands import convert
+from ._cli_diff import diff
 from ._cli_inspect import export, inspect, ls, verify
 from ._cli_reshard import reshard
 from ._cli_spec import spec
@@ -64,5 +65,5 @@ def main(verbose: bool, quiet: bool) -> None:
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
-for _command in (convert, reshard, inspect, verify, export, ls, spec):
+for _command in (convert, reshard, inspect, verify, export, ls, spec, diff):
     main.add_command(_command)
