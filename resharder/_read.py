@@ -31,6 +31,8 @@ __all__ = ["ReadStats", "LoadedRank", "read_plan", "chunk_blocks", "estimate_rea
 
 #: Largest block of chunks one read fetches (bounds the memory of reads in flight).
 MAX_BLOCK_BYTES = 16 * 2**20
+#: Threads reading from a source that reads regions partially (each holds one piece at a time).
+PARTIAL_THREADS = 4
 #: Bytes each stored chunk carries besides its data (zarr's crc32c codec).
 CHUNK_OVERHEAD = 4
 
@@ -294,12 +296,10 @@ def _tasks(plan: RankPlan, source: ArraySource, dests: dict[Path, _Dest], max_bl
 
 def _partial(source: ArraySource, key: tuple[str, str | None], box: Region, reads: Sequence[Read],
              dests: dict[Path, _Dest]) -> tuple[int, int, int]:
-    """One box of an unchunked array from a source that reads only the bytes of a region; the
-    bytes read are what storage counted (sources that read partially run on one thread)."""
-    before = read_counter()
+    """One box of an unchunked array from a source that reads only the bytes of a region."""
     for sub, data in source.iter_region(key[0], key[1], box):
         _apply(data, sub, reads, dests)
-    return (read_counter() - before).bytes, 0, 0
+    return 0, 0, 0  # bytes read: what storage counted over the whole plan (see read_plan)
 
 
 def _whole(source: ArraySource, key: tuple[str, str | None], reads: Sequence[Read],
@@ -339,9 +339,12 @@ def read_plan(plan: RankPlan, source: ArraySource, *, workers: int = 8,
     start = time.perf_counter()
     out = out or {}
     dests = {lt.path: _Dest(lt, out.get(lt.path)) for lt in plan.tensors}
+    before = read_counter()
     tasks, needed = _tasks(plan, source, dests, max_block_bytes)
     bytes_read = chunks = 0
     threads = max(1, min(workers, len(tasks))) if source.concurrent else 1
+    if source.partial:  # each thread holds a piece of a fragment: bound the memory in flight
+        threads = min(threads, PARTIAL_THREADS)
     with cf.ThreadPoolExecutor(threads, thread_name_prefix="ucp-reshard") as pool:
         futures = [pool.submit(t) for t in tasks]
         try:
@@ -352,6 +355,8 @@ def read_plan(plan: RankPlan, source: ArraySource, *, workers: int = 8,
             for f in futures:
                 f.cancel()
             raise
+    if source.partial:  # counted by storage: every byte the source read, metadata included
+        bytes_read += (read_counter() - before).bytes
     tensors = {path: _finish(d, source) for path, d in dests.items()}
     stats = ReadStats(bytes_read, needed, chunks, len(tasks), time.perf_counter() - start)
     return LoadedRank(plan, tensors, stats)

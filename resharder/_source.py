@@ -251,7 +251,11 @@ class ConvertingSource(ArraySource):
     """A distributed checkpoint read through its engine plugin: every read consolidates the
     whole parameter state (the plugin's own reads), and the executor slices what it needs."""
 
-    concurrent = False  # plugin readers are not promised to be thread-safe
+    @property
+    def concurrent(self) -> bool:  # type: ignore[override]
+        """Plugin readers are not promised to be thread-safe, except those that read partially
+        (they read many small boxes, and declare themselves safe to call from several threads)."""
+        return self.partial
 
     def __init__(self, source: SourceCheckpoint, url: str) -> None:
         self.source, self.url = source, url

@@ -161,9 +161,7 @@ def _groups(source: ArraySource, osd: Mapping[str, Any]) -> list[dict[str, Any]]
 
 
 def _is_zero(opt: Any) -> bool:
-    from torch.distributed.optim import ZeroRedundancyOptimizer
-
-    return isinstance(opt, ZeroRedundancyOptimizer)
+    return _dtensor.is_zero_redundancy(opt)
 
 
 def _load_zero(opt: Any, held: Mapping[Any, str], source: ArraySource,
@@ -235,8 +233,10 @@ def load_into(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, s
     p.check_dtypes()
     plan = RankPlan(Topology(), 0, 1, tuple(p.tensors), tuple(p.reads), (), ())
     loaded = read_plan(plan, source, workers=workers, out=p.out)
-    new_msd = {k: p.value(("model", k), loaded.tensors) for k in msd if ("model", k) in p.rebuild}
-    set_model_state_dict(model, new_msd, options=StateDictOptions(strict=strict))
+    if not all(("model", k) in p.out for k in msd if ("model", k) in p.rebuild):
+        # some entries could not be read into the model's own memory: load them through torch
+        new_msd = {k: p.value(("model", k), loaded.tensors) for k in msd if ("model", k) in p.rebuild}
+        set_model_state_dict(model, new_msd, options=StateDictOptions(strict=strict))
     if zero:
         _load_zero(optimizer, held, source, loaded.tensors)
     if osd is not None and not _fill_in_place(optimizer, osd, p, loaded.tensors, _groups(source, osd)):

@@ -233,6 +233,30 @@ class Storage:
         count_read(len(data))
         return data
 
+    def read_range_into(self, rel: str, start: int, out: memoryview) -> int:
+        """Reads bytes from ``start`` of a file into ``out`` (as many as it holds, fewer at the
+        end of the file) without an intermediate copy on local disk; returns how many were read."""
+        target, n = self.path(rel), out.nbytes
+        if self.is_local:
+            def fn() -> int:
+                with open(target, "rb", buffering=0) as f:
+                    f.seek(start)
+                    got = 0
+                    while got < n:
+                        k = f.readinto(out[got:])
+                        if not k:
+                            break
+                        got += k
+                    return got
+        else:
+            def fn() -> int:
+                data = self.fs.cat_file(target, start=start, end=start + n)
+                out[:len(data)] = data
+                return len(data)
+        got = retry_call(fn, policy=self.retry, what=f"reading {self.url}/{rel}[{start}:{start + n}]")
+        count_read(got)
+        return got
+
     # -- listing and deletion ------------------------------------------------------------------
     def exists(self, rel: str) -> bool:
         target = self.path(rel)

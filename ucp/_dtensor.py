@@ -112,3 +112,11 @@ def to_dtensor(local: torch.Tensor, mesh: Any, placements: tuple[Placement, ...]
     stride = torch.empty(global_shape, device="meta").stride()
     return _td().DTensor.from_local(local, mesh, placements, run_check=False,
                               shape=torch.Size(global_shape), stride=stride)
+
+
+def is_zero_redundancy(opt: Any) -> bool:
+    """Whether ``opt`` is a ``torch.distributed.optim.ZeroRedundancyOptimizer``, without importing
+    that package (its import JIT-compiles functional optimizers: most of a second); an optimizer
+    of a module never imported cannot be one."""
+    module = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
+    return module is not None and isinstance(opt, module.ZeroRedundancyOptimizer)

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 import torch
 
+from . import _dtensor
 from ._errors import ConvertError
 
 __all__ = ["capture", "restore_same", "restore_extra", "roles", "reseed"]
@@ -20,9 +21,7 @@ __all__ = ["capture", "restore_same", "restore_extra", "roles", "reseed"]
 
 
 def _is_zero(opt: Any) -> bool:
-    from torch.distributed.optim import ZeroRedundancyOptimizer
-
-    return isinstance(opt, ZeroRedundancyOptimizer)
+    return _dtensor.is_zero_redundancy(opt)
 
 
 def roles(state: Mapping[str, Any]) -> tuple[str | None, str | None]:

@@ -38,7 +38,7 @@ __all__ = ["ENGINE", "NativeEngine", "NativeCheckpoint"]
 #: Blocks of recently read fragments kept by a reader (``BLOCK_BYTES`` each).
 CACHE_BLOCKS = 16
 #: The most one partial read fetches: bounds the memory of a region read, whatever the model.
-PIECE_BYTES = 16 << 20
+PIECE_BYTES = 4 << 20
 _MODEL_KEYS = ("model",)
 _OPTIM_KEYS = ("optim", "optimizer")
 
@@ -439,10 +439,11 @@ class NativeCheckpoint:
 
     def _blocks(self, f: _Frag, rel: str, origin: int, nbytes: int, b0: int, b1: int) -> bytearray:
         """Blocks ``[b0, b1)`` of a fragment (which starts at byte ``origin`` of ``rel``), each
-        checked against its CRC32C. Recently read blocks are kept (a few MiB), so neighbouring
-        reads, such as consecutive parameters of one flat ZeRO partition, fetch each block once."""
+        checked against its CRC32C, read straight into the returned buffer. The first and last
+        block of each read are kept for a while, so a neighbouring read (the next parameter of a
+        flat ZeRO partition, the next rows of a shard) does not fetch them again."""
         out = bytearray(min(b1 * BLOCK_BYTES, nbytes) - b0 * BLOCK_BYTES)
-        missing = []
+        view, missing = memoryview(out), []
         for i in range(b0, b1):
             with self._cache_lock:
                 hit = self._cache.get((f.rank, f.frag.key, i))
@@ -451,27 +452,28 @@ class NativeCheckpoint:
             if hit is None:
                 missing.append(i)
             else:
-                out[(i - b0) * BLOCK_BYTES:(i - b0) * BLOCK_BYTES + len(hit)] = hit
+                view[(i - b0) * BLOCK_BYTES:(i - b0) * BLOCK_BYTES + len(hit)] = hit
         for lo, hi in _runs(missing):
-            data = self.storage.read_range(rel, origin + lo * BLOCK_BYTES, origin + min(hi * BLOCK_BYTES, nbytes))
-            view = memoryview(data)
+            part = view[(lo - b0) * BLOCK_BYTES:min(hi * BLOCK_BYTES, nbytes) - b0 * BLOCK_BYTES]
+            got = self.storage.read_range_into(rel, origin + lo * BLOCK_BYTES, part)
             for i in range(lo, hi):
-                block = view[(i - lo) * BLOCK_BYTES:(i - lo + 1) * BLOCK_BYTES]
-                want = min(BLOCK_BYTES, nbytes - i * BLOCK_BYTES)
-                if len(block) != want or checksum([block])[0] != f.frag.block_crc32c[i]:
+                block = part[(i - lo) * BLOCK_BYTES:(i - lo + 1) * BLOCK_BYTES]
+                end = min((i - lo + 1) * BLOCK_BYTES, got)
+                if end - (i - lo) * BLOCK_BYTES != block.nbytes or checksum([block])[0] != f.frag.block_crc32c[i]:
                     raise ChecksumError(f"{self.storage.url}/{rel}: tensor {f.frag.key!r} fails the "
                                         f"CRC32C of its block {i} (the file is corrupt)")
-                out[(i - b0) * BLOCK_BYTES:(i - b0) * BLOCK_BYTES + want] = block
-                with self._cache_lock:
-                    self._cache[(f.rank, f.frag.key, i)] = bytes(block)
-                    if len(self._cache) > CACHE_BLOCKS:
-                        self._cache.popitem(last=False)
+            with self._cache_lock:
+                for i in {lo, hi - 1}:
+                    self._cache[(f.rank, f.frag.key, i)] = bytes(part[(i - lo) * BLOCK_BYTES:(i - lo + 1) * BLOCK_BYTES])
+                while len(self._cache) > CACHE_BLOCKS:
+                    self._cache.popitem(last=False)
         return out
 
     def _read_fragment(self, f: _Frag) -> torch.Tensor:
         rel, base, dtype, shape, start, stop = self._entry(f)
-        buf = bytearray(self.storage.read_range(rel, base + start, base + stop))
-        if f.frag.crc32c is not None and checksum([buf])[0] != f.frag.crc32c:
+        buf = bytearray(stop - start)
+        got = self.storage.read_range_into(rel, base + start, memoryview(buf))
+        if got != len(buf) or (f.frag.crc32c is not None and checksum([buf])[0] != f.frag.crc32c):
             raise ChecksumError(f"{self.storage.url}/{rel}: tensor {f.frag.key!r} fails its CRC32C "
                                 "check (the file is corrupt)")
         return from_bytes(buf, dtype, shape)
