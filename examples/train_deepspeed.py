@@ -51,7 +51,7 @@ def main():
               "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=config)
 
-    ckpt = ucp.DeepSpeedCheckpointer(args.ckpt, every=args.save_every, keep=2)
+    ckpt = ucp.deepspeed.Checkpointer(args.ckpt, every=args.save_every, keep=2)
     start = ckpt.resume(engine)  # 0 on a fresh run; otherwise the step to continue from
     for step in range(start + 1, args.steps + 1):
         x, y = gpt.batch(step, rank * per_rank, per_rank)

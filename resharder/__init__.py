@@ -8,6 +8,7 @@ torch modules (plain, DTensor TP, FSDP2). docs/resharding.md describes the layou
 """
 
 from ._api import load_rank_state
+from ._fingerprints import check_recorded
 from ._plan import (
     Copy,
     FlatSegment,
@@ -32,6 +33,6 @@ __all__ = [
     "plan_rank", "plan_ranks", "param_layouts", "read_plan", "build_state", "estimate_reads",
     "RankPlan", "Read", "Copy", "LocalTensor", "HeldParam", "GroupPlan", "FlatSegment",
     "LoadedRank", "ReadStats", "ReshardReport", "ArraySource", "ArrayInfo", "open_array_source",
-    "register_target", "get_target", "chunk_blocks",
+    "register_target", "get_target", "chunk_blocks", "check_recorded",
     "flat_boxes", "group_partition", "param_partition", "GroupPartition",
 ]

@@ -11,6 +11,7 @@ torch and the engines they do not need.
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from ._errors import (
@@ -35,7 +36,7 @@ from ._topology import Topology
 if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and IDEs
     from ._checkpointer import Checkpointer
     from ._convert import convert
-    from ._deepspeed_hook import DeepSpeedCheckpointer, load_deepspeed, restore_deepspeed_extras
+    from . import deepspeed
     from ._load import load
     from ._reshard import reshard
     from ._save import SaveHandle, save
@@ -49,9 +50,7 @@ _LAZY = {
     "SaveHandle": ("._save", "SaveHandle"),
     "load": ("._load", "load"),
     "Checkpointer": ("._checkpointer", "Checkpointer"),
-    "DeepSpeedCheckpointer": ("._deepspeed_hook", "DeepSpeedCheckpointer"),
-    "load_deepspeed": ("._deepspeed_hook", "load_deepspeed"),
-    "restore_deepspeed_extras": ("._deepspeed_hook", "restore_deepspeed_extras"),
+    "deepspeed": (".deepspeed", None),
     "convert": ("._convert", "convert"),
     "reshard": ("._reshard", "reshard"),
     "open": ("._universal", "open_universal"),
@@ -61,18 +60,28 @@ _LAZY = {
 }
 
 
+# deprecated top-level names of the DeepSpeed helpers -> their names in ucp.deepspeed (one release)
+_DEPRECATED = {"DeepSpeedCheckpointer": "Checkpointer", "load_deepspeed": "load_universal",
+               "restore_deepspeed_extras": "restore_extras"}
+
+
 def __getattr__(name: str) -> Any:
+    if name in _DEPRECATED:
+        warnings.warn(f"ucp.{name} is deprecated; use ucp.deepspeed.{_DEPRECATED[name]}",
+                      DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(".deepspeed", __name__), _DEPRECATED[name])
     try:
         module, attr = _LAZY[name]
     except KeyError:
         raise AttributeError(f"module 'ucp' has no attribute {name!r}") from None
-    value = getattr(importlib.import_module(module, __name__), attr)
+    value = importlib.import_module(module, __name__)
+    value = value if attr is None else getattr(value, attr)
     globals()[name] = value  # later look-ups skip this function
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | set(_DEPRECATED))
 
 
 __all__ = [
@@ -80,9 +89,7 @@ __all__ = [
     "load",
     "SaveHandle",
     "Checkpointer",
-    "DeepSpeedCheckpointer",
-    "load_deepspeed",
-    "restore_deepspeed_extras",
+    "deepspeed",
     "convert",
     "reshard",
     "open",

@@ -56,7 +56,8 @@ def reshard(src: str, dst: str, *, topology: Topology | str, engine: str = "ucp"
         >>> ucp.reshard("universal/", "ckpt_tp1/", topology="dp=4,zero=1")
         >>> ucp.load("ckpt_tp1/", rank=3)["optim"]["flat"][0]["exp_avg"]
     """
-    from .resharder import _deepspeed, get_target  # noqa: F401 - _deepspeed registers engine="deepspeed"
+    from .engines.deepspeed import _target  # noqa: F401 - registers engine="deepspeed"
+    from .resharder import get_target
     from .resharder._api import resolve
 
     check_destination(src, dst)

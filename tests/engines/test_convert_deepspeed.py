@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 import ucp
 from ucp.cli import main
-from ucp.engines._deepspeed_files import ALLOWED_GLOBALS
+from ucp.engines.deepspeed._files import ALLOWED_GLOBALS
 
 
 def _trusted(path):

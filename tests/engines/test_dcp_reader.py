@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from ucp._errors import CheckpointNotFoundError, ConvertError, CorruptCheckpointError, UnsafeInputError
 from ucp.engines._base import SourceCheckpoint
-from ucp.engines._dcp_reader import DcpCheckpoint, detect
+from ucp.engines.dcp._reader import DcpCheckpoint, detect
 
 
 def _load_helper(name: str) -> Any:

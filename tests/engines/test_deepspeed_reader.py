@@ -11,8 +11,8 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from ucp import CheckpointNotFoundError, ConvertError, CorruptCheckpointError, UnsafeInputError
-from ucp.engines._deepspeed_files import ALLOWED_GLOBALS, RangeReader
-from ucp.engines._deepspeed_reader import DeepSpeedCheckpoint
+from ucp.engines.deepspeed._files import ALLOWED_GLOBALS, RangeReader
+from ucp.engines.deepspeed._reader import DeepSpeedCheckpoint
 
 SMALL_GROUPS = [[("emb.weight", (7, 5)), ("fc.weight", (3, 5))], [("fc.bias", (3,)), ("ln.weight", (5,))]]
 REAL = ["z1_fp32_dp2", "z2_bf16_dp2", "z3_bf16_dp2", "z2_bf16_dp3", "z1_bf16opt_dp2", "z3_fp16_dp3"]

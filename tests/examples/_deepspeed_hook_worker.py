@@ -1,4 +1,4 @@
-"""One rank of a DeepSpeed job that exercises ``ucp.DeepSpeedCheckpointer`` (run by
+"""One rank of a DeepSpeed job that exercises ``ucp.deepspeed.Checkpointer`` (run by
 tests/examples/test_deepspeed_hook.py under torchrun, with examples/ on PYTHONPATH).
 
     worker.py async  CKPT   save at step 2 while the writer is held back: maybe_save returns
@@ -100,7 +100,7 @@ def hold_writes() -> threading.Event:
 
 def mode_async(url: str, rank: int) -> dict:
     engine = build_engine()
-    ckpt = ucp.DeepSpeedCheckpointer(url, every=2, overlap="skip")
+    ckpt = ucp.deepspeed.Checkpointer(url, every=2, overlap="skip")
     gate = hold_writes()
     for step in (1, 2):
         train_step(engine, step)
@@ -129,7 +129,7 @@ def mode_async(url: str, rank: int) -> dict:
 
 def mode_crash(url: str, rank: int) -> dict:
     engine = build_engine()
-    ckpt = ucp.DeepSpeedCheckpointer(url, every=2)
+    ckpt = ucp.deepspeed.Checkpointer(url, every=2)
     for step in range(1, 5):
         train_step(engine, step)
         ckpt.maybe_save(step, engine)
@@ -143,7 +143,7 @@ def mode_crash(url: str, rank: int) -> dict:
 
 def mode_resume(url: str, rank: int) -> dict:
     engine = build_engine()
-    ckpt = ucp.DeepSpeedCheckpointer(url, every=2)
+    ckpt = ucp.deepspeed.Checkpointer(url, every=2)
     saved = ucp.load(url, step=2, rank=rank)
     start = ckpt.resume(engine)
     assert start == 2, start
@@ -163,7 +163,7 @@ WIDE = {"dim": 256}  # ~1.6M parameters: each rank's partitions span many checks
 
 def mode_wide_save(url: str, rank: int) -> dict:
     engine = build_engine(**WIDE)
-    ckpt = ucp.DeepSpeedCheckpointer(url, every=2)
+    ckpt = ucp.deepspeed.Checkpointer(url, every=2)
     for step in (1, 2):
         train_step(engine, step)
         ckpt.maybe_save(step, engine)
@@ -176,11 +176,11 @@ def mode_reads(url: str, rank: int) -> dict:
     states, gathered back by DeepSpeed's own API, equal the saved ones bit for bit."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    from ucp._deepspeed_snapshot import DeepSpeedSnapshot
+    from ucp.engines.deepspeed._snapshot import DeepSpeedSnapshot
     from ucp.resharder import group_partition
 
     engine = build_engine(**WIDE)
-    ckpt = ucp.DeepSpeedCheckpointer(url, every=2)
+    ckpt = ucp.deepspeed.Checkpointer(url, every=2)
     assert ckpt.resume(engine) == 2 and engine.global_steps == 2
     read = ckpt.last_read.bytes
     opt = engine.optimizer

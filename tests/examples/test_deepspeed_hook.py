@@ -1,4 +1,4 @@
-"""``ucp.DeepSpeedCheckpointer`` on a live DeepSpeed ZeRO-2 bf16 engine, 2 CPU ranks.
+"""``ucp.deepspeed.Checkpointer`` on a live DeepSpeed ZeRO-2 bf16 engine, 2 CPU ranks.
 
 - maybe_save blocks only for the snapshot: the save's write is held back on the save worker
   thread, and maybe_save still returns, its save pending (a synchronous save would hang until the
@@ -63,7 +63,7 @@ def test_maybe_save_returns_after_staging_and_saves_the_values_of_its_step(tmp_p
     import torch
 
     import ucp
-    from ucp._deepspeed_snapshot import DeepSpeedSnapshot
+    from ucp.engines.deepspeed._snapshot import DeepSpeedSnapshot
     from ucp.engines import detect_engine
 
     assert "DeepSpeedCheckpointer snapshot" in detect_engine(str(tmp_path / "ckpt"))[1]

@@ -1,5 +1,5 @@
 """examples/train_deepspeed.py: DeepSpeed ZeRO-2 bf16 on 2 ranks saves at step 10 through
-``ucp.DeepSpeedCheckpointer`` (an async ucp snapshot, LR scheduler included); the job resumes at
+``ucp.deepspeed.Checkpointer`` (an async ucp snapshot, LR scheduler included); the job resumes at
 10 on 3 ranks (and, as a control, on 2) and the loss curve continues.
 
 Tolerances, measured (DeepSpeed 0.19.8, CPU/gloo, torch 2.13):

@@ -25,8 +25,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ucp
-from ucp.engines import _deepspeed_reader
-from ucp.engines._deepspeed_files import TensorRef, _check_view, load_index
+from ucp.engines.deepspeed import _reader as _deepspeed_reader
+from ucp.engines.deepspeed._files import TensorRef, _check_view, load_index
 
 #: scripts/reliability.py raises the example counts through UCP_FUZZ_EXAMPLES.
 _SCALE = int(os.environ.get("UCP_FUZZ_EXAMPLES", "0"))

@@ -178,7 +178,7 @@ def _engine_main(argv: list[str]) -> None:
     opt = torch.optim.AdamW(train.param_groups(model, args.groups), lr=0.5, betas=(0.9, 0.95), eps=1e-8,
                             weight_decay=0.7)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=train.ds_config(args))
-    step = ucp.load_deepspeed(engine, load_dir)
+    step = ucp.deepspeed.load_universal(engine, load_dir)
     seen: dict = {"step": step, "fp32": {}, "exp_avg": {}, "exp_avg_sq": {}, "frozen": {}, "buffers": {}}
     for name, p in engine.module.named_parameters():
         if not p.requires_grad:

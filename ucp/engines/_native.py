@@ -96,7 +96,7 @@ class NativeEngine:
         manifest = read_manifest(root, step)
         if _snapshot_format(read_rank_index(root, manifest, 0)):
             # DeepSpeedCheckpointer's saves: ZeRO flat partitions, laid out by their own reader
-            from ucp._deepspeed_snapshot import DeepSpeedSnapshot
+            from ucp.engines.deepspeed._snapshot import DeepSpeedSnapshot
 
             return DeepSpeedSnapshot(root.url, step, storage_options=storage_options)  # type: ignore[return-value]
         if spec is None and manifest.spec:  # the spec given to ucp.save travels with the checkpoint
@@ -108,7 +108,7 @@ class NativeEngine:
 
 def _snapshot_format(index: RankIndex) -> bool:
     """Whether a rank's saved tree is a ``DeepSpeedCheckpointer`` snapshot (``meta.format``)."""
-    from ucp._deepspeed_snapshot import FORMAT
+    from ucp.engines.deepspeed._snapshot import FORMAT
 
     tree = index.tree
     meta = tree.get("meta") if isinstance(tree, dict) else None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from ._dcp_reader import DcpCheckpoint, detect
+from ._reader import DcpCheckpoint, detect
 
 __all__ = ["ENGINE", "DcpEngine"]
 

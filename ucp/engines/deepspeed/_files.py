@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from .._errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeInputError
+from ucp._errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeInputError
 
 __all__ = ["TensorRef", "RangeReader", "load_index", "LossScalerState", "FragmentAddress",
            "NamespaceState", "ALLOWED_GLOBALS"]

@@ -30,12 +30,12 @@ import torch
 
 from ucp.storage import Storage
 
-from .._errors import CheckpointNotFoundError, ConvertError, CorruptCheckpointError
-from .._topology import Topology
-from ._base import ParamInfo, Region, cut
-from ._dcp_blobs import Blob, BlobReader
-from ._dcp_layout import Layout, plan_layout
-from ._dcp_meta import DcpMetadata, ObjectEntry, TensorEntry, merge_metadata, parse_metadata
+from ucp._errors import CheckpointNotFoundError, ConvertError, CorruptCheckpointError
+from ucp._topology import Topology
+from .._base import ParamInfo, Region, cut
+from ._blobs import Blob, BlobReader
+from ._layout import Layout, plan_layout
+from ._meta import DcpMetadata, ObjectEntry, TensorEntry, merge_metadata, parse_metadata
 
 __all__ = ["DcpCheckpoint", "detect"]
 

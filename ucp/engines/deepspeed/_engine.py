@@ -15,8 +15,8 @@ import torch
 from ucp._errors import ConvertError
 from ucp._topology import Topology
 
-from ._base import ParamInfo, Region, cut
-from ._deepspeed_reader import DeepSpeedCheckpoint
+from .._base import ParamInfo, Region, cut
+from ._reader import DeepSpeedCheckpoint
 
 __all__ = ["ENGINE", "DeepSpeedEngine", "DeepSpeedSource"]
 

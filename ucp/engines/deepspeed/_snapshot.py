@@ -16,7 +16,7 @@ nested dict of tensors and plain values for :func:`ucp.save` (no pickle)::
 
 :class:`DeepSpeedSnapshot` reads a committed step of such saves as a conversion source
 (``names`` / ``info`` / ``read`` per parameter, consolidated over the saving data-parallel ranks
-with the ZeRO-1/2 partition math of :mod:`ucp.engines._deepspeed_layout`), so ``ucp.reshard`` can
+with the ZeRO-1/2 partition math of :mod:`ucp.engines.deepspeed._layout`), so ``ucp.reshard`` can
 lay it out for any data-parallel size.
 """
 
@@ -31,12 +31,12 @@ from typing import Any, Mapping
 
 import torch
 
-from ._errors import CorruptCheckpointError, UcpError
-from ._layout import read_manifest
-from ._topology import Topology
-from .engines._base import ParamInfo, Region, cut
-from .engines._deepspeed_layout import _zero12_group
-from .storage import Storage
+from ucp._errors import CorruptCheckpointError, UcpError
+from ucp._layout import read_manifest
+from ucp._topology import Topology
+from .._base import ParamInfo, Region, cut
+from ._layout import _zero12_group
+from ucp.storage import Storage
 
 __all__ = ["FORMAT", "capture", "DeepSpeedSnapshot", "restore_rng"]
 
@@ -179,7 +179,7 @@ class DeepSpeedSnapshot:
     partial_reads = True
 
     def __init__(self, url: str, step: int, *, storage_options: Mapping[str, Any] | None = None) -> None:
-        from .engines._native import NativeCheckpoint
+        from ucp.engines._native import NativeCheckpoint
 
         self.url = url
         storage = Storage(url, storage_options=storage_options)
@@ -274,7 +274,7 @@ class DeepSpeedSnapshot:
         raise KeyError(f"{self.url}: no parameter {name!r} in this DeepSpeed snapshot (see names())")
 
     def _dtype(self, name: str) -> torch.dtype:
-        from ._stfile import dtype_from_name
+        from ucp._stfile import dtype_from_name
 
         return dtype_from_name(self.raw.fragment(self.ranks[0], self._module[name]).dtype)
 

@@ -17,8 +17,8 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from .._errors import CheckpointNotFoundError, ConvertError, CorruptCheckpointError, UnsafeInputError
-from ._deepspeed_files import TensorRef
+from ucp._errors import CheckpointNotFoundError, ConvertError, CorruptCheckpointError, UnsafeInputError
+from ._files import TensorRef
 
 __all__ = ["CheckpointFiles", "Piece", "ParamPlan", "MpPlan", "discover", "plan_mp_rank"]
 

@@ -26,11 +26,11 @@ from typing import Any, Iterator
 
 import torch
 
-from .._errors import CheckpointNotFoundError, ConvertError, CorruptCheckpointError, UcpError
-from .._topology import Topology
-from ._base import ParamInfo as _BaseParamInfo
-from ._deepspeed_files import RangeReader, TensorRef, load_index
-from ._deepspeed_layout import CheckpointFiles, MpPlan, ParamPlan, discover, plan_mp_rank
+from ucp._errors import CheckpointNotFoundError, ConvertError, CorruptCheckpointError, UcpError
+from ucp._topology import Topology
+from .._base import ParamInfo as _BaseParamInfo
+from ._files import RangeReader, TensorRef, load_index
+from ._layout import CheckpointFiles, MpPlan, ParamPlan, discover, plan_mp_rank
 
 __all__ = ["DeepSpeedCheckpoint", "ParamInfo"]
 

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from ._errors import StateError
-from ._deepspeed_snapshot import _dp_rank_and_size, _zero_parts
-from .resharder import flat_boxes, group_partition
+from ucp._errors import StateError
+from ._snapshot import _dp_rank_and_size, _zero_parts
+from ucp.resharder import flat_boxes, group_partition
 
 __all__ = ["load_engine"]
 

@@ -39,10 +39,7 @@ from ucp._topology import Topology
 from ucp.grammar import Spec
 from ucp.storage import Storage
 
-from ._fingerprints import check_recorded
-from ._read import ReadStats
-from ._source import ArraySource
-from ._targets import ReshardReport, register_target
+from ucp.resharder import ArraySource, ReadStats, ReshardReport, check_recorded, register_target
 
 __all__ = ["DeepSpeedTarget", "MODEL_FILE", "LATEST", "tag_for"]
 

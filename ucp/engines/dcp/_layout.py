@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from .._errors import ConvertError, CorruptCheckpointError
-from ._dcp_meta import DcpMetadata, KeyPath, ObjectEntry, TensorEntry
+from ucp._errors import ConvertError, CorruptCheckpointError
+from ._meta import DcpMetadata, KeyPath, ObjectEntry, TensorEntry
 
 __all__ = ["Layout", "plan_layout", "MODEL_KEYS", "OPTIM_KEYS"]
 

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from .._errors import CorruptCheckpointError, UnsafeInputError
+from ucp._errors import CorruptCheckpointError, UnsafeInputError
 
 __all__ = ["Chunk", "TensorEntry", "ObjectEntry", "DcpMetadata", "parse_metadata", "merge_metadata",
            "unpickle_metadata"]

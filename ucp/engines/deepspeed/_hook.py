@@ -1,7 +1,7 @@
 """DeepSpeed resume hook: save a live DeepSpeed engine through ucp, resume on another dp size.
 
 Saving: every ``every`` steps, :meth:`DeepSpeedCheckpointer.maybe_save` takes a snapshot of the
-live engine on each rank (:func:`ucp._deepspeed_snapshot.capture`: the rank's fp32 master
+live engine on each rank (:func:`ucp.engines.deepspeed._snapshot.capture`: the rank's fp32 master
 partitions and optimizer states, as DeepSpeed's ZeRO-1/2 optimizer holds them, plus on rank 0 the
 module's state dict, and the counters, LR scheduler, RNG and client state) and hands it to
 :func:`ucp.save`. That call returns once the tensors are copied into host memory; a background
@@ -11,8 +11,8 @@ nothing is pickled. A save that falls due while the previous one is still being 
 for it (``overlap="wait"``) or is skipped on every rank (``overlap="skip"``).
 
 Resuming: the newest committed step is opened as a conversion source
-(:class:`ucp._deepspeed_snapshot.DeepSpeedSnapshot`, metadata only) and loaded straight into the
-engine (:func:`ucp._deepspeed_live.load_engine`): the engine's own ZeRO layout for the current
+(:class:`ucp.engines.deepspeed._snapshot.DeepSpeedSnapshot`, metadata only) and loaded straight into the
+engine (:func:`ucp.engines.deepspeed._live.load_engine`): the engine's own ZeRO layout for the current
 number of ranks says which flat range of which parameters each rank holds, and only those ranges
 of the saved partitions (fp32 masters, optimizer states) are read, into the engine's partitions,
 with the module weights, frozen parameters and buffers every rank holds whole. Nothing is staged
@@ -31,9 +31,9 @@ from typing import Any, Literal, Mapping
 
 import torch
 
-from ._coord import get_coordinator
-from ._errors import CheckpointNotFoundError, StateError, UcpError
-from ._save import SaveHandle
+from ucp._coord import get_coordinator
+from ucp._errors import CheckpointNotFoundError, StateError, UcpError
+from ucp._save import SaveHandle
 
 __all__ = ["DeepSpeedCheckpointer", "load_deepspeed", "restore_deepspeed_extras"]
 
@@ -158,8 +158,8 @@ class DeepSpeedCheckpointer:
 
     def steps(self) -> list[int]:
         """Committed steps under ``url``, oldest first."""
-        from ._layout import committed_steps
-        from .storage import Storage
+        from ucp._layout import committed_steps
+        from ucp.storage import Storage
 
         try:
             return committed_steps(Storage(self.url))
@@ -196,8 +196,8 @@ class DeepSpeedCheckpointer:
             SaveError: the previous save failed (names the rank).
             UcpError: an engine layout the hook does not cover (ZeRO-0/3, tp/pp, MoE).
         """
-        from ._deepspeed_snapshot import capture
-        from ._save import save
+        from ._snapshot import capture
+        from ucp._save import save
 
         self.wait()
         state = capture(engine, step=step, client_state=client_state)
@@ -229,9 +229,9 @@ class DeepSpeedCheckpointer:
         the saved partitions (fp32 masters, optimizer states) are read, straight into the engine's
         partitions, plus the module weights and buffers every rank holds whole. Nothing is staged.
         """
-        from ._deepspeed_live import load_engine
-        from ._deepspeed_snapshot import DeepSpeedSnapshot
-        from .storage import read_counter
+        from ._live import load_engine
+        from ._snapshot import DeepSpeedSnapshot
+        from ucp.storage import read_counter
 
         self.wait()
         steps = self.steps()
@@ -250,7 +250,7 @@ class DeepSpeedCheckpointer:
 
     def _restore(self, engine: Any, source: Any) -> None:
         """What DeepSpeed's universal load leaves out: counters, LR scheduler, RNG, client state."""
-        from ._deepspeed_snapshot import restore_rng
+        from ._snapshot import restore_rng
 
         meta = source.meta
         engine.global_steps, engine.global_samples = meta["global_steps"], meta["global_samples"]
