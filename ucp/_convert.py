@@ -19,6 +19,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
+from ._beside import Beside
 from ._coord import get_coordinator
 from ._errors import ConvertError
 from ._universal import UniversalCheckpoint, UniversalWriter, escape_name, open_universal
@@ -88,33 +89,57 @@ def convert(src: str, dst: str, *, engine: str = "auto", spec: Any = None, worke
     names = source.names()
     _check_names(names)
     coord = get_coordinator(600.0)
-    writer = UniversalWriter(dst, storage_options=dst_storage_options)
-    if coord.rank == 0:
-        writer.begin(overwrite=overwrite)
-    coord.all_gather_json(None, what="starting conversion")
-    share = names[coord.rank::coord.world_size]
-    job = dict(engine=source.engine, src=src, spec=spec, tag=tag, storage_options=storage_options,
-               dst=dst, dst_storage_options=dst_storage_options)
-    entries = _convert_params(job, source, share, workers=workers,
-                              progress=sys.stderr.isatty() if progress is None else progress)
-    gathered = coord.all_gather_json(entries, what="gathering converted parameters")
-    if coord.rank == 0:
-        table = {k: v for part in gathered for k, v in part.items()}
-        buffers = {n: {"path": f"buffers/{escape_name(n)}", **writer.write(f"buffers/{escape_name(n)}", t)}
-                   for n, t in source.buffers().items()}
-        writer.commit({
-            "step": source.step,
-            "source": {"engine": source.engine, "url": src,
-                       "topology": None if source.topology is None else str(source.topology)},
-            "spec": None if spec is None else spec.text,
-            "spec_constants": None if spec is None else dict(spec.overrides),
-            "param_groups": _jsonable(source.param_groups()),
-            "params": {n: table[n] for n in names},
-            "buffers": buffers,
-            "aliases": dict(getattr(source, "aliases", dict)()),
-        })
+    beside = _prepare(dst, overwrite=overwrite, storage_options=dst_storage_options) \
+        if coord.rank == 0 else None
+    build = coord.broadcast_json(beside and beside.url, what="starting conversion")
+    try:
+        _build(source, names, build, coord=coord, src=src, spec=spec, tag=tag,
+               storage_options=storage_options, dst_storage_options=dst_storage_options,
+               workers=workers, progress=sys.stderr.isatty() if progress is None else progress)
+        if beside is not None:
+            beside.publish()
+    except BaseException:
+        if beside is not None:
+            beside.abandon()
+        raise
     coord.all_gather_json(None, what="committing the universal checkpoint")
     return open_universal(dst, storage_options=dst_storage_options)
+
+
+def _prepare(dst: str, *, overwrite: bool, storage_options: Mapping[str, Any] | None) -> Beside:
+    """Coordinator only: checks ``dst`` may be replaced and starts the output beside it."""
+    UniversalWriter(dst, storage_options=storage_options).check_destination(overwrite=overwrite)
+    beside = Beside(dst, storage_options=storage_options)
+    UniversalWriter(beside.url, storage_options=storage_options).begin(overwrite=True)
+    return beside
+
+
+def _build(source: SourceCheckpoint, names: list[str], build: str, *, coord: Any, src: str,
+           spec: Any, tag: str | None, storage_options: Mapping[str, Any] | None,
+           dst_storage_options: Mapping[str, Any] | None, workers: int, progress: bool) -> None:
+    """Every rank converts its share of ``names`` into ``build``; rank 0 commits the table."""
+    writer = UniversalWriter(build, storage_options=dst_storage_options)
+    share = names[coord.rank::coord.world_size]
+    job = dict(engine=source.engine, src=src, spec=spec, tag=tag, storage_options=storage_options,
+               dst=build, dst_storage_options=dst_storage_options)
+    entries = _convert_params(job, source, share, workers=workers, progress=progress)
+    gathered = coord.all_gather_json(entries, what="gathering converted parameters")
+    if coord.rank != 0:
+        return
+    table = {k: v for part in gathered for k, v in part.items()}
+    buffers = {n: {"path": f"buffers/{escape_name(n)}", **writer.write(f"buffers/{escape_name(n)}", t)}
+               for n, t in source.buffers().items()}
+    writer.commit({
+        "step": source.step,
+        "source": {"engine": source.engine, "url": src,
+                   "topology": None if source.topology is None else str(source.topology)},
+        "spec": None if spec is None else spec.text,
+        "spec_constants": None if spec is None else dict(spec.overrides),
+        "param_groups": _jsonable(source.param_groups()),
+        "params": {n: table[n] for n in names},
+        "buffers": buffers,
+        "aliases": dict(getattr(source, "aliases", dict)()),
+    })
 
 
 def _check_names(names: Iterable[str]) -> None:

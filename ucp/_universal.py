@@ -123,8 +123,13 @@ class UniversalWriter:
         self.url = url
         self._groups: set[str] = set()
 
-    def begin(self, *, overwrite: bool) -> None:
-        """Marks the destination incomplete (refusing to replace a complete one unless ``overwrite``)."""
+    def check_destination(self, *, overwrite: bool) -> None:
+        """Refuses to replace a complete universal checkpoint unless ``overwrite``, and any
+        directory that holds other files (a swap would delete them).
+
+        Raises:
+            CheckpointExistsError: naming the destination and the fix.
+        """
         if self.storage.exists(GROUP_META):
             try:
                 complete = _read_attrs(self.storage).get("complete") is True
@@ -133,6 +138,16 @@ class UniversalWriter:
             if complete and not overwrite:
                 raise CheckpointExistsError(f"{self.url} already holds a complete universal "
                                             "checkpoint; pass overwrite=True (--overwrite) to replace it")
+            return
+        listed = self.storage.list("")
+        if listed:
+            raise CheckpointExistsError(f"{self.url} holds files that are not a universal checkpoint "
+                                        f"({', '.join(listed[:3])}{', ...' if len(listed) > 3 else ''}); "
+                                        "convert into a new or empty directory")
+
+    def begin(self, *, overwrite: bool) -> None:
+        """Marks the destination incomplete (refusing to replace a complete one unless ``overwrite``)."""
+        self.check_destination(overwrite=overwrite)
         _write_attrs(self.storage, {"format_version": FORMAT_VERSION, "kind": KIND, "complete": False})
 
     def write(self, path: str, tensor: torch.Tensor) -> dict[str, Any]:
