@@ -143,12 +143,18 @@ def _build(source: SourceCheckpoint, names: list[str], build: str, *, coord: Any
 
 
 def _check_names(names: Iterable[str]) -> None:
+    """Refuses two parameters whose stored names are equal, or equal but for case: on a
+    case-insensitive filesystem (macOS, Windows, SMB shares) they would share one directory."""
     seen: dict[str, str] = {}
     for n in names:
         e = escape_name(n)
-        if e in seen:
-            raise ConvertError(f"parameters {seen[e]!r} and {n!r} map to the same stored name {e!r}")
-        seen[e] = n
+        other = seen.get(e.lower())
+        if other is not None:
+            how = "the same stored name" if escape_name(other) == e else \
+                "stored names that differ only in case (one directory on case-insensitive filesystems)"
+            raise ConvertError(f"parameters {other!r} and {n!r} map to {how} {e!r}; rename one of "
+                               "them in the model before saving")
+        seen[e.lower()] = n
 
 
 def convert_one(source: SourceCheckpoint, writer: UniversalWriter, name: str) -> dict[str, Any]:

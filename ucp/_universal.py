@@ -416,6 +416,7 @@ def _checked_table(storage: Storage, table: Any, *, states: bool, where: str) ->
         return {}
     if not isinstance(table, dict):
         raise CorruptCheckpointError(f"{where}: the parameter table is a {type(table).__name__}")
+    folded: dict[str, str] = {}
     for name, e in table.items():
         ok = isinstance(e, dict) and isinstance(e.get("path"), str) and isinstance(e.get("shape"), list) \
             and all(type(n) is int and n >= 0 for n in e["shape"]) and isinstance(e.get("dtype"), str)
@@ -426,6 +427,11 @@ def _checked_table(storage: Storage, table: Any, *, states: bool, where: str) ->
             raise CorruptCheckpointError(f"{where}: malformed entry for {name[:200]!r}; the group "
                                          "metadata is damaged, convert the checkpoint again")
         storage.path(e["path"])  # raises UnsafeInputError for a path that leaves the root
+        other = folded.setdefault(e["path"].lower(), name)
+        if other != name:  # on a case-insensitive filesystem both would read one directory
+            raise CorruptCheckpointError(f"{where}: {other[:200]!r} and {name[:200]!r} are stored at "
+                                         "paths that differ only in case; the checkpoint cannot hold "
+                                         "both (convert it again with this ucp, which refuses such names)")
         try:
             dtype_from_name(e["dtype"])
         except CorruptCheckpointError as err:
