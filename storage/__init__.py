@@ -1,8 +1,8 @@
 """fsspec-backed checkpoint storage: atomic writes, checksums, retries, parallel I/O."""
 
 from ._retry import RetryPolicy, is_transient, retry_call
-from ._store import PACKAGE_FOR_PROTOCOL, Storage, checksum, verify
+from ._store import PACKAGE_FOR_PROTOCOL, Storage, checksum, open_regular, verify
 from ._zarr import zarr_store
 
 __all__ = ["Storage", "RetryPolicy", "checksum", "verify", "is_transient", "retry_call",
-           "PACKAGE_FOR_PROTOCOL", "zarr_store"]
+           "PACKAGE_FOR_PROTOCOL", "zarr_store", "open_regular"]

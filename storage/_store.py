@@ -12,8 +12,9 @@ import concurrent.futures as cf
 import os
 import posixpath
 import shutil
+import stat
 import uuid
-from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
+from typing import Any, BinaryIO, Callable, Iterable, Mapping, Sequence, TypeVar
 
 import crc32c as _crc32c
 import fsspec
@@ -24,7 +25,7 @@ from ucp._meta import FileRecord
 
 from ._retry import RetryPolicy, retry_call
 
-__all__ = ["Storage", "checksum", "verify", "PACKAGE_FOR_PROTOCOL"]
+__all__ = ["Storage", "checksum", "verify", "open_regular", "PACKAGE_FOR_PROTOCOL"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -220,11 +221,13 @@ class Storage:
         target, where = self.path(rel), f"{self.url}/{rel}"
         if self.is_local:
             def fn() -> bytes | bytearray:
-                with open(target, "rb") as f:
+                with open_regular(target, where=where) as f:
                     size = os.fstat(f.fileno()).st_size
                     _check_size(size, record=record, max_bytes=max_bytes, where=where)
-                    if not mutable:
-                        return f.read()
+                    if not mutable:  # at most one byte more than allowed, whatever stat said
+                        data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+                        _check_size(len(data), record=None, max_bytes=max_bytes, where=where)
+                        return data
                     buf = bytearray(size)
                     n = f.readinto(buf)
                     return buf if n == len(buf) else buf[:n]
@@ -246,7 +249,7 @@ class Storage:
         target = self.path(rel)
         if self.is_local:
             def fn() -> bytes:
-                with open(target, "rb") as f:
+                with open_regular(target, where=f"{self.url}/{rel}") as f:
                     f.seek(start)
                     return f.read(end - start)
         else:
@@ -335,6 +338,32 @@ def verify(data: Buffer, record: FileRecord, *, where: str) -> None:
     if crc != record.crc32c:
         raise ChecksumError(f"{where}: CRC32C {crc:#010x} differs from the recorded "
                             f"{record.crc32c:#010x} (the file is corrupt); restore it or use another step")
+
+
+def open_regular(path: str, *, where: str | None = None, buffering: int = -1) -> BinaryIO:
+    """Opens a local file for reading if it is a regular file (after links).
+
+    A FIFO would block every reader (even the open), and a device such as ``/dev/zero`` says size
+    0 and never ends, defeating every size bound: checkpoints hold only regular files. The open
+    does not block (``O_NONBLOCK``, cleared once the file is known to be regular).
+
+    Raises:
+        FileNotFoundError: no such file.
+        UnsafeInputError: not a regular file (names it and what it is).
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
+                    "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket or other special file")
+            raise UnsafeInputError(f"{where or path}: is {kind}, not a regular file; a checkpoint holds "
+                                   "only regular files (replace it with the real file)")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb", buffering=buffering)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _check_size(size: int, *, record: FileRecord | None, max_bytes: int | None, where: str) -> None:

@@ -27,7 +27,7 @@ from ucp.storage import Storage
 
 from ._errors import CheckpointNotFoundError, ConvertError, CorruptCheckpointError, UcpError
 from ._layout import LATEST, MANIFEST, all_step_dirs, committed_steps, read_manifest
-from ._meta import parse_step_dir, step_dir
+from ._meta import MAX_JSON_BYTES, parse_step_dir, step_dir
 from ._stfile import dtype_name, header_length, parse_header, from_bytes
 from ._topology import Topology
 from .engines._base import ParamInfo
@@ -193,8 +193,9 @@ class SafetensorsFiles:
         if not self.storage.exists(INDEX):
             return None
         where = f"{display_url(self.url)}/{INDEX}"
+        raw = self.storage.read(INDEX, max_bytes=MAX_JSON_BYTES)  # its own error names the bound
         try:
-            index = json.loads(self.storage.read(INDEX))
+            index = json.loads(raw)
             assert isinstance(index, dict) and isinstance(index.get("weight_map"), dict)
             assert all(isinstance(v, str) for v in index["weight_map"].values())
         except (ValueError, AssertionError) as e:
@@ -454,8 +455,9 @@ def inspect_checkpoint(url: str, *, engine: str = "auto", spec: Any = None, tag:
 def _inspect_universal(url: str, found: str, spec: Any,
                        storage_options: Mapping[str, Any] | None) -> Report:
     storage = Storage(url, storage_options=storage_options)
+    raw = storage.read("zarr.json", max_bytes=MAX_JSON_BYTES)  # its own error names the bound
     try:
-        attrs = json.loads(storage.read("zarr.json"))["attributes"]["ucp"]
+        attrs = json.loads(raw)["attributes"]["ucp"]
         complete = attrs.get("complete") is True
     except (ValueError, KeyError, TypeError) as e:
         raise CorruptCheckpointError(f"{display_url(url)}/zarr.json: not the group metadata of a "
@@ -612,10 +614,14 @@ def list_steps(url: str, *, storage_options: Mapping[str, Any] | None = None) ->
     return storage.map(lambda s: _step_row(storage, s, s in committed, s == latest), steps)
 
 
+#: ``latest`` holds one directory name and a newline.
+_MAX_LATEST = 4096
+
+
 def _latest(storage: Storage) -> int | None:
     try:
-        return parse_step_dir(storage.read(LATEST).decode("utf-8", "replace").strip())
-    except (FileNotFoundError, OSError):
+        return parse_step_dir(storage.read(LATEST, max_bytes=_MAX_LATEST).decode("utf-8", "replace").strip())
+    except (FileNotFoundError, OSError, UcpError):  # a hint only: a bad one is no step
         return None
 
 

@@ -30,7 +30,7 @@ import crc32c as _crc32c
 from ._errors import ChecksumError, UcpError, UcpSpecError
 from ._inspect import (SCHEMA_VERSION, INDEX, Opened, SafetensorsFiles, detect_format,
                        display_url, load_spec_arg, open_checkpoint)
-from ._meta import Manifest, RankIndex, TensorFragment, loads, rank_stem, step_dir
+from ._meta import MAX_JSON_BYTES, Manifest, RankIndex, TensorFragment, loads, rank_stem, step_dir
 from ._topology import Topology
 
 __all__ = ["Problem", "VerifyReport", "verify_checkpoint"]
@@ -329,7 +329,7 @@ class _NativeVerifier:
                 self.report.add("missing", self._where(name), "not listed in the manifest")
                 continue
             try:
-                raw = self.root.read(f"{self.sd}/{name}")
+                raw = self.root.read(f"{self.sd}/{name}", max_bytes=MAX_JSON_BYTES)
             except FileNotFoundError:
                 self.report.add("missing", self._where(name), "the manifest lists it, but it "
                                 "is not there")
