@@ -224,8 +224,8 @@ class Storage:
                 with open_regular(target, where=where) as f:
                     size = os.fstat(f.fileno()).st_size
                     _check_size(size, record=record, max_bytes=max_bytes, where=where)
-                    if not mutable:  # at most one byte more than allowed, whatever stat said
-                        data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+                    if not mutable:
+                        data = _read_bounded(f, size, max_bytes)
                         _check_size(len(data), record=None, max_bytes=max_bytes, where=where)
                         return data
                     buf = bytearray(size)
@@ -364,6 +364,23 @@ def open_regular(path: str, *, where: str | None = None, buffering: int = -1) ->
     except BaseException:
         os.close(fd)
         raise
+
+
+def _read_bounded(f: BinaryIO, size: int, max_bytes: int | None) -> bytes:
+    """The file's bytes, but at most ``max_bytes + 1`` whatever ``size`` (its stat) said: a
+    file that grows while read cannot make the reader allocate more. Reads ``size + 1`` first
+    (never a buffer of the bound itself, which may be far larger than the file)."""
+    limit = None if max_bytes is None else max_bytes + 1
+    chunks, got = [], 0
+    want = size + 1 if limit is None else min(size + 1, limit)
+    while want > 0:
+        chunk = f.read(want)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+        want = 1 << 20 if limit is None else min(1 << 20, limit - got)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _check_size(size: int, *, record: FileRecord | None, max_bytes: int | None, where: str) -> None:

@@ -153,6 +153,31 @@ class Opened:
         return self._buffers
 
 
+_SHARD_NAME = re.compile(r"(.+)-(\d{5})-of-(\d{5})\.safetensors")
+
+
+def _check_shard_set(files: list[str], *, where: str) -> None:
+    """Refuses an incomplete set of ``NAME-XXXXX-of-NNNNN.safetensors`` shards (an export or a
+    download cut short), which would otherwise read as a model with part of its tensors.
+
+    Raises:
+        CorruptCheckpointError: naming the missing shards.
+    """
+    sets: dict[tuple[str, int], set[int]] = {}
+    for f in files:
+        m = _SHARD_NAME.fullmatch(f)
+        if m:
+            sets.setdefault((m.group(1), int(m.group(3))), set()).add(int(m.group(2)))
+    for (stem, total), have in sorted(sets.items()):
+        missing = [f"{stem}-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1) if i not in have]
+        if missing or len({n for s, n in sets if s == stem}) > 1:
+            what = (f"{len(missing)} of its {total} shards are missing ({', '.join(missing[:3])}"
+                    f"{', ...' if len(missing) > 3 else ''})" if missing else
+                    f"it mixes shard sets of different sizes ({stem}-*-of-*)")
+            raise CorruptCheckpointError(f"{where}: {what}: an interrupted export or copy; export or "
+                                         "copy it again")
+
+
 class SafetensorsFiles:
     """Plain safetensors: one file, or a directory of them (a Hugging Face checkpoint).
 
@@ -178,6 +203,7 @@ class SafetensorsFiles:
             files = sorted(set(self.index["weight_map"].values())) if self.index else listed
             if not files:
                 raise CheckpointNotFoundError(f"{display_url(url)}: no *.safetensors file here")
+            _check_shard_set(files, where=display_url(url))
         self.files = files
         self.sizes: dict[str, int] = {}
         self.entries: dict[str, tuple[str, torch.dtype, list[int], int, int]] = {}
