@@ -160,6 +160,10 @@ def _stage(tensors: Mapping[str, tuple[tuple[Any, ...], torch.Tensor]]
         else:
             local, gshape, offsets = t, tuple(t.shape), (0,) * t.dim()
         local = local.detach()
+        if local.is_meta:
+            raise StateError(f"{where} is a tensor on the meta device (it has a shape but no data); "
+                             "materialize it (e.g. module.to_empty(device=...) and initialise it) "
+                             "before saving")
         dtype = _stfile.dtype_name(local.dtype)
         buf = torch.empty(local.shape, dtype=local.dtype, pin_memory=pin and local.is_cuda)
         buf.copy_(local, non_blocking=local.is_cuda)

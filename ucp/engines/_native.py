@@ -333,9 +333,18 @@ class NativeCheckpoint:
                                          f"{f.frag.dtype}{list(f.frag.shape)}; the step is inconsistent")
         return rel, base, dtype, shape, start, stop
 
+    def _read_range(self, rel: str, start: int, stop: int) -> bytes:
+        try:
+            return self.storage.read_range(rel, start, stop)
+        except FileNotFoundError as e:
+            raise CheckpointNotFoundError(
+                f"{self.storage.url}/{rel}: gone while being read (deleted by the retention, keep=N, "
+                "of a job still saving into this root?); read a step the job keeps, or copy the "
+                "step elsewhere first") from e
+
     def _read_fragment(self, f: _Frag) -> torch.Tensor:
         rel, base, dtype, shape, start, stop = self._entry(f)
-        buf = bytearray(self.storage.read_range(rel, base + start, base + stop))
+        buf = bytearray(self._read_range(rel, base + start, base + stop))
         if f.frag.crc32c is not None and checksum([buf])[0] != f.frag.crc32c:
             raise ChecksumError(f"{self.storage.url}/{rel}: tensor {f.frag.key!r} fails its CRC32C "
                                 "check (the file is corrupt)")
@@ -346,8 +355,8 @@ class NativeCheckpoint:
         rel = f"{step_dir(self.manifest.step)}/{rank_stem(rank)}.safetensors"
         where = f"{self.storage.url}/{rel}"
         size = self.manifest.files[f"{rank_stem(rank)}.safetensors"].size
-        n = header_length(self.storage.read_range(rel, 0, 8), where=where, size=size)
-        raw = self.storage.read_range(rel, 8, 8 + n)
+        n = header_length(self._read_range(rel, 0, 8), where=where, size=size)
+        raw = self._read_range(rel, 8, 8 + n)
         return 8 + n, parse_header(raw, where=where, data_size=size - 8 - n)
 
 
