@@ -12,13 +12,14 @@ import datetime
 import importlib.util
 import multiprocessing as mp
 import os
+import subprocess
 import sys
 import tempfile
 import time
 import traceback
 from typing import Any, Callable, Mapping, Sequence
 
-__all__ = ["run_ranks", "RankResult", "RankFailure"]
+__all__ = ["run_ranks", "RankResult", "RankFailure", "subprocess_env", "run_command"]
 
 
 @dataclasses.dataclass
@@ -144,3 +145,44 @@ def _describe(results: list[RankResult]) -> str:
         if r.error:
             lines.append(r.error.rstrip())
     return "\n".join(lines)
+
+
+def subprocess_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for a child process of the test suite (torchrun, DeepSpeed tools).
+
+    ``TORCH_EXTENSIONS_DIR`` defaults to ``torch_extensions`` inside the running virtual
+    environment: DeepSpeed JIT-builds its CPU communication op there under a file lock, and a
+    run killed while building leaves the lock behind, so in the user's shared
+    ``~/.cache/torch_extensions`` it would make every later DeepSpeed process wait forever.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    return {**env, **(extra or {})}
+
+
+def run_command(cmd: Sequence[str], *, what: str, timeout: float,
+                env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Runs ``cmd`` (environment: :func:`subprocess_env` plus ``env``); returns its result.
+
+    Raises:
+        AssertionError: it timed out or failed; the message holds the ends of its stdout and
+            stderr (a hang's cause is usually on stderr).
+    """
+    try:
+        proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout,
+                              env=subprocess_env(env))
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"{what} timed out after {timeout:.0f}s: {' '.join(cmd)}\n"
+                             f"--- stdout ---\n{_text(e.stdout)[-3000:]}\n"
+                             f"--- stderr ---\n{_text(e.stderr)[-4000:]}") from None
+    if proc.returncode != 0:
+        raise AssertionError(f"{what} failed (exit {proc.returncode}): {' '.join(cmd)}\n"
+                             f"--- stdout ---\n{proc.stdout[-2000:]}\n--- stderr ---\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def _text(out: bytes | str | None) -> str:
+    """A TimeoutExpired's output: bytes even when the run asked for text."""
+    if isinstance(out, bytes):
+        return out.decode("utf-8", "replace")
+    return out or ""

@@ -1,0 +1,30 @@
+"""The subprocess helpers of the test suite: DeepSpeed's build lock stays in the virtual
+environment, and a run that hangs reports its stderr."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+from ucp.testing import run_command, subprocess_env
+
+
+def test_torch_extensions_dir_defaults_to_the_virtual_environment(monkeypatch):
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    out = run_command([sys.executable, "-c", "import os; print(os.environ['TORCH_EXTENSIONS_DIR'])"],
+                      what="probe", timeout=60).stdout.strip()
+    assert out == os.path.join(sys.prefix, "torch_extensions")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/elsewhere")  # an explicit choice is kept
+    assert subprocess_env()["TORCH_EXTENSIONS_DIR"] == "/elsewhere"
+
+
+def test_a_timeout_reports_stderr_as_text():
+    code = ("import sys, time; print('some output', flush=True); "
+            "sys.stderr.write('waiting for the build lock\\n'); sys.stderr.flush(); time.sleep(60)")
+    with pytest.raises(AssertionError) as err:
+        run_command([sys.executable, "-c", code], what="a DeepSpeed run", timeout=5)
+    msg = str(err.value)
+    assert "a DeepSpeed run timed out after 5s" in msg and "waiting for the build lock" in msg
+    assert "some output" in msg and "b'" not in msg
