@@ -12,9 +12,11 @@ import concurrent.futures as cf
 import json
 import logging
 import multiprocessing as mp
+import os
 import queue
 import sys
 import threading
+import time
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
@@ -246,7 +248,7 @@ def _convert_params(job: dict[str, Any], source: SourceCheckpoint, names: list[s
             return out
         ctx = mp.get_context("spawn")
         with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
-                                    initargs=(dict(job),)) as pool:
+                                    initargs=(dict(job), os.getpid())) as pool:
             futures = {pool.submit(_worker_convert, n): n for n in names}
             for fut in cf.as_completed(futures):
                 out[futures[fut]] = fut.result()
@@ -259,12 +261,23 @@ def _convert_params(job: dict[str, Any], source: SourceCheckpoint, names: list[s
 _W: dict[str, Any] = {}
 
 
-def _worker_init(job: dict[str, Any]) -> None:
+def _worker_init(job: dict[str, Any], parent: int) -> None:
+    _exit_with_parent(parent)
     torch.set_num_threads(1)
     source, _ = open_source(job["src"], engine=job["engine"], spec=job["spec"], tag=job["tag"],
                             storage_options=job["storage_options"])
     _W["source"] = source
     _W["writer"] = UniversalWriter(job["dst"], storage_options=job["dst_storage_options"])
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Ends this worker process when ``parent`` is gone (killed, say): an orphaned worker
+    would wait for work forever, holding the parent's stdout and its memory."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+    threading.Thread(target=watch, name="ucp-parent-watch", daemon=True).start()
 
 
 def _worker_convert(name: str) -> dict[str, Any]:
