@@ -130,7 +130,9 @@ def save(state: Mapping[str, Any], url: str, *, step: int, keep: int | None = No
     coord = get_coordinator(timeout)
     storage = Storage(url, storage_options=storage_options)
     if not overwrite and storage.exists(f"{step_dir(step)}/{MANIFEST}"):
-        raise CheckpointExistsError(f"step {step} is already committed under {url}; pass "
+        other = _manifest_job(storage, f"{step_dir(step)}/{MANIFEST}")
+        by = f" by job {other}" if other and other != job_id() else ""
+        raise CheckpointExistsError(f"step {step} is already committed under {url}{by}; pass "
                                     "overwrite=True to replace it, or save another step")
     failpoint("save.staging", rank=rank)
     staged, fragments, meshes = _stage(tensors)
