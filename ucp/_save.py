@@ -314,8 +314,8 @@ def _begin(job: _Job) -> dict[str, Any]:
         claim_step(job.storage, job.step, job=me, overwrite=job.overwrite)
         if job.overwrite:
             job.storage.delete(f"{step_dir(job.step)}/{MANIFEST}")
-    except Exception as e:  # noqa: BLE001 - broadcast to every rank
-        return {"job": me, "error": str(e) if isinstance(e, UcpError) else f"{type(e).__name__}: {e}"}
+    except Exception as e:  # noqa: BLE001 - broadcast to every rank, named like a rank's failure
+        return {"job": me, "error": f"rank 0: {type(e).__name__}: {e}"}
     return {"job": me, "error": None}
 
 
