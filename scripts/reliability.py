@@ -342,6 +342,17 @@ FIXES = [
     ("e92ba7b", "4 of 2105 bit flips in an array's `zarr.json` (a digit of its chunk shape) were reported "
                 "as a damaged chunk, not as damaged metadata: the table now records each array "
                 "metadata file's CRC32C"),
+    ("4e835be", "two jobs saving into one root (a restarted job beside the old one) could both commit one "
+                "step (unloadable), and one's retention or cleanup deleted the other's step in progress: "
+                "steps are claimed before they are written and committed create-if-absent"),
+    ("79ca6dd", "`ucp convert --overwrite` rewrote universal files in place, changing hard-linked snapshots "
+                "(`cp -al`, rsync --link-dest), and destroyed the old output before the new one fitted"),
+    ("d5551a4", "`Wq.weight` and `wq.weight` read the same directory on case-insensitive filesystems"),
+    ("97ca097", "a spec pattern `{a:**}{b:**}...x` made the name matcher backtrack for days"),
+    ("745e36c", "a FIFO in a checkpoint hung every reader; a link to /dev/zero defeated every size bound; "
+                "`latest`, the HF index and zarr.json were read whole"),
+    ("ae8d918", "a multi-shard export cut short read as a model with part of its tensors"),
+    ("6d57284", "retention deleted another root's manifest through a step directory that is a link"),
 ]
 
 
