@@ -110,7 +110,9 @@ def save(state: Mapping[str, Any], url: str, *, step: int, keep: int | None = No
         timeout: seconds any rank may wait for the others while committing.
 
     Returns:
-        A :class:`SaveHandle`; ``wait()`` it before relying on the checkpoint.
+        A :class:`SaveHandle`; ``wait()`` it before relying on the checkpoint. Its ``wait()``
+        raises :class:`~ucp.SaveError` when any rank failed, or when another job sharing the
+        root is writing or has committed the step (the message names that job).
 
     Raises:
         StateError: a value cannot be saved (names its key path); raised before any I/O.
