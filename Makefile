@@ -18,17 +18,17 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_PIN)
-	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q -e '.[s3,test,deepspeed]' $(TORCH_PIN)
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q -e '.[s3,test,deepspeed,demo]' $(TORCH_PIN)
 	touch $(STAMP)
 
 demo: venv
 	$(BIN)/python examples/demo.py
 
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-fast: venv
-	$(BIN)/python -m pytest -q -m 'not slow'
+	$(BIN)/python -m pytest -q --durations=15 -m 'not slow'
 
 clean:
 	rm -rf $(VENV) build *.egg-info

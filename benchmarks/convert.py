@@ -13,6 +13,12 @@ by side in one run, medians of --repeats, per size:
 Each measured command starts after ``sync`` (no dirty pages left by the one before).
 Targets (issue 4): >= 3x faster than ds_to_universal, <= 0.5x its peak RSS, within 2x the I/O floor,
 and wall time growing about linearly with bytes between the two sizes.
+
+    .venv/bin/python benchmarks/convert.py --verify-cost [--repeats 3] [--workers 2]
+
+instead measures what fingerprinting costs (issue 16: <= 10%): on the large checkpoint only,
+``ucp convert --no-verify`` and ``ucp convert`` (fingerprints checked and recorded) one after the
+other in each run; it prints each run side by side and the median of the per-run ratios.
 """
 
 from __future__ import annotations
@@ -118,6 +124,30 @@ def bench_size(root: Path, src: Path, repeats: int, workers: int) -> dict[str, l
     return res
 
 
+def verify_cost(root: Path, src: Path, repeats: int, workers: int) -> None:
+    """Side by side: convert without and with fingerprint verification; per-run ratios."""
+    ucp_bin = str(Path(sys.executable).with_name("ucp"))
+
+    def once(flag: list[str]) -> float:
+        dst = root / "u-verify"
+        w, _ = run_measured([ucp_bin, "convert", str(src), str(dst), "--workers", str(workers), "-q", *flag])
+        shutil.rmtree(dst)
+        return w
+    once(["--no-verify"])  # warm-up (page cache), not counted
+    pairs = []
+    for i in range(repeats):  # the order alternates, so neither side always runs second
+        order = ("plain", "verify") if i % 2 == 0 else ("verify", "plain")
+        t = {k: once([] if k == "verify" else ["--no-verify"]) for k in order}
+        times = (t["plain"], t["verify"])
+        pairs.append(times)
+        print(f"run {i}: --no-verify {times[0]:.2f}s, verify {times[1]:.2f}s, ratio {times[1] / times[0]:.3f}",
+              flush=True)
+    ratio = statistics.median(v / n for n, v in pairs)
+    print(f"median --no-verify {statistics.median(n for n, _ in pairs):.2f}s, verify "
+          f"{statistics.median(v for _, v in pairs):.2f}s; median of per-run ratios {ratio:.3f} "
+          f"(+{(ratio - 1) * 100:.1f}%)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", type=Path, default=Path("/tmp/ucp-bench-convert"))
@@ -125,8 +155,13 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--small", default="1024,4,32000", help="hidden,layers,vocab (about 115M params)")
     p.add_argument("--large", default="1024,12,32000", help="hidden,layers,vocab (about 217M params)")
+    p.add_argument("--verify-cost", action="store_true",
+                   help="only measure convert with vs without fingerprint verification (large size)")
     args = p.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
+    if args.verify_cost:
+        verify_cost(args.dir, make_ckpt(args.dir, "large", args.large), args.repeats, args.workers)
+        return
     rows = {}
     runs = {}
     for label, shape in (("small", args.small), ("large", args.large)):

@@ -4,7 +4,10 @@
 
 Each rank saves only its own shard (DTensor placements are recorded, so no spec is needed);
 training goes on while the background worker writes; ``ucp.load`` returns every rank its own
-state, bit for bit.
+state, bit for bit. The optimizer state is saved as ``get_state_dict`` gives it, keyed by
+parameter names, so the checkpoint also converts and reshards:
+
+    ucp inspect /tmp/ucp-demo ; ucp convert /tmp/ucp-demo /tmp/ucp-demo-universal
 """
 
 import argparse
@@ -14,6 +17,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
@@ -52,7 +56,8 @@ def main() -> None:
         opt.zero_grad()
         if step % 10 == 0:
             t0 = time.perf_counter()
-            state = {"model": model.state_dict(), "optim": opt.state_dict(), "step": step}
+            model_sd, optim_sd = get_state_dict(model, opt)  # optimizer state keyed by names
+            state = {"model": model_sd, "optim": optim_sd, "step": step}
             handles.append(ucp.save(state, args.out, step=step, keep=2, overwrite=True,
                                     topology=f"tp={world}"))
             stall = time.perf_counter() - t0
@@ -61,9 +66,10 @@ def main() -> None:
     for h in handles:
         h.wait()
 
-    back = ucp.load(args.out, like={"model": model.state_dict(), "optim": opt.state_dict()})
-    expected = model.state_dict()
-    same = all(torch.equal(back["model"][k].to_local(), v.to_local()) for k, v in expected.items())
+    model_sd, optim_sd = get_state_dict(model, opt)
+    back = ucp.load(args.out, like={"model": model_sd, "optim": optim_sd})
+    same = all(torch.equal(back["model"][k].to_local(), v.to_local()) for k, v in model_sd.items())
+    set_state_dict(model, opt, model_state_dict=back["model"], optim_state_dict=back["optim"])
     if rank == 0:
         steps = sorted(os.listdir(args.out))
         print(f"committed: {[s for s in steps if s.startswith('step-')]} (keep=2) in {args.out}")

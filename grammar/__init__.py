@@ -11,13 +11,13 @@ Example:
     ((0, 4), (4, 6))
 """
 
-from ._bundled import bundled_spec, bundled_spec_names, bundled_spec_text
+from ._bundled import bundled_spec_names, bundled_spec_text
 from ._check import Problem
 from ._error import UclError
 from ._layout import DimLayout, ParamLayout, Piece
 from ._parse import parse
 from ._resolve import Rule
-from ._spec import Match, Spec, load_spec
+from ._spec import Match, Spec, bundled_spec, load_spec
 
 __all__ = [
     "load_spec", "bundled_spec", "bundled_spec_names", "bundled_spec_text", "parse",

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 from importlib import resources
-from typing import Mapping
-
 from ._error import UclError
-from ._parse import parse
-from ._spec import Spec, from_ast
 
-__all__ = ["bundled_spec", "bundled_spec_names", "bundled_spec_text"]
+# ``bundled_spec`` (a loaded Spec) lives in ``_spec``: :func:`~ucp.grammar.load_spec` resolves
+# bundled names too, and this module stays below ``_spec`` (no import cycle).
+__all__ = ["bundled_spec_names", "bundled_spec_text"]
 
 
 def bundled_spec_names() -> tuple[str, ...]:
@@ -28,14 +26,3 @@ def bundled_spec_text(name: str) -> str:
     if name not in names:
         raise UclError(f"no bundled spec named {name!r}; bundled: {', '.join(names)}")
     return resources.files(__package__).joinpath("specs", f"{name}.ucl").read_text(encoding="utf-8")
-
-
-def bundled_spec(name: str, *, constants: Mapping[str, int] | None = None) -> Spec:
-    """Loads bundled spec ``name``, with ``constants`` overriding its defaults.
-
-    Example:
-        >>> spec = bundled_spec("llama_megatron", constants={"num_layers": 16})
-        >>> spec.constants["head_dim"]
-        128
-    """
-    return from_ast(parse(bundled_spec_text(name), source=f"{name}.ucl"), constants)

@@ -5,25 +5,27 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import os
+import re
 from pathlib import Path
-from typing import Mapping, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from ucp._errors import UcpSpecError
 from ucp._topology import AXES as _TOPOLOGY_AXES
 from ucp._topology import Topology
 
 from . import _ast as A
+from ._bundled import bundled_spec_names, bundled_spec_text
 from ._check import Problem, check_spec
 from ._error import UclError, error_at
 from ._layout import ParamLayout, dim_layout, inverse, iter_ranks
 from ._parse import parse
 from ._pattern import Pattern
 from ._resolve import Index, Located, Resolved, Rule, resolve
-from ._tensor import consolidate_tensors, cut_tensor
 
-__all__ = ["Spec", "Match", "from_ast", "load_spec"]
+if TYPE_CHECKING:  # torch is imported by cut/consolidate only: parsing specs needs none
+    import torch
+
+__all__ = ["Spec", "Match", "from_ast", "load_spec", "bundled_spec"]
 
 _PROBE = Topology()  # every axis of size 1: checks what holds on any topology
 
@@ -172,6 +174,8 @@ class Spec:
         Raises:
             UcpSpecError: as :meth:`layout`, or when ``rank`` does not hold the parameter.
         """
+        from ._tensor import cut_tensor
+
         return cut_tensor(self.layout(name, tuple(tensor.shape), topology), tensor, rank)
 
     def consolidate(self, name: str, fragments: Mapping[int, torch.Tensor], topology: Topology,
@@ -188,6 +192,8 @@ class Spec:
         if global_shape is None:
             global_shape = self.infer_shape(name, {r: tuple(t.shape) for r, t in fragments.items()},
                                             topology)
+        from ._tensor import consolidate_tensors
+
         return consolidate_tensors(self.layout(name, global_shape, topology), fragments)
 
     def infer_shape(self, name: str, local_shapes: Mapping[int, Sequence[int]],
@@ -359,15 +365,19 @@ def from_ast(ast: A.SpecAst, constants: Mapping[str, int] | None = None) -> Spec
                 dict(constants or {}))
 
 
-def load_spec(path_or_text: str | os.PathLike[str], *,
+def load_spec(spec: Spec | str | os.PathLike[str], *,
               constants: Mapping[str, int] | None = None) -> Spec:
-    """Loads a UCL spec from a file or from its text.
+    """Loads a UCL spec: a bundled spec's name, a file, or the spec text itself.
 
-    A :class:`os.PathLike`, or a string naming an existing file, is read as a file (UTF-8); any
-    other string is the spec text itself. Bundled specs: :func:`ucp.grammar.bundled_spec`.
+    One resolver for every ``spec=`` argument and ``--spec`` option of ucp. A string is, in this
+    order: an existing file (read as UTF-8), the name of a bundled spec (``gpt2``,
+    ``llama_megatron``, ... see :func:`bundled_spec_names`), else UCL text. A single word that is
+    none of these and does not parse as UCL (a misspelled name or a missing file) is an error
+    listing the bundled specs, not a syntax error. A :class:`Spec` is returned as it is
+    (with ``constants`` applied).
 
     Args:
-        path_or_text: a path, or the spec text.
+        spec: a bundled spec's name, a path, the spec text, or a loaded Spec.
         constants: values that replace the spec's own for these constants (every constant that
             depends on them is recomputed), e.g. ``{"heads": 16, "kv_heads": 4}``.
 
@@ -376,27 +386,62 @@ def load_spec(path_or_text: str | os.PathLike[str], *,
 
     Raises:
         UcpSpecError: on a syntax or semantic error (:class:`UclError`, with line, column and
-            a caret context), an unknown constant in ``constants``, or an unreadable file.
+            a caret context), an unknown constant in ``constants``, an unreadable file, or a
+            word that names neither a bundled spec nor a file.
 
     Example:
         >>> spec = load_spec('hidden = 8  param "w" split tp dim 0 parts [hidden, hidden]')
         >>> spec.layout("w", (16, 4), Topology(tp=2)).local_shape(1)
         (8, 4)
+        >>> load_spec("llama_megatron").source
+        'llama_megatron.ucl'
     """
-    text, source = _read(path_or_text)
+    if isinstance(spec, Spec):
+        return spec.with_constants(constants) if constants else spec
+    text, source = _read(spec)
     return from_ast(parse(text, source=source), constants)
 
 
-def _read(path_or_text: str | os.PathLike[str]) -> tuple[str, str]:
-    if isinstance(path_or_text, str) and ("\n" in path_or_text or not _is_file(path_or_text)):
-        stripped = path_or_text.strip()
-        if stripped.endswith(".ucl") and "\n" not in stripped and '"' not in stripped:
-            raise UclError(f"spec file {path_or_text!r} does not exist", source=path_or_text)
-        return path_or_text, "<string>"
-    if not isinstance(path_or_text, (str, os.PathLike)):
-        raise UclError(f"load_spec() takes a path or the spec text, got "
-                       f"{type(path_or_text).__name__}")
-    path = Path(path_or_text)
+def bundled_spec(name: str, *, constants: Mapping[str, int] | None = None) -> Spec:
+    """Loads bundled spec ``name``, with ``constants`` overriding its defaults.
+
+    Raises:
+        UclError: when there is no such bundled spec (the message lists those there are).
+
+    Example:
+        >>> spec = bundled_spec("llama_megatron", constants={"num_layers": 16})
+        >>> spec.constants["head_dim"]
+        128
+    """
+    return from_ast(parse(bundled_spec_text(name), source=f"{name}.ucl"), constants)
+
+
+# A string with none of UCL's punctuation or spaces: what a name or a path looks like.
+_WORD = re.compile(r"[^\s\"'{}\[\]=#,()]+")
+
+
+def _read(spec: str | os.PathLike[str]) -> tuple[str, str]:
+    """The spec's text and the source name its errors show."""
+    if isinstance(spec, os.PathLike):
+        return _read_file(Path(spec))
+    if not isinstance(spec, str):
+        raise UclError(f"load_spec() takes a bundled spec's name, a path or the spec text, got "
+                       f"{type(spec).__name__}")
+    if "\n" not in spec and _is_file(spec):
+        return _read_file(Path(spec))
+    word = spec.strip()
+    if word in bundled_spec_names():
+        return bundled_spec_text(word), f"{word}.ucl"
+    if _WORD.fullmatch(word):
+        try:  # a lone keyword such as "default" is a whole spec
+            parse(spec)
+        except UclError as e:
+            raise UclError(f"no bundled spec or file named {word!r}; bundled: "
+                           f"{', '.join(bundled_spec_names())}", source=word) from e
+    return spec, "<string>"
+
+
+def _read_file(path: Path) -> tuple[str, str]:
     try:
         return path.read_text(encoding="utf-8"), str(path)
     except (OSError, UnicodeDecodeError) as e:

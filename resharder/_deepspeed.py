@@ -39,6 +39,7 @@ from ucp._topology import Topology
 from ucp.grammar import Spec
 from ucp.storage import Storage
 
+from ._fingerprints import check_recorded
 from ._read import ReadStats
 from ._source import ArraySource
 from ._targets import ReshardReport, register_target
@@ -107,7 +108,10 @@ class DeepSpeedTarget:
     def write(self, source: ArraySource, dst: str, *, topology: Topology, spec: Spec | None,
               alignment: int, step: int, overwrite: bool,
               storage_options: Mapping[str, Any] | None, workers: int,
-              progress: bool) -> ReshardReport:
+              progress: bool, verify: bool = False) -> ReshardReport:
+        """``verify``: each state written (a whole fp32 copy) must have the fingerprint a universal
+        ``source`` records for it (states stored in another dtype, and sources without recorded
+        fingerprints, are not checked)."""
         start = time.perf_counter()
         check_topology(topology)  # before any I/O
         storage, tag = Storage(dst, storage_options=storage_options), tag_for(step)
@@ -124,7 +128,7 @@ class DeepSpeedTarget:
         aliases = _aliases(source)
         mine = trainable[coord.rank::coord.world_size]
         stats = _write_params(storage, source, mine, aliases, tag=tag, step=step, workers=workers,
-                              progress=progress)
+                              progress=progress, verify=verify)
         coord.all_gather_json(None, what="gathering DeepSpeed parameter files")
         if coord.rank == 0:
             storage.write(f"{tag}/zero/optimizer_state.pt", _torch_bytes(_optimizer_state(source)))
@@ -136,7 +140,7 @@ class DeepSpeedTarget:
 
 
 def _write_params(storage: Storage, source: ArraySource, names: list[str], aliases: dict[str, str], *,
-                  tag: str, step: int, workers: int, progress: bool) -> ReadStats:
+                  tag: str, step: int, workers: int, progress: bool, verify: bool = False) -> ReadStats:
     """``zero/<name>/<state>.pt`` for each of ``names`` (and each alias of it), one parameter in
     memory per worker."""
     by_target: dict[str, list[str]] = {}
@@ -151,6 +155,8 @@ def _write_params(storage: Storage, source: ArraySource, names: list[str], alias
         nbytes = 0
         for state in states:
             tensor = source.read(name, state, None).float().contiguous()
+            if verify:
+                check_recorded(source, name, state, tensor, f"{storage.url}/{tag}/zero/{name}")
             nbytes += tensor.numel() * tensor.element_size()
             data = _torch_bytes({"param": tensor, "cat_dim": 0})
             for path in [name, *by_target.get(name, [])]:

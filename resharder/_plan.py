@@ -182,11 +182,7 @@ def target_spec(spec: Spec | str | None, stored: str | None = None,
     """The spec to cut with: ``spec`` (a Spec, bundled name, path or text), else the one stored
     in the universal checkpoint (with its constant overrides), else None."""
     if spec is not None:
-        if isinstance(spec, Spec):
-            return spec
-        from ucp._convert import _spec_of
-
-        return _spec_of(spec)
+        return load_spec(spec)
     if stored:
         return load_spec(stored, constants=dict(stored_constants or {}) or None)
     return None

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ucp._errors import CorruptCheckpointError
+from ucp.storage import read_counter
 
 from ._plan import Copy, LocalTensor, Path, RankPlan, Read
 from ._source import ArrayInfo, ArraySource, read_many
@@ -250,6 +251,17 @@ def _as_copies(read: Read, info: ArrayInfo) -> Read:
                                perm=tuple(range(len(full))), whole=False)
 
 
+def _whole_as_copies(reads: Sequence[Read], info: ArrayInfo, dests: dict[Path, _Dest]) -> list[Read]:
+    """``reads`` with every ``whole`` one as a copy of the array (its destination takes the
+    array's shape)."""
+    out = []
+    for r in reads:
+        if r.whole:
+            dests[r.path].shape = info.shape
+        out.append(_as_copies(r, info))
+    return out
+
+
 def _tasks(plan: RankPlan, source: ArraySource, dests: dict[Path, _Dest], max_block_bytes: int
            ) -> tuple[list[Callable[[], tuple[int, int, int]]], int]:
     """One task per block of chunks (or per whole array); returns them and the bytes needed."""
@@ -258,13 +270,16 @@ def _tasks(plan: RankPlan, source: ArraySource, dests: dict[Path, _Dest], max_bl
     tasks, needed = [], 0
     for key, reads in groups.items():
         info = infos[key]
+        if info.chunks is None and source.partial and info.shape is not None:
+            reads = _whole_as_copies(reads, info, dests)
+            needed += sum(math.prod(b - a for a, b in c.src) for r in reads for c in r.copies) * info.itemsize
+            for box in dict.fromkeys(c.src for r in reads for c in r.copies):
+                tasks.append(lambda key=key, box=box, reads=reads: _partial(source, key, box, reads, dests))
+            continue
         if info.chunks is None:
             tasks.append(lambda key=key, reads=reads: _whole(source, key, reads, dests))
             continue
-        reads = [_as_copies(r, info) for r in reads]
-        for r, orig in zip(reads, groups[key]):
-            if orig.whole:
-                dests[r.path].shape = info.shape
+        reads = _whole_as_copies(reads, info, dests)
         needed += sum(math.prod(b - a for a, b in c.src) for r in reads for c in r.copies) * info.itemsize
         per = math.prod(info.chunks) * info.itemsize + CHUNK_OVERHEAD
         for region, n in chunk_blocks((c.src for r in reads for c in r.copies), info.shape,
@@ -275,6 +290,16 @@ def _tasks(plan: RankPlan, source: ArraySource, dests: dict[Path, _Dest], max_bl
                 return n * per, 0, n
             tasks.append(task)
     return tasks, needed
+
+
+def _partial(source: ArraySource, key: tuple[str, str | None], box: Region, reads: Sequence[Read],
+             dests: dict[Path, _Dest]) -> tuple[int, int, int]:
+    """One box of an unchunked array from a source that reads only the bytes of a region; the
+    bytes read are what storage counted (sources that read partially run on one thread)."""
+    before = read_counter()
+    for sub, data in source.iter_region(key[0], key[1], box):
+        _apply(data, sub, reads, dests)
+    return (read_counter() - before).bytes, 0, 0
 
 
 def _whole(source: ArraySource, key: tuple[str, str | None], reads: Sequence[Read],

@@ -23,7 +23,7 @@ from ucp._shard import ChunkReader, Layout, layout_of
 from ucp._stfile import dtype_from_name
 from ucp._universal import (GROUP_META, UniversalCheckpoint, _meta_crc, from_numpy, open_universal,
                             read_array_meta, to_numpy)
-from ucp.engines._base import ParamInfo, SourceCheckpoint
+from ucp.engines._base import ParamInfo, SourceCheckpoint, cut
 from ucp.storage import Storage
 
 from ._zero import Region
@@ -55,6 +55,7 @@ class ArraySource:
     spec_text: str | None = None
     spec_constants: Mapping[str, int] | None = None
     concurrent = True  # reads may run on several threads at once
+    partial = False  # an unchunked array's region read fetches only the bytes of that region
 
     def names(self) -> list[str]:
         raise NotImplementedError
@@ -289,14 +290,25 @@ class ConvertingSource(ArraySource):
         shape = None if state == "step" else tuple(info.shape)
         return ArrayInfo(shape, dtype, None, 0 if dtype is None else dtype.itemsize)
 
+    @property
+    def partial(self) -> bool:
+        """Whether the plugin reads a region by reading only the bytes that hold it."""
+        return bool(getattr(self.source, "partial_reads", False))
+
     def read(self, name: str, state: str | None, region: Region | None) -> torch.Tensor:
         if state is None:
-            t = self._buffer_table()[name]
-        else:
-            stored, cast = _param_source(self.info(name), state)
-            t = self.source.read(name, stored)
-            t = t if cast is None else t.to(cast)
-        return t if region is None else t[tuple(slice(a, b) for a, b in region)]
+            return cut(self._buffer_table()[name], region)
+        stored, cast = _param_source(self.info(name), state)
+        t = self.source.read(name, stored, region)
+        return t if cast is None else t.to(cast)
+
+    def iter_region(self, name: str, state: str | None, region: Region) -> Iterator[tuple[Region, torch.Tensor]]:
+        if state is None or not self.partial:
+            yield region, self.read(name, state, region)
+            return
+        stored, cast = _param_source(self.info(name), state)
+        for sub, t in self.source.iter_region(name, stored, region):
+            yield sub, t if cast is None else t.to(cast)
 
 
 def is_universal(url: str, storage_options: Mapping[str, Any] | None = None) -> bool:

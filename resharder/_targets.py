@@ -26,6 +26,7 @@ from ucp._tree import flatten
 from ucp.grammar import Spec
 from ucp.storage import Storage
 
+from ._fingerprints import OutputFingerprints, check_output
 from ._plan import plan_ranks
 from ._read import ReadStats, read_plan
 from ._source import ArraySource
@@ -66,7 +67,7 @@ class ReshardTarget(Protocol):
     def write(self, source: ArraySource, dst: str, *, topology: Topology, spec: Spec | None,
               alignment: int, step: int, overwrite: bool,
               storage_options: Mapping[str, Any] | None, workers: int,
-              progress: bool) -> ReshardReport: ...
+              progress: bool, verify: bool = False) -> ReshardReport: ...
 
 
 class NativeTarget:
@@ -82,7 +83,9 @@ class NativeTarget:
     def write(self, source: ArraySource, dst: str, *, topology: Topology, spec: Spec | None,
               alignment: int, step: int, overwrite: bool,
               storage_options: Mapping[str, Any] | None, workers: int,
-              progress: bool) -> ReshardReport:
+              progress: bool, verify: bool = False) -> ReshardReport:
+        """``verify``: every state the ranks hold, summed box by box over all ranks, must have
+        its source's fingerprint before the step is committed (:mod:`._fingerprints`)."""
         start = time.perf_counter()
         plans = plan_ranks(source, topology, spec=spec, alignment=alignment)  # checks before I/O
         storage = Storage(dst, storage_options=storage_options)
@@ -97,14 +100,19 @@ class NativeTarget:
         coord.all_gather_json(None, what="starting to reshard")
         mine = tuple(range(coord.rank, topology.world_size, coord.world_size))
         files, stats = {}, ReadStats()
+        prints = OutputFingerprints() if verify else None
         from tqdm import tqdm
 
         for rank in tqdm(mine, desc="reshard", unit="rank", file=sys.stderr, disable=not progress):
             loaded = read_plan(plans[rank], source, workers=workers)
+            if prints is not None:
+                prints.add(loaded)
             files.update(_write_rank(storage, build_state(loaded, step=step), step=step,
                                      rank=rank, world_size=topology.world_size))
             stats = stats + loaded.stats
         gathered = coord.all_gather_json(files, what="gathering resharded ranks")
+        if prints is not None:  # every process checks the same sums: all raise, none commits
+            check_output(source, coord.all_gather_json(prints.to_json(), what="gathering fingerprints"), dst)
         if coord.rank == 0:
             records = {k: FileRecord.from_dict(v) for part in gathered for k, v in part.items()}
             write_manifest(storage, step=step, world_size=topology.world_size, topology=topology,

@@ -110,6 +110,24 @@ class _Planner:
                                      f"(it has {list(have)}); is it the same optimizer?")
                 self.add(("optim", fqn, s), fqn, s, value)
 
+    def zero_optim(self, model: torch.nn.Module, opt: Any) -> dict[torch.nn.Parameter, str]:
+        """A ``ZeroRedundancyOptimizer``: every state of the parameters this rank's partition
+        holds, whole (their shapes and dtypes are the checkpoint's). Returns them by parameter."""
+        names = {id(p): n for n, p in model.named_parameters()}
+        held = {}
+        for group in opt.optim.param_groups:
+            for p in group["params"]:
+                fqn = held[p] = names[id(p)]
+                if fqn not in self.names:
+                    raise StateError(f"the checkpoint has no parameter {fqn!r} (optimizer state)")
+                for s in self.source.info(fqn).states:
+                    if s in ("param", "fp32"):
+                        continue
+                    path = ("optim", fqn, s)
+                    self.tensors.append(LocalTensor(path, None, None, like=(fqn, s)))
+                    self.reads.append(Read(fqn, s, path, (), whole=True))
+        return held
+
     def value(self, path: tuple[Any, ...], tensors: Mapping[Any, torch.Tensor]) -> Any:
         template, how = self.rebuild[path]
         if path in self.out:  # read in place into the template's own memory
@@ -142,6 +160,28 @@ def _groups(source: ArraySource, osd: Mapping[str, Any]) -> list[dict[str, Any]]
     return out
 
 
+def _is_zero(opt: Any) -> bool:
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    return isinstance(opt, ZeroRedundancyOptimizer)
+
+
+def _load_zero(opt: Any, held: Mapping[Any, str], source: ArraySource,
+               tensors: Mapping[Any, torch.Tensor]) -> None:
+    """This rank's partition into the local optimizer; hyper-parameters into both the wrapper's
+    groups (which the LR scheduler drives and ``step`` copies down) and the local ones."""
+    for p, fqn in held.items():
+        opt.optim.state[p] = {path[2]: t for path, t in tensors.items()
+                              if path[0] == "optim" and path[1] == fqn}
+    stored = source.param_groups
+    for groups in (opt.param_groups, opt.optim.param_groups):
+        if len(groups) != len(stored):
+            raise StateError(f"the optimizer has {len(groups)} param groups, the checkpoint "
+                             f"{len(stored)}; build the optimizer with the same groups")
+        for group, saved in zip(groups, stored):
+            group.update({k: _like(group.get(k), v) for k, v in saved.items() if k != "params"})
+
+
 def _like(template: Any, value: Any) -> Any:
     """``value`` as the live type (JSON made tuples lists)."""
     if isinstance(template, tuple) and isinstance(value, list):
@@ -157,8 +197,9 @@ def load_into(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, s
     """Loads a checkpoint into a live model (and optimizer), on any mesh and placements.
 
     Called by every rank of the job (``set_*_state_dict`` may communicate); each rank reads only
-    the boxes its DTensors hold (plain tensors: all of them). The model and optimizer must have
-    been built and sharded (``parallelize_module``, ``fully_shard``) as for training.
+    the boxes its DTensors hold (plain tensors: all of them; a ``ZeroRedundancyOptimizer``: the
+    states of the parameters its partition holds). The model and optimizer must have been built
+    and sharded (``parallelize_module``, ``fully_shard``) as for training.
 
     Args:
         model: the model; its state dict keys are the checkpoint's canonical names.
@@ -183,10 +224,12 @@ def load_into(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, s
         set_optimizer_state_dict)
 
     source = open_array_source(src, engine=engine, spec=spec, tag=tag, storage_options=storage_options)
+    zero = optimizer is not None and _is_zero(optimizer)
     msd = get_model_state_dict(model)
-    osd = get_optimizer_state_dict(model, optimizer) if optimizer is not None else None
+    osd = get_optimizer_state_dict(model, optimizer) if optimizer is not None and not zero else None
     p = _Planner(source)
     p.model(msd, strict)
+    held = p.zero_optim(model, optimizer) if zero else {}
     if osd is not None:
         p.optim(osd)
     p.check_dtypes()
@@ -194,9 +237,36 @@ def load_into(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, s
     loaded = read_plan(plan, source, workers=workers, out=p.out)
     new_msd = {k: p.value(("model", k), loaded.tensors) for k in msd if ("model", k) in p.rebuild}
     set_model_state_dict(model, new_msd, options=StateDictOptions(strict=strict))
-    if osd is not None:
+    if zero:
+        _load_zero(optimizer, held, source, loaded.tensors)
+    if osd is not None and not _fill_in_place(optimizer, osd, p, loaded.tensors, _groups(source, osd)):
         state = {fqn: {s: p.value(("optim", fqn, s), loaded.tensors) if ("optim", fqn, s) in p.rebuild
                        else v for s, v in states.items()}
                  for fqn, states in osd["state"].items()}
         set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": _groups(source, osd)})
     return loaded.stats
+
+
+def _fill_in_place(optimizer: Any, osd: Mapping[str, Any], p: _Planner, tensors: Mapping[Any, torch.Tensor],
+                   groups: list[dict[str, Any]]) -> bool:
+    """When every optimizer state tensor was read straight into the optimizer's own memory (the
+    state dict's tensors are the live ones), the scalar states are copied into theirs and the
+    hyper-parameters set, and ``set_optimizer_state_dict`` (which copies every state once more)
+    is not needed. Returns False, changing nothing, when some state needs rebuilding."""
+    scalars = []
+    for fqn, states in osd["state"].items():
+        for s, v in states.items():
+            path = ("optim", fqn, s)
+            if path in p.out or path not in p.rebuild:
+                continue
+            if not isinstance(v, torch.Tensor) or v.dim() != 0 or _dtensor.is_dtensor(v):
+                return False
+            scalars.append((v, path))
+    if len(groups) != len(optimizer.param_groups):
+        return False
+    with torch.no_grad():
+        for v, path in scalars:
+            v.copy_(p.value(path, tensors))
+    for live, group in zip(optimizer.param_groups, groups):
+        live.update({k: v for k, v in group.items() if k != "params"})
+    return True

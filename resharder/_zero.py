@@ -113,8 +113,10 @@ def _check(dp: int, alignment: int) -> None:
         raise TopologyError(f"dp={dp}: the data-parallel size must be positive")
 
 
-def group_partition(numels: Sequence[int], dp: int, dp_rank: int, alignment: int = 1) -> GroupPartition:
-    """The partition of dp rank ``dp_rank`` of a flat group of parameters with ``numels``.
+def group_partition(numels: Sequence[int], dp: int, dp_rank: int, alignment: int = 1,
+                    paddings: Sequence[int] | None = None) -> GroupPartition:
+    """The partition of dp rank ``dp_rank`` of a flat group of parameters with ``numels``
+    (``paddings``: zeros after each parameter, as DeepSpeed's round-robin groups align them).
 
     Example:
         >>> p = group_partition([6, 5], dp=2, dp_rank=1, alignment=2)
@@ -123,9 +125,12 @@ def group_partition(numels: Sequence[int], dp: int, dp_rank: int, alignment: int
     """
     _check(dp, alignment)
     offsets, total = [], 0
-    for n in numels:
+    pads = list(paddings) if paddings is not None else [0] * len(numels)
+    if len(pads) != len(numels):
+        raise TopologyError(f"{len(pads)} paddings for {len(numels)} parameters of a flat group")
+    for n, pad in zip(numels, pads):
         offsets.append(total)
-        total += int(n)
+        total += int(n) + int(pad)
     padded = round_up(total, alignment * dp)
     part = padded // dp
     return GroupPartition(tuple(offsets), tuple(int(n) for n in numels), total, padded,

@@ -24,6 +24,7 @@ from ucp._errors import CheckpointExistsError, ChecksumError, CorruptCheckpointE
 from ucp._meta import FileRecord
 
 from ._retry import RetryPolicy, retry_call
+from ._stats import count_read
 
 __all__ = ["Storage", "checksum", "verify", "open_regular", "PACKAGE_FOR_PROTOCOL"]
 
@@ -240,6 +241,7 @@ class Storage:
                     _check_size(len(data), record=None, max_bytes=max_bytes, where=where)
                 return bytearray(data) if mutable else data
         data = retry_call(fn, policy=self.retry, what=f"reading {where}")
+        count_read(len(data))
         if record is not None:
             verify(data, record, where=where)
         return data
@@ -254,7 +256,9 @@ class Storage:
                     return f.read(end - start)
         else:
             fn = lambda: self.fs.cat_file(target, start=start, end=end)  # noqa: E731
-        return retry_call(fn, policy=self.retry, what=f"reading {self.url}/{rel}[{start}:{end}]")
+        data = retry_call(fn, policy=self.retry, what=f"reading {self.url}/{rel}[{start}:{end}]")
+        count_read(len(data))
+        return data
 
     # -- listing and deletion ------------------------------------------------------------------
     def exists(self, rel: str) -> bool:

@@ -15,8 +15,6 @@ from __future__ import annotations
 import logging
 from typing import Any, Literal, Mapping
 
-import torch
-
 from . import _live
 from ._coord import dist_rank_and_world
 from ._errors import CheckpointNotFoundError, StateError
@@ -71,6 +69,8 @@ class Checkpointer:
         self.topology = Topology.parse(topology) if isinstance(topology, str) else topology
         self.storage_options, self.timeout = storage_options, timeout
         self._pending: SaveHandle | None = None
+        #: What the last resume onto another topology read (``ucp.resharder.ReadStats``), else None.
+        self.last_read: Any = None
 
     # -- saving --------------------------------------------------------------------------------
     def maybe_save(self, step: int, state: Mapping[str, Any]) -> SaveHandle | None:
@@ -145,29 +145,15 @@ class Checkpointer:
         return step
 
     def _resume_resharded(self, state: dict[str, Any], storage: Storage, manifest: Any, rank: int) -> None:
+        """The model and optimizer through the resharder, straight from the saving ranks' files
+        (each rank reads only the regions it holds); other state from the saving rank 0."""
         from .engines._native import NativeCheckpoint
+        from .resharder import load_into
 
         source = NativeCheckpoint(storage, manifest)
-        reader = _SourceReader(source)
-        shapes = {n: source.info(n).shape for n in source.names()}
-        extra = source.read_subtree(0, "extra") or {}
-        _live.restore_resharded(state, reader, shapes, source.param_groups(), extra)
+        model_key, optim_key = _live.roles(state)
+        if model_key is not None:
+            optim = state[optim_key] if optim_key is not None else None
+            self.last_read = load_into(state[model_key], optim, source)
+        _live.restore_extra(state, source.read_subtree(0, "extra") or {})
         _live.reseed(self.seed, manifest.step, rank)
-
-
-class _SourceReader:
-    """Regions of a consolidated source's tensors (the last tensor read is kept for its slices)."""
-
-    def __init__(self, source: Any) -> None:
-        self.source = source
-        self._last: tuple[tuple[str, str], torch.Tensor] | None = None
-
-    def states(self, name: str) -> tuple[str, ...]:
-        return tuple(self.source.info(name).states)
-
-    def read(self, name: str, state: str, region: tuple[slice, ...] | None) -> torch.Tensor:
-        key = (name, state)
-        if self._last is None or self._last[0] != key:
-            self._last = (key, self.source.read(name, state))
-        full = self._last[1]
-        return full if region is None else full[region].contiguous()

@@ -5,14 +5,19 @@ output. Each command calls the library (:mod:`ucp._inspect`, :mod:`ucp._verify`,
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import click
 
-from ._inspect import Report, StepRow, display_url, human_bytes, parse_size
-from .cli import add_secrets, main, progress_enabled, ucp_command
+from ._cli_base import progress_enabled, spec_option, storage_option, storage_options, ucp_command
+from ._steps import StepRow, display_url, human_bytes, parse_size
+
+if TYPE_CHECKING:  # the readers (torch, zarr, engines) are imported by the commands themselves
+    from ._inspect import Report
 
 __all__ = ["inspect", "verify", "export", "ls", "format_report", "format_steps"]
 
@@ -32,62 +37,23 @@ class _Size(click.ParamType):
         return size
 
 
-class _Option(click.ParamType):
-    """``KEY=VALUE`` for ``-o``: VALUE is JSON when it parses (numbers, true, {...}), else text;
-    a dotted KEY nests (``client_kwargs.endpoint_url=...``)."""
-
-    name = "KEY=VALUE"
-
-    def convert(self, value: Any, param: Any, ctx: Any) -> tuple[str, Any]:
-        if isinstance(value, tuple):
-            return value
-        key, sep, text = str(value).partition("=")
-        if not sep or not key.strip():
-            self.fail(f"{value!r} is not KEY=VALUE, e.g. endpoint_url=http://127.0.0.1:9000",
-                      param, ctx)
-        try:
-            parsed = json.loads(text)
-        except ValueError:
-            parsed = text
-        return key.strip(), parsed
-
-
-def _storage_options(pairs: Iterable[tuple[str, Any]]) -> dict[str, Any] | None:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        *parents, leaf = key.split(".")
-        node = out
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    add_secrets(click.get_current_context(silent=True), out)
-    return out or None
-
-
-_storage_option = click.option(
-    "-o", "--storage-option", "options", type=_Option(), multiple=True,
-    help="fsspec storage option KEY=VALUE (repeatable), e.g. -o endpoint_url=http://host:9000; "
-         "secrets given here are never printed.")
 _engine_option = click.option(
     "--engine", default="auto", show_default=True,
     help="Format of the checkpoint: auto, universal, safetensors, or an engine (ucp, dcp, "
          "deepspeed, ...).")
 _step_option = click.option("--step", "tag", default=None,
                             help="Step (native root) or tag (engine) to read; default: the newest.")
-_spec_option = click.option("--spec", default=None,
-                            help="UCL spec: a file or a bundled name (gpt2, llama_megatron, ...); "
-                                 "default: the one stored in the checkpoint.")
 
 
 # -- commands -------------------------------------------------------------------------------------
 
-@main.command()
+@click.command()
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (schema ucp.inspect, version 1).")
 @_engine_option
 @_step_option
-@_spec_option
-@_storage_option
+@spec_option
+@storage_option
 @ucp_command
 def inspect(path: str, as_json: bool, engine: str, tag: str | None, spec: str | None,
             options: tuple[tuple[str, Any], ...]) -> None:
@@ -102,21 +68,23 @@ def inspect(path: str, as_json: bool, engine: str, tag: str | None, spec: str | 
     from ._inspect import inspect_checkpoint
 
     report = inspect_checkpoint(path, engine=engine, spec=spec, tag=tag,
-                                storage_options=_storage_options(options))
+                                storage_options=storage_options(options))
     click.echo(json.dumps(report.to_dict(), indent=1) if as_json else format_report(report))
 
 
-@main.command()
+@click.command()
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (schema ucp.verify, version 1).")
 @_engine_option
 @_step_option
-@_spec_option
-@_storage_option
+@spec_option
+@storage_option
+@click.option("--deep", is_flag=True, help="Also recompute every array's fingerprint from its "
+              "data and compare it with the one recorded at conversion.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @ucp_command
 def verify(path: str, as_json: bool, engine: str, tag: str | None, spec: str | None,
-           options: tuple[tuple[str, Any], ...], quiet: bool) -> None:
+           options: tuple[tuple[str, Any], ...], deep: bool, quiet: bool) -> None:
     """Check the checkpoint at PATH: every checksum, every parameter covered exactly once by its
     fragments, shapes that fit the spec. Exit 0 when all is well, 1 with the list of problems.
 
@@ -124,12 +92,13 @@ def verify(path: str, as_json: bool, engine: str, tag: str | None, spec: str | N
     Example:
       ucp verify ./ckpt --step 200
       ucp verify s3://bucket/universal --json
+      ucp verify ./universal --deep
     """
     from ._verify import verify_checkpoint
 
     report = verify_checkpoint(path, engine=engine, spec=spec, tag=tag,
-                               storage_options=_storage_options(options),
-                               progress=progress_enabled(quiet))
+                               storage_options=storage_options(options),
+                               progress=progress_enabled(quiet), deep=deep)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=1))
     else:
@@ -148,24 +117,26 @@ def verify(path: str, as_json: bool, engine: str, tag: str | None, spec: str | N
         raise click.ClickException(f"{display_url(path)}: {len(report.problems)} problem(s) found")
 
 
-@main.command()
+@click.command()
 @click.argument("src")
 @click.argument("dst")
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
               help="dtype of every floating-point tensor; default: the model's own.")
 @click.option("--max-shard-size", type=_Size(), default="5GB", show_default=True,
               help="Largest shard file: 5GB (10**9 bytes), 500MB, 2GiB, or bytes.")
-@_spec_option
+@spec_option
 @_engine_option
 @_step_option
 @click.option("--config", type=click.Path(exists=True, dir_okay=False), default=None,
               help="A config.json to copy into DST, for transformers' from_pretrained.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier export in DST.")
-@_storage_option
+@click.option("--no-verify", is_flag=True, help="Skip the check of each tensor written against "
+              "the fingerprint a universal SRC records.")
+@storage_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @ucp_command
 def export(src: str, dst: str, dtype: str | None, max_shard_size: int, spec: str | None,
-           engine: str, tag: str | None, config: str | None, overwrite: bool,
+           engine: str, tag: str | None, config: str | None, overwrite: bool, no_verify: bool,
            options: tuple[tuple[str, Any], ...], quiet: bool) -> None:
     """Write the model weights of SRC (a universal checkpoint, or anything `ucp convert` reads)
     as Hugging Face safetensors in DST: model.safetensors, or model-0000i-of-0000N.safetensors
@@ -177,21 +148,28 @@ def export(src: str, dst: str, dtype: str | None, max_shard_size: int, spec: str
     """
     from ._export import export_hf
 
-    so = _storage_options(options)
-    result = export_hf(src, dst, dtype=dtype, max_shard_size=max_shard_size, spec=spec,
-                       engine=engine, tag=tag, config=config, overwrite=overwrite,
-                       storage_options=so, dst_storage_options=so,
-                       progress=progress_enabled(quiet))
+    so = storage_options(options)
+    new_dir = None if "://" in dst or os.path.exists(dst) else dst
+    try:
+        result = export_hf(src, dst, dtype=dtype, max_shard_size=max_shard_size, spec=spec,
+                           engine=engine, tag=tag, config=config, overwrite=overwrite,
+                           verify=not no_verify, storage_options=so, dst_storage_options=so,
+                           progress=progress_enabled(quiet))
+    except BaseException:  # an error or Ctrl-C: leave no empty directory behind
+        if new_dir is not None:
+            with contextlib.suppress(OSError):  # not empty, or already gone
+                os.rmdir(new_dir)
+        raise
     shards = sum(f.endswith(".safetensors") for f in result.files)
     renamed = f", {result.renamed} renamed by the spec" if result.renamed else ""
     click.echo(f"wrote {display_url(dst)}: {result.tensors} tensors{renamed}, "
                f"{human_bytes(result.total_size)} in {shards} shard(s)")
 
 
-@main.command()
+@click.command()
 @click.argument("url")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (schema ucp.ls, version 1).")
-@_storage_option
+@storage_option
 @ucp_command
 def ls(url: str, as_json: bool, options: tuple[tuple[str, Any], ...]) -> None:
     """List the steps under the checkpoint root URL: commit status, size and age.
@@ -201,14 +179,21 @@ def ls(url: str, as_json: bool, options: tuple[tuple[str, Any], ...]) -> None:
       ucp ls ./ckpt
       ucp ls s3://bucket/run1 --json
     """
-    from ._inspect import SCHEMA_VERSION, list_steps
+    from ._steps import SCHEMA_VERSION, list_steps
 
-    steps = list_steps(url, storage_options=_storage_options(options))
+    so = storage_options(options)
+    steps = list_steps(url, storage_options=so)
     if as_json:
         now = time.time()
         click.echo(json.dumps({"schema": "ucp.ls", "schema_version": SCHEMA_VERSION,
                                "url": display_url(url),
                                "steps": [s.to_dict(now) for s in steps]}, indent=1))
+    elif not steps:
+        from ._steps import describe_other
+
+        what = describe_other(url, storage_options=so)
+        click.echo(f"{display_url(url)}: no step directories" + (
+            "" if what is None else f"; this is {what}: `ucp inspect {display_url(url)}` shows it"))
     else:
         click.echo(format_steps(url, steps))
 

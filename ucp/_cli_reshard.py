@@ -7,50 +7,40 @@ from typing import Any
 
 import click
 
-from ._errors import TopologyError
+from ._cli_base import TopologyType, storage_option, storage_options, ucp_command
 from ._topology import Topology
-from .cli import main, ucp_command
 
 __all__ = ["reshard"]
 
 
-class _TopologyType(click.ParamType):
-    """``dp=..,tp=..,pp=..,zero=..`` parsed into a :class:`~ucp.Topology` (usage error otherwise)."""
-
-    name = "TOPOLOGY"
-
-    def convert(self, value: Any, param: Any, ctx: Any) -> Topology:
-        if isinstance(value, Topology):
-            return value
-        try:
-            return Topology.parse(value)
-        except TopologyError as e:
-            self.fail(str(e), param, ctx)
-
-
-@main.command()
+@click.command()
 @click.argument("src")
 @click.argument("dst")
-@click.option("--to", "topology", required=True, type=_TopologyType(),
+@click.option("--to", "topology", required=True, type=TopologyType(),
               help="Target topology, e.g. dp=2,tp=2,pp=1,zero=1 (omitted axes are 1, zero 0).")
 @click.option("--engine", default="ucp", show_default=True,
               help="Target layout: ucp (native per-rank files), or an engine with a reshard target.")
 @click.option("--spec", default=None,
-              help="UCL spec (file or bundled name) for tp/pp cuts; default: the one SRC stores.")
+              help="UCL spec for tp/pp cuts (a bundled name, a file, or UCL text); default: the "
+                   "one SRC stores.")
 @click.option("--src-engine", default="auto", show_default=True,
               help="Engine of SRC when it is not a universal checkpoint (converted on the fly).")
 @click.option("--alignment", default=None, type=click.IntRange(1),
               help="ZeRO partitions hold a multiple of this many elements (default: the engine's).")
 @click.option("--step", "tag", default=None, help="Step/tag of SRC (default: newest).")
 @click.option("--overwrite", is_flag=True, help="Replace the step if DST already has it.")
-@click.option("--workers", default=8, show_default=True, type=click.IntRange(1, 256),
-              help="Reads in flight.")
+@click.option("--io-threads", "workers", default=8, show_default=True,
+              type=click.IntRange(1, 256), help="Reads in flight.")
+@click.option("--no-verify", is_flag=True,
+              help="Skip the check of every resharded state against SRC by fingerprint.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@storage_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @ucp_command
 def reshard(src: str, dst: str, topology: Topology, engine: str, spec: str | None,
             src_engine: str, alignment: int | None, tag: str | None, overwrite: bool,
-            workers: int, as_json: bool, quiet: bool) -> None:
+            workers: int, no_verify: bool, as_json: bool, options: tuple[tuple[str, Any], ...],
+            quiet: bool) -> None:
     """Write checkpoint SRC for another parallel topology at DST.
 
     SRC is a universal checkpoint, or any checkpoint `ucp convert` reads (converted on the fly,
@@ -64,9 +54,11 @@ def reshard(src: str, dst: str, topology: Topology, engine: str, spec: str | Non
     """
     from ._reshard import reshard as _reshard
 
+    so = storage_options(options)
     report = _reshard(src, dst, topology=topology, engine=engine, spec=spec, alignment=alignment,
                       src_engine=src_engine, tag=tag, overwrite=overwrite, workers=workers,
-                      progress=None if not quiet else False)
+                      storage_options=so, dst_storage_options=so,
+                      progress=None if not quiet else False, verify=not no_verify)
     stats = report.stats
     if as_json:
         click.echo(json.dumps({"url": dst, "engine": report.engine, "step": report.step,

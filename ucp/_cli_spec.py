@@ -1,7 +1,8 @@
 """``ucp spec ...``: lint UCL specs from the command line.
 
-Registered on the main group by :mod:`ucp.cli`. The library does the work; this module only
-reads a checkpoint's parameter names and shapes (:func:`parameter_shapes`) and prints findings.
+Registered on the main group by :mod:`ucp.cli`. The library does the work (the grammar is
+imported by the command itself); this module only reads a checkpoint's parameter names and
+shapes (:func:`parameter_shapes`) and prints findings.
 """
 
 from __future__ import annotations
@@ -9,12 +10,16 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from ._errors import CheckpointNotFoundError, CorruptCheckpointError, TopologyError
+from ._cli_base import TopologyType, ucp_command
+from ._errors import CheckpointNotFoundError, CorruptCheckpointError
 from ._topology import Topology
-from .grammar import Problem, Spec, UclError, bundled_spec, bundled_spec_names, load_spec
+
+if TYPE_CHECKING:  # the grammar (lark) is imported by the command itself
+    from .grammar import Problem, Spec, UclError
 
 __all__ = ["spec", "parameter_shapes"]
 
@@ -96,22 +101,12 @@ class _Assignment(click.ParamType):
             self.fail(f"{value!r} is not NAME=INTEGER, e.g. num_layers=24", param, ctx)
 
 
-class _TopologyType(click.ParamType):
-    name = "TOPOLOGY"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, Topology):
-            return value
-        try:
-            return Topology.parse(value)
-        except TopologyError as e:
-            self.fail(str(e), param, ctx)
-
-
 def _load(file: str, constants: dict[str, int]) -> Spec:
-    if not Path(file).exists() and file in bundled_spec_names():
-        return bundled_spec(file, constants=constants)
-    return load_spec(Path(file), constants=constants)
+    """FILE of ``spec check``: an existing file, else a bundled name (never UCL text: a word
+    that is neither is reported as such)."""
+    from .grammar import load_spec
+
+    return load_spec(Path(file) if Path(file).is_file() else file, constants=constants)
 
 
 @click.group("spec")
@@ -119,17 +114,12 @@ def spec() -> None:
     """Work with UCL specs (see docs/ucl.md)."""
 
 
-# ucp.cli imports this module at its end to register `spec`; importing ucp.cli only now, once
-# `spec` exists, lets either module be imported first.
-from .cli import ucp_command  # noqa: E402
-
-
 @spec.command("check")
 @click.argument("file")
 @click.option("--against", type=click.Path(exists=True), metavar="CKPT",
               help="A .safetensors file, a directory of them, or a JSON file mapping canonical "
                    "parameter names to shapes.")
-@click.option("--topology", type=_TopologyType(), default=None,
+@click.option("--topology", type=TopologyType(), default=None,
               help="Also check that every shape splits on this topology, e.g. tp=4,pp=2.")
 @click.option("--set", "assignments", type=_Assignment(), multiple=True,
               help="Override a constant of the spec, e.g. --set num_layers=24 (repeatable).")
@@ -148,11 +138,15 @@ def check(file: str, against: str | None, topology: Topology | None,
       ucp spec check llama.ucl --against model.safetensors --topology tp=4,pp=2
       ucp spec check gpt2 --against shapes.json --set num_layers=24
     """
+    from .grammar import UclError
+
     try:
         loaded = _load(file, dict(assignments))
     except UclError as e:
-        _report_error(file, e, as_json)
-        raise click.ClickException(f"{file}: the spec does not load: {e.message}") from e
+        if as_json:
+            _report_error(file, e)
+        # once, on stderr: where, what, and the offending line with a caret
+        raise click.ClickException(str(e)) from e
     problems, count = [], None
     if against is not None:
         shapes = parameter_shapes(against)
@@ -177,13 +171,7 @@ def _report(file: str, problems: list[Problem], as_json: bool) -> None:
         click.echo(f"{where}: {p.kind}: {p.message}")
 
 
-def _report_error(file: str, e: UclError, as_json: bool) -> None:
-    """A spec that does not load: where, what, and the offending line with a caret."""
-    if as_json:
-        click.echo(json.dumps({"spec": file, "ok": False, "error": {
-            "message": e.message, "line": e.line, "column": e.column}}, indent=1))
-        return
-    where = file if e.line is None else f"{file}:{e.line}:{e.column}"
-    click.echo(f"{where}: error: {e.message}")
-    if e.context:
-        click.echo(e.context.rstrip("\n"))
+def _report_error(file: str, e: UclError) -> None:
+    """A spec that does not load, as the ``--json`` document on stdout."""
+    click.echo(json.dumps({"spec": file, "ok": False, "error": {
+        "message": e.message, "line": e.line, "column": e.column}}, indent=1))

@@ -23,7 +23,10 @@ import torch
 
 from ._beside import Beside
 from ._coord import get_coordinator
-from ._errors import ConvertError
+from ._dest import check_destination
+from ._errors import CheckpointNotFoundError, ConvertError, VerificationError
+from ._fingerprint import ALGORITHM, fingerprint, to_hex
+from ._steps import display_url
 from ._universal import UniversalCheckpoint, UniversalWriter, escape_name, open_universal
 from .engines._base import SourceCheckpoint
 from .engines._registry import detect_engine, get_engine
@@ -35,26 +38,40 @@ log = logging.getLogger("ucp")
 
 def _spec_of(spec: Any) -> Any:
     """A Spec from a Spec, a bundled spec's name, a path or UCL text; None for no spec."""
-    if spec is None or not isinstance(spec, str):
-        return spec
-    from ucp.grammar import bundled_spec, bundled_spec_names, load_spec
+    if spec is None:
+        return None
+    from ucp.grammar import load_spec
 
-    return bundled_spec(spec) if spec in bundled_spec_names() else load_spec(spec)
+    return load_spec(spec)
 
 
 def open_source(src: str, *, engine: str = "auto", spec: Any = None, tag: str | None = None,
                 storage_options: Mapping[str, Any] | None = None) -> tuple[SourceCheckpoint, str]:
     """Opens a distributed checkpoint through its engine plugin; returns it and what was found."""
     if engine == "auto":
-        eng, found = detect_engine(src, storage_options=storage_options)
+        try:
+            eng, found = detect_engine(src, storage_options=storage_options)
+        except ConvertError as e:
+            _require_exists(src, storage_options, e)
+            raise
     else:
         eng = get_engine(engine)
         found = eng.detect(src, storage_options=storage_options) or f"{engine} checkpoint (not detected)"
     return eng.open(src, spec=_spec_of(spec), storage_options=storage_options, tag=tag), f"{eng.name}: {found}"
 
 
+def _require_exists(src: str, storage_options: Mapping[str, Any] | None, cause: Exception) -> None:
+    """Says that ``src`` does not exist, rather than that no engine recognises it."""
+    from ucp.storage import Storage
+
+    storage = Storage(src, storage_options=storage_options)
+    if not storage.list("") and not storage.exists(""):
+        raise CheckpointNotFoundError(f"{display_url(src)}: no such file or directory; check "
+                                      "the path") from cause
+
+
 def convert(src: str, dst: str, *, engine: str = "auto", spec: Any = None, workers: int = 1,
-            tag: str | None = None, overwrite: bool = False,
+            tag: str | None = None, overwrite: bool = False, verify: bool = True,
             storage_options: Mapping[str, Any] | None = None,
             dst_storage_options: Mapping[str, Any] | None = None,
             progress: bool | None = None) -> UniversalCheckpoint:
@@ -71,6 +88,9 @@ def convert(src: str, dst: str, *, engine: str = "auto", spec: Any = None, worke
         workers: processes converting in parallel on this machine.
         tag: which step/tag of the source (default: the newest).
         overwrite: replace a complete universal checkpoint at ``dst``.
+        verify: fingerprint every state as the source gives it and as written, fail on the
+            first that differs, and record the fingerprints (:mod:`ucp._fingerprint`) so that
+            ``reshard``, ``export``, ``diff`` and ``verify --deep`` can check against them.
         storage_options / dst_storage_options: fsspec options for ``src`` / ``dst``.
         progress: show a progress bar on stderr (default: when stderr is a terminal).
 
@@ -80,11 +100,13 @@ def convert(src: str, dst: str, *, engine: str = "auto", spec: Any = None, worke
     Raises:
         ConvertError: the source cannot be read or does not fit the spec (names file/parameter).
         CheckpointExistsError: ``dst`` holds a complete checkpoint and ``overwrite`` is False.
+        VerificationError: a state as written differs from the source's (names it).
 
     Example:
         >>> ckpt = ucp.convert("ds_ckpt/", "universal/", engine="deepspeed")
         >>> ckpt.read("wte.weight", state="exp_avg")
     """
+    check_destination(src, dst)
     spec = _spec_of(spec)
     source, found = open_source(src, engine=engine, spec=spec, tag=tag, storage_options=storage_options)
     log.info("found %s", found)
@@ -97,7 +119,8 @@ def convert(src: str, dst: str, *, engine: str = "auto", spec: Any = None, worke
     try:
         _build(source, names, build, coord=coord, src=src, spec=spec, tag=tag,
                storage_options=storage_options, dst_storage_options=dst_storage_options,
-               workers=workers, progress=sys.stderr.isatty() if progress is None else progress)
+               workers=workers, verify=verify,
+               progress=sys.stderr.isatty() if progress is None else progress)
         if beside is not None:
             beside.publish()
     except BaseException:
@@ -118,18 +141,20 @@ def _prepare(dst: str, *, overwrite: bool, storage_options: Mapping[str, Any] | 
 
 def _build(source: SourceCheckpoint, names: list[str], build: str, *, coord: Any, src: str,
            spec: Any, tag: str | None, storage_options: Mapping[str, Any] | None,
-           dst_storage_options: Mapping[str, Any] | None, workers: int, progress: bool) -> None:
+           dst_storage_options: Mapping[str, Any] | None, workers: int, verify: bool,
+           progress: bool) -> None:
     """Every rank converts its share of ``names`` into ``build``; rank 0 commits the table."""
     writer = UniversalWriter(build, storage_options=dst_storage_options)
     share = names[coord.rank::coord.world_size]
     job = dict(engine=source.engine, src=src, spec=spec, tag=tag, storage_options=storage_options,
-               dst=build, dst_storage_options=dst_storage_options)
+               dst=build, dst_storage_options=dst_storage_options, verify=verify)
     entries = _convert_params(job, source, share, workers=workers, progress=progress)
     gathered = coord.all_gather_json(entries, what="gathering converted parameters")
     if coord.rank != 0:
         return
     table = {k: v for part in gathered for k, v in part.items()}
-    buffers = {n: {"path": f"buffers/{escape_name(n)}", **writer.write(f"buffers/{escape_name(n)}", t)}
+    buffers = {n: {"path": f"buffers/{escape_name(n)}",
+                   **_write_checked(writer, f"buffers/{escape_name(n)}", t, n, None, verify)}
                for n, t in source.buffers().items()}
     writer.commit({
         "step": source.step,
@@ -141,6 +166,7 @@ def _build(source: SourceCheckpoint, names: list[str], build: str, *, coord: Any
         "params": {n: table[n] for n in names},
         "buffers": buffers,
         "aliases": dict(getattr(source, "aliases", dict)()),
+        **({"fingerprint_algorithm": ALGORITHM} if verify else {}),
     })
 
 
@@ -159,20 +185,39 @@ def _check_names(names: Iterable[str]) -> None:
         seen[e.lower()] = n
 
 
-def convert_one(source: SourceCheckpoint, writer: UniversalWriter, name: str) -> dict[str, Any]:
+def convert_one(source: SourceCheckpoint, writer: UniversalWriter, name: str, *,
+                verify: bool = False) -> dict[str, Any]:
     """Writes every state of one parameter; returns its table entry."""
-    return dict(convert_stream(source, writer, [name]))[name]
+    return dict(convert_stream(source, writer, [name], verify=verify))[name]
+
+
+def _write_checked(writer: UniversalWriter, path: str, t: torch.Tensor, name: str, state: str | None,
+                   verify: bool, want: int | None = None) -> dict[str, Any]:
+    """``writer.write``; with ``verify``, the written array's fingerprint must equal ``want``
+    (the source's; default: ``t``'s)."""
+    written = writer.write(path, t, fingerprint=verify)
+    if verify:
+        want_hex = to_hex(fingerprint(t) if want is None else want)
+        if written["fingerprint"] != want_hex:
+            what = f"state {state!r}" if state is not None else "buffer"
+            raise VerificationError(
+                f"{name}: {what} as written to {writer.url}/{path} differs from the source (fingerprint "
+                f"{written['fingerprint']}, the source's {want_hex}): the conversion changed its values "
+                "or their order; do not use this output, and report the bug with `ucp diff SRC DST`")
+    return written
 
 
 #: States read ahead of the one being written (reading overlaps writing).
 READ_AHEAD = 1
 
 
-def convert_stream(source: SourceCheckpoint, writer: UniversalWriter,
-                   names: Sequence[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+def convert_stream(source: SourceCheckpoint, writer: UniversalWriter, names: Sequence[str], *,
+                   verify: bool = False) -> Iterator[tuple[str, dict[str, Any]]]:
     """Writes every state of every parameter in ``names``; yields ``(name, table entry)`` as
     each parameter is done. A reader thread reads the next state while this one writes the
-    current (memory: at most ``READ_AHEAD + 2`` states alive)."""
+    current (memory: at most ``READ_AHEAD + 2`` states alive); with ``verify``, the reader
+    fingerprints each state as the source gives it, and the writer checks the array it wrote
+    against that."""
     items: queue.Queue[Any] = queue.Queue(maxsize=READ_AHEAD)
     stop = threading.Event()
 
@@ -197,10 +242,10 @@ def convert_stream(source: SourceCheckpoint, writer: UniversalWriter,
                     if state != "step" and tuple(t.shape) != tuple(info.shape):
                         raise ConvertError(f"{name}: state {state!r} has shape {list(t.shape)}, but the "
                                            f"parameter's shape is {list(info.shape)}")
-                    if not put((name, info, state, t)):
+                    if not put((name, info, state, t, fingerprint(t) if verify else None)):
                         return
                     del t
-                if not put((name, info, None, states)):
+                if not put((name, info, None, states, None)):
                     return
         except BaseException as e:  # noqa: BLE001 - handed to the writing thread
             put(e)
@@ -210,23 +255,26 @@ def convert_stream(source: SourceCheckpoint, writer: UniversalWriter,
     thread = threading.Thread(target=read, name="ucp-convert-read", daemon=True)
     thread.start()
     try:
-        nbytes, crcs, done = 0, {}, 0
+        nbytes, crcs, fps, done = 0, {}, {}, 0
         while done < len(names):
             item = items.get()
             if isinstance(item, BaseException):
                 raise item
-            name, info, state, t = item
+            name, info, state, t, want = item
             if state is None:  # every state of ``name`` is written
                 done += 1
                 yield name, {"path": f"params/{escape_name(name)}", "shape": list(info.shape),
                              "dtype": str(info.dtype).removeprefix("torch."), "states": list(t),
                              "frozen": info.frozen, "group": info.group, "nbytes": nbytes,
-                             "meta_crc32c": crcs}
-                nbytes, crcs = 0, {}
+                             "meta_crc32c": crcs, **({"fingerprints": fps} if verify else {})}
+                nbytes, crcs, fps = 0, {}, {}
                 continue
-            written = writer.write(f"params/{escape_name(name)}/{state}", t)
+            written = _write_checked(writer, f"params/{escape_name(name)}/{state}", t, name, state,
+                                     verify, want)
             nbytes += written["nbytes"]
             crcs[state] = written["meta_crc32c"]
+            if verify:
+                fps[state] = written["fingerprint"]
             del t, item
     finally:
         stop.set()
@@ -242,7 +290,7 @@ def _convert_params(job: dict[str, Any], source: SourceCheckpoint, names: list[s
     try:
         if workers <= 1 or len(names) <= 1:
             writer = UniversalWriter(job["dst"], storage_options=job["dst_storage_options"])
-            for name, entry in convert_stream(source, writer, names):
+            for name, entry in convert_stream(source, writer, names, verify=job["verify"]):
                 out[name] = entry
                 bar.update(1)
             return out
@@ -268,6 +316,7 @@ def _worker_init(job: dict[str, Any], parent: int) -> None:
                             storage_options=job["storage_options"])
     _W["source"] = source
     _W["writer"] = UniversalWriter(job["dst"], storage_options=job["dst_storage_options"])
+    _W["verify"] = job["verify"]
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -281,7 +330,7 @@ def _exit_with_parent(parent: int) -> None:
 
 
 def _worker_convert(name: str) -> dict[str, Any]:
-    return convert_one(_W["source"], _W["writer"], name)
+    return convert_one(_W["source"], _W["writer"], name, verify=_W["verify"])
 
 
 def _jsonable(obj: Any) -> Any:

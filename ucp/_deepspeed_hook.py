@@ -10,25 +10,23 @@ worker writes ``URL/step-NNNNNNNN/rank-RRRRR.{safetensors,json}`` and commits th
 nothing is pickled. A save that falls due while the previous one is still being written waits
 for it (``overlap="wait"``) or is skipped on every rank (``overlap="skip"``).
 
-Resuming: the newest committed step is read as a conversion source
-(:class:`ucp._deepspeed_snapshot.DeepSpeedSnapshot`: each parameter consolidated from the saving
-ranks' flat partitions with the ZeRO partition math of ucp's DeepSpeed reader), resharded into
-DeepSpeed's universal layout (``ucp.reshard(..., engine="deepspeed")``) for the current dp size,
-loaded with ``engine.load_checkpoint`` under ``load_universal``, and the frozen parameters and
-buffers that DeepSpeed's universal load skips are copied in (:func:`restore_deepspeed_extras`).
-The engine's step counters and LR scheduler state are then restored, and, when the dp size is
-unchanged, each rank's RNG states.
+Resuming: the newest committed step is opened as a conversion source
+(:class:`ucp._deepspeed_snapshot.DeepSpeedSnapshot`, metadata only) and loaded straight into the
+engine (:func:`ucp._deepspeed_live.load_engine`): the engine's own ZeRO layout for the current
+number of ranks says which flat range of which parameters each rank holds, and only those ranges
+of the saved partitions (fp32 masters, optimizer states) are read, into the engine's partitions,
+with the module weights, frozen parameters and buffers every rank holds whole. Nothing is staged
+and ``engine.load_checkpoint`` is not called. The engine's step counters and LR scheduler state
+are then restored, and, when the dp size is unchanged, each rank's RNG states.
 
 Every rank calls every method, in the same order (they run ucp's collectives on its own gloo
-groups, never on the training group). The staging folder (only used by a resume) must be visible
-to every rank (one machine, or a shared filesystem).
+groups, never on the training group).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 from typing import Any, Literal, Mapping
 
 import torch
@@ -119,9 +117,8 @@ class DeepSpeedCheckpointer:
             path or an fsspec URL).
         every: save when ``step % every == 0``.
         keep: how many committed steps to keep (None: all).
-        staging: a local folder every rank sees, where a resume writes the resharded copy it
-            loads (default: ``URL/.staging``, so pass one when ``url`` is remote; deleted after
-            the load).
+        staging: ignored (a resume loads the saved partitions straight into the engine and
+            writes nothing); kept so that existing calls still work.
         overlap: a save still in flight when the next is due: ``"wait"`` (default) blocks until
             it is committed, then snapshots; ``"skip"`` skips the new save on every rank.
         timeout: seconds ranks wait for each other while committing a save.
@@ -142,7 +139,9 @@ class DeepSpeedCheckpointer:
         if overlap not in ("wait", "skip"):
             raise StateError(f"overlap={overlap!r} must be 'wait' or 'skip'")
         self.url, self.every, self.keep, self.overlap, self.timeout = url, every, keep, overlap, timeout
-        self.staging = staging or os.path.join(url, ".staging")
+        self.staging = staging
+        #: Bytes the last :meth:`resume` read on this rank (``ucp.storage.ReadCounter``), else None.
+        self.last_read: Any = None
         #: The client state of the step :meth:`resume` loaded (``{}`` before a resume).
         self.client_state: dict[str, Any] = {}
         # Collective on first use: created up front, on every rank. ucp.save's worker uses this
@@ -225,30 +224,28 @@ class DeepSpeedCheckpointer:
     def resume(self, engine: Any) -> int:
         """Loads the newest committed step into ``engine``; returns it (0: nothing to resume).
 
-        Every rank calls it. Each rank reads every saving rank's files (the whole optimizer state:
-        mind host memory for large models), the step is resharded for ``engine``'s dp size into
-        ``staging`` (parameters shared out over the ranks), loaded, and the copy deleted.
+        Every rank calls it (no collective). The engine's own ZeRO layout for the current number
+        of ranks says which flat range of which parameters this rank holds; only those ranges of
+        the saved partitions (fp32 masters, optimizer states) are read, straight into the engine's
+        partitions, plus the module weights and buffers every rank holds whole. Nothing is staged.
         """
+        from ._deepspeed_live import load_engine
         from ._deepspeed_snapshot import DeepSpeedSnapshot
-        from ._reshard import reshard
+        from .storage import read_counter
 
         self.wait()
         steps = self.steps()
         if not steps:
             return 0
-        step, stage = steps[-1], min(int(engine.zero_optimization_stage()), 2)
+        step, before = steps[-1], read_counter()
         source = DeepSpeedSnapshot(self.url, step)
-        topology = f"dp={engine.dp_world_size},zero={stage}"
-        load_dir = os.path.join(self.staging, f"resume-{step:08d}")
-        report = reshard(source, load_dir, topology=topology, engine="deepspeed", step=source.step,
-                         overwrite=True, progress=False)
-        load_deepspeed(engine, load_dir)
+        load_engine(engine, source)
         self._restore(engine, source)
-        self._coord.all_gather_json(None, what="loading the resharded DeepSpeed checkpoint")
+        self.last_read = read_counter() - before
         if self._coord.rank == 0:
-            shutil.rmtree(load_dir, ignore_errors=True)
-            log.info("resumed step %d: %s -> %s (%.1fs to reshard)", step, source.topology, topology,
-                     report.seconds)
+            target = f"dp={engine.dp_world_size},zero={min(int(engine.zero_optimization_stage()), 2)}"
+            log.info("resumed step %d: %s -> %s (rank 0 read %.1f MiB)", step, source.topology, target,
+                     self.last_read.bytes / 2**20)
         return step
 
     def _restore(self, engine: Any, source: Any) -> None:
@@ -258,11 +255,11 @@ class DeepSpeedCheckpointer:
         meta = source.meta
         engine.global_steps, engine.global_samples = meta["global_steps"], meta["global_samples"]
         engine.skipped_steps = meta["skipped_steps"]
-        sched, saved = getattr(engine, "lr_scheduler", None), source.states[0]["lr_scheduler"]
+        sched, saved = getattr(engine, "lr_scheduler", None), source.saved(0, "lr_scheduler")
         if sched is not None and saved is not None:
             sched.load_state_dict(saved)
         same = source.dp_size == engine.dp_world_size
-        mine = source.states[self._coord.rank if same else 0]
+        mine = self._coord.rank if same else 0
         if same:  # another dp size: ranks hold other data, so the saved RNG streams do not carry over
-            restore_rng(mine["rng"])
-        self.client_state = dict(mine["client"])
+            restore_rng(source.saved(mine, "rng"))
+        self.client_state = dict(source.saved(mine, "client"))

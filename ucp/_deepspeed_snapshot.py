@@ -23,6 +23,7 @@ lay it out for any data-parallel size.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import random
 from collections import OrderedDict
@@ -32,9 +33,8 @@ import torch
 
 from ._errors import CorruptCheckpointError, UcpError
 from ._layout import read_manifest
-from ._load import load
 from ._topology import Topology
-from .engines._base import ParamInfo
+from .engines._base import ParamInfo, Region, cut
 from .engines._deepspeed_layout import _zero12_group
 from .storage import Storage
 
@@ -162,8 +162,9 @@ class DeepSpeedSnapshot:
     """One committed step of :func:`capture` saves, read parameter by parameter.
 
     A conversion source (``ucp.engines`` protocol): ``ucp.reshard(snapshot, dst, ...)`` lays it out
-    for another topology. Every saving rank's file is loaded into memory when it is opened (the
-    optimizer state of the whole model), so open it where that fits.
+    for another topology, and ``DeepSpeedCheckpointer.resume`` loads it into a live engine. Opening
+    reads metadata only; a read of a region of a parameter fetches only the parts of the saving
+    ranks' flat partitions that hold it.
 
     Args:
         url: the checkpoint root given to ``ucp.save``.
@@ -175,36 +176,56 @@ class DeepSpeedSnapshot:
     """
 
     engine = "deepspeed-snapshot"
+    partial_reads = True
 
     def __init__(self, url: str, step: int, *, storage_options: Mapping[str, Any] | None = None) -> None:
+        from .engines._native import NativeCheckpoint
+
         self.url = url
-        world = read_manifest(Storage(url, storage_options=storage_options), step).world_size
-        states = [load(url, step=step, rank=r, storage_options=storage_options) for r in range(world)]
+        storage = Storage(url, storage_options=storage_options)
+        self.raw = NativeCheckpoint(storage, read_manifest(storage, step))
         where = f"{url} step {step}"
-        metas = [s.get("meta") if isinstance(s, dict) else None for s in states]
+        trees = [self.raw.tree(r) for r in range(self.raw.manifest.world_size)]
+        metas = [t.get("meta") if isinstance(t, dict) else None for t in trees]
         if not all(isinstance(m, dict) and m.get("format") == FORMAT for m in metas):
             raise CorruptCheckpointError(f"{where}: not a DeepSpeedCheckpointer save (no {FORMAT!r} meta); "
                                          "open it with ucp.load or ucp.convert instead")
         if metas[0].get("version") != VERSION:
             raise CorruptCheckpointError(f"{where}: snapshot format version {metas[0].get('version')}; this "
                                          f"ucp reads version {VERSION}; upgrade ucp")
-        by_dp = {m["dp_rank"]: s for m, s in zip(metas, states)}
-        self.meta, self.dp_size = metas[0], int(metas[0]["dp_size"])
+        by_dp = {m["dp_rank"]: r for r, m in enumerate(metas)}
+        self.meta, self.dp_size = self.raw.read_subtree(0, "meta"), int(metas[0]["dp_size"])
         if sorted(by_dp) != list(range(self.dp_size)):
             raise CorruptCheckpointError(f"{where}: dp ranks {sorted(by_dp)} saved, expected 0..{self.dp_size - 1}")
-        self.states = [by_dp[r] for r in range(self.dp_size)]
+        self.ranks = [by_dp[r] for r in range(self.dp_size)]  # the saving rank of each dp rank
+        self._trees = [trees[r] for r in self.ranks]
         self.stage = int(self.meta["stage"])
-        self.step = _optimizer_step(self.states[0]["optim"])
+        self.step = self._optimizer_step()
         self.topology = Topology(dp=self.dp_size, zero=self.stage)
-        self.module: dict[str, torch.Tensor] = self.states[0]["module"]
+        self._module = _keys(self._trees[0].get("module"), where)
         self._plan(where)
+
+    def _optimizer_step(self) -> int:
+        """The base optimizer's step (the first group that has one), reading only that value."""
+        for g, state in enumerate(self._trees[0].get("optim") or []):
+            s = state.get("step") if isinstance(state, dict) else None
+            if isinstance(s, dict) and "@t" in s:
+                return int(self.raw.read_saved(self.ranks[0], s["@t"]).item())
+            if isinstance(s, (int, float)):
+                return int(s)
+        return 0
+
+    def saved(self, dp_rank: int, key: str) -> Any:
+        """``state[key]`` as dp rank ``dp_rank`` saved it (e.g. ``"lr_scheduler"``, ``"rng"``)."""
+        return self.raw.read_subtree(self.ranks[dp_rank], key)
 
     def _plan(self, where: str) -> None:
         self._params: dict[str, tuple[int, tuple[int, ...], tuple]] = {}
         paddings = self.meta["paddings"]
         for g, group in enumerate(self.meta["param_shapes"]):
             shapes = OrderedDict((n, tuple(s)) for n, s in group)
-            refs = [_Ref(st["fp32"][g].numel(), f"{where}, dp rank {r}") for r, st in enumerate(self.states)]
+            refs = [_Ref(math.prod(self.raw.fragment(r, self._flat_key(d, g, "fp32")).shape),
+                         f"{where}, dp rank {d}") for d, r in enumerate(self.ranks)]
             try:
                 pieces = _zero12_group(0, g, shapes, None if paddings is None else paddings[g], self.dp_size, refs)
             except (KeyError, IndexError, TypeError, ValueError) as e:
@@ -212,9 +233,19 @@ class DeepSpeedSnapshot:
             for name, shape in shapes.items():
                 self._params[name] = (g, shape, pieces[name])
         skip = set(self.meta["buffers"]) | set(self.meta["shared"])
-        self._frozen = [n for n in self.module if n not in skip and n not in self._params]
-        self._names = [n for n in self.module if n in self._params or n in self._frozen]
-        self._names += [n for n in self._params if n not in self.module]
+        self._frozen = [n for n in self._module if n not in skip and n not in self._params]
+        self._names = [n for n in self._module if n in self._params or n in self._frozen]
+        self._names += [n for n in self._params if n not in self._module]
+
+    def _flat_key(self, dp_rank: int, g: int, state: str) -> str:
+        """The tensor key of flat group ``g``'s ``state`` (``fp32`` or an optimizer state)."""
+        tree = self._trees[dp_rank]
+        try:
+            ref = tree["fp32"][g] if state == "fp32" else tree["optim"][g][state]
+            return ref["@t"]
+        except (KeyError, IndexError, TypeError) as e:
+            raise CorruptCheckpointError(f"{self.url}: dp rank {dp_rank} saved no {state!r} tensor of flat "
+                                         f"group {g}; the snapshot is inconsistent") from e
 
     def names(self) -> list[str]:
         """Trainable and frozen parameter names in the module's order (tied aliases left out)."""
@@ -231,42 +262,76 @@ class DeepSpeedSnapshot:
     def info(self, name: str) -> ParamInfo:
         if name in self._params:
             g, shape, _ = self._params[name]
-            flat = tuple(k for k, v in self.states[0]["optim"][g].items()
-                         if isinstance(v, torch.Tensor) and v.dim() == 1)
-            dtype = self.module[name].dtype if name in self.module else torch.float32
+            optim = self._trees[0]["optim"][g]
+            flat = tuple(k for k, v in optim.items() if isinstance(v, dict) and "@t" in v
+                         and len(self.raw.fragment(self.ranks[0], v["@t"]).shape) == 1)
+            dtype = self._dtype(name) if name in self._module else torch.float32
             return ParamInfo(shape=shape, dtype=dtype, states=("param", "fp32") + flat, frozen=False, group=g)
         if name in self._frozen:
-            t = self.module[name]
-            return ParamInfo(shape=tuple(t.shape), dtype=t.dtype, states=("param",), frozen=True, group=None)
+            frag = self.raw.fragment(self.ranks[0], self._module[name])
+            return ParamInfo(shape=tuple(frag.shape), dtype=self._dtype(name), states=("param",), frozen=True,
+                             group=None)
         raise KeyError(f"{self.url}: no parameter {name!r} in this DeepSpeed snapshot (see names())")
 
-    def read(self, name: str, state: str = "fp32") -> torch.Tensor:
-        """One state of one parameter, consolidated over the saving data-parallel ranks."""
+    def _dtype(self, name: str) -> torch.dtype:
+        from ._stfile import dtype_from_name
+
+        return dtype_from_name(self.raw.fragment(self.ranks[0], self._module[name]).dtype)
+
+    def read(self, name: str, state: str = "fp32", region: Region | None = None) -> torch.Tensor:
+        """One state of one parameter (or ``region`` of it), gathered from the saving ranks' flat
+        partitions, reading only the parts of them that hold it."""
         info = self.info(name)
         if state == "param":
-            return self.module[name]
+            return self.raw.read_saved(self.ranks[0], self._module[name], region)
         if state not in info.states:
             raise KeyError(f"{self.url}: parameter {name!r} has no state {state!r} (has {info.states})")
         g, shape, pieces = self._params[name]
-        out = torch.empty(math.prod(shape), dtype=torch.float32)
-        for p in pieces:
-            st = self.states[p.dp_rank]
-            src = st["fp32"][g] if state == "fp32" else st["optim"][g][state]
-            out[p.dst_start:p.dst_start + p.count] = src[p.src_start:p.src_start + p.count]
-        return out.view(shape)
+        region = region if region is not None else tuple((0, n) for n in shape)
+        out = torch.empty([b - a for a, b in region], dtype=torch.float32)
+        flat, at = out.view(-1), 0
+        for lo, hi in flat_runs(shape, region):
+            for p in pieces:
+                a, b = max(lo, p.dst_start), min(hi, p.dst_start + p.count)
+                if a < b:
+                    src = a - p.dst_start + p.src_start
+                    key = self._flat_key(p.dp_rank, g, state)
+                    flat[at + a - lo:at + b - lo] = self.raw.read_saved(self.ranks[p.dp_rank], key,
+                                                                        ((src, src + b - a),))
+            at += hi - lo
+        return out
+
+    def iter_region(self, name: str, state: str, region: Region) -> Any:
+        yield region, self.read(name, state, region)
 
     def buffers(self) -> dict[str, torch.Tensor]:
-        return {b: self.module[b] for b in self.meta["buffers"] if b in self.module}
+        return {b: self.raw.read_saved(self.ranks[0], self._module[b])
+                for b in self.meta["buffers"] if b in self._module}
 
     def param_groups(self) -> list[dict[str, Any]]:
-        return [dict(g) for g in self.states[0]["param_groups"]]
+        return [dict(g) for g in self.saved(0, "param_groups")]
 
 
-def _optimizer_step(optim: list[Mapping[str, Any]]) -> int:
-    for state in optim:
-        s = state.get("step")
-        if isinstance(s, torch.Tensor):
-            return int(s.item())
-        if s is not None:
-            return int(s)
-    return 0
+def _keys(module: Any, where: str) -> dict[str, str]:
+    """The tensor key of each entry of a saved module state dict."""
+    if not isinstance(module, dict) or not all(isinstance(v, dict) and "@t" in v for v in module.values()):
+        raise CorruptCheckpointError(f"{where}: the saving dp rank 0 has no module state dict; the "
+                                     "snapshot is incomplete")
+    return {k: v["@t"] for k, v in module.items()}
+
+
+def flat_runs(shape: tuple[int, ...], region: Region) -> list[tuple[int, int]]:
+    """The row-major flat ranges ``[start, stop)`` that make up ``region`` of a tensor, in order."""
+    if not shape:
+        return [(0, 1)]
+    k = len(shape) - 1  # the box is whole in every dim after k: runs span dims k..
+    while k > 0 and region[k] == (0, shape[k]):
+        k -= 1
+    inner = math.prod(shape[k + 1:])
+    strides = [math.prod(shape[i + 1:]) for i in range(len(shape))]
+    (a, b) = region[k]
+    runs = []
+    for idx in itertools.product(*(range(lo, hi) for lo, hi in region[:k])):
+        base = sum(i * s for i, s in zip(idx, strides))
+        runs.append((base + a * inner, base + b * inner))
+    return runs

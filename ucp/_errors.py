@@ -25,6 +25,7 @@ __all__ = [
     "SaveError",
     "CoordinationTimeoutError",
     "ConvertError",
+    "VerificationError",
     "UnsafeInputError",
 ]
 
@@ -110,6 +111,10 @@ class CoordinationTimeoutError(SaveError, TimeoutError):
 
 class ConvertError(UcpError, RuntimeError):
     """A distributed checkpoint could not be converted (names the file or parameter)."""
+
+
+class VerificationError(ConvertError):
+    """A written checkpoint does not hold what its source holds (names the parameter and state)."""
 
 
 class UnsafeInputError(UcpError, ValueError):

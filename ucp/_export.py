@@ -36,7 +36,9 @@ import torch
 
 from ucp.storage import Storage
 
-from ._errors import CheckpointExistsError, ConvertError, StorageError, UcpSpecError
+from ._dest import check_destination
+from ._errors import CheckpointExistsError, ConvertError, StorageError, UcpSpecError, VerificationError
+from ._fingerprint import fingerprint, to_hex
 from ._inspect import INDEX, Opened, display_url, open_checkpoint, parse_size
 from ._stfile import _ST_DTYPES, tensor_bytes
 from ._topology import Topology
@@ -84,7 +86,8 @@ class ExportResult:
 def export_hf(src: str, dst: str, *, dtype: str | torch.dtype | None = None,
               max_shard_size: str | int = "5GB", spec: Any = None, engine: str = "auto",
               tag: str | None = None, config: str | os.PathLike[str] | None = None,
-              overwrite: bool = False, storage_options: Mapping[str, Any] | None = None,
+              overwrite: bool = False, verify: bool = True,
+              storage_options: Mapping[str, Any] | None = None,
               dst_storage_options: Mapping[str, Any] | None = None,
               progress: bool | None = None) -> ExportResult:
     """Writes the model weights of ``src`` as Hugging Face safetensors under ``dst``.
@@ -101,6 +104,8 @@ def export_hf(src: str, dst: str, *, dtype: str | torch.dtype | None = None,
         engine, tag: as ``ucp convert`` (format and step/tag of ``src``).
         config: a ``config.json`` to copy into ``dst`` (so ``from_pretrained`` can load it).
         overwrite: replace an earlier export in ``dst``.
+        verify: check each tensor as written against the fingerprint recorded in a universal
+            ``src`` (tensors exported under their own name, in their stored dtype).
         storage_options / dst_storage_options: fsspec options of ``src`` / ``dst``; never shown.
         progress: progress bar on stderr (default: when stderr is a terminal).
 
@@ -110,11 +115,13 @@ def export_hf(src: str, dst: str, *, dtype: str | torch.dtype | None = None,
     Raises:
         CheckpointExistsError: ``dst`` holds an export and ``overwrite`` is False.
         ConvertError: two tensors map to one name, or a tensor does not fit its spec rule.
+        VerificationError: a tensor as written differs from the one recorded in ``src``.
         ValueError: a bad ``dtype`` or ``max_shard_size``.
 
     Example:
         >>> export_hf("universal/", "hf/", dtype="bf16", max_shard_size="2GB")
     """
+    check_destination(src, dst)
     target = _dtype(dtype)
     limit = parse_size(max_shard_size)
     if limit <= 0:
@@ -133,7 +140,7 @@ def export_hf(src: str, dst: str, *, dtype: str | torch.dtype | None = None,
     staged: dict[str, str] = {}
     try:
         for name, shard in zip(names, shards):
-            staged[name] = _write_shard(out, name, shard, opened, bar, url=dst)
+            staged[name] = _write_shard(out, name, shard, opened, bar, url=dst, verify=verify)
     except BaseException:
         for tmp in staged.values():  # the earlier export stays as it was
             _remove(out, tmp)
@@ -252,15 +259,19 @@ def _remove(out: Storage, path: str) -> None:
         out.fs.rm(path)
 
 
+def _state(opened: Opened, item: _Item) -> str | None:
+    """The state an item is read from (None: a buffer)."""
+    if item.kind == "buffer":
+        return None
+    info = opened.info(item.src)
+    wants_fp32 = item.dtype == torch.float32 and info.dtype != torch.float32
+    return "fp32" if wants_fp32 and "fp32" in info.states else "param"
+
+
 def _read(opened: Opened, item: _Item) -> torch.Tensor:
     """One tensor in its exported name's layout and dtype."""
-    if item.kind == "buffer":
-        t = opened.read_buffer(item.src)
-    else:
-        info = opened.info(item.src)
-        wants_fp32 = item.dtype == torch.float32 and info.dtype != torch.float32
-        state = "fp32" if wants_fp32 and "fp32" in info.states else "param"
-        t = opened.read(item.src, state)
+    state = _state(opened, item)
+    t = opened.read_buffer(item.src) if state is None else opened.read(item.src, state)
     if item.renamed:
         t = opened.spec.consolidate(item.out, {0: t}, _ONE, global_shape=item.shape)
     t = t.to(item.dtype) if t.dtype != item.dtype else t
@@ -286,11 +297,12 @@ def _header(shard: list[_Item]) -> tuple[bytes, list[_Item]]:
 
 
 def _write_shard(out: Storage, name: str, shard: list[_Item], opened: Opened, bar: Any, *,
-                 url: str) -> str:
+                 url: str, verify: bool) -> str:
     """Writes one shard under a temporary name beside ``name``; returns that name.
 
     Raises:
         StorageError: the write failed (a full disk...), naming the file.
+        VerificationError: (``verify``) a tensor differs from its source's fingerprint.
     """
     head, order = _header(shard)
     tmp = f"{out.path(name)}.partial-{uuid.uuid4().hex[:12]}"
@@ -299,6 +311,8 @@ def _write_shard(out: Storage, name: str, shard: list[_Item], opened: Opened, ba
             f.write(head)
             for item in order:
                 t = _read(opened, item)
+                if verify:  # ``t`` is what is written: tensor_bytes is a view of its memory
+                    _check(opened, item, t, f"{display_url(out.url)}/{name}")
                 f.write(tensor_bytes(t) if t.numel() else b"")
                 bar.update(item.nbytes)
                 del t
@@ -306,6 +320,28 @@ def _write_shard(out: Storage, name: str, shard: list[_Item], opened: Opened, ba
         raise StorageError(f"writing {display_url(url)}/{name} failed: {e}; free space (the shard "
                            f"needs {sum(i.nbytes for i in shard)} bytes) or export elsewhere") from e
     return tmp
+
+
+def _check(opened: Opened, item: _Item, t: torch.Tensor, where: str) -> None:
+    """The tensor about to be written, fingerprinted, against the fingerprint a universal source
+    recorded for them (only a tensor exported as stored: same name, layout and dtype)."""
+    if opened.format != "universal" or item.renamed:
+        return
+    state = _state(opened, item)
+    stored = opened.info(item.src).dtype if state == "param" else torch.float32
+    if state is not None and item.dtype != stored:
+        return
+    if state is None and opened.buffer_info(item.src)[1] != item.dtype:
+        return
+    want = opened.source.recorded_fingerprint(item.src, state)
+    if want is None:
+        return
+    got = fingerprint(t)
+    if got != want:
+        what = f"state {state!r}" if state is not None else "buffer"
+        raise VerificationError(f"{item.src}: {what} as exported to {where} (as {item.out!r}) differs from "
+                                f"the checkpoint (fingerprint {to_hex(got)}, recorded {to_hex(want)}); do "
+                                "not use this export, and report the bug")
 
 
 @contextlib.contextmanager

@@ -14,7 +14,6 @@ Nothing here prints or returns storage credentials: URLs are shown without their
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 import math
 import re
@@ -26,66 +25,27 @@ import torch
 from ucp.storage import Storage
 
 from ._errors import CheckpointNotFoundError, ConvertError, CorruptCheckpointError, UcpError
-from ._layout import LATEST, MANIFEST, all_step_dirs, committed_steps, read_manifest
+from ._layout import MANIFEST, committed_steps, read_manifest
 from ._meta import MAX_JSON_BYTES, parse_step_dir, step_dir
+from ._steps import SCHEMA_VERSION, StepRow, display_url, human_bytes, list_steps, parse_size
 from ._stfile import dtype_name, header_length, parse_header, from_bytes
 from ._topology import Topology
-from .engines._base import ParamInfo
+from .engines._base import ParamInfo, Region, cut
 
 __all__ = ["SCHEMA_VERSION", "Opened", "TensorRow", "StepRow", "Report", "open_checkpoint",
            "detect_format", "inspect_checkpoint", "list_steps", "human_bytes", "parse_size",
            "display_url", "load_spec_arg"]
 
-#: Version of the JSON documents ``ucp inspect/verify/ls --json`` print (see docs/cli.md).
-SCHEMA_VERSION = 1
 INDEX = "model.safetensors.index.json"
-_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@")
-
-
-def display_url(url: str) -> str:
-    """``url`` without a ``user:password@`` part, safe to print."""
-    return _USERINFO.sub(r"\1", str(url))
-
-
-def human_bytes(n: int | None) -> str:
-    """``1536`` -> ``'1.5 KiB'``; None -> ``'-'``."""
-    if n is None:
-        return "-"
-    size, unit = float(n), "B"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if size < 1024 or unit == "PiB":
-            break
-        size /= 1024
-    return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
-
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(text: str | int) -> int:
-    """Bytes in ``"5GB"`` (10**9 units, as Hugging Face counts), ``"512MiB"``, ``"1000"``.
-
-    Raises:
-        ValueError: not a size.
-    """
-    if isinstance(text, int) and not isinstance(text, bool):
-        return text
-    m = _SIZE.match(str(text))
-    if not m:
-        raise ValueError(f"{text!r} is not a size; write e.g. 5GB, 500MB, 2GiB or a byte count")
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "B").upper()])
 
 
 def load_spec_arg(spec: Any, constants: Mapping[str, int] | None = None) -> Any:
-    """A Spec from a Spec, a bundled spec's name, a path, or UCL text (None stays None)."""
-    if spec is None or not isinstance(spec, str):
-        return spec
-    from ucp.grammar import bundled_spec, bundled_spec_names, load_spec
+    """A Spec from a Spec, a bundled spec's name, a path, or UCL text (None stays None); see
+    :func:`ucp.grammar.load_spec`, the one resolver."""
+    if spec is None:
+        return None
+    from ucp.grammar import load_spec
 
-    if spec in bundled_spec_names():
-        return bundled_spec(spec, constants=constants)
     return load_spec(spec, constants=constants)
 
 
@@ -121,8 +81,8 @@ class Opened:
     def info(self, name: str) -> ParamInfo:
         return self.source.info(name)
 
-    def read(self, name: str, state: str = "fp32") -> torch.Tensor:
-        return self.source.read(name, state)
+    def read(self, name: str, state: str = "fp32", region: Region | None = None) -> torch.Tensor:
+        return self.source.read(name, state, region)
 
     def buffer_names(self) -> list[str]:
         if self.format in ("universal", "safetensors"):
@@ -251,11 +211,11 @@ class SafetensorsFiles:
         _, dtype, shape, _, _ = self._entry(name)
         return ParamInfo(shape=tuple(shape), dtype=dtype, states=("param",))
 
-    def read(self, name: str, state: str = "fp32") -> torch.Tensor:
+    def read(self, name: str, state: str = "fp32", region: Region | None = None) -> torch.Tensor:
         f, dtype, shape, start, stop = self._entry(name)
         if state not in ("param", "fp32"):
             raise KeyError(f"{name!r} has only the state 'param' in a safetensors file")
-        t = from_bytes(bytearray(self.storage.read_range(f, start, stop)), dtype, shape)
+        t = cut(from_bytes(bytearray(self.storage.read_range(f, start, stop)), dtype, shape), region)
         return t.float() if state == "fp32" else t
 
     def buffer_names(self) -> list[str]:
@@ -389,24 +349,6 @@ class TensorRow:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype,
                 "states": list(self.states), "bytes": self.bytes, "frozen": self.frozen,
                 "group": self.group}
-
-
-@dataclasses.dataclass(frozen=True)
-class StepRow:
-    """One step directory of a native checkpoint root."""
-
-    step: int
-    committed: bool
-    latest: bool
-    bytes: int | None
-    files: int | None
-    created: float | None  # commit time (committed) or newest file's mtime, seconds since epoch
-
-    def to_dict(self, now: float) -> dict[str, Any]:
-        return {"step": self.step, "path": step_dir(self.step), "committed": self.committed,
-                "latest": self.latest, "bytes": self.bytes, "files": self.files,
-                "created": None if self.created is None else _iso(self.created),
-                "age_s": None if self.created is None else round(max(0.0, now - self.created), 3)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -624,60 +566,3 @@ def _du(storage: Storage, rel: str) -> tuple[int | None, int | None]:
 
 
 # -- ls --------------------------------------------------------------------------------------------
-
-def list_steps(url: str, *, storage_options: Mapping[str, Any] | None = None) -> list[StepRow]:
-    """Every step directory under a native checkpoint root, oldest first.
-
-    Raises:
-        CheckpointNotFoundError: nothing at ``url``.
-    """
-    storage = Storage(url, storage_options=storage_options)
-    if not storage.list("") and not storage.exists(""):
-        raise CheckpointNotFoundError(f"{display_url(url)}: no such file or directory")
-    steps = all_step_dirs(storage)
-    committed = set(committed_steps(storage))
-    latest = _latest(storage)
-    return storage.map(lambda s: _step_row(storage, s, s in committed, s == latest), steps)
-
-
-#: ``latest`` holds one directory name and a newline.
-_MAX_LATEST = 4096
-
-
-def _latest(storage: Storage) -> int | None:
-    try:
-        return parse_step_dir(storage.read(LATEST, max_bytes=_MAX_LATEST).decode("utf-8", "replace").strip())
-    except (FileNotFoundError, OSError, UcpError):  # a hint only: a bad one is no step
-        return None
-
-
-def _step_row(storage: Storage, step: int, committed: bool, latest: bool) -> StepRow:
-    try:
-        found = storage.fs.find(storage.path(step_dir(step)), detail=True)
-        infos = [i for i in found.values() if i.get("type") != "directory"]
-        files, size = len(infos), sum(int(i.get("size") or 0) for i in infos)
-        mtimes = [t for t in (_mtime(i) for i in infos) if t is not None]
-    except (OSError, NotImplementedError):
-        files = size = None
-        mtimes = []
-    created = max(mtimes) if mtimes else None
-    if committed:
-        try:
-            created = read_manifest(storage, step).created
-        except UcpError:
-            pass
-    return StepRow(step, committed, latest, size, files, created)
-
-
-def _mtime(info: Mapping[str, Any]) -> float | None:
-    for key in ("mtime", "LastModified", "last_modified", "created", "modified"):
-        v = info.get(key)
-        if isinstance(v, (int, float)):
-            return float(v)
-        if isinstance(v, datetime.datetime):
-            return v.timestamp()
-    return None
-
-
-def _iso(t: float) -> str:
-    return datetime.datetime.fromtimestamp(t, tz=datetime.timezone.utc).isoformat(timespec="seconds")

@@ -9,25 +9,14 @@ that partition's states, keyed by parameter name.
 from __future__ import annotations
 
 import random
-from typing import Any, Mapping, Protocol
+from typing import Any, Mapping
 
 import torch
 
-from . import _dtensor
-from ._errors import CheckpointNotFoundError, ConvertError
+from ._errors import ConvertError
 
-__all__ = ["capture", "restore_same", "restore_resharded", "RegionReader"]
+__all__ = ["capture", "restore_same", "restore_extra", "roles", "reseed"]
 
-
-
-class RegionReader(Protocol):
-    """Reads regions of a consolidated checkpoint's tensors."""
-
-    def read(self, name: str, state: str, region: tuple[slice, ...] | None) -> torch.Tensor:
-        """The region (None: all) of state ``state`` of parameter ``name``."""
-
-    def states(self, name: str) -> tuple[str, ...]:
-        """The states saved for parameter ``name`` (``param`` included)."""
 
 
 def _is_zero(opt: Any) -> bool:
@@ -36,7 +25,7 @@ def _is_zero(opt: Any) -> bool:
     return isinstance(opt, ZeroRedundancyOptimizer)
 
 
-def _roles(state: Mapping[str, Any]) -> tuple[str | None, str | None]:
+def roles(state: Mapping[str, Any]) -> tuple[str | None, str | None]:
     """The keys of the model (an nn.Module) and of its optimizer in the user's state."""
     model = next((k for k, v in state.items() if isinstance(v, torch.nn.Module)), None)
     optim = next((k for k, v in state.items() if isinstance(v, torch.optim.Optimizer)), None)
@@ -65,7 +54,7 @@ def capture(state: Mapping[str, Any]) -> dict[str, Any]:
     other stateful objects, plain values as they are, and this rank's RNG states."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    model_key, optim_key = _roles(state)
+    model_key, optim_key = roles(state)
     out: dict[str, Any] = {"extra": {}, "rng": rng_state()}
     if model_key is not None:
         model = state[model_key]
@@ -96,7 +85,7 @@ def restore_same(state: dict[str, Any], saved: Mapping[str, Any]) -> None:
     """Restores ``state`` from this very rank's saved form (same topology)."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-    model_key, optim_key = _roles(state)
+    model_key, optim_key = roles(state)
     if model_key is not None:
         set_model_state_dict(state[model_key], saved["model"])
         if optim_key is not None:
@@ -122,63 +111,6 @@ def _set_zero_groups(opt: Any, saved: list[Mapping[str, Any]]) -> None:
     for groups in (opt.param_groups, opt.optim.param_groups):
         for group, sg in zip(groups, saved):
             group.update({k: v for k, v in sg.items() if k != "params"})
-
-
-def _like(template: Any, reader: RegionReader, name: str, state: str) -> Any:
-    """``template``'s local part of tensor ``name``/``state``, read from the consolidated source."""
-    if _dtensor.is_dtensor(template):
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-        shape, offset = compute_local_shape_and_global_offset(template.shape, template.device_mesh,
-                                                              template.placements)
-        region = tuple(slice(o, o + s) for o, s in zip(offset, shape))
-        local = reader.read(name, state, region).to(template.dtype)
-        return _dtensor.to_dtensor(local, template.device_mesh, tuple(template.placements),
-                                   tuple(template.shape))
-    return reader.read(name, state, None).to(template.dtype) if isinstance(template, torch.Tensor) else template
-
-
-def restore_resharded(state: dict[str, Any], reader: RegionReader, shapes: Mapping[str, tuple[int, ...]],
-                      groups: list[dict[str, Any]], saved_extra: Mapping[str, Any]) -> None:
-    """Restores ``state`` on a new topology, reading from the consolidated checkpoint only the
-    regions this rank holds (``shapes``: canonical shapes, to check the model still fits)."""
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                         set_model_state_dict, set_optimizer_state_dict)
-
-    model_key, optim_key = _roles(state)
-    if model_key is not None:
-        model = state[model_key]
-        template = get_model_state_dict(model)
-        for name, t in template.items():
-            if name not in shapes:
-                raise CheckpointNotFoundError(f"the checkpoint has no tensor {name!r} of the live model")
-            if tuple(t.shape) != tuple(shapes[name]):
-                raise ConvertError(f"{name}: the checkpoint's shape {list(shapes[name])} differs from the "
-                                   f"live model's {list(t.shape)}; was the model changed?")
-        set_model_state_dict(model, {n: _like(t, reader, n, "param") for n, t in template.items()})
-        if optim_key is not None:
-            _restore_optim(model, state[optim_key], reader, groups, get_optimizer_state_dict,
-                           set_optimizer_state_dict)
-    restore_extra(state, saved_extra)
-
-
-def _restore_optim(model: Any, opt: Any, reader: RegionReader, groups: list[dict[str, Any]],
-                   get_osd: Any, set_osd: Any) -> None:
-    if _is_zero(opt):
-        names = _names(model)
-        for group in opt.optim.param_groups:
-            for p in group["params"]:
-                name = names[id(p)]
-                opt.optim.state[p] = {s: reader.read(name, s, None) for s in reader.states(name)
-                                      if s not in ("param", "fp32")}
-        _set_zero_groups(opt, groups)
-        return
-    template = get_osd(model, opt)  # initialises empty optimizer states
-    osd = {"state": {n: {s: _like(t, reader, n, s) for s, t in st.items()}
-                     for n, st in template["state"].items()},
-           "param_groups": [{**{k: v for k, v in saved.items() if k != "params"}, "params": g["params"]}
-                            for g, saved in zip(template["param_groups"], groups)]}
-    set_osd(model, opt, osd)
 
 
 def rng_state() -> dict[str, Any]:

@@ -17,11 +17,14 @@ from ._errors import ChecksumError, CorruptCheckpointError
 from ._topology import Topology
 
 __all__ = ["FORMAT_VERSION", "FileRecord", "MeshInfo", "TensorFragment", "RankIndex", "Manifest",
-           "step_dir", "rank_stem", "parse_step_dir", "dumps", "loads", "seal", "CHECKSUM"]
+           "step_dir", "rank_stem", "parse_step_dir", "dumps", "loads", "seal", "CHECKSUM",
+           "BLOCK_BYTES", "block_checksums"]
 
 FORMAT_VERSION = 1
 #: Largest metadata document ucp reads (guards against hostile, oversized JSON).
 MAX_JSON_BYTES = 256 * 1024 * 1024
+#: Size of the blocks a tensor fragment's ``block_crc32c`` covers: the granularity of partial reads.
+BLOCK_BYTES = 256 << 10
 #: Key under which a metadata document carries the CRC32C of its own content (see :func:`seal`).
 CHECKSUM = "checksum"
 
@@ -175,7 +178,10 @@ class TensorFragment:
     ``offsets``/``shape`` give the region of the global tensor (``global_shape``). For plain tensors
     the region is the whole tensor; for a DTensor it comes from the placements, and ``mesh`` indexes
     the rank index's ``meshes``. ``crc32c`` is the checksum of the tensor's own bytes, so a reader
-    that fetches one tensor by byte range can verify it without reading the whole file.
+    that fetches one tensor by byte range can verify it without reading the whole file;
+    ``block_crc32c`` (tensors larger than one block) holds the checksum of each ``BLOCK_BYTES``
+    block of them, so a reader that needs only part of the tensor reads and verifies only the
+    blocks that hold that part.
     """
 
     key: str
@@ -186,12 +192,15 @@ class TensorFragment:
     placements: tuple[str, ...] | None = None
     mesh: int | None = None
     crc32c: int | None = None
+    block_crc32c: tuple[int, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"key": self.key, "dtype": self.dtype, "shape": list(self.shape),
                              "global_shape": list(self.global_shape), "offsets": list(self.offsets)}
         if self.crc32c is not None:
             d["crc32c"] = self.crc32c
+        if self.block_crc32c is not None:
+            d["blocks"] = {"bytes": BLOCK_BYTES, "crc32c": list(self.block_crc32c)}
         if self.placements is not None:
             d["placements"], d["mesh"] = list(self.placements), self.mesh
         return d
@@ -216,7 +225,27 @@ class TensorFragment:
             raise CorruptCheckpointError(f"{what}: crc32c must be an integer")
         return cls(key=_field(d, "key", str, what), dtype=_field(d, "dtype", str, what), shape=shape,
                    global_shape=gshape, offsets=offsets, placements=placements,
-                   mesh=d.get("mesh") if placements is not None else None, crc32c=crc)
+                   mesh=d.get("mesh") if placements is not None else None, crc32c=crc,
+                   block_crc32c=_blocks(d.get("blocks"), what))
+
+
+def _blocks(blocks: Any, what: str) -> tuple[int, ...] | None:
+    """A fragment's block checksums; blocks of another size than this version's are ignored
+    (the whole-tensor checksum still verifies every read)."""
+    if blocks is None:
+        return None
+    if not isinstance(blocks, dict) or not isinstance(blocks.get("crc32c"), list) or not all(
+            type(c) is int and 0 <= c < 2**32 for c in blocks["crc32c"]):
+        raise CorruptCheckpointError(f"{what}: blocks must be {{'bytes': n, 'crc32c': [int, ...]}}")
+    return tuple(blocks["crc32c"]) if blocks.get("bytes") == BLOCK_BYTES else None
+
+
+def block_checksums(data: memoryview) -> tuple[int, ...] | None:
+    """The CRC32C of each ``BLOCK_BYTES`` block of ``data`` (None when it is one block or less)."""
+    if data.nbytes <= BLOCK_BYTES:
+        return None
+    flat = data.cast("B")
+    return tuple(_crc32c.crc32c(flat[i:i + BLOCK_BYTES]) for i in range(0, flat.nbytes, BLOCK_BYTES))
 
 
 @dataclasses.dataclass(frozen=True)

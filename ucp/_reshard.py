@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Mapping
 
+from ._dest import check_destination
 from ._topology import Topology
 
 __all__ = ["reshard"]
@@ -12,7 +13,7 @@ __all__ = ["reshard"]
 
 def reshard(src: str, dst: str, *, topology: Topology | str, engine: str = "ucp", spec: Any = None,
             alignment: int | None = None, src_engine: str = "auto", tag: str | None = None,
-            step: int | None = None, overwrite: bool = False, workers: int = 8,
+            step: int | None = None, overwrite: bool = False, workers: int = 8, verify: bool = True,
             storage_options: Mapping[str, Any] | None = None,
             dst_storage_options: Mapping[str, Any] | None = None,
             progress: bool | None = None) -> Any:
@@ -38,6 +39,8 @@ def reshard(src: str, dst: str, *, topology: Topology | str, engine: str = "ucp"
         step: the step to write (default: the source's, else 0).
         overwrite: replace that step if ``dst`` already has it.
         workers: reads in flight.
+        verify: before committing, check every state the target ranks hold against the source
+            by fingerprint (see :mod:`ucp._fingerprint`; engine ``ucp``).
         dst_storage_options: fsspec options for ``dst``.
         progress: progress bar on stderr (default: when stderr is a terminal).
 
@@ -47,6 +50,7 @@ def reshard(src: str, dst: str, *, topology: Topology | str, engine: str = "ucp"
     Raises:
         TopologyError: the model cannot take ``topology`` (names the parameter and constraint).
         CheckpointExistsError: ``dst`` has the step and ``overwrite`` is False.
+        VerificationError: a state as resharded differs from the source's (names it).
 
     Example:
         >>> ucp.reshard("universal/", "ckpt_tp1/", topology="dp=4,zero=1")
@@ -55,6 +59,7 @@ def reshard(src: str, dst: str, *, topology: Topology | str, engine: str = "ucp"
     from .resharder import _deepspeed, get_target  # noqa: F401 - _deepspeed registers engine="deepspeed"
     from .resharder._api import resolve
 
+    check_destination(src, dst)
     target = get_target(engine)
     source, topo, spec_ = resolve(src, topology, spec=spec, engine=src_engine, tag=tag,
                                   storage_options=storage_options)
@@ -62,4 +67,5 @@ def reshard(src: str, dst: str, *, topology: Topology | str, engine: str = "ucp"
     return target.write(source, dst, topology=topo, spec=spec_,
                         alignment=target.default_alignment if alignment is None else alignment,
                         step=step, overwrite=overwrite, storage_options=dst_storage_options,
-                        workers=workers, progress=sys.stderr.isatty() if progress is None else progress)
+                        workers=workers, progress=sys.stderr.isatty() if progress is None else progress,
+                        verify=verify)

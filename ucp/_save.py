@@ -14,7 +14,8 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, Mapping, Sequence
+import warnings
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
@@ -26,8 +27,8 @@ from ._coord import Coordinator, dist_rank_and_world, get_coordinator
 from ._errors import CheckpointExistsError, SaveError, StateError, UcpError
 from ._faults import failpoint
 from ._layout import MANIFEST, apply_retention, write_latest
-from ._meta import (MAX_JSON_BYTES, FileRecord, Manifest, MeshInfo, RankIndex, TensorFragment, dumps, loads,
-                    rank_stem, step_dir)
+from ._meta import (MAX_JSON_BYTES, FileRecord, Manifest, MeshInfo, RankIndex, TensorFragment, block_checksums,
+                    dumps, loads, rank_stem, step_dir)
 from ._topology import Topology
 from ._tree import flatten
 
@@ -129,6 +130,8 @@ def save(state: Mapping[str, Any], url: str, *, step: int, keep: int | None = No
     topo = Topology.parse(topology) if isinstance(topology, str) else topology
     tree, tensors = flatten(state)
     rank, world = dist_rank_and_world()
+    if rank == 0:
+        _warn_unnamed_optimizer_state(state)
     coord = get_coordinator(timeout)
     storage = Storage(url, storage_options=storage_options)
     if not overwrite and storage.exists(f"{step_dir(step)}/{MANIFEST}"):
@@ -143,6 +146,32 @@ def save(state: Mapping[str, Any], url: str, *, step: int, keep: int | None = No
                keep=keep, overwrite=overwrite)
     _worker().submit(job)
     return SaveHandle(job.future, step=step, url=url)
+
+
+def _indexed_optimizer_states(obj: Any, path: str) -> Iterator[str]:
+    """Key paths of the optimizer state dicts in ``obj`` whose parameters are integer indices
+    (``torch.optim.Optimizer.state_dict()``), not names."""
+    if not isinstance(obj, Mapping):
+        return
+    groups = obj.get("param_groups")
+    if isinstance(obj.get("state"), Mapping) and isinstance(groups, (list, tuple)) and any(
+            isinstance(g, Mapping) and any(isinstance(p, int) for p in g.get("params", ()))
+            for g in groups):
+        yield path
+        return
+    for k, v in obj.items():
+        yield from _indexed_optimizer_states(v, f"{path}[{k!r}]")
+
+
+def _warn_unnamed_optimizer_state(state: Mapping[str, Any]) -> None:
+    """Says at save time, with the fix, what ``ucp convert`` would only refuse later."""
+    for path in _indexed_optimizer_states(state, "state"):
+        warnings.warn(
+            f"ucp.save: {path} is an optimizer state_dict keyed by integer indices "
+            "(torch.optim.Optimizer.state_dict()); ucp.load reads it back, but `ucp convert`, "
+            "`ucp inspect` and resharding need parameter names: save the optimizer state of "
+            "torch.distributed.checkpoint.state_dict.get_state_dict(model, optimizer) instead "
+            "(keyed by parameter names), or use ucp.Checkpointer", UserWarning, stacklevel=3)
 
 
 def _stage(tensors: Mapping[str, tuple[tuple[Any, ...], torch.Tensor]]
@@ -251,8 +280,7 @@ def write_rank_files(storage: Storage, *, step: int, rank: int, world_size: int,
     Called by each rank's save worker, or by one process writing many ranks (``ucp.reshard``).
     """
     sd, stem = step_dir(step), rank_stem(rank)
-    fragments = tuple(dataclasses.replace(f, crc32c=checksum([_stfile.tensor_bytes(staged[f.key])])[0])
-                      for f in fragments)
+    fragments = tuple(_checksummed(f, _stfile.tensor_bytes(staged[f.key])) for f in fragments)
     data = storage.write(f"{sd}/{stem}.safetensors",
                          _stfile.encode(staged, {"format": "pt", "ucp.step": str(step)}))
     staged.clear()
@@ -261,6 +289,11 @@ def write_rank_files(storage: Storage, *, step: int, rank: int, world_size: int,
     failpoint("save.index", rank=rank)
     return {f"{stem}.safetensors": data.to_dict(),
             f"{stem}.json": storage.write(f"{sd}/{stem}.json", dumps(index)).to_dict()}
+
+
+def _checksummed(frag: TensorFragment, data: memoryview) -> TensorFragment:
+    """``frag`` with the checksum of its bytes, and of each block of them (partial reads)."""
+    return dataclasses.replace(frag, crc32c=checksum([data])[0], block_crc32c=block_checksums(data))
 
 
 def write_manifest(storage: Storage, *, step: int, world_size: int, topology: Topology | None,

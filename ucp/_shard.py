@@ -25,6 +25,7 @@ import numpy as np
 from crc32c import crc32c
 
 from ucp.storage import open_regular, retry_call
+from ucp.storage._stats import count_read
 
 __all__ = ["ChunkReader", "Layout", "ShardParts", "layout_of", "parse_index", "shard_shape", "sharded_meta"]
 
@@ -58,11 +59,16 @@ def sharded_meta(inner: Sequence[int], shard: Sequence[int]) -> dict[str, Any]:
 
 class ShardParts(Sequence):  # type: ignore[type-arg]
     """The buffers of one shard file, in order, made on demand: a local write streams them (one
-    inner chunk's copy alive at a time) and may iterate again on a retry."""
+    inner chunk's copy alive at a time) and may iterate again on a retry.
+
+    With ``prints`` (a dict), the partial fingerprint of each inner chunk's bytes, as they are
+    handed out, goes into it under the chunk's index (:mod:`ucp._fingerprint`: the chunks of an
+    array add up to the array's fingerprint).
+    """
 
     def __init__(self, data: np.ndarray, inner: tuple[int, ...], shard: tuple[int, ...],
-                 idx: tuple[int, ...]) -> None:
-        self.data, self.inner = data, inner
+                 idx: tuple[int, ...], prints: dict[tuple[int, ...], int] | None = None) -> None:
+        self.data, self.inner, self.prints = data, inner, prints
         per = [s // c for s, c in zip(shard, inner)]
         first = [i * p for i, p in zip(idx, per)]
         self.cells = []  # (position in the shard's index, global inner-chunk index)
@@ -97,14 +103,26 @@ class ShardParts(Sequence):  # type: ignore[type-arg]
     def _chunk(self, g: tuple[int, ...]) -> memoryview:
         region = tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(g, self.inner, self.data.shape))
         block = self.data[region]
+        valid = tuple(slice(0, b) for b in block.shape)
         if block.shape != self.inner:  # an edge chunk: stored at full size, padded with zeros
             full = np.zeros(self.inner, dtype=self.data.dtype)
-            full[tuple(slice(0, b) for b in block.shape)] = block
+            full[valid] = block
             block = full
-        return memoryview(np.ascontiguousarray(block).reshape(-1).view(np.uint8))
+        out = np.ascontiguousarray(block)
+        if self.prints is not None:  # of the bytes handed out, padding left out
+            self.prints[g] = _chunk_print(out[valid], [r.start for r in region], self.data.shape)
+        return memoryview(out.reshape(-1).view(np.uint8))
 
     def total(self) -> int:
         return len(self.cells) * (self.nbytes + 4) + len(self.index)
+
+
+def _chunk_print(block: np.ndarray, start: Sequence[int], shape: Sequence[int]) -> int:
+    import torch
+
+    from ._fingerprint import fingerprint_box
+
+    return fingerprint_box(torch.from_numpy(block), start, shape)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,4 +313,5 @@ class ChunkReader:
                     got += k
                 return got
         got = retry_call(fn, policy=storage.retry, what=f"reading {self.url}/{key}")
+        count_read(got)
         return view[:got]

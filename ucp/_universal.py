@@ -34,6 +34,8 @@ from ucp.storage import Storage, checksum, zarr_store
 
 from ._errors import (ChecksumError, CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError,
                       StorageError, UcpError)
+from ._fingerprint import fingerprint as fingerprint_of
+from ._fingerprint import combine, from_hex, to_hex
 from ._meta import FORMAT_VERSION, MAX_JSON_BYTES, loads, seal
 from ._shard import ChunkReader, Layout, ShardParts, layout_of, shard_shape, sharded_meta
 from ._stfile import dtype_from_name, dtype_name
@@ -150,8 +152,9 @@ class UniversalWriter:
         self.check_destination(overwrite=overwrite)
         _write_attrs(self.storage, {"format_version": FORMAT_VERSION, "kind": KIND, "complete": False})
 
-    def write(self, path: str, tensor: torch.Tensor) -> dict[str, Any]:
-        """Writes one array at ``path`` (relative); returns its table entry.
+    def write(self, path: str, tensor: torch.Tensor, *, fingerprint: bool = False) -> dict[str, Any]:
+        """Writes one array at ``path`` (relative); returns its table entry (with
+        ``fingerprint``: the fingerprint of the bytes written, see :mod:`ucp._fingerprint`).
 
         Shards are encoded here, as zarr v3's sharding codec specifies them (inner chunks of
         little-endian bytes, each followed by its CRC32C, edge chunks padded with the fill value;
@@ -169,12 +172,13 @@ class UniversalWriter:
                 "fill_value": False if data.dtype == np.bool_ else 0,
                 "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
                 "attributes": {"ucp_dtype": dtype_name(tensor.dtype)}, "storage_transformers": []}
+        prints: dict[tuple[int, ...], int] | None = {} if fingerprint and sharded else None
         if sharded:
             meta.update(sharded_meta(chunks, shard))
             grid = [range(-(-s // c)) for s, c in zip(data.shape, shard)]
             cells = list(itertools.product(*grid))
             write = lambda idx: self.storage.write(  # noqa: E731
-                f"{path}/c/{'/'.join(map(str, idx))}", ShardParts(data, chunks, shard, idx), fsync=False,
+                f"{path}/c/{'/'.join(map(str, idx))}", ShardParts(data, chunks, shard, idx, prints), fsync=False,
                 atomic=False, crc=False)  # every inner chunk and the index carry their own CRC32C
             if self.storage.is_local or len(cells) == 1:  # the page cache absorbs writes best from one thread
                 for idx in cells:
@@ -187,8 +191,13 @@ class UniversalWriter:
         encoded = json.dumps(meta).encode()
         self.storage.write(f"{path}/zarr.json", encoded, fsync=False)
         self._write_parents(path)
-        return {"shape": list(tensor.shape), "dtype": dtype_name(tensor.dtype), "nbytes": int(data.nbytes),
-                "meta_crc32c": crc32c(encoded)}
+        entry = {"shape": list(tensor.shape), "dtype": dtype_name(tensor.dtype), "nbytes": int(data.nbytes),
+                 "meta_crc32c": crc32c(encoded)}
+        if fingerprint:  # of the chunks as encoded (bits of bf16 and friends), summed
+            whole = prints is None or len(prints) != math.prod(-(-n // c) for n, c in zip(data.shape, chunks))
+            entry["fingerprint"] = to_hex(fingerprint_of(torch.from_numpy(data)) if whole
+                                          else combine(prints.values()))
+        return entry
 
     def _write_parents(self, path: str) -> None:
         """Explicit group nodes for ``params/`` and ``params/<name>/`` (zarr v3 has no implicit groups)."""
@@ -308,6 +317,22 @@ class UniversalCheckpoint:
             raise KeyError(f"parameter {name!r} has no state {state!r}; it has {e['states']}")
         return self._read_array(f"{e['path']}/{state}", region, None if state == "step" else shape,
                                 _meta_crc(e, state))
+
+    def recorded_fingerprint(self, name: str, state: str | None) -> int | None:
+        """The fingerprint recorded for a parameter state (``state=None``: a buffer) when it was
+        written, or None (converted with ``--no-verify``, or by an older ucp)."""
+        e = self._buffers.get(name, {}) if state is None else self._entry(name)
+        if state is None:
+            value = e.get("fingerprint")
+        else:
+            if state == "param" and "param" not in e["states"] and e["dtype"] == "float32":
+                state = "fp32"  # an fp32 model's weights are stored once, as fp32: the same bits
+            value = (e.get("fingerprints") or {}).get(state)
+        try:
+            return from_hex(value) if value is not None else None
+        except ValueError as err:
+            raise CorruptCheckpointError(f"{self.url}/{GROUP_META}: {name!r} ({state or 'buffer'}): "
+                                         f"{err}; the group metadata is damaged") from err
 
     def read_buffer(self, name: str) -> torch.Tensor:
         if name not in self._buffers:

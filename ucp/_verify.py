@@ -30,6 +30,7 @@ import crc32c as _crc32c
 from ucp.storage import Storage
 
 from ._errors import ChecksumError, CorruptCheckpointError, UcpError, UcpSpecError
+from ._fingerprint import ALGORITHM, fingerprint, fingerprint_box, to_hex
 from ._inspect import (SCHEMA_VERSION, INDEX, Opened, SafetensorsFiles, detect_format,
                        display_url, load_spec_arg, open_checkpoint)
 from ._meta import MAX_JSON_BYTES, Manifest, RankIndex, TensorFragment, loads, rank_stem, step_dir
@@ -44,7 +45,8 @@ BLOCK = 8 * 2**20
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
-    """One thing wrong. ``kind``: checksum, missing, structure, coverage, shape, spec or read."""
+    """One thing wrong. ``kind``: checksum, missing, structure, coverage, shape, spec, read or
+    fingerprint."""
 
     kind: str
     where: str
@@ -87,7 +89,7 @@ class VerifyReport:
 
 def verify_checkpoint(url: str, *, engine: str = "auto", spec: Any = None, tag: str | None = None,
                       storage_options: Mapping[str, Any] | None = None,
-                      progress: bool | None = None) -> VerifyReport:
+                      progress: bool | None = None, deep: bool = False) -> VerifyReport:
     """Checks the checkpoint at ``url`` and returns every problem found (it raises only when the
     checkpoint cannot be opened at all).
 
@@ -98,6 +100,8 @@ def verify_checkpoint(url: str, *, engine: str = "auto", spec: Any = None, tag: 
         tag: the step of a native root (default: the newest committed) or an engine's tag.
         storage_options: fsspec options (credentials, endpoint); never shown.
         progress: a progress bar on stderr (default: when stderr is a terminal).
+        deep: also recompute each array's fingerprint from its data and compare it with the one
+            recorded at conversion (universal checkpoints; see :mod:`ucp._fingerprint`).
 
     Returns:
         A :class:`VerifyReport`; ``.ok`` is True when nothing is wrong.
@@ -118,10 +122,13 @@ def verify_checkpoint(url: str, *, engine: str = "auto", spec: Any = None, tag: 
                                  storage_options=storage_options)
         report.step = opened.step
         if fmt == "universal":
-            _verify_universal(opened, report, progress)
+            _verify_universal(opened, report, progress, deep=deep)
         else:
             _verify_by_reading(opened, report, progress)
         _check_spec(opened.spec, _shapes(opened), opened.topology, report)
+    if deep and fmt != "universal":
+        report.notes.append(f"--deep: a {fmt} checkpoint records no fingerprints to recompute; "
+                            "`ucp diff` compares it with its conversion value by value")
     return report
 
 
@@ -147,9 +154,10 @@ def _check_spec(spec: Any, shapes: Mapping[str, tuple[int, ...]], topology: Topo
 
 # -- universal: read every chunk ------------------------------------------------------------------
 
-def _verify_universal(opened: Opened, report: VerifyReport, progress: bool) -> None:
+def _verify_universal(opened: Opened, report: VerifyReport, progress: bool, *, deep: bool = False) -> None:
     """Reads every chunk of every array, a band of chunk rows at a time (zarr's crc32c codec
-    checks each chunk), and compares each array with the parameter table."""
+    checks each chunk), and compares each array with the parameter table (``deep``: and its
+    fingerprint, summed band by band, with the recorded one)."""
     from ucp.storage import zarr_store
 
     store = zarr_store(opened.source.storage, read_only=True)
@@ -160,17 +168,37 @@ def _verify_universal(opened: Opened, report: VerifyReport, progress: bool) -> N
     arrays += [(e["path"], name, "buffer", e) for name, e in buffers.items()]
     report.checked["params"] = len(params)
     report.notes.append("every chunk was read; zarr's crc32c codec checked each one")
+    if deep:
+        _note_fingerprints(opened.table, report)
     bar = _bar(sum(int(e.get("nbytes", 0)) for e in [*params.values(), *buffers.values()]),
                "verify", progress, "B")
     try:
         for path, name, state, entry in arrays:
-            _check_array(store, opened.source.storage, path, f"{name} ({state})", entry, state, report, bar)
+            want = _recorded(entry, state) if deep else None
+            _check_array(store, opened.source.storage, path, f"{name} ({state})", entry, state, report,
+                         bar, want)
     finally:
         bar.close()
 
 
+def _note_fingerprints(table: Mapping[str, Any], report: VerifyReport) -> None:
+    if table.get("fingerprint_algorithm") == ALGORITHM:
+        report.notes.append(f"every array's fingerprint ({ALGORITHM}) was recomputed from its data")
+    else:
+        report.notes.append("no fingerprints are recorded (converted with --no-verify, or by an older "
+                            "ucp): --deep checked the checksums only; convert again to record them")
+
+
+def _recorded(entry: Mapping[str, Any], state: str) -> str | None:
+    """The fingerprint the table records for one array (None: none recorded)."""
+    value = entry.get("fingerprint") if state == "buffer" else (entry.get("fingerprints") or {}).get(state)
+    return value if isinstance(value, str) else None
+
+
 def _check_array(store: Any, storage: Storage, path: str, where: str, entry: Mapping[str, Any],
-                 state: str, report: VerifyReport, bar: Any) -> None:
+                 state: str, report: VerifyReport, bar: Any, want: str | None = None) -> None:
+    import numpy as np
+    import torch
     import zarr
 
     try:
@@ -187,6 +215,7 @@ def _check_array(store: Any, storage: Storage, path: str, where: str, entry: Map
         report.add("structure", where, f"array {path} holds {arr.attrs.get('ucp_dtype')}, the "
                    f"parameter table says {entry.get('dtype')}")
     rows = arr.chunks[0] if arr.ndim else 1
+    fp, complete = 0, True
     for start in range(0, max(1, arr.shape[0] if arr.ndim else 1), rows):
         region = (slice(start, start + rows),) if arr.ndim else ()
         try:
@@ -194,12 +223,20 @@ def _check_array(store: Any, storage: Storage, path: str, where: str, entry: Map
         except ValueError as e:
             kind = "checksum" if "checksum" in str(e).lower() else "read"
             report.add(kind, where, f"{path}: rows {start}..{start + rows - 1}: {_one_line(e)}")
+            complete = False
             continue
+        if want is not None:
+            fp += fingerprint_box(torch.from_numpy(np.ascontiguousarray(band)), (start,) + (0,) * (arr.ndim - 1),
+                                  arr.shape) if arr.ndim else fingerprint(torch.from_numpy(np.asarray(band)))
         nbytes = int(getattr(band, "nbytes", 0))
         report.checked["bytes"] += nbytes
         bar.update(nbytes)
     report.checked["chunks"] += int(arr.nchunks)
     report.checked["tensors"] += 1
+    if want is not None and complete and to_hex(fp) != want:
+        report.add("fingerprint", where, f"{path}: the data's fingerprint {to_hex(fp)} differs from "
+                   f"the {want} recorded when it was written (its values changed since, though every "
+                   "chunk's CRC32C matches); convert the checkpoint again")
 
 
 # -- engine sources: read everything -------------------------------------------------------------

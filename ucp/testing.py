@@ -19,7 +19,8 @@ import time
 import traceback
 from typing import Any, Callable, Mapping, Sequence
 
-__all__ = ["run_ranks", "RankResult", "RankFailure", "subprocess_env", "run_command"]
+__all__ = ["run_ranks", "RankResult", "RankFailure", "scaled_timeout", "timeout_scale", "subprocess_env",
+           "run_command"]
 
 
 @dataclasses.dataclass
@@ -145,6 +146,52 @@ def _describe(results: list[RankResult]) -> str:
         if r.error:
             lines.append(r.error.rstrip())
     return "\n".join(lines)
+
+
+#: Seconds a fresh interpreter takes to ``import torch`` on a quiet reference machine (2 vCPUs,
+#: torch 2.13 CPU build); the unit of :func:`timeout_scale`.
+_REFERENCE_TORCH_IMPORT_S = 1.5
+_MAX_SCALE = 8.0  # past this the machine is too loaded to be worth waiting for: fail, and say so
+_SCALE_ENV = "UCP_TEST_TIMEOUT_SCALE"
+_scale: float | None = None  # measured once per process
+
+
+def timeout_scale() -> float:
+    """How many times slower than a quiet reference machine this one is now (at least 1).
+
+    ``UCP_TEST_TIMEOUT_SCALE`` (a number), when set, is the answer. Otherwise a fresh interpreter's
+    ``import torch`` is timed once per process and compared with the reference machine's: it
+    pays for CPU, disk and contention alike, as the multi-process tests do. Capped at 8.
+
+    Returns:
+        The factor to multiply fixed test timeouts by (:func:`scaled_timeout`).
+    """
+    global _scale
+    if _scale is None:
+        given = os.environ.get(_SCALE_ENV)
+        if given:
+            try:
+                _scale = max(1.0, float(given))
+            except ValueError as e:
+                raise ValueError(f"{_SCALE_ENV}={given!r} is not a number; set e.g. "
+                                 f"{_SCALE_ENV}=4 on a machine four times slower") from e
+        else:
+            t0 = time.monotonic()
+            subprocess.run([sys.executable, "-c", "import torch"], check=True, timeout=600,
+                           capture_output=True)
+            measured = (time.monotonic() - t0) / _REFERENCE_TORCH_IMPORT_S
+            _scale = min(_MAX_SCALE, max(1.0, measured))
+    return _scale
+
+
+def scaled_timeout(seconds: float) -> float:
+    """``seconds`` (a timeout that suffices on a quiet reference machine) times
+    :func:`timeout_scale`: the subprocess timeouts of slow tests grow with the machine's load.
+
+    Example:
+        >>> subprocess.run(cmd, timeout=scaled_timeout(300))  # doctest: +SKIP
+    """
+    return seconds * timeout_scale()
 
 
 def subprocess_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -15,6 +16,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
+import ucp._cli_base
 import ucp.cli
 from ucp import UcpError
 from ucp.cli import add_secrets, main, ucp_command
@@ -97,7 +99,7 @@ def test_secrets_are_never_printed(verbose, kind, monkeypatch):
 
 def test_progress_bar_only_on_a_terminal_and_not_quiet(sample, monkeypatch):
     tty = types.SimpleNamespace(stderr=types.SimpleNamespace(isatty=lambda: True))
-    monkeypatch.setattr(ucp.cli, "sys", tty)
+    monkeypatch.setattr(ucp._cli_base, "sys", tty)
     path = str(sample / "ckpt")
     assert "verify" in CliRunner().invoke(main, ["verify", path]).stderr
     assert CliRunner().invoke(main, ["verify", path, "--quiet"]).stderr == ""
@@ -122,3 +124,186 @@ def test_the_real_entry_point(sample, tmp_path):
                        text=True, timeout=120, env=env)
     assert (p.returncode, p.stdout, p.stderr) == (
         1, "", f"Error: {tmp_path / 'nowhere'}: no such file or directory\n")
+
+
+@pytest.mark.parametrize("command", [["inspect", "{ckpt}"], ["verify", "{ckpt}"],
+                                     ["convert", "{ckpt}", "{out}"],
+                                     ["export", "{ckpt}", "{out}"],
+                                     ["reshard", "{ckpt}", "{out}", "--to", "dp=1"]])
+def test_every_spec_option_names_a_misspelled_bundled_spec(command, sample, tmp_path,
+                                                           monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = [a.format(ckpt=sample / "ckpt", out=tmp_path / "out") for a in command]
+    r = CliRunner().invoke(main, [*args, "--spec", "gtp2"])
+    assert (r.exit_code, r.stdout) == (1, "")
+    assert r.stderr == ("Error: gtp2: no bundled spec or file named 'gtp2'; bundled: gpt2, "
+                        "llama_megatron, mixtral_moe\n")
+
+
+_PROBE = """
+import json, sys
+from ucp.cli import main
+try:
+    main(sys.argv[1:], prog_name="ucp")
+except SystemExit as e:
+    code = e.code
+heavy = sorted(m for m in ("torch", "zarr", "numpy", "safetensors", "lark") if m in sys.modules)
+print(json.dumps({"code": code, "heavy": heavy}), file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("args, code", [
+    (["--help"], 0), (["--version"], 0), (["ls", "{ckpt}"], 0), (["ls", "{ckpt}", "--json"], 0),
+    (["spec", "check", "--help"], 0), (["inspect"], 2), (["nope"], 2),
+    (["reshard", "a", "b", "--to", "tp=zero"], 2), (["export", "a", "b", "--max-shard-size", "-5"], 2),
+    (["ls", "x", "-o", "novalue"], 2)])
+def test_help_version_ls_and_usage_errors_import_no_torch(args, code, sample):
+    argv = [a.format(ckpt=sample / "ckpt") for a in args]
+    p = subprocess.run([sys.executable, "-c", _PROBE, *argv], capture_output=True, text=True,
+                       timeout=120)
+    found = json.loads(p.stderr.strip().splitlines()[-1])
+    assert found == {"code": code, "heavy": []}, p.stderr
+
+
+def test_the_grammar_imports_no_torch():
+    probe = "import sys, ucp.grammar; print(sorted(m for m in sys.modules if m.startswith('torch')))"
+    p = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert (p.returncode, p.stdout) == (0, "[]\n"), p.stderr
+
+
+def test_the_command_modules_never_import_the_group():
+    """ucp.cli imports the command modules; none of them imports ucp.cli back (no cycle)."""
+    import ast
+
+    folder = Path(ucp.cli.__file__).parent
+    modules = sorted(folder.glob("_cli_*.py"))
+    assert {m.stem for m in modules} >= {"_cli_base", "_cli_commands", "_cli_inspect",
+                                         "_cli_spec", "_cli_reshard"}
+    for path in modules:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                target = ("." * node.level) + (node.module or "")
+                assert target not in (".cli", "ucp.cli"), f"{path.name} imports {target}"
+                assert not (target == "." and any(a.name == "cli" for a in node.names)), path.name
+
+
+def test_ctrl_c_exits_130_with_one_line(sample, monkeypatch):
+    import ucp._inspect
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ucp._inspect, "inspect_checkpoint", interrupted)
+    r = CliRunner().invoke(main, ["inspect", str(sample / "ckpt")])
+    assert (r.exit_code, r.stdout, r.stderr) == (130, "", "Error: interrupted (Ctrl-C)\n")
+
+
+def test_an_interrupted_export_leaves_no_empty_directory(sample, tmp_path, monkeypatch):
+    import ucp._export
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ucp._export, "_read", interrupted)  # the first shard is open
+    dst = tmp_path / "hf"
+    r = CliRunner().invoke(main, ["export", str(sample / "universal"), str(dst)])
+    assert r.exit_code == 130 and not dst.exists(), r.output
+    dst.mkdir()  # a directory the user made stays
+    r = CliRunner().invoke(main, ["export", str(sample / "universal"), str(dst)])
+    assert r.exit_code == 130 and dst.is_dir()
+
+
+def test_sigint_while_a_command_imports_torch_is_one_line_and_130(tmp_path):
+    import signal
+    import time
+
+    code = ("import sys; from ucp.cli import main; print('ready', flush=True); "
+            "main(sys.argv[1:], prog_name='ucp')")
+    p = subprocess.Popen([sys.executable, "-c", code, "inspect", str(tmp_path)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.stdout.readline() == "ready\n"
+    time.sleep(0.2)  # inside the command: importing torch and the readers takes seconds
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert (p.returncode, out, err) == (130, "", "Error: interrupted (Ctrl-C)\n")
+
+
+# -- one set of conventions across commands -------------------------------------------------------
+
+def _command(name: tuple[str, ...]) -> click.Command:
+    cmd: click.Command = main
+    for part in name:
+        cmd = cmd.commands[part]
+    return cmd
+
+
+def test_every_command_taking_a_url_takes_storage_options_and_workers_means_one_thing():
+    url_args = {"src", "dst", "path", "url"}
+    helps = set()
+    for name in leaf_commands(main):
+        params = {p.name: p for p in _command(name).params}
+        if url_args & {n for n, p in params.items() if isinstance(p, click.Argument)}:
+            assert "-o" in params["options"].opts, name
+        if "workers" in params and "--workers" in params["workers"].opts:
+            helps.add(params["workers"].help)
+    assert helps == {"Worker processes converting in parallel."}
+    assert "--io-threads" in {o for p in _command(("reshard",)).params for o in p.opts}
+
+
+def _option_args(options: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in options.items():
+        if isinstance(value, dict):
+            out += _option_args(value, f"{prefix}{key}.")
+        else:
+            out += ["-o", f"{prefix}{key}={json.dumps(value) if not isinstance(value, str) else value}"]
+    return out
+
+
+def test_convert_and_reshard_read_s3_with_storage_options(sample, tmp_path, s3_url):
+    url, opts = s3_url
+    ucp.save(ucp.load(str(sample / "ckpt")), url, step=200, storage_options=opts).wait()
+    o = _option_args(opts)
+    r = CliRunner().invoke(main, ["convert", url, str(tmp_path / "u"), *o])
+    assert r.exit_code == 0 and "wrote" in r.stdout, r.output
+    r = CliRunner().invoke(main, ["reshard", url, str(tmp_path / "r"), "--to", "dp=1", *o])
+    assert r.exit_code == 0 and "wrote" in r.stdout, r.output
+    assert "testing-secret" not in r.output
+
+
+def test_errors_speak_in_options_not_keyword_arguments(sample, tmp_path):
+    dst = str(tmp_path / "u")
+    assert CliRunner().invoke(main, ["convert", str(sample / "ckpt"), dst]).exit_code == 0
+    r = CliRunner().invoke(main, ["convert", str(sample / "ckpt"), dst])
+    assert r.exit_code == 1 and "pass --overwrite to replace it" in r.stderr, r.stderr
+    assert "overwrite=True" not in r.stderr
+    assert ucp.cli.cli_terms("pass overwrite=True (--overwrite) or overwrite=True") == \
+        "pass --overwrite or --overwrite"
+
+
+def test_convert_says_a_missing_source_does_not_exist(tmp_path):
+    r = CliRunner().invoke(main, ["convert", str(tmp_path / "nowhere"), str(tmp_path / "u")])
+    assert (r.exit_code, r.stderr) == (
+        1, f"Error: {tmp_path / 'nowhere'}: no such file or directory; check the path\n")
+    assert not (tmp_path / "u").exists()
+
+
+@pytest.mark.parametrize("command, dst, where", [
+    (["convert", "{ckpt}"], "{ckpt}", "is the source itself"),
+    (["convert", "{ckpt}"], "{ckpt}/universal", "lies inside the source"),
+    (["reshard", "{ckpt}"], "{ckpt}/", "is the source itself"),
+    (["export", "{universal}"], "{root}", "contains the source")])
+def test_a_destination_overlapping_the_source_is_refused(command, dst, where, sample, tmp_path):
+    work = tmp_path / "work"
+    shutil.copytree(sample, work)
+    paths = {"ckpt": work / "ckpt", "universal": work / "universal", "root": work}
+    args = [a.format(**paths) for a in command] + [dst.format(**paths)]
+    if command[0] == "reshard":
+        args += ["--to", "dp=1"]
+    before = sorted(p.relative_to(work) for p in work.rglob("*"))
+    r = CliRunner().invoke(main, args)
+    assert (r.exit_code, r.stdout) == (1, ""), r.output
+    assert r.stderr == (f"Error: {dst.format(**paths)}: the destination {where} ({args[1]}); "
+                        "writing there would mix the output with the source's files: choose a "
+                        "destination outside it\n")
+    assert sorted(p.relative_to(work) for p in work.rglob("*")) == before  # nothing written

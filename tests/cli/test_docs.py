@@ -3,6 +3,8 @@
 Expected output is compared like a doctest with ELLIPSIS and NORMALIZE_WHITESPACE: ``...``
 matches any text. The exit status must be 2 when the output shows ``Usage:``, 1 when a line
 starts with ``Error:``, else 0.
+
+Every link of the README and of docs/ names a file (and heading) inside the repository.
 """
 
 from __future__ import annotations
@@ -68,3 +70,55 @@ def test_every_command_in_docs_cli_md(sample, tmp_path, s3_url, monkeypatch):
         assert checker.check_output(want, got, flags), (
             f"docs/cli.md: `{cmd}` prints\n{got}\nbut the page shows\n{want}")
         assert result.exit_code == expected_exit(want), (cmd, result.exit_code, got)
+
+
+# -- links of the README and docs/ -----------------------------------------------------------------
+
+ROOT = DOC.parents[1]
+_LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)|^\[[^\]]+\]:\s*(\S+)", re.M)
+_CODE = re.compile(r"^```.*?^```|`[^`\n]*`", re.S | re.M)
+
+
+def _anchors(text: str) -> set[str]:
+    """GitHub's anchors of a markdown page's headings."""
+    heads = re.findall(r"^#+\s+(.*?)\s*$", _CODE.sub("", text), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in heads}
+
+
+def broken_links(page: Path, root: Path) -> list[str]:
+    """The links of ``page`` that leave ``root``, name a missing file, or a missing heading."""
+    text = page.read_text(encoding="utf-8")
+    bad = []
+    for m in _LINK.finditer(_CODE.sub("", text)):
+        target = m.group(1) or m.group(2)
+        if re.match(r"[a-z][a-z0-9+.-]*:", target):  # http://, mailto: ...: not a repository file
+            continue
+        path, _, anchor = target.partition("#")
+        dest = (page.parent / path).resolve() if path else page
+        if not dest.is_relative_to(root.resolve()):
+            bad.append(f"{target} (outside the repository)")
+        elif not dest.exists():
+            bad.append(f"{target} (no such file)")
+        elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest.read_text("utf-8")):
+            bad.append(f"{target} (no such heading)")
+    return bad
+
+
+def test_every_link_of_the_readme_and_docs_stays_in_the_repository():
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    assert ROOT / "docs" / "architecture.md" in pages and ROOT / "docs" / "benchmarks.md" in pages
+    found = {str(p.relative_to(ROOT)): broken_links(p, ROOT) for p in pages}
+    assert not {p: b for p, b in found.items() if b}, found
+    readme = (ROOT / "README.md").read_text()
+    assert "(docs/architecture.md)" in readme and "(docs/benchmarks.md)" in readme
+
+
+def test_a_link_outside_the_repository_or_to_a_missing_file_is_found(tmp_path):
+    (tmp_path / "repo" / "docs").mkdir(parents=True)
+    (tmp_path / "outside.md").write_text("# x\n")
+    page = tmp_path / "repo" / "docs" / "page.md"
+    page.write_text("# Title here\n[a](../../outside.md) [b](missing.md) [c](#title-here)\n"
+                    "[d](https://example.com/x) `[e](gone.md)` [f](page.md#nope)\n")
+    assert broken_links(page, tmp_path / "repo") == [
+        "../../outside.md (outside the repository)", "missing.md (no such file)",
+        "page.md#nope (no such heading)"]

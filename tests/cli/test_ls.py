@@ -50,7 +50,6 @@ def test_empty_missing_and_not_a_root(tmp_path, sample):
     assert ls(str(tmp_path)).stdout == f"{tmp_path}: no step directories\n"
     r = ls(str(tmp_path / "nope"), code=1)
     assert r.stderr == f"Error: {tmp_path / 'nope'}: no such file or directory\n"
-    assert ls(str(sample / "universal")).stdout.endswith("no step directories\n")
 
 
 def test_s3(s3_url):
@@ -69,3 +68,16 @@ def test_s3(s3_url):
         assert opts["secret"] not in result.output
     table = ls(url).stdout.splitlines()
     assert [line.split()[:2] for line in table[1:]] == [["10", "committed"], ["20", "committed"]]
+
+
+def test_a_folder_that_is_no_root_of_steps_says_what_it_is(sample, tmp_path):
+    universal = str(sample / "universal")
+    assert ls(universal).stdout == (f"{universal}: no step directories; this is a universal "
+                                    f"checkpoint: `ucp inspect {universal}` shows it\n")
+    ds = tmp_path / "ds"
+    (ds / "global_step3").mkdir(parents=True)
+    (ds / "global_step3" / "mp_rank_00_model_states.pt").write_bytes(b"")
+    (ds / "latest").write_text("global_step3")
+    assert "this is a DeepSpeed checkpoint: `ucp inspect" in ls(str(ds)).stdout
+    (tmp_path / "empty").mkdir()
+    assert ls(str(tmp_path / "empty")).stdout == f"{tmp_path / 'empty'}: no step directories\n"

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import ucp
+from ucp.testing import scaled_timeout
 
 PARAM_MB = 16
 
@@ -27,7 +28,7 @@ def _peak_rss_mb(src: str, dst: str) -> float:
     code = ("import sys, ucp; ucp.convert(sys.argv[1], sys.argv[2]); "
             "print([int(l.split()[1]) / 1024 for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
     out = subprocess.run([sys.executable, "-c", code, src, dst], capture_output=True, text=True,
-                         timeout=600, check=True)
+                         timeout=scaled_timeout(600), check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 

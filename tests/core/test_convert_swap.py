@@ -44,11 +44,11 @@ def test_overwrite_keeps_the_old_output_when_the_new_one_does_not_fit(tmp_path, 
     ucp.convert(_native(tmp_path / "a", 1.0), str(dst))
     real, calls = UniversalWriter.write, []
 
-    def disk_full(self, path, tensor):
+    def disk_full(self, path, tensor, **kwargs):
         calls.append(path)
         if len(calls) == 2:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(self, path, tensor)
+        return real(self, path, tensor, **kwargs)
     monkeypatch.setattr(UniversalWriter, "write", disk_full)
     with pytest.raises(OSError, match="No space left"):
         ucp.convert(_native(tmp_path / "b", 2.0), str(dst), overwrite=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -73,6 +74,7 @@ def test_save_load_bijection(tmp_path_factory, state):
     assert_same(state, ucp.load(url))
 
 
+@pytest.mark.filterwarnings("ignore:ucp.save. .* keyed by integer indices")  # on purpose: they load back
 def test_realistic_state_round_trip(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95))
@@ -182,3 +184,21 @@ def test_s3_round_trip(s3_url):
     assert_same(state, ucp.load(url, storage_options=opts))
     with pytest.raises(CheckpointNotFoundError):
         ucp.load(url, step=3, storage_options=opts)
+
+
+def test_an_optimizer_state_keyed_by_indices_warns_at_save_time_with_the_fix(tmp_path):
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    with pytest.warns(UserWarning, match=r"state\['run'\]\['optim'\] is an optimizer state_dict "
+                                         r"keyed by integer indices.*get_state_dict\(model, "
+                                         r"optimizer\)") as caught:
+        ucp.save({"run": {"optim": opt.state_dict()}}, str(tmp_path), step=1).wait()
+    assert len(caught) == 1 and caught[0].filename == __file__  # points at the caller's line
+    model_sd, optim_sd = get_state_dict(model, opt)  # keyed by parameter names: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ucp.save({"model": model_sd, "optim": optim_sd}, str(tmp_path), step=2).wait()

@@ -21,11 +21,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from ucp.testing import run_command
+from ucp.testing import run_command, scaled_timeout
 
 HERE = Path(__file__).resolve().parent
 TRAIN = HERE / "_ds_train.py"
-LAUNCH_TIMEOUT_S = 300  # a first run also JIT-builds DeepSpeed's CPU shared-memory op (~30 s)
+LAUNCH_TIMEOUT_S = 300  # a first run also JIT-builds DeepSpeed's CPU shared-memory op (~30 s);
+# on a quiet machine: scaled with the machine's load (ucp.testing.scaled_timeout)
 
 #: key -> (ranks, training script flags)
 DS_CONFIGS: dict[str, tuple[int, list[str]]] = {
@@ -56,7 +57,7 @@ def free_port() -> int:
 
 def _run(cmd: list[str], what: str, timeout: int = LAUNCH_TIMEOUT_S) -> None:
     try:  # a private TORCH_EXTENSIONS_DIR (see subprocess_env); stderr in a timeout's message
-        run_command(cmd, what=what, timeout=timeout)
+        run_command(cmd, what=what, timeout=scaled_timeout(timeout))
     except AssertionError as e:
         pytest.fail(str(e))
 

@@ -7,6 +7,9 @@ tests/examples/test_deepspeed_hook.py under torchrun, with examples/ on PYTHONPA
     worker.py crash  CKPT   commit step 2, then SIGKILL rank 1 in the middle of saving step 4
     worker.py resume CKPT   resume; the engine's fp32 partitions, optimizer states and counters
                             equal the committed step's bit for bit; train on and save step 4
+    worker.py wide_save CKPT  a wider model (1.6M parameters) saved at step 2
+    worker.py reads CKPT    resume it on this job's ranks: every state equals the saved one bit for
+                            bit (gathered by DeepSpeed's own API); reports bytes read and held
 
 Every check is an assert on the rank that makes it; a rank prints ``OK <mode> <rank> <json>``
 at the end, so the test sees which ranks got through.
@@ -32,8 +35,8 @@ import ucp._save
 GLOBAL_BATCH, STEPS = 4, 6
 
 
-def build_engine():
-    model = gpt.build(seed=0)
+def build_engine(**kw):
+    model = gpt.build(seed=0, **kw)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 / (1 + k))
     config = {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // dist.get_world_size(),
@@ -155,11 +158,56 @@ def mode_resume(url: str, rank: int) -> dict:
     return {}
 
 
+WIDE = {"dim": 256}  # ~1.6M parameters: each rank's partitions span many checksum blocks
+
+
+def mode_wide_save(url: str, rank: int) -> dict:
+    engine = build_engine(**WIDE)
+    ckpt = ucp.DeepSpeedCheckpointer(url, every=2)
+    for step in (1, 2):
+        train_step(engine, step)
+        ckpt.maybe_save(step, engine)
+    ckpt.close()
+    return {}
+
+
+def mode_reads(url: str, rank: int) -> dict:
+    """Resume the 2-rank save on this job's ranks; every parameter's fp32 master and optimizer
+    states, gathered back by DeepSpeed's own API, equal the saved ones bit for bit."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    from ucp._deepspeed_snapshot import DeepSpeedSnapshot
+    from ucp.resharder import group_partition
+
+    engine = build_engine(**WIDE)
+    ckpt = ucp.DeepSpeedCheckpointer(url, every=2)
+    assert ckpt.resume(engine) == 2 and engine.global_steps == 2
+    read = ckpt.last_read.bytes
+    opt = engine.optimizer
+    opt._lazy_init_hp_params_optimizer_state()  # links the loaded states as DeepSpeed's step would
+    snap = DeepSpeedSnapshot(url, 2)
+    for name, p in engine.module.named_parameters():
+        assert same_bits(safe_get_full_fp32_param(p), snap.read(name, "fp32")), name
+        for s in ("exp_avg", "exp_avg_sq"):
+            assert same_bits(safe_get_full_optimizer_state(p, s), snap.read(name, s)), (name, s)
+    for k, v in engine.module.state_dict().items():
+        assert same_bits(v, snap.read(k, "param")), k
+    held = sum(v.numel() * v.element_size() for v in engine.module.state_dict().values())
+    dp, me = dist.get_world_size(), dist.get_rank()
+    for g, shapes in enumerate(engine._get_zero_param_shapes()):
+        part = group_partition([s.numel() for s in shapes.values()], dp, me, 2, opt.round_robin_bit16_padding[g])
+        held += sum(hi - lo for _, lo, hi in part.overlaps()) * 4 * 3  # fp32 + two AdamW moments
+    train_step(engine, 3)
+    return {"read": read, "held": held}
+
+
 def main() -> None:
     mode, url = sys.argv[1], sys.argv[2]
     deepspeed.init_distributed(dist_backend="gloo")
     rank = dist.get_rank()
-    result = {"async": mode_async, "crash": mode_crash, "resume": mode_resume}[mode](url, rank)
+    modes = {"async": mode_async, "crash": mode_crash, "resume": mode_resume, "wide_save": mode_wide_save,
+             "reads": mode_reads}
+    result = modes[mode](url, rank)
     dist.barrier()
     sys.stdout.flush()
     os.write(1, f"\nOK {mode} {rank} {json.dumps(result)}\n".encode())  # one write: ranks share stdout

@@ -8,7 +8,9 @@
 - a save due while one is in flight is skipped on every rank (``overlap="skip"``);
 - a rank SIGKILLed in the middle of a save leaves the previous step committed and loadable: a
   new job resumes from it with the engine's state equal to it bit for bit, and saves again over
-  the debris.
+  the debris;
+- a resume on 3 ranks of a 2-rank save loads each rank's partitions straight into the engine,
+  bit for bit, reading at most 1.10x the bytes the ranks hold.
 
 The 2 -> 3 and 2 -> 2 resumes with the loss curve are tests/examples/test_deepspeed_resume.py.
 See tests/examples/_deepspeed_hook_worker.py for what each rank checks.
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from ucp.testing import subprocess_env
+from ucp.testing import scaled_timeout, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("_deepspeed_hook_worker.py")
@@ -41,7 +43,7 @@ def torchrun(nproc: int, *args: str, env: dict[str, str] | None = None) -> subpr
     env.pop("UCP_FAILPOINT", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
            "127.0.0.1", "--master_port", str(port), str(WORKER), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=scaled_timeout(300), env=env)
 
 
 def ok_ranks(proc: subprocess.CompletedProcess, mode: str) -> dict[int, dict]:
@@ -88,3 +90,19 @@ def test_a_rank_killed_mid_save_leaves_the_previous_step_loadable(tmp_path):
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
     assert sorted(ok_ranks(resumed, "resume")) == [0, 1], resumed.stdout[-3000:]
     assert (ckpt / "step-00000004" / "manifest.json").is_file()
+
+
+def test_resume_on_three_ranks_reads_only_each_ranks_partition(tmp_path):
+    """ZeRO-2 saved on 2 ranks, resumed on 3: the partitions are loaded straight into the engine,
+    each rank reading its own share (and the module it holds whole): at most 1.10x the bytes held."""
+    ckpt = tmp_path / "ckpt"
+    saved = torchrun(2, "wide_save", str(ckpt))
+    assert sorted(ok_ranks(saved, "wide_save")) == [0, 1], saved.stdout[-3000:] + saved.stderr[-5000:]
+    resumed = torchrun(3, "reads", str(ckpt))
+    results = ok_ranks(resumed, "reads")
+    assert sorted(results) == [0, 1, 2], resumed.stdout[-3000:] + resumed.stderr[-5000:]
+    read, held = sum(r["read"] for r in results.values()), sum(r["held"] for r in results.values())
+    print(f"DeepSpeed ZeRO-2 dp2->dp3: read {read} held {held} amplification {read / held:.3f}")
+    assert read / held <= 1.10, (read, held, read / held)
+    assert not (ckpt / ".staging").exists()
+

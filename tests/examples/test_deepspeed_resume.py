@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from ucp.testing import subprocess_env
+from ucp.testing import scaled_timeout, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = ROOT / "examples" / "train_deepspeed.py"
@@ -39,7 +39,7 @@ def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
     env = subprocess_env({"PYTHONPATH": str(ROOT / "examples")})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
            "127.0.0.1", "--master_port", str(port), str(TRAIN), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=scaled_timeout(300), env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
 

@@ -7,16 +7,30 @@ import subprocess
 import sys
 from pathlib import Path
 
+from click.testing import CliRunner
+
+import ucp
+from ucp.cli import main
+from ucp.testing import scaled_timeout
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_save_load_example(tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    out = tmp_path / "ckpt"
     proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2",
-                           str(ROOT / "examples" / "save_load.py"), "--out", str(tmp_path), "--steps", "20"],
-                          capture_output=True, text=True, timeout=300, env=env)
+                           str(ROOT / "examples" / "save_load.py"), "--out", str(out), "--steps", "20"],
+                          capture_output=True, text=True, timeout=scaled_timeout(300), env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "every shard equal bit for bit: True" in proc.stdout
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("step-")) == \
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("step-")) == \
         ["step-00000010", "step-00000020"]
+    # the optimizer state is keyed by parameter names: the checkpoint inspects and converts
+    assert CliRunner().invoke(main, ["inspect", str(out)]).exit_code == 0
+    r = CliRunner().invoke(main, ["convert", str(out), str(tmp_path / "universal")])
+    assert r.exit_code == 0, r.output
+    universal = ucp.open(str(tmp_path / "universal"))
+    assert universal.step == 20 and universal.info("up.weight").shape == (1024, 256)
+    assert {"fp32", "exp_avg", "exp_avg_sq"} <= set(universal.info("up.weight").states)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from ucp.testing import scaled_timeout
+
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = ROOT / "examples" / "train.py"
 
@@ -21,7 +23,7 @@ def torchrun(nproc: int, *args: str, check: bool = True) -> subprocess.Completed
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
            "PYTHONPATH": str(ROOT / "examples")}
     proc = subprocess.run([str(torchrun_bin), "--standalone", "--nproc_per_node", str(nproc), str(TRAIN), *args],
-                          capture_output=True, text=True, timeout=600, env=env)
+                          capture_output=True, text=True, timeout=scaled_timeout(600), env=env)
     if check:
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc

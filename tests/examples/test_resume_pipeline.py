@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from ucp.testing import scaled_timeout
+
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = ROOT / "examples" / "train_pipeline.py"
 
@@ -23,7 +25,7 @@ def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
            "PYTHONPATH": str(ROOT / "examples")}
     proc = subprocess.run([str(torchrun_bin), "--standalone", "--nproc_per_node", str(nproc), str(TRAIN), *args],
-                          capture_output=True, text=True, timeout=600, env=env)
+                          capture_output=True, text=True, timeout=scaled_timeout(600), env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
 

@@ -137,3 +137,27 @@ def test_bundled_text_is_loadable_as_a_file(tmp_path):
     path.write_text(bundled_spec_text("llama_megatron"))
     spec = load_spec(path, constants={"kv_heads": 4})
     assert spec.source == str(path) and spec.constants["q_per_group"] == 8
+
+
+def test_load_spec_resolves_a_bundled_name_a_file_or_text(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    by_name = load_spec("llama_megatron", constants={"kv_heads": 4})
+    assert by_name.source == "llama_megatron.ucl"
+    assert by_name.text == bundled_spec_text("llama_megatron")
+    assert by_name.constants["q_per_group"] == 8
+    path = tmp_path / "mine.ucl"
+    path.write_text('param "w" split tp dim 1\n')
+    assert load_spec(str(path)).source == str(path)
+    assert load_spec('param "w" split tp dim 1').source == "<string>"
+    assert load_spec("default").default is not None  # a lone keyword is a whole spec
+    assert load_spec(by_name) is by_name
+
+
+@pytest.mark.parametrize("word", ["gtp2", "llama", "specs/mine.ucl", "Llama_Megatron"])
+def test_a_word_that_is_neither_a_bundled_name_nor_a_file_lists_the_bundled_specs(
+        word, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UcpSpecError) as e:
+        load_spec(word)
+    assert e.value.message == (f"no bundled spec or file named {word!r}; bundled: gpt2, "
+                               "llama_megatron, mixtral_moe")

@@ -68,11 +68,22 @@ def test_syntax_error_shows_line_column_and_caret(tmp_path):
     path = tmp_path / "bad.ucl"
     path.write_text('param "x"\n  split tp dim 0 parts [1, 2,, 3]\n')
     code, out, err = run("spec", "check", str(path))
-    assert code == 1
-    lines = out.splitlines()
-    assert lines[0] == f"{path}:2:30: error: unexpected ','; expected '(', '+', '-', ']', a name, an integer"
-    assert lines[1] == "  split tp dim 0 parts [1, 2,, 3]" and lines[2] == " " * 29 + "^"
-    assert err.startswith("Error: ") and len(err.strip().splitlines()) == 1
+    assert code == 1 and out == ""  # the error is printed once, on stderr
+    lines = err.splitlines()
+    assert lines[0] == (f"Error: {path}:2:30: unexpected ','; expected '(', '+', '-', ']', a name, "
+                        "an integer")
+    assert lines[1:] == ["  split tp dim 0 parts [1, 2,, 3]", " " * 29 + "^"]
+    assert sum(line.startswith("Error:") for line in lines) == 1
+
+
+def test_a_misspelled_bundled_name_lists_the_bundled_specs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run("spec", "check", "gtp2")
+    assert (code, out) == (1, "")
+    assert err == ("Error: gtp2: no bundled spec or file named 'gtp2'; bundled: gpt2, "
+                   "llama_megatron, mixtral_moe\n")
+    code, out, _ = run("spec", "check", "gtp2", "--json")
+    assert code == 1 and json.loads(out)["error"]["message"].startswith("no bundled spec or file")
 
 
 def test_against_json_that_fits(spec_file, tmp_path):

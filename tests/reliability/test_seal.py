@@ -23,13 +23,14 @@ def _flip_text(path, old: str, new: str) -> None:
 
 def test_flipped_spec_in_a_manifest_is_detected(tmp_path):
     spec = 'param "w" split tp dim 0'
-    ucp.save({"w": torch.ones(4, 2)}, str(tmp_path), step=1, spec=spec).wait()
-    manifest = tmp_path / "step-00000001" / "manifest.json"
+    root = tmp_path / "ckpt"
+    ucp.save({"w": torch.ones(4, 2)}, str(root), step=1, spec=spec).wait()
+    manifest = root / "step-00000001" / "manifest.json"
     _flip_text(manifest, "dim 0", "dim 1")  # '0' ^ 0x01 == '1': one flipped bit
     with pytest.raises(ucp.ChecksumError, match=r"step-00000001/manifest.json: content does not match"):
-        ucp.load(str(tmp_path))
+        ucp.load(str(root))
     with pytest.raises(ucp.UcpError, match="manifest.json"):
-        ucp.convert(str(tmp_path), str(tmp_path / "u"), progress=False)
+        ucp.convert(str(root), str(tmp_path / "u"), progress=False)
 
 
 def test_flipped_hyper_parameter_in_universal_metadata_is_detected(tmp_path):

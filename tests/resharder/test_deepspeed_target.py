@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ucp.testing import scaled_timeout
+
 HERE = Path(__file__).resolve().parent
 TRAIN = HERE.parent / "engines" / "_ds_train.py"
 
@@ -123,7 +125,7 @@ def _launch(ranks: int, *args: str) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr",
            "127.0.0.1", "--master_port", str(port), __file__, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=scaled_timeout(300), env=env)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
 
 

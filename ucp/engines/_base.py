@@ -14,7 +14,10 @@ import torch
 
 from ucp._topology import Topology
 
-__all__ = ["ParamInfo", "SourceCheckpoint", "Engine"]
+__all__ = ["ParamInfo", "SourceCheckpoint", "Engine", "Region", "cut"]
+
+#: A box of a global tensor: ``(start, stop)`` per dimension.
+Region = tuple[tuple[int, int], ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +40,11 @@ class ParamInfo:
     group: int | None = None
 
 
+def cut(t: torch.Tensor, region: Region | None) -> torch.Tensor:
+    """``region`` of a whole tensor (how readers that read whole tensors answer region reads)."""
+    return t if region is None else t[tuple(slice(a, b) for a, b in region)]
+
+
 @runtime_checkable
 class SourceCheckpoint(Protocol):
     """A distributed checkpoint opened for conversion; every read returns a global tensor."""
@@ -49,7 +57,9 @@ class SourceCheckpoint(Protocol):
 
     def info(self, name: str) -> ParamInfo: ...
 
-    def read(self, name: str, state: str = "fp32") -> torch.Tensor: ...
+    def read(self, name: str, state: str = "fp32", region: Region | None = None) -> torch.Tensor:
+        """State ``state`` of parameter ``name``: the global tensor, or only ``region`` of it
+        (a reader that can should then read only the bytes that hold the region)."""
 
     def buffers(self) -> dict[str, torch.Tensor]: ...
 

@@ -32,7 +32,7 @@ from ucp.storage import Storage
 
 from .._errors import CheckpointNotFoundError, ConvertError, CorruptCheckpointError
 from .._topology import Topology
-from ._base import ParamInfo
+from ._base import ParamInfo, Region, cut
 from ._dcp_blobs import Blob, BlobReader
 from ._dcp_layout import Layout, plan_layout
 from ._dcp_meta import DcpMetadata, ObjectEntry, TensorEntry, merge_metadata, parse_metadata
@@ -134,8 +134,9 @@ class DcpCheckpoint:
             hint = " (it is a buffer: see buffers())" if name in self._buffers else ""
             raise KeyError(f"{self.url}: no parameter {name!r} in this DCP checkpoint{hint}") from None
 
-    def read(self, name: str, state: str = "fp32") -> torch.Tensor:
-        """The global tensor of one state of one parameter, assembled from its chunks.
+    def read(self, name: str, state: str = "fp32", region: Region | None = None) -> torch.Tensor:
+        """The global tensor of one state of one parameter (or ``region`` of it), assembled
+        from its chunks.
 
         Raises:
             KeyError: no such parameter. ConvertError: the parameter has no such state.
@@ -147,10 +148,10 @@ class DcpCheckpoint:
                                f"{', '.join(info.states)}" + (" (no fp32 copy: the model is "
                                                               f"{info.dtype})" if state == "fp32" else ""))
         if state in ("param", "fp32"):
-            return self._assemble(self.layout.model[name])
+            return cut(self._assemble(self.layout.model[name]), region)
         entry = self.layout.states[name][state]
         assert isinstance(entry, TensorEntry)
-        return self._assemble(entry)
+        return cut(self._assemble(entry), region)
 
     def buffers(self) -> dict[str, torch.Tensor]:
         """Model tensors that are not parameters (see the class docstring), read whole."""

@@ -15,7 +15,7 @@ import torch
 from ucp._errors import ConvertError
 from ucp._topology import Topology
 
-from ._base import ParamInfo
+from ._base import ParamInfo, Region, cut
 from ._deepspeed_reader import DeepSpeedCheckpoint
 
 __all__ = ["ENGINE", "DeepSpeedEngine", "DeepSpeedSource"]
@@ -99,13 +99,13 @@ class DeepSpeedSource:
         return ParamInfo(shape=tuple(shape), dtype=i.dtype, states=tuple(i.states), frozen=i.frozen,
                          group=i.group)
 
-    def read(self, name: str, state: str = "fp32") -> torch.Tensor:
+    def read(self, name: str, state: str = "fp32", region: Region | None = None) -> torch.Tensor:
         held = self._held(name)
         if self._mp.world_size == 1:
-            return self.ckpt.read(held[0], state, mp_rank=0)
+            return cut(self.ckpt.read(held[0], state, mp_rank=0), region)
         layout = self.spec.layout(name, self.info(name).shape, self._mp)
         pieces = {r: self.ckpt.read(held[r], state, mp_rank=r) for r in layout.needed()}
-        return self.spec.consolidate(name, pieces, self._mp, global_shape=layout.global_shape)
+        return cut(self.spec.consolidate(name, pieces, self._mp, global_shape=layout.global_shape), region)
 
     def buffers(self) -> dict[str, torch.Tensor]:
         return self.ckpt.buffers(mp_rank=0)

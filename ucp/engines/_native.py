@@ -14,9 +14,11 @@ says how it is cut.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import math
+import threading
 from typing import Any, Iterator, Mapping
 
 import torch
@@ -24,15 +26,19 @@ import torch
 from ucp._errors import CheckpointNotFoundError, ChecksumError, ConvertError, CorruptCheckpointError, UcpSpecError
 from ucp._layout import MANIFEST, newest_step, read_manifest
 from ucp._load import read_rank_index
-from ucp._meta import Manifest, RankIndex, TensorFragment, parse_step_dir, rank_stem, step_dir
+from ucp._meta import BLOCK_BYTES, Manifest, RankIndex, TensorFragment, parse_step_dir, rank_stem, step_dir
 from ucp._stfile import dtype_from_name, dtype_name, from_bytes, header_length, parse_header
 from ucp._topology import Topology
 from ucp.storage import Storage, checksum
 
-from ._base import ParamInfo
+from ._base import ParamInfo, Region
 
 __all__ = ["ENGINE", "NativeEngine", "NativeCheckpoint"]
 
+#: Blocks of recently read fragments kept by a reader (``BLOCK_BYTES`` each).
+CACHE_BLOCKS = 16
+#: The most one partial read fetches: bounds the memory of a region read, whatever the model.
+PIECE_BYTES = 16 << 20
 _MODEL_KEYS = ("model",)
 _OPTIM_KEYS = ("optim", "optimizer")
 
@@ -113,6 +119,7 @@ class NativeCheckpoint:
     """One committed native step, read parameter by parameter (satisfies ``SourceCheckpoint``)."""
 
     engine = "ucp"
+    partial_reads = True  # a region read fetches only the fragments (and blocks) that hold it
 
     def __init__(self, storage: Storage, manifest: Manifest, *, spec: Any = None) -> None:
         self.storage, self.manifest, self.spec = storage, manifest, spec
@@ -124,6 +131,8 @@ class NativeCheckpoint:
         self._params: dict[str, dict[str, list[_Frag]]] = {}
         self._groups: list[dict[str, Any]] = []
         self._group_of: dict[str, int] = {}
+        self._cache: collections.OrderedDict[tuple[int, str, int], bytes] = collections.OrderedDict()
+        self._cache_lock = threading.Lock()
         self._scan()
 
     def _check_files(self) -> None:
@@ -145,8 +154,9 @@ class NativeCheckpoint:
 
     # -- building the table --------------------------------------------------------------------
     def _scan(self) -> None:
+        self._by_key = [{f.key: f for f in index.fragments} for index in self._indexes]
         for index in self._indexes:
-            by_key = {f.key: f for f in index.fragments}
+            by_key = self._by_key[index.rank]
             tree = index.tree if isinstance(index.tree, dict) else {}
             model_key = next((k for k in _MODEL_KEYS if k in tree), None)
             optim_key = next((k for k in _OPTIM_KEYS if k in tree), None)
@@ -214,14 +224,67 @@ class NativeCheckpoint:
                          frozen=bool(self._groups) and name not in self._group_of,
                          group=self._group_of.get(name))
 
-    def read(self, name: str, state: str = "fp32") -> torch.Tensor:
+    def read(self, name: str, state: str = "fp32", region: Region | None = None) -> torch.Tensor:
+        """State ``state`` of ``name``; with ``region``, only that box, reading only the
+        fragments, and the blocks of them, that overlap it."""
+        stored, frags = self._frags(name, state)
+        if region is None:
+            t = self._assemble(name, stored, frags)
+        else:
+            t = torch.empty([hi - lo for lo, hi in region], dtype=dtype_from_name(frags[0].frag.dtype))
+            for sub, piece in self.iter_region(name, state, region):
+                t[tuple(slice(a - r0, b - r0) for (a, b), (r0, _) in zip(sub, region))] = piece
+        return t.float() if stored != state else t
+
+    def iter_region(self, name: str, state: str, region: Region) -> Iterator[tuple[Region, torch.Tensor]]:
+        """``region`` of a state in pieces ``(global sub-box, values)`` that tile it, each read
+        from one fragment, at most ``PIECE_BYTES`` at a time. Pieces are in the stored dtype and
+        may view a buffer that the next one reuses: copy each out before asking for the next."""
+        stored, frags = self._frags(name, state)
+        first = frags[0].frag
+        if first.placements is None and self.spec is not None and first.shape != ():
+            whole = self._assemble(name, stored, frags)  # spec-cut plain tensors: consolidated first
+            yield region, whole[tuple(slice(a, b) for a, b in region)]
+            return
+        covered = 0
+        for f in self._owners(name, stored, frags):
+            inter = tuple((max(lo, o), min(hi, o + n)) for (lo, hi), o, n in
+                          zip(region, f.frag.offsets, f.frag.shape))
+            if any(a >= b for a, b in inter):
+                continue
+            covered += math.prod(b - a for a, b in inter)
+            for box in _pieces(inter, dtype_from_name(f.frag.dtype).itemsize):
+                local = tuple((a - o, b - o) for (a, b), o in zip(box, f.frag.offsets))
+                yield box, self._read_part(f, local)
+        if covered < math.prod(b - a for a, b in region):
+            raise ConvertError(f"{self.storage.url}: the fragments of {name} ({stored}) do not cover "
+                               f"{[list(r) for r in region]}; a rank's file is missing")
+
+    def _frags(self, name: str, state: str) -> tuple[str, list[_Frag]]:
+        """The stored state that holds ``state`` (an fp32 model's ``fp32`` is its ``param``),
+        and its fragments."""
         states = self._states(name)
         if state == "fp32" and "fp32" not in states:
-            return self._assemble(name, "param", states["param"]).float()
+            state = "param"
         if state not in states:
             raise KeyError(f"parameter {name!r} has no state {state!r} in {self.storage.url}; "
                            f"it has {sorted(states)}")
-        return self._assemble(name, state, states[state])
+        return state, states[state]
+
+    def _owners(self, name: str, state: str, frags: list[_Frag]) -> list[_Frag]:
+        """One fragment per distinct region (replicas are read once: the lowest rank's)."""
+        first = frags[0].frag
+        if first.placements is None:
+            self._check_replicas(name, state, frags)
+            return [frags[0]]
+        if any(p.startswith("P(") for p in first.placements):
+            raise ConvertError(f"{name} ({state}) is a Partial DTensor (pending reduction); reduce "
+                               "it (e.g. .redistribute to Replicate) before saving")
+        self._check_regions(name, state, frags)
+        seen: dict[tuple[Any, ...], _Frag] = {}
+        for f in frags:
+            seen.setdefault((f.frag.offsets, f.frag.shape), f)
+        return list(seen.values())
 
     def buffers(self) -> dict[str, torch.Tensor]:
         """Always empty: a state dict does not tell buffers from frozen parameters, so every
@@ -230,6 +293,26 @@ class NativeCheckpoint:
 
     def param_groups(self) -> list[dict[str, Any]]:
         return [dict(g) for g in self._groups]
+
+    def tree(self, rank: int) -> Any:
+        """The structure ``rank`` saved (JSON; each tensor is ``{"@t": key}``); reads no data."""
+        return self._indexes[rank].tree
+
+    def fragment(self, rank: int, key: str) -> TensorFragment:
+        """The record of tensor ``key`` of ``rank`` (dtype, shape, checksums)."""
+        try:
+            return self._by_key[rank][key]
+        except KeyError:
+            raise CorruptCheckpointError(f"{self.storage.url}: rank {rank} saved no tensor {key!r}; "
+                                         "the step is inconsistent") from None
+
+    def read_saved(self, rank: int, key: str, region: Region | None = None) -> torch.Tensor:
+        """Tensor ``key`` as ``rank`` saved it (``region``: only that box of it, reading only the
+        blocks that hold it), verified against its checksums."""
+        f = _Frag(rank, self.fragment(rank, key))
+        if region is None:
+            return self._read_fragment(f)
+        return self._read_part(f, region)
 
     def read_subtree(self, rank: int, key: str) -> Any:
         """``state[key]`` as ``rank`` saved it (reading only its tensors), or None if absent."""
@@ -342,6 +425,58 @@ class NativeCheckpoint:
                 "of a job still saving into this root?); read a step the job keeps, or copy the "
                 "step elsewhere first") from e
 
+    def _read_part(self, f: _Frag, box: Region) -> torch.Tensor:
+        """``box`` (fragment-local) of a fragment: the blocks that hold it, each verified against
+        its CRC32C (the whole fragment when it has no block checksums: small, or saved by an
+        older ucp). A fresh tensor or a view into a fresh buffer."""
+        rel, base, dtype, shape, start, stop = self._entry(f)
+        blocks = f.frag.block_crc32c
+        if blocks is None or all(a == 0 and b == n for (a, b), n in zip(box, shape)):
+            return self._read_fragment(f)[tuple(slice(a, b) for a, b in box)]
+        nbytes, item = stop - start, dtype.itemsize
+        if len(blocks) != -(-nbytes // BLOCK_BYTES):
+            raise CorruptCheckpointError(f"{self.storage.url}/{rel}: tensor {f.frag.key!r} has "
+                                         f"{len(blocks)} block checksums for {nbytes} bytes; the "
+                                         "step is inconsistent")
+        strides = [math.prod(shape[i + 1:]) for i in range(len(shape))]
+        first = sum(a * s for (a, _), s in zip(box, strides))
+        last = sum((b - 1) * s for (_, b), s in zip(box, strides)) + 1
+        b0, b1 = first * item // BLOCK_BYTES, -(-last * item // BLOCK_BYTES)
+        buf = self._blocks(f, rel, base + start, nbytes, b0, b1)
+        flat = from_bytes(buf, dtype, (len(buf) // item,))
+        return flat.as_strided([b - a for a, b in box], strides, first - b0 * BLOCK_BYTES // item)
+
+    def _blocks(self, f: _Frag, rel: str, origin: int, nbytes: int, b0: int, b1: int) -> bytearray:
+        """Blocks ``[b0, b1)`` of a fragment (which starts at byte ``origin`` of ``rel``), each
+        checked against its CRC32C. Recently read blocks are kept (a few MiB), so neighbouring
+        reads, such as consecutive parameters of one flat ZeRO partition, fetch each block once."""
+        out = bytearray(min(b1 * BLOCK_BYTES, nbytes) - b0 * BLOCK_BYTES)
+        missing = []
+        for i in range(b0, b1):
+            with self._cache_lock:
+                hit = self._cache.get((f.rank, f.frag.key, i))
+                if hit is not None:
+                    self._cache.move_to_end((f.rank, f.frag.key, i))
+            if hit is None:
+                missing.append(i)
+            else:
+                out[(i - b0) * BLOCK_BYTES:(i - b0) * BLOCK_BYTES + len(hit)] = hit
+        for lo, hi in _runs(missing):
+            data = self._read_range(rel, origin + lo * BLOCK_BYTES, origin + min(hi * BLOCK_BYTES, nbytes))
+            view = memoryview(data)
+            for i in range(lo, hi):
+                block = view[(i - lo) * BLOCK_BYTES:(i - lo + 1) * BLOCK_BYTES]
+                want = min(BLOCK_BYTES, nbytes - i * BLOCK_BYTES)
+                if len(block) != want or checksum([block])[0] != f.frag.block_crc32c[i]:
+                    raise ChecksumError(f"{self.storage.url}/{rel}: tensor {f.frag.key!r} fails the "
+                                        f"CRC32C of its block {i} (the file is corrupt)")
+                out[(i - b0) * BLOCK_BYTES:(i - b0) * BLOCK_BYTES + want] = block
+                with self._cache_lock:
+                    self._cache[(f.rank, f.frag.key, i)] = bytes(block)
+                    if len(self._cache) > CACHE_BLOCKS:
+                        self._cache.popitem(last=False)
+        return out
+
     def _read_fragment(self, f: _Frag) -> torch.Tensor:
         rel, base, dtype, shape, start, stop = self._entry(f)
         buf = bytearray(self._read_range(rel, base + start, base + stop))
@@ -358,6 +493,29 @@ class NativeCheckpoint:
         n = header_length(self._read_range(rel, 0, 8), where=where, size=size)
         raw = self._read_range(rel, 8, 8 + n)
         return 8 + n, parse_header(raw, where=where, data_size=size - 8 - n)
+
+
+def _runs(values: list[int]) -> list[tuple[int, int]]:
+    """Sorted integers as ``[start, stop)`` runs of consecutive values."""
+    out: list[tuple[int, int]] = []
+    for v in values:
+        if out and out[-1][1] == v:
+            out[-1] = (out[-1][0], v + 1)
+        else:
+            out.append((v, v + 1))
+    return out
+
+
+def _pieces(box: Region, itemsize: int) -> Iterator[Region]:
+    """``box`` cut along dim 0 into boxes of at most ``PIECE_BYTES`` (one row at least)."""
+    if not box:
+        yield box
+        return
+    row = math.prod(b - a for a, b in box[1:]) * itemsize
+    step = max(1, PIECE_BYTES // max(row, 1))
+    (lo, hi), rest = box[0], box[1:]
+    for a in range(lo, hi, step):
+        yield ((a, min(hi, a + step)),) + rest
 
 
 def _tensor_leaves(tree: Any, path: tuple[Any, ...]) -> Iterator[tuple[tuple[Any, ...], str]]:
