@@ -12,6 +12,7 @@ import datetime
 import importlib.util
 import multiprocessing as mp
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -215,13 +216,18 @@ def run_command(cmd: Sequence[str], *, what: str, timeout: float,
         AssertionError: it timed out or failed; the message holds the ends of its stdout and
             stderr (a hang's cause is usually on stderr).
     """
-    try:
-        proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout,
-                              env=subprocess_env(env))
-    except subprocess.TimeoutExpired as e:
-        raise AssertionError(f"{what} timed out after {timeout:.0f}s: {' '.join(cmd)}\n"
-                             f"--- stdout ---\n{_text(e.stdout)[-3000:]}\n"
-                             f"--- stderr ---\n{_text(e.stderr)[-4000:]}") from None
+    # its own process group: on a timeout the whole tree goes (torchrun's ranks would outlive it)
+    with subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=subprocess_env(env), start_new_session=True) as p:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            out, err = p.communicate()
+            raise AssertionError(f"{what} timed out after {timeout:.0f}s: {' '.join(cmd)}\n"
+                                 f"--- stdout ---\n{_text(out)[-3000:]}\n"
+                                 f"--- stderr ---\n{_text(err)[-4000:]}") from None
+    proc = subprocess.CompletedProcess(list(cmd), p.returncode, out, err)
     if proc.returncode != 0:
         raise AssertionError(f"{what} failed (exit {proc.returncode}): {' '.join(cmd)}\n"
                              f"--- stdout ---\n{proc.stdout[-2000:]}\n--- stderr ---\n{proc.stderr[-4000:]}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import pytest
 
@@ -20,11 +21,27 @@ def test_torch_extensions_dir_defaults_to_the_virtual_environment(monkeypatch):
     assert subprocess_env()["TORCH_EXTENSIONS_DIR"] == "/elsewhere"
 
 
-def test_a_timeout_reports_stderr_as_text():
-    code = ("import sys, time; print('some output', flush=True); "
+def test_a_timeout_reports_stderr_as_text_and_ends_the_whole_tree(tmp_path):
+    # a child that starts a grandchild (as torchrun starts ranks), then hangs
+    pidfile = tmp_path / "grandchild"
+    code = ("import subprocess, sys, time; "
+            "g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+            f"open({str(pidfile)!r}, 'w').write(str(g.pid)); print('some output', flush=True); "
             "sys.stderr.write('waiting for the build lock\\n'); sys.stderr.flush(); time.sleep(60)")
+    start = time.monotonic()
     with pytest.raises(AssertionError) as err:
         run_command([sys.executable, "-c", code], what="a DeepSpeed run", timeout=5)
+    assert time.monotonic() - start < 60  # not held until the grandchild ends by itself
     msg = str(err.value)
     assert "a DeepSpeed run timed out after 5s" in msg and "waiting for the build lock" in msg
     assert "some output" in msg and "b'" not in msg
+    time.sleep(0.5)
+    assert not _alive(int(pidfile.read_text())), "the grandchild outlived the timeout"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
