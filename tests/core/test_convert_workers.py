@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import ucp
+from ucp.testing import pid_alive
 
 
 def _children(pid: int) -> set[int]:
@@ -21,13 +22,6 @@ def _children(pid: int) -> set[int]:
             kids |= {int(k) for k in f.read().split()}
     return kids
 
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 @pytest.mark.slow
@@ -47,9 +41,9 @@ def test_workers_exit_when_the_parent_is_killed(tmp_path):
         parent.send_signal(signal.SIGKILL)
         parent.wait()
     deadline = time.monotonic() + 60
-    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+    while any(pid_alive(w) for w in workers) and time.monotonic() < deadline:
         time.sleep(0.2)
-    left = [w for w in workers if _alive(w)]
+    left = [w for w in workers if pid_alive(w)]
     for w in left:  # do not leave them behind when the test fails
         os.kill(w, signal.SIGKILL)
     assert not left, f"worker processes {left} outlived their killed parent"

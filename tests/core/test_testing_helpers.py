@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from ucp.testing import run_command, subprocess_env
+from ucp.testing import pid_alive, run_command, subprocess_env
 
 
 def test_torch_extensions_dir_defaults_to_the_virtual_environment(monkeypatch):
@@ -36,12 +36,5 @@ def test_a_timeout_reports_stderr_as_text_and_ends_the_whole_tree(tmp_path):
     assert "a DeepSpeed run timed out after 5s" in msg and "waiting for the build lock" in msg
     assert "some output" in msg and "b'" not in msg
     time.sleep(0.5)
-    assert not _alive(int(pidfile.read_text())), "the grandchild outlived the timeout"
+    assert not pid_alive(int(pidfile.read_text())), "the grandchild outlived the timeout"
 
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
