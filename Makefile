@@ -6,6 +6,9 @@ STAMP := $(VENV)/.installed-stamp
 # torch is pinned and installed first so that nothing resolves a newer (CUDA) build; DeepSpeed
 # (for the real-checkpoint tests) installs without prebuilt ops (DS_BUILD_OPS=0).
 TORCH_PIN := torch==2.13.0
+# DeepSpeed JIT-builds its CPU op under a lock: the project's runs keep theirs in .venv, so a run
+# killed mid-build never blocks DeepSpeed processes elsewhere (nor theirs this project's).
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
 .PHONY: venv demo test test-fast clean
 

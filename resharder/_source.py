@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ucp._errors import CorruptCheckpointError, UcpError
+from ucp._meta import MAX_JSON_BYTES
 from ucp._shard import ChunkReader, Layout, layout_of
 from ucp._stfile import dtype_from_name
 from ucp._universal import (GROUP_META, UniversalCheckpoint, _meta_crc, from_numpy, open_universal,
@@ -322,7 +323,7 @@ def is_universal(url: str, storage_options: Mapping[str, Any] | None = None) -> 
     if not storage.exists(GROUP_META):
         return False
     try:
-        doc = json.loads(storage.read(GROUP_META))
+        doc = json.loads(storage.read(GROUP_META, max_bytes=MAX_JSON_BYTES))
         return doc["attributes"]["ucp"]["kind"] == "ucp-universal"
     except (ValueError, KeyError, TypeError):
         return False

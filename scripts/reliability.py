@@ -199,7 +199,31 @@ def fault_rows(args: argparse.Namespace) -> list[FaultRow]:
             args.tmpfs, _trials.real_enospc_trial))
     else:
         _progress("disk full (real tmpfs): skipped, unshare/tmpfs not available")
-    return rows
+    return rows + job_rows(args)
+
+
+def job_rows(args: argparse.Namespace) -> list[FaultRow]:
+    import _trials_jobs
+
+    _progress("two jobs on one root")
+    writers = run_trials(FaultRow(
+        "Two jobs saving into one root",
+        "two jobs (separate processes, as a restarted job beside the old one, or two launches with one "
+        "URL) save steps 1-6 (keep=2) into one root at the same moment, with random 0-0.2 s pauses",
+        "each step is committed by one job; the other's save fails naming that job (its live claim on the "
+        "step, or its commit); every committed step loads bit for bit as its job saved it, no step a job "
+        "acknowledged and retention keeps is lost or holds the other job's data; a later save works"),
+        args.writers, _trials_jobs.two_writers_trial)
+    _progress("hard-linked snapshots")
+    snapshots = run_trials(FaultRow(
+        "Hard-linked snapshots (cp -al) of an overwritten root",
+        "a native root and a universal checkpoint are snapshotted with `cp -al` (as rsync --link-dest and "
+        "backup tools do); then a step is saved again with overwrite=True, a new step's retention (keep=1) "
+        "deletes the old ones, and `ucp convert --overwrite` rewrites the universal checkpoint",
+        "no file of a snapshot changes (ucp writes new files and renames, never into an existing one); the "
+        "snapshots load and verify; the new data reads back"),
+        args.snapshots, _trials_jobs.snapshot_trial)
+    return [writers, snapshots]
 
 
 DAMAGE_ORDER = ["shard", "rank index", "manifest", "latest", "universal metadata", "array metadata",
@@ -261,6 +285,24 @@ def hostile_rows(args: argparse.Namespace) -> list[HostileRow]:
                    "hypothesis: random text and grammar-shaped specs through the parser and the layout engine",
                    [f"{G}test_ucl_parse.py::test_fuzz_parser_raises_only_spec_errors",
                     f"{G}test_ucl_parse.py::test_fuzz_semantics_raise_only_spec_errors"]),
+        HostileRow("Special files where a checkpoint has regular ones",
+                   "a FIFO or a link to /dev/zero as a manifest, rank index or shard (a FIFO blocks every "
+                   "reader; /dev/zero says 0 bytes and never ends); a FIFO as `latest`; 16 GiB (sparse) HF "
+                   "index, universal zarr.json, rank index and `latest` through inspect, verify and ls",
+                   [f"{R}test_special_files.py", f"{R}test_oversized.py::test_oversized_metadata_named_by_every_reader"]),
+        HostileRow("Case folding",
+                   "parameters `Wq.weight` and `wq.weight` (one directory on macOS, Windows, SMB shares) "
+                   "converted, and a universal table whose paths differ only in case",
+                   ["tests/core/test_case_folding.py"]),
+        HostileRow("Hostile name patterns",
+                   "a spec with `{a:**}{b:**}...x` (exponential for a backtracking matcher) against a "
+                   "3000-character name; hypothesis: random patterns and names, captures compared with "
+                   "Python's regex",
+                   [f"{G}test_pattern_linear.py"]),
+        HostileRow("Links and copied manifests in a root",
+                   "a step directory that is a link to another root's step (retention must not delete "
+                   "through it); a step's manifest copied into another step's directory",
+                   ["tests/core/test_hostile_root.py"]),
         HostileRow("Object-store credentials",
                    "a secret as s3fs storage options and as `-o secret=` of the CLI, in URLs (user:password@, "
                    "token@, X-Amz-Signature=, sig=); save/load/convert/open/inspect/ls/verify succeeding and "
@@ -300,6 +342,17 @@ FIXES = [
     ("e92ba7b", "4 of 2105 bit flips in an array's `zarr.json` (a digit of its chunk shape) were reported "
                 "as a damaged chunk, not as damaged metadata: the table now records each array "
                 "metadata file's CRC32C"),
+    ("4e835be", "two jobs saving into one root (a restarted job beside the old one) could both commit one "
+                "step (unloadable), and one's retention or cleanup deleted the other's step in progress: "
+                "steps are claimed before they are written and committed create-if-absent"),
+    ("79ca6dd", "`ucp convert --overwrite` rewrote universal files in place, changing hard-linked snapshots "
+                "(`cp -al`, rsync --link-dest), and destroyed the old output before the new one fitted"),
+    ("d5551a4", "`Wq.weight` and `wq.weight` read the same directory on case-insensitive filesystems"),
+    ("97ca097", "a spec pattern `{a:**}{b:**}...x` made the name matcher backtrack for days"),
+    ("745e36c", "a FIFO in a checkpoint hung every reader; a link to /dev/zero defeated every size bound; "
+                "`latest`, the HF index and zarr.json were read whole"),
+    ("ae8d918", "a multi-shard export cut short read as a model with part of its tensors"),
+    ("6d57284", "retention deleted another root's manifest through a step directory that is a link"),
 ]
 
 
@@ -404,6 +457,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--bound", type=int, default=10, help="past-the-bound trials (two ranks)")
     p.add_argument("--enospc", type=int, default=50, help="injected disk-full trials")
     p.add_argument("--tmpfs", type=int, default=10, help="real tmpfs disk-full trials")
+    p.add_argument("--writers", type=int, default=10, help="two-jobs-on-one-root trials")
+    p.add_argument("--snapshots", type=int, default=10, help="hard-linked snapshot trials")
     p.add_argument("--flips", type=int, default=400, help="bit flips per file")
     p.add_argument("--truncations", type=int, default=20, help="truncations per file")
     p.add_argument("--fuzz-examples", type=int, default=1000, help="hypothesis examples per fuzz test")
@@ -413,7 +468,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.quick:
-        for name in ("kill", "outage", "transient", "bound", "enospc", "tmpfs"):
+        for name in ("kill", "outage", "transient", "bound", "enospc", "tmpfs", "writers", "snapshots"):
             setattr(args, name, min(getattr(args, name), 2))
         args.flips, args.truncations, args.fuzz_examples = 8, 2, 20
     return args

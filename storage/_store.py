@@ -11,19 +11,22 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 import posixpath
+import shutil
+import stat
 import uuid
-from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
+from typing import Any, BinaryIO, Callable, Iterable, Mapping, Sequence, TypeVar
 
 import crc32c as _crc32c
 import fsspec
 
-from ucp._errors import ChecksumError, CorruptCheckpointError, StorageError, UnsafeInputError, UnsupportedProtocolError
+from ucp._errors import CheckpointExistsError, ChecksumError, CorruptCheckpointError, StorageError, \
+    UnsafeInputError, UnsupportedProtocolError
 from ucp._meta import FileRecord
 
 from ._retry import RetryPolicy, retry_call
 from ._stats import count_read
 
-__all__ = ["Storage", "checksum", "verify", "PACKAGE_FOR_PROTOCOL"]
+__all__ = ["Storage", "checksum", "verify", "open_regular", "PACKAGE_FOR_PROTOCOL"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -130,32 +133,48 @@ class Storage:
 
     # -- writes --------------------------------------------------------------------------------
     def write(self, rel: str, data: Buffer | Sequence[Buffer], *, fsync: bool = True,
-              atomic: bool = True, crc: bool = True) -> FileRecord:
+              atomic: bool = True, crc: bool = True, exclusive: bool = False) -> FileRecord:
         """Writes ``data`` (bytes, or a sequence of buffers written in order) atomically.
 
         Readers see either the previous object or the complete new one, never a prefix. With
-        ``atomic=False`` a local file is written in place (no temporary and rename): for pieces
-        of a larger whole whose commit record is written last anyway.
+        ``atomic=False`` a local file is written without a temporary and rename: for pieces of a
+        larger whole whose commit record is written last anyway. Either way an existing file is
+        replaced by a new one, never rewritten in place, so a hard-linked snapshot of the root
+        (``cp -al``, ``rsync --link-dest``) keeps its bytes.
+
+        With ``exclusive=True`` the write succeeds only if nothing exists at ``rel`` yet
+        (create-if-absent: a hard link on local disk, a conditional put on S3; other object
+        stores check first, which is not atomic: callers hold a lease there).
 
         Returns:
             The file's size and CRC32C (0 with ``crc=False``: for data that carries its own).
+
+        Raises:
+            CheckpointExistsError: ``exclusive`` and ``rel`` already exists.
         """
         chunks = _as_chunks(data)
         target = self.path(rel)
         if self.is_local:
-            fn = lambda: self._write_local(target, chunks, fsync=fsync, atomic=atomic, crc=crc)  # noqa: E731
+            fn = lambda: self._write_local(target, chunks, fsync=fsync, atomic=atomic or exclusive,  # noqa: E731
+                                           crc=crc, exclusive=exclusive)
         else:
-            fn = lambda: self._write_remote(target, chunks, crc=crc)  # noqa: E731
-        return retry_call(fn, policy=self.retry, what=f"writing {self.url}/{rel}")
+            fn = lambda: self._write_remote(target, chunks, crc=crc, exclusive=exclusive)  # noqa: E731
+        try:
+            return retry_call(fn, policy=self.retry, what=f"writing {self.url}/{rel}")
+        except CheckpointExistsError as e:
+            raise CheckpointExistsError(f"{self.url}/{rel} already exists (another writer "
+                                        "created it first)") from e.__cause__
 
     def _write_local(self, target: str, chunks: Sequence[Buffer], *, fsync: bool, atomic: bool,
-                     crc: bool = True) -> FileRecord:
+                     crc: bool = True, exclusive: bool = False) -> FileRecord:
         directory = os.path.dirname(target)
         os.makedirs(directory, exist_ok=True)
         tmp = f"{target}{_PARTIAL}{uuid.uuid4().hex[:12]}" if atomic else target
+        if not atomic:  # a new inode: never rewrite the bytes a hard link elsewhere shares
+            _remove_quietly(target)
         value, size = 0, 0
         try:
-            with open(tmp, "wb", buffering=0) as f:
+            with open(tmp, "xb", buffering=0) as f:
                 for chunk in chunks:
                     view = memoryview(chunk).cast("B")
                     if crc:
@@ -166,7 +185,9 @@ class Storage:
                         size += n
                 if fsync:
                     os.fsync(f.fileno())
-            if atomic:
+            if exclusive:
+                _link_exclusive(tmp, target)
+            elif atomic:
                 os.replace(tmp, target)
         except BaseException:
             _remove_quietly(tmp)
@@ -175,9 +196,13 @@ class Storage:
             _fsync_dir(directory)
         return FileRecord(size=size, crc32c=value)
 
-    def _write_remote(self, target: str, chunks: Sequence[Buffer], *, crc: bool = True) -> FileRecord:
+    def _write_remote(self, target: str, chunks: Sequence[Buffer], *, crc: bool = True,
+                      exclusive: bool = False) -> FileRecord:
         payload = bytes(chunks[0]) if len(chunks) == 1 else b"".join(bytes(c) for c in chunks)
-        self.fs.pipe_file(target, payload)
+        try:  # mode="create": s3fs sends If-None-Match: * (atomic); fsspec's default checks first
+            self.fs.pipe_file(target, payload, **({"mode": "create"} if exclusive else {}))
+        except FileExistsError as e:
+            raise CheckpointExistsError(target) from e
         return FileRecord(size=len(payload), crc32c=checksum([payload])[0] if crc else 0)
 
     # -- reads ---------------------------------------------------------------------------------
@@ -197,11 +222,13 @@ class Storage:
         target, where = self.path(rel), f"{self.url}/{rel}"
         if self.is_local:
             def fn() -> bytes | bytearray:
-                with open(target, "rb") as f:
+                with open_regular(target, where=where) as f:
                     size = os.fstat(f.fileno()).st_size
                     _check_size(size, record=record, max_bytes=max_bytes, where=where)
                     if not mutable:
-                        return f.read()
+                        data = _read_bounded(f, size, max_bytes)
+                        _check_size(len(data), record=None, max_bytes=max_bytes, where=where)
+                        return data
                     buf = bytearray(size)
                     n = f.readinto(buf)
                     return buf if n == len(buf) else buf[:n]
@@ -224,7 +251,7 @@ class Storage:
         target = self.path(rel)
         if self.is_local:
             def fn() -> bytes:
-                with open(target, "rb") as f:
+                with open_regular(target, where=f"{self.url}/{rel}") as f:
                     f.seek(start)
                     return f.read(end - start)
         else:
@@ -264,6 +291,10 @@ class Storage:
             return os.path.exists(target)
         return retry_call(lambda: self.fs.exists(target), policy=self.retry,
                           what=f"checking {self.url}/{rel}")
+
+    def is_link(self, rel: str) -> bool:
+        """Whether ``rel`` is a symbolic link (local disk; object stores have none)."""
+        return self.is_local and os.path.islink(self.path(rel))
 
     def size(self, rel: str) -> int:
         target = self.path(rel)
@@ -337,6 +368,49 @@ def verify(data: Buffer, record: FileRecord, *, where: str) -> None:
                             f"{record.crc32c:#010x} (the file is corrupt); restore it or use another step")
 
 
+def open_regular(path: str, *, where: str | None = None, buffering: int = -1) -> BinaryIO:
+    """Opens a local file for reading if it is a regular file (after links).
+
+    A FIFO would block every reader (even the open), and a device such as ``/dev/zero`` says size
+    0 and never ends, defeating every size bound: checkpoints hold only regular files. The open
+    does not block (``O_NONBLOCK``, cleared once the file is known to be regular).
+
+    Raises:
+        FileNotFoundError: no such file.
+        UnsafeInputError: not a regular file (names it and what it is).
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
+                    "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket or other special file")
+            raise UnsafeInputError(f"{where or path}: is {kind}, not a regular file; a checkpoint holds "
+                                   "only regular files (replace it with the real file)")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb", buffering=buffering)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _read_bounded(f: BinaryIO, size: int, max_bytes: int | None) -> bytes:
+    """The file's bytes, but at most ``max_bytes + 1`` whatever ``size`` (its stat) said: a
+    file that grows while read cannot make the reader allocate more. Reads ``size + 1`` first
+    (never a buffer of the bound itself, which may be far larger than the file)."""
+    limit = None if max_bytes is None else max_bytes + 1
+    chunks, got = [], 0
+    want = size + 1 if limit is None else min(size + 1, limit)
+    while want > 0:
+        chunk = f.read(want)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+        want = 1 << 20 if limit is None else min(1 << 20, limit - got)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
 def _check_size(size: int, *, record: FileRecord | None, max_bytes: int | None, where: str) -> None:
     if record is not None and size != record.size:
         raise ChecksumError(f"{where}: size {size} differs from the recorded {record.size} bytes "
@@ -349,6 +423,25 @@ def _check_size(size: int, *, record: FileRecord | None, max_bytes: int | None, 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
     p = fs.protocol
     return (p,) if isinstance(p, str) else tuple(p)
+
+
+def _link_exclusive(tmp: str, target: str) -> None:
+    """Publishes the complete file ``tmp`` as ``target`` only if ``target`` does not exist
+    (``link`` fails with EEXIST, where ``rename`` would replace), then drops ``tmp``."""
+    try:
+        os.link(tmp, target)
+    except FileExistsError as e:
+        raise CheckpointExistsError(target) from e
+    except OSError:  # a filesystem without hard links: O_EXCL create, then the bytes
+        try:
+            dst_f = open(target, "xb")
+        except FileExistsError as e:
+            raise CheckpointExistsError(target) from e
+        with open(tmp, "rb") as src, dst_f as dst:
+            shutil.copyfileobj(src, dst)
+            dst.flush()
+            os.fsync(dst.fileno())
+    _remove_quietly(tmp)
 
 
 def _remove_quietly(path: str) -> None:

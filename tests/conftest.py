@@ -8,6 +8,12 @@ import uuid
 
 import pytest
 
+from ucp.testing import subprocess_env
+
+# Every process of the suite (ranks, torchrun, DeepSpeed tools) builds DeepSpeed's ops inside the
+# virtual environment, never under the user's shared ~/.cache/torch_extensions (see subprocess_env).
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", subprocess_env()["TORCH_EXTENSIONS_DIR"])
+
 
 def _free_port() -> int:
     with socket.socket() as s:

@@ -12,13 +12,16 @@ import concurrent.futures as cf
 import json
 import logging
 import multiprocessing as mp
+import os
 import queue
 import sys
 import threading
+import time
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
+from ._beside import Beside
 from ._coord import get_coordinator
 from ._dest import check_destination
 from ._errors import CheckpointNotFoundError, ConvertError, VerificationError
@@ -110,44 +113,76 @@ def convert(src: str, dst: str, *, engine: str = "auto", spec: Any = None, worke
     names = source.names()
     _check_names(names)
     coord = get_coordinator(600.0)
-    writer = UniversalWriter(dst, storage_options=dst_storage_options)
-    if coord.rank == 0:
-        writer.begin(overwrite=overwrite)
-    coord.all_gather_json(None, what="starting conversion")
-    share = names[coord.rank::coord.world_size]
-    job = dict(engine=source.engine, src=src, spec=spec, tag=tag, storage_options=storage_options,
-               dst=dst, dst_storage_options=dst_storage_options, verify=verify)
-    entries = _convert_params(job, source, share, workers=workers,
-                              progress=sys.stderr.isatty() if progress is None else progress)
-    gathered = coord.all_gather_json(entries, what="gathering converted parameters")
-    if coord.rank == 0:
-        table = {k: v for part in gathered for k, v in part.items()}
-        buffers = {n: {"path": f"buffers/{escape_name(n)}",
-                       **_write_checked(writer, f"buffers/{escape_name(n)}", t, n, None, verify)}
-                   for n, t in source.buffers().items()}
-        writer.commit({
-            "step": source.step,
-            "source": {"engine": source.engine, "url": src,
-                       "topology": None if source.topology is None else str(source.topology)},
-            "spec": None if spec is None else spec.text,
-            "spec_constants": None if spec is None else dict(spec.overrides),
-            "param_groups": _jsonable(source.param_groups()),
-            "params": {n: table[n] for n in names},
-            "buffers": buffers,
-            "aliases": dict(getattr(source, "aliases", dict)()),
-            **({"fingerprint_algorithm": ALGORITHM} if verify else {}),
-        })
+    beside = _prepare(dst, overwrite=overwrite, storage_options=dst_storage_options) \
+        if coord.rank == 0 else None
+    build = coord.broadcast_json(beside and beside.url, what="starting conversion")
+    try:
+        _build(source, names, build, coord=coord, src=src, spec=spec, tag=tag,
+               storage_options=storage_options, dst_storage_options=dst_storage_options,
+               workers=workers, verify=verify,
+               progress=sys.stderr.isatty() if progress is None else progress)
+        if beside is not None:
+            beside.publish()
+    except BaseException:
+        if beside is not None:
+            beside.abandon()
+        raise
     coord.all_gather_json(None, what="committing the universal checkpoint")
     return open_universal(dst, storage_options=dst_storage_options)
 
 
+def _prepare(dst: str, *, overwrite: bool, storage_options: Mapping[str, Any] | None) -> Beside:
+    """Coordinator only: checks ``dst`` may be replaced and starts the output beside it."""
+    UniversalWriter(dst, storage_options=storage_options).check_destination(overwrite=overwrite)
+    beside = Beside(dst, storage_options=storage_options)
+    UniversalWriter(beside.url, storage_options=storage_options).begin(overwrite=True)
+    return beside
+
+
+def _build(source: SourceCheckpoint, names: list[str], build: str, *, coord: Any, src: str,
+           spec: Any, tag: str | None, storage_options: Mapping[str, Any] | None,
+           dst_storage_options: Mapping[str, Any] | None, workers: int, verify: bool,
+           progress: bool) -> None:
+    """Every rank converts its share of ``names`` into ``build``; rank 0 commits the table."""
+    writer = UniversalWriter(build, storage_options=dst_storage_options)
+    share = names[coord.rank::coord.world_size]
+    job = dict(engine=source.engine, src=src, spec=spec, tag=tag, storage_options=storage_options,
+               dst=build, dst_storage_options=dst_storage_options, verify=verify)
+    entries = _convert_params(job, source, share, workers=workers, progress=progress)
+    gathered = coord.all_gather_json(entries, what="gathering converted parameters")
+    if coord.rank != 0:
+        return
+    table = {k: v for part in gathered for k, v in part.items()}
+    buffers = {n: {"path": f"buffers/{escape_name(n)}",
+                   **_write_checked(writer, f"buffers/{escape_name(n)}", t, n, None, verify)}
+               for n, t in source.buffers().items()}
+    writer.commit({
+        "step": source.step,
+        "source": {"engine": source.engine, "url": src,
+                   "topology": None if source.topology is None else str(source.topology)},
+        "spec": None if spec is None else spec.text,
+        "spec_constants": None if spec is None else dict(spec.overrides),
+        "param_groups": _jsonable(source.param_groups()),
+        "params": {n: table[n] for n in names},
+        "buffers": buffers,
+        "aliases": dict(getattr(source, "aliases", dict)()),
+        **({"fingerprint_algorithm": ALGORITHM} if verify else {}),
+    })
+
+
 def _check_names(names: Iterable[str]) -> None:
+    """Refuses two parameters whose stored names are equal, or equal but for case: on a
+    case-insensitive filesystem (macOS, Windows, SMB shares) they would share one directory."""
     seen: dict[str, str] = {}
     for n in names:
         e = escape_name(n)
-        if e in seen:
-            raise ConvertError(f"parameters {seen[e]!r} and {n!r} map to the same stored name {e!r}")
-        seen[e] = n
+        other = seen.get(e.lower())
+        if other is not None:
+            how = "the same stored name" if escape_name(other) == e else \
+                "stored names that differ only in case (one directory on case-insensitive filesystems)"
+            raise ConvertError(f"parameters {other!r} and {n!r} map to {how} {e!r}; rename one of "
+                               "them in the model before saving")
+        seen[e.lower()] = n
 
 
 def convert_one(source: SourceCheckpoint, writer: UniversalWriter, name: str, *,
@@ -261,7 +296,7 @@ def _convert_params(job: dict[str, Any], source: SourceCheckpoint, names: list[s
             return out
         ctx = mp.get_context("spawn")
         with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
-                                    initargs=(dict(job),)) as pool:
+                                    initargs=(dict(job), os.getpid())) as pool:
             futures = {pool.submit(_worker_convert, n): n for n in names}
             for fut in cf.as_completed(futures):
                 out[futures[fut]] = fut.result()
@@ -274,13 +309,24 @@ def _convert_params(job: dict[str, Any], source: SourceCheckpoint, names: list[s
 _W: dict[str, Any] = {}
 
 
-def _worker_init(job: dict[str, Any]) -> None:
+def _worker_init(job: dict[str, Any], parent: int) -> None:
+    _exit_with_parent(parent)
     torch.set_num_threads(1)
     source, _ = open_source(job["src"], engine=job["engine"], spec=job["spec"], tag=job["tag"],
                             storage_options=job["storage_options"])
     _W["source"] = source
     _W["writer"] = UniversalWriter(job["dst"], storage_options=job["dst_storage_options"])
     _W["verify"] = job["verify"]
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Ends this worker process when ``parent`` is gone (killed, say): an orphaned worker
+    would wait for work forever, holding the parent's stdout and its memory."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+    threading.Thread(target=watch, name="ucp-parent-watch", daemon=True).start()
 
 
 def _worker_convert(name: str) -> dict[str, Any]:

@@ -8,9 +8,11 @@ Output, as ``transformers``' ``save_pretrained`` lays it out::
 
 Shards are planned from the metadata before anything is read (so the file names know their
 count); each shard's header is written first and then each tensor's bytes, one tensor in memory
-at a time. Every file is written atomically (temporary name, then rename); the index comes last,
-and stale ``model*.safetensors`` files of an earlier export are removed before anything is
-written, so a reader never mixes two exports.
+at a time. Every shard is written under a temporary name first; only when all are written is
+an earlier export replaced (its index removed, the new shards renamed into place, its other
+shards removed), and the index comes last. So a reader never mixes two exports, an export that
+fails (a full disk) leaves the earlier one whole, and readers refuse an incomplete set of
+``model-XXXXX-of-NNNNN`` shards.
 
 Names go through the spec's renames: a parameter stored under an engine name (a rule's
 ``engine "..."`` pattern or a stage alias) is exported under the rule's canonical name, laid out
@@ -35,7 +37,7 @@ import torch
 from ucp.storage import Storage
 
 from ._dest import check_destination
-from ._errors import CheckpointExistsError, ConvertError, UcpSpecError, VerificationError
+from ._errors import CheckpointExistsError, ConvertError, StorageError, UcpSpecError, VerificationError
 from ._fingerprint import fingerprint, to_hex
 from ._inspect import INDEX, Opened, display_url, open_checkpoint, parse_size
 from ._stfile import _ST_DTYPES, tensor_bytes
@@ -128,18 +130,24 @@ def export_hf(src: str, dst: str, *, dtype: str | torch.dtype | None = None,
     items = _plan(opened, target)
     shards = _shard(items, limit)
     out = Storage(dst, storage_options=dst_storage_options)
-    _clear(out, overwrite=overwrite, url=dst)
+    old = _earlier_export(out, overwrite=overwrite, url=dst)
     names = ([SINGLE] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     from tqdm import tqdm
 
     bar = tqdm(total=sum(i.nbytes for i in items), unit="B", unit_scale=True, desc="export",
                file=sys.stderr, disable=not (sys.stderr.isatty() if progress is None else progress))
+    staged: dict[str, str] = {}
     try:
         for name, shard in zip(names, shards):
-            _write_shard(out, name, shard, opened, bar, verify=verify)
+            staged[name] = _write_shard(out, name, shard, opened, bar, url=dst, verify=verify)
+    except BaseException:
+        for tmp in staged.values():  # the earlier export stays as it was
+            _remove(out, tmp)
+        raise
     finally:
         bar.close()
+    _publish(out, staged, old=old)
     if config is not None:
         with open(config, "rb") as f:
             out.write("config.json", f.read())
@@ -220,17 +228,35 @@ def _shard(items: list[_Item], limit: int) -> list[list[_Item]]:
 
 # -- writing --------------------------------------------------------------------------------------
 
-def _clear(out: Storage, *, overwrite: bool, url: str) -> None:
-    """Refuses to mix with an earlier export, or (``overwrite``) removes it, index first."""
+def _earlier_export(out: Storage, *, overwrite: bool, url: str) -> list[str]:
+    """The files of an earlier export in ``out`` (replaced only with ``overwrite``)."""
     old = [n for n in out.list("") if n == INDEX or (n.startswith("model") and
                                                      n.endswith(".safetensors"))]
-    if not old:
-        return
-    if not overwrite:
+    if old and not overwrite:
         raise CheckpointExistsError(f"{display_url(url)} already holds an export ({old[0]}, ...); "
                                     "pass --overwrite to replace it, or choose another directory")
-    for name in sorted(old, key=lambda n: n != INDEX):
-        out.delete(name)
+    return old
+
+
+def _publish(out: Storage, staged: Mapping[str, str], *, old: list[str]) -> None:
+    """Swaps the finished shards in for an earlier export: its index first (it must never name
+    the new shards), then each shard by rename, then its shards the new export does not reuse.
+    Only now is the earlier export gone: a new one that did not fit left it whole."""
+    if INDEX in old:
+        out.delete(INDEX)
+    for name, tmp in staged.items():
+        if out.is_local:
+            os.replace(tmp, out.path(name))
+        else:
+            out.fs.mv(tmp, out.path(name))
+    for name in old:
+        if name != INDEX and name not in staged:
+            out.delete(name)
+
+
+def _remove(out: Storage, path: str) -> None:
+    with contextlib.suppress(OSError, FileNotFoundError):
+        out.fs.rm(path)
 
 
 def _state(opened: Opened, item: _Item) -> str | None:
@@ -271,17 +297,29 @@ def _header(shard: list[_Item]) -> tuple[bytes, list[_Item]]:
 
 
 def _write_shard(out: Storage, name: str, shard: list[_Item], opened: Opened, bar: Any, *,
-                 verify: bool) -> None:
+                 url: str, verify: bool) -> str:
+    """Writes one shard under a temporary name beside ``name``; returns that name.
+
+    Raises:
+        StorageError: the write failed (a full disk...), naming the file.
+        VerificationError: (``verify``) a tensor differs from its source's fingerprint.
+    """
     head, order = _header(shard)
-    with _atomic(out, name) as f:
-        f.write(head)
-        for item in order:
-            t = _read(opened, item)
-            if verify:  # ``t`` is what is written: tensor_bytes is a view of its memory
-                _check(opened, item, t, f"{display_url(out.url)}/{name}")
-            f.write(tensor_bytes(t) if t.numel() else b"")
-            bar.update(item.nbytes)
-            del t
+    tmp = f"{out.path(name)}.partial-{uuid.uuid4().hex[:12]}"
+    try:
+        with _new_file(out, tmp) as f:
+            f.write(head)
+            for item in order:
+                t = _read(opened, item)
+                if verify:  # ``t`` is what is written: tensor_bytes is a view of its memory
+                    _check(opened, item, t, f"{display_url(out.url)}/{name}")
+                f.write(tensor_bytes(t) if t.numel() else b"")
+                bar.update(item.nbytes)
+                del t
+    except OSError as e:
+        raise StorageError(f"writing {display_url(url)}/{name} failed: {e}; free space (the shard "
+                           f"needs {sum(i.nbytes for i in shard)} bytes) or export elsewhere") from e
+    return tmp
 
 
 def _check(opened: Opened, item: _Item, t: torch.Tensor, where: str) -> None:
@@ -307,24 +345,18 @@ def _check(opened: Opened, item: _Item, t: torch.Tensor, where: str) -> None:
 
 
 @contextlib.contextmanager
-def _atomic(out: Storage, name: str) -> Iterator[BinaryIO]:
-    """A file that appears under ``name`` only once completely written (rename on local disk;
-    on an object store, a server-side move of a finished upload)."""
-    target = out.path(name)
-    tmp = f"{target}.partial-{uuid.uuid4().hex[:12]}"
+def _new_file(out: Storage, tmp: str) -> Iterator[BinaryIO]:
+    """A new file at ``tmp``, durable when the block ends; removed if the block fails."""
     try:
         if out.is_local:
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            with open(tmp, "wb") as f:
+            os.makedirs(os.path.dirname(tmp), exist_ok=True)
+            with open(tmp, "xb") as f:
                 yield f
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, target)
         else:
             with out.fs.open(tmp, "wb") as f:
                 yield f
-            out.fs.mv(tmp, target)
     except BaseException:
-        with contextlib.suppress(OSError, FileNotFoundError):
-            out.fs.rm(tmp)
+        _remove(out, tmp)
         raise

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import time
 from typing import Any, Mapping
 
@@ -25,7 +26,7 @@ from ucp.storage import Storage
 
 from ._errors import CheckpointNotFoundError, ConvertError, CorruptCheckpointError, UcpError
 from ._layout import MANIFEST, committed_steps, read_manifest
-from ._meta import parse_step_dir, step_dir
+from ._meta import MAX_JSON_BYTES, parse_step_dir
 from ._steps import SCHEMA_VERSION, StepRow, display_url, human_bytes, list_steps, parse_size
 from ._stfile import dtype_name, header_length, parse_header, from_bytes
 from ._topology import Topology
@@ -112,6 +113,31 @@ class Opened:
         return self._buffers
 
 
+_SHARD_NAME = re.compile(r"(.+)-(\d{5})-of-(\d{5})\.safetensors")
+
+
+def _check_shard_set(files: list[str], *, where: str) -> None:
+    """Refuses an incomplete set of ``NAME-XXXXX-of-NNNNN.safetensors`` shards (an export or a
+    download cut short), which would otherwise read as a model with part of its tensors.
+
+    Raises:
+        CorruptCheckpointError: naming the missing shards.
+    """
+    sets: dict[tuple[str, int], set[int]] = {}
+    for f in files:
+        m = _SHARD_NAME.fullmatch(f)
+        if m:
+            sets.setdefault((m.group(1), int(m.group(3))), set()).add(int(m.group(2)))
+    for (stem, total), have in sorted(sets.items()):
+        missing = [f"{stem}-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1) if i not in have]
+        if missing or len({n for s, n in sets if s == stem}) > 1:
+            what = (f"{len(missing)} of its {total} shards are missing ({', '.join(missing[:3])}"
+                    f"{', ...' if len(missing) > 3 else ''})" if missing else
+                    f"it mixes shard sets of different sizes ({stem}-*-of-*)")
+            raise CorruptCheckpointError(f"{where}: {what}: an interrupted export or copy; export or "
+                                         "copy it again")
+
+
 class SafetensorsFiles:
     """Plain safetensors: one file, or a directory of them (a Hugging Face checkpoint).
 
@@ -137,6 +163,7 @@ class SafetensorsFiles:
             files = sorted(set(self.index["weight_map"].values())) if self.index else listed
             if not files:
                 raise CheckpointNotFoundError(f"{display_url(url)}: no *.safetensors file here")
+            _check_shard_set(files, where=display_url(url))
         self.files = files
         self.sizes: dict[str, int] = {}
         self.entries: dict[str, tuple[str, torch.dtype, list[int], int, int]] = {}
@@ -152,8 +179,9 @@ class SafetensorsFiles:
         if not self.storage.exists(INDEX):
             return None
         where = f"{display_url(self.url)}/{INDEX}"
+        raw = self.storage.read(INDEX, max_bytes=MAX_JSON_BYTES)  # its own error names the bound
         try:
-            index = json.loads(self.storage.read(INDEX))
+            index = json.loads(raw)
             assert isinstance(index, dict) and isinstance(index.get("weight_map"), dict)
             assert all(isinstance(v, str) for v in index["weight_map"].values())
         except (ValueError, AssertionError) as e:
@@ -395,8 +423,9 @@ def inspect_checkpoint(url: str, *, engine: str = "auto", spec: Any = None, tag:
 def _inspect_universal(url: str, found: str, spec: Any,
                        storage_options: Mapping[str, Any] | None) -> Report:
     storage = Storage(url, storage_options=storage_options)
+    raw = storage.read("zarr.json", max_bytes=MAX_JSON_BYTES)  # its own error names the bound
     try:
-        attrs = json.loads(storage.read("zarr.json"))["attributes"]["ucp"]
+        attrs = json.loads(raw)["attributes"]["ucp"]
         complete = attrs.get("complete") is True
     except (ValueError, KeyError, TypeError) as e:
         raise CorruptCheckpointError(f"{display_url(url)}/zarr.json: not the group metadata of a "

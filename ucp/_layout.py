@@ -10,7 +10,7 @@ import logging
 
 from ucp.storage import Storage
 
-from ._errors import CheckpointNotFoundError
+from ._errors import CheckpointNotFoundError, CorruptCheckpointError, UcpError
 from ._meta import MAX_JSON_BYTES, Manifest, dumps, loads, parse_step_dir, step_dir
 
 __all__ = ["MANIFEST", "LATEST", "committed_steps", "newest_step", "read_manifest",
@@ -62,7 +62,27 @@ def read_manifest(storage: Storage, step: int) -> Manifest:
         steps = committed_steps(storage)
         raise CheckpointNotFoundError(f"step {step} is not committed under {storage.url} "
                                       f"(committed steps: {steps[-10:] or 'none'})") from e
-    return Manifest.from_dict(loads(raw, what=f"{storage.url}/{rel}"), what=f"{storage.url}/{rel}")
+    manifest = Manifest.from_dict(loads(raw, what=f"{storage.url}/{rel}"), what=f"{storage.url}/{rel}")
+    if manifest.step != step:  # copied or linked in from another step: its records are not this step's
+        raise CorruptCheckpointError(f"{storage.url}/{rel}: the manifest is of step {manifest.step}, "
+                                     f"not of step {step} (copied or linked from another directory); "
+                                     "restore the step's own manifest or use another step")
+    return manifest
+
+
+def _own_step(storage: Storage, step: int) -> bool:
+    """Whether retention may delete ``step``: a real directory of this root holding its own
+    manifest (logged when not)."""
+    sd = step_dir(step)
+    if storage.is_link(sd) or storage.is_link(f"{sd}/{MANIFEST}"):
+        log.warning("ucp: retention leaves %s/%s alone: it is a symbolic link", storage.url, sd)
+        return False
+    try:
+        read_manifest(storage, step)
+    except UcpError as e:
+        log.warning("ucp: retention leaves %s/%s alone: %s", storage.url, sd, e)
+        return False
+    return True
 
 
 def write_latest(storage: Storage, step: int) -> None:
@@ -70,15 +90,18 @@ def write_latest(storage: Storage, step: int) -> None:
 
 
 def apply_retention(storage: Storage, *, keep: int, newest: int) -> list[int]:
-    """Deletes committed steps older than the ``keep`` newest, and abandoned partial steps.
+    """Deletes committed steps older than the ``keep`` newest.
 
-    Called by the coordinator only, after ``newest`` is committed. A step's manifest is deleted
-    first, so a half-deleted step never looks committed. Returns the deleted steps.
+    Called by the coordinator only, after ``newest`` is committed. Steps without a manifest are
+    left alone: another job sharing the root may be writing one. A step directory that is a
+    link, or whose manifest is not its own, is never deleted (the link may lead out of the
+    root). A step's manifest is deleted first, so a half-deleted step never looks committed.
+    Returns the deleted steps.
     """
     committed = committed_steps(storage)
-    doomed = [s for s in committed[:-keep] if s < newest] if keep < len(committed) else []
-    doomed += [s for s in all_step_dirs(storage) if s < newest and s not in committed]
-    for s in sorted(doomed):
+    candidates = [s for s in committed[:-keep] if s < newest] if keep < len(committed) else []
+    doomed = [s for s in candidates if _own_step(storage, s)]
+    for s in doomed:
         storage.delete(f"{step_dir(s)}/{MANIFEST}")
         storage.delete(step_dir(s), recursive=True)
     if doomed:

@@ -120,6 +120,15 @@ def _ints(values: Any, what: str, *, minimum: int = 0) -> tuple[int, ...]:
     return tuple(values)
 
 
+def _job(d: Mapping[str, Any], what: str) -> str | None:
+    """The optional ``job`` field: the id of the job that wrote the document (absent in
+    documents written before ucp recorded it)."""
+    job = d.get("job")
+    if job is not None and not isinstance(job, str):
+        raise CorruptCheckpointError(f"{what}: field 'job' has type {type(job).__name__}")
+    return job
+
+
 @dataclasses.dataclass(frozen=True)
 class FileRecord:
     """A written file: its size in bytes and CRC32C checksum."""
@@ -250,13 +259,15 @@ class RankIndex:
     fragments: tuple[TensorFragment, ...]
     data: FileRecord
     meshes: tuple[MeshInfo, ...] = ()
+    job: str | None = None
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format_version": self.format_version, "kind": "ucp-rank-index", "rank": self.rank,
-                "world_size": self.world_size, "step": self.step, "tree": self.tree,
-                "fragments": [f.to_dict() for f in self.fragments], "data": self.data.to_dict(),
-                "meshes": [m.to_dict() for m in self.meshes]}
+        d = {"format_version": self.format_version, "kind": "ucp-rank-index", "rank": self.rank,
+             "world_size": self.world_size, "step": self.step, "tree": self.tree,
+             "fragments": [f.to_dict() for f in self.fragments], "data": self.data.to_dict(),
+             "meshes": [m.to_dict() for m in self.meshes]}
+        return d if self.job is None else {**d, "job": self.job}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], what: str = "rank index") -> RankIndex:
@@ -270,7 +281,8 @@ class RankIndex:
                                              f"but only {len(meshes)} meshes are recorded")
         return cls(rank=_field(d, "rank", int, what), world_size=_field(d, "world_size", int, what),
                    step=_field(d, "step", int, what), tree=d.get("tree"), fragments=fragments,
-                   data=FileRecord.from_dict(_field(d, "data", dict, what), what), meshes=meshes)
+                   data=FileRecord.from_dict(_field(d, "data", dict, what), what), meshes=meshes,
+                   job=_job(d, what))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,14 +300,16 @@ class Manifest:
     engine: str = "ucp"
     spec: str | None = None
     meshes: tuple[MeshInfo, ...] = ()
+    job: str | None = None
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format_version": self.format_version, "kind": "ucp-manifest", "step": self.step,
-                "world_size": self.world_size, "engine": self.engine, "created": self.created,
-                "topology": None if self.topology is None else self.topology.to_dict(),
-                "files": {k: v.to_dict() for k, v in sorted(self.files.items())},
-                "spec": self.spec, "meshes": [m.to_dict() for m in self.meshes]}
+        d = {"format_version": self.format_version, "kind": "ucp-manifest", "step": self.step,
+             "world_size": self.world_size, "engine": self.engine, "created": self.created,
+             "topology": None if self.topology is None else self.topology.to_dict(),
+             "files": {k: v.to_dict() for k, v in sorted(self.files.items())},
+             "spec": self.spec, "meshes": [m.to_dict() for m in self.meshes]}
+        return d if self.job is None else {**d, "job": self.job}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], what: str = "manifest") -> Manifest:
@@ -319,4 +333,5 @@ class Manifest:
         return cls(step=step, world_size=world_size, topology=topology, created=float(created),
                    files={str(k): FileRecord.from_dict(v, f"{what} file {k!r}") for k, v in files.items()},
                    engine=_field(d, "engine", str, what), spec=spec,
-                   meshes=tuple(MeshInfo.from_dict(m, f"{what} mesh") for m in meshes))
+                   meshes=tuple(MeshInfo.from_dict(m, f"{what} mesh") for m in meshes),
+                   job=_job(d, what))

@@ -22,12 +22,13 @@ import torch
 from ucp.storage import Storage, checksum
 
 from . import _dtensor, _stfile
+from ._claim import claim_step, holds_claim, job_id, lease, release_claim
 from ._coord import Coordinator, dist_rank_and_world, get_coordinator
-from ._errors import CheckpointExistsError, SaveError, StateError
+from ._errors import CheckpointExistsError, SaveError, StateError, UcpError
 from ._faults import failpoint
 from ._layout import MANIFEST, apply_retention, write_latest
-from ._meta import (FileRecord, Manifest, MeshInfo, RankIndex, TensorFragment, block_checksums, dumps,
-                    rank_stem, step_dir)
+from ._meta import (MAX_JSON_BYTES, FileRecord, Manifest, MeshInfo, RankIndex, TensorFragment, block_checksums,
+                    dumps, loads, rank_stem, step_dir)
 from ._topology import Topology
 from ._tree import flatten
 
@@ -86,6 +87,7 @@ class _Job:
     spec: str | None
     keep: int | None
     overwrite: bool
+    job: str | None = None  # rank 0's job id, learnt when the step is claimed
     future: cf.Future[None] = dataclasses.field(default_factory=cf.Future)
 
 
@@ -109,7 +111,9 @@ def save(state: Mapping[str, Any], url: str, *, step: int, keep: int | None = No
         timeout: seconds any rank may wait for the others while committing.
 
     Returns:
-        A :class:`SaveHandle`; ``wait()`` it before relying on the checkpoint.
+        A :class:`SaveHandle`; ``wait()`` it before relying on the checkpoint. Its ``wait()``
+        raises :class:`~ucp.SaveError` when any rank failed, or when another job sharing the
+        root is writing or has committed the step (the message names that job).
 
     Raises:
         StateError: a value cannot be saved (names its key path); raised before any I/O.
@@ -131,7 +135,9 @@ def save(state: Mapping[str, Any], url: str, *, step: int, keep: int | None = No
     coord = get_coordinator(timeout)
     storage = Storage(url, storage_options=storage_options)
     if not overwrite and storage.exists(f"{step_dir(step)}/{MANIFEST}"):
-        raise CheckpointExistsError(f"step {step} is already committed under {url}; pass "
+        other = _manifest_job(storage, f"{step_dir(step)}/{MANIFEST}")
+        by = f" by job {other}" if other and other != job_id() else ""
+        raise CheckpointExistsError(f"step {step} is already committed under {url}{by}; pass "
                                     "overwrite=True to replace it, or save another step")
     failpoint("save.staging", rank=rank)
     staged, fragments, meshes = _stage(tensors)
@@ -187,6 +193,10 @@ def _stage(tensors: Mapping[str, tuple[tuple[Any, ...], torch.Tensor]]
         else:
             local, gshape, offsets = t, tuple(t.shape), (0,) * t.dim()
         local = local.detach()
+        if local.is_meta:
+            raise StateError(f"{where} is a tensor on the meta device (it has a shape but no data); "
+                             "materialize it (e.g. module.to_empty(device=...) and initialise it) "
+                             "before saving")
         dtype = _stfile.dtype_name(local.dtype)
         buf = torch.empty(local.shape, dtype=local.dtype, pin_memory=pin and local.is_cuda)
         buf.copy_(local, non_blocking=local.is_cuda)
@@ -262,9 +272,10 @@ def _drain_at_exit() -> None:
 
 def write_rank_files(storage: Storage, *, step: int, rank: int, world_size: int, tree: Any,
                      staged: dict[str, torch.Tensor], fragments: Sequence[TensorFragment],
-                     meshes: Sequence[MeshInfo] = ()) -> dict[str, dict[str, int]]:
+                     meshes: Sequence[MeshInfo] = (), job: str | None = None) -> dict[str, dict[str, int]]:
     """Writes ``rank-RRRRR.safetensors`` and ``rank-RRRRR.json`` of ``step``; returns their
     file records (as dicts), for the manifest. Empties ``staged`` once its bytes are written.
+    ``job`` (the writing job's id) is recorded in the rank index.
 
     Called by each rank's save worker, or by one process writing many ranks (``ucp.reshard``).
     """
@@ -274,7 +285,7 @@ def write_rank_files(storage: Storage, *, step: int, rank: int, world_size: int,
                          _stfile.encode(staged, {"format": "pt", "ucp.step": str(step)}))
     staged.clear()
     index = RankIndex(rank=rank, world_size=world_size, step=step, tree=tree,
-                      fragments=fragments, data=data, meshes=tuple(meshes))
+                      fragments=fragments, data=data, meshes=tuple(meshes), job=job)
     failpoint("save.index", rank=rank)
     return {f"{stem}.safetensors": data.to_dict(),
             f"{stem}.json": storage.write(f"{sd}/{stem}.json", dumps(index)).to_dict()}
@@ -287,27 +298,69 @@ def _checksummed(frag: TensorFragment, data: memoryview) -> TensorFragment:
 
 def write_manifest(storage: Storage, *, step: int, world_size: int, topology: Topology | None,
                    spec: str | None, files: Mapping[str, FileRecord],
-                   meshes: Sequence[MeshInfo] = ()) -> None:
-    """Commits ``step``: writes its manifest, then ``latest``. Called by one process, after
-    every rank's files are written."""
+                   meshes: Sequence[MeshInfo] = (), job: str | None = None) -> None:
+    """Commits ``step``: writes its manifest (create-if-absent: of two writers, one commits),
+    then ``latest``. Called by one process, after every rank's files are written.
+
+    Raises:
+        SaveError: the step was committed meanwhile by another writer (names its job).
+    """
     manifest = Manifest(step=step, world_size=world_size, topology=topology, files=dict(files),
-                        created=time.time(), spec=spec, meshes=tuple(meshes))
-    storage.write(f"{step_dir(step)}/{MANIFEST}", dumps(manifest))
+                        created=time.time(), spec=spec, meshes=tuple(meshes), job=job)
+    rel = f"{step_dir(step)}/{MANIFEST}"
+    try:
+        storage.write(rel, dumps(manifest), exclusive=True)
+    except CheckpointExistsError as e:
+        other = _manifest_job(storage, rel)
+        if job is None or other != job:  # not a retried put of our own manifest
+            raise SaveError(f"step {step} under {storage.url} was committed meanwhile by another "
+                            f"writer (job {other or 'unknown'}); two jobs are saving to one root: "
+                            "give each job its own URL") from e
     try:
         write_latest(storage, step)
     except Exception as e:  # noqa: BLE001 - the step is committed: readers trust manifests, not `latest`
         log.warning("ucp: step %d is committed, but updating %s/latest failed: %s", step, storage.url, e)
 
 
+def _manifest_job(storage: Storage, rel: str) -> str | None:
+    try:
+        return loads(storage.read(rel, max_bytes=MAX_JSON_BYTES), what=rel).get("job")
+    except Exception:  # noqa: BLE001 - only used to name the other writer
+        return None
+
+
 def _run(job: _Job) -> None:
-    if job.overwrite:
-        _uncommit(job)
+    began = _begin(job) if job.rank == 0 else None
+    began = job.coord.broadcast_json(began, what=f"claiming step {job.step} (by rank 0)")
+    if began["error"]:
+        raise SaveError(f"step {job.step} was not saved to {job.storage.url}: {began['error']}")
+    job.job = began["job"]
+    with lease(job.storage, job.step, job=job.job, active=job.rank == 0):
+        _write_and_commit(job)
+    if job.rank == 0:
+        release_claim(job.storage, job.step, job=job.job)
+
+
+def _begin(job: _Job) -> dict[str, Any]:
+    """Coordinator only: claims the step for this job (and, to overwrite it, uncommits it)
+    before any rank writes a file."""
+    me = job_id()
+    try:
+        claim_step(job.storage, job.step, job=me, overwrite=job.overwrite)
+        if job.overwrite:
+            job.storage.delete(f"{step_dir(job.step)}/{MANIFEST}")
+    except Exception as e:  # noqa: BLE001 - broadcast to every rank, named like a rank's failure
+        return {"job": me, "error": f"rank 0: {type(e).__name__}: {e}"}
+    return {"job": me, "error": None}
+
+
+def _write_and_commit(job: _Job) -> None:
     error, files = None, {}
     try:
         failpoint("save.write", rank=job.rank)
         files = write_rank_files(job.storage, step=job.step, rank=job.rank,
                                  world_size=job.world_size, tree=job.tree, staged=job.staged,
-                                 fragments=job.fragments, meshes=job.meshes)
+                                 fragments=job.fragments, meshes=job.meshes, job=job.job)
     except Exception as e:  # noqa: BLE001 - reported to every rank below
         error = f"{type(e).__name__}: {e}"
         log.error("ucp: rank %d failed writing step %d: %s", job.rank, job.step, error)
@@ -342,11 +395,14 @@ def _commit(job: _Job, statuses: list[dict[str, Any]]) -> str | None:
                 info = MeshInfo.from_dict(m)
                 if info not in meshes:
                     meshes.append(info)
+        if not holds_claim(job.storage, job.step, job.job):
+            raise SaveError(f"another job took step {job.step} over while this save was writing "
+                            "it (was this job paused for longer than the lease?); nothing committed")
         write_manifest(job.storage, step=job.step, world_size=job.world_size, topology=job.topology,
-                       spec=job.spec, files=files, meshes=meshes)
+                       spec=job.spec, files=files, meshes=meshes, job=job.job)
     except Exception as e:  # noqa: BLE001 - broadcast to every rank
         _discard(job)
-        return f"{type(e).__name__}: {e}"
+        return str(e) if isinstance(e, UcpError) else f"{type(e).__name__}: {e}"
     if job.keep is not None:
         try:
             apply_retention(job.storage, keep=job.keep, newest=job.step)
@@ -358,17 +414,13 @@ def _commit(job: _Job, statuses: list[dict[str, Any]]) -> str | None:
 def _discard(job: _Job) -> None:
     """Coordinator only, once every rank has stopped writing a step that is not committed:
     removes the step's files, so a save that failed on a full disk does not keep the space the
-    next save needs. Best effort; retention removes what is left."""
+    next save needs. Only while this job holds the step's claim: the files are then this job's,
+    never those of another job writing the same step. Best effort."""
     sd = step_dir(job.step)
     try:
-        if not job.storage.exists(f"{sd}/{MANIFEST}"):  # an ambiguous manifest write may have landed
+        # an ambiguous manifest write may have landed
+        if holds_claim(job.storage, job.step, job.job) and not job.storage.exists(f"{sd}/{MANIFEST}"):
             job.storage.delete(sd, recursive=True)
     except Exception as e:  # noqa: BLE001 - the save's own error is the one to report
         log.warning("ucp: could not remove the files of uncommitted step %d: %s", job.step, e)
 
-
-def _uncommit(job: _Job) -> None:
-    """Before overwriting a step: the coordinator removes its manifest, then all ranks meet."""
-    if job.rank == 0:
-        job.storage.delete(f"{step_dir(job.step)}/{MANIFEST}")
-    job.coord.all_gather_json(None, what=f"uncommitting step {job.step} to overwrite it")

@@ -24,7 +24,7 @@ from typing import Any, Mapping
 import numpy as np
 from crc32c import crc32c
 
-from ucp.storage import retry_call
+from ucp.storage import open_regular, retry_call
 from ucp.storage._stats import count_read
 
 __all__ = ["ChunkReader", "Layout", "ShardParts", "layout_of", "parse_index", "shard_shape", "sharded_meta"]
@@ -302,7 +302,7 @@ class ChunkReader:
         view, target = memoryview(buf), storage.path(key)
 
         def fn() -> int:
-            with open(target, "rb", buffering=0) as f:
+            with open_regular(target, buffering=0) as f:
                 if offset is not None:
                     f.seek(offset)
                 got = 0

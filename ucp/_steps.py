@@ -95,10 +95,14 @@ def list_steps(url: str, *, storage_options: Mapping[str, Any] | None = None) ->
     return storage.map(lambda s: _step_row(storage, s, s in committed, s == latest), steps)
 
 
+#: ``latest`` holds one directory name and a newline.
+_MAX_LATEST = 4096
+
+
 def _latest(storage: Storage) -> int | None:
     try:
-        return parse_step_dir(storage.read(LATEST).decode("utf-8", "replace").strip())
-    except (FileNotFoundError, OSError):
+        return parse_step_dir(storage.read(LATEST, max_bytes=_MAX_LATEST).decode("utf-8", "replace").strip())
+    except (FileNotFoundError, OSError, UcpError):  # a hint only: a bad one is no step
         return None
 
 

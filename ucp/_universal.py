@@ -125,8 +125,13 @@ class UniversalWriter:
         self.url = url
         self._groups: set[str] = set()
 
-    def begin(self, *, overwrite: bool) -> None:
-        """Marks the destination incomplete (refusing to replace a complete one unless ``overwrite``)."""
+    def check_destination(self, *, overwrite: bool) -> None:
+        """Refuses to replace a complete universal checkpoint unless ``overwrite``, and any
+        directory that holds other files (a swap would delete them).
+
+        Raises:
+            CheckpointExistsError: naming the destination and the fix.
+        """
         if self.storage.exists(GROUP_META):
             try:
                 complete = _read_attrs(self.storage).get("complete") is True
@@ -135,6 +140,16 @@ class UniversalWriter:
             if complete and not overwrite:
                 raise CheckpointExistsError(f"{self.url} already holds a complete universal "
                                             "checkpoint; pass overwrite=True (--overwrite) to replace it")
+            return
+        listed = self.storage.list("")
+        if listed:
+            raise CheckpointExistsError(f"{self.url} holds files that are not a universal checkpoint "
+                                        f"({', '.join(listed[:3])}{', ...' if len(listed) > 3 else ''}); "
+                                        "convert into a new or empty directory")
+
+    def begin(self, *, overwrite: bool) -> None:
+        """Marks the destination incomplete (refusing to replace a complete one unless ``overwrite``)."""
+        self.check_destination(overwrite=overwrite)
         _write_attrs(self.storage, {"format_version": FORMAT_VERSION, "kind": KIND, "complete": False})
 
     def write(self, path: str, tensor: torch.Tensor, *, fingerprint: bool = False) -> dict[str, Any]:
@@ -426,6 +441,7 @@ def _checked_table(storage: Storage, table: Any, *, states: bool, where: str) ->
         return {}
     if not isinstance(table, dict):
         raise CorruptCheckpointError(f"{where}: the parameter table is a {type(table).__name__}")
+    folded: dict[str, str] = {}
     for name, e in table.items():
         ok = isinstance(e, dict) and isinstance(e.get("path"), str) and isinstance(e.get("shape"), list) \
             and all(type(n) is int and n >= 0 for n in e["shape"]) and isinstance(e.get("dtype"), str)
@@ -436,6 +452,11 @@ def _checked_table(storage: Storage, table: Any, *, states: bool, where: str) ->
             raise CorruptCheckpointError(f"{where}: malformed entry for {name[:200]!r}; the group "
                                          "metadata is damaged, convert the checkpoint again")
         storage.path(e["path"])  # raises UnsafeInputError for a path that leaves the root
+        other = folded.setdefault(e["path"].lower(), name)
+        if other != name:  # on a case-insensitive filesystem both would read one directory
+            raise CorruptCheckpointError(f"{where}: {other[:200]!r} and {name[:200]!r} are stored at "
+                                         "paths that differ only in case; the checkpoint cannot hold "
+                                         "both (convert it again with this ucp, which refuses such names)")
         try:
             dtype_from_name(e["dtype"])
         except CorruptCheckpointError as err:

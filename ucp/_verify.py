@@ -27,12 +27,15 @@ from typing import Any, Callable, Mapping
 
 import crc32c as _crc32c
 
-from ._errors import ChecksumError, UcpError, UcpSpecError
+from ucp.storage import Storage
+
+from ._errors import ChecksumError, CorruptCheckpointError, UcpError, UcpSpecError
 from ._fingerprint import ALGORITHM, fingerprint, fingerprint_box, to_hex
 from ._inspect import (SCHEMA_VERSION, INDEX, Opened, SafetensorsFiles, detect_format,
                        display_url, load_spec_arg, open_checkpoint)
-from ._meta import Manifest, RankIndex, TensorFragment, loads, rank_stem, step_dir
+from ._meta import MAX_JSON_BYTES, Manifest, RankIndex, TensorFragment, loads, rank_stem, step_dir
 from ._topology import Topology
+from ._universal import _check_region
 
 __all__ = ["Problem", "VerifyReport", "verify_checkpoint"]
 
@@ -172,7 +175,8 @@ def _verify_universal(opened: Opened, report: VerifyReport, progress: bool, *, d
     try:
         for path, name, state, entry in arrays:
             want = _recorded(entry, state) if deep else None
-            _check_array(store, path, f"{name} ({state})", entry, state, report, bar, want)
+            _check_array(store, opened.source.storage, path, f"{name} ({state})", entry, state, report,
+                         bar, want)
     finally:
         bar.close()
 
@@ -191,16 +195,18 @@ def _recorded(entry: Mapping[str, Any], state: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _check_array(store: Any, path: str, where: str, entry: Mapping[str, Any], state: str,
-                 report: VerifyReport, bar: Any, want: str | None = None) -> None:
+def _check_array(store: Any, storage: Storage, path: str, where: str, entry: Mapping[str, Any],
+                 state: str, report: VerifyReport, bar: Any, want: str | None = None) -> None:
     import numpy as np
     import torch
     import zarr
 
     try:
         arr = zarr.open_array(store, path=path, mode="r")
+        _check_region(storage, arr, path, None, None)  # a huge shape in tiny chunks: not read band by band
     except (FileNotFoundError, KeyError, ValueError) as e:
-        report.add("missing", where, f"array {path} cannot be opened ({_one_line(e)})")
+        report.add("structure" if isinstance(e, CorruptCheckpointError) else "missing", where,
+                   f"array {path} cannot be opened ({_one_line(e)})")
         return
     if state != "step" and tuple(arr.shape) != tuple(entry["shape"]):
         report.add("shape", where, f"array {path} has shape {list(arr.shape)}, the parameter "
@@ -365,7 +371,7 @@ class _NativeVerifier:
                 self.report.add("missing", self._where(name), "not listed in the manifest")
                 continue
             try:
-                raw = self.root.read(f"{self.sd}/{name}")
+                raw = self.root.read(f"{self.sd}/{name}", max_bytes=MAX_JSON_BYTES)
             except FileNotFoundError:
                 self.report.add("missing", self._where(name), "the manifest lists it, but it "
                                 "is not there")

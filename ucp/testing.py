@@ -12,6 +12,7 @@ import datetime
 import importlib.util
 import multiprocessing as mp
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -19,7 +20,8 @@ import time
 import traceback
 from typing import Any, Callable, Mapping, Sequence
 
-__all__ = ["run_ranks", "RankResult", "RankFailure", "scaled_timeout", "timeout_scale"]
+__all__ = ["run_ranks", "RankResult", "RankFailure", "scaled_timeout", "timeout_scale", "subprocess_env",
+           "run_command", "pid_alive"]
 
 
 @dataclasses.dataclass
@@ -183,7 +185,6 @@ def timeout_scale() -> float:
     return _scale
 
 
-
 def scaled_timeout(seconds: float) -> float:
     """``seconds`` (a timeout that suffices on a quiet reference machine) times
     :func:`timeout_scale`: the subprocess timeouts of slow tests grow with the machine's load.
@@ -192,3 +193,58 @@ def scaled_timeout(seconds: float) -> float:
         >>> subprocess.run(cmd, timeout=scaled_timeout(300))  # doctest: +SKIP
     """
     return seconds * timeout_scale()
+
+
+def subprocess_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for a child process of the test suite (torchrun, DeepSpeed tools).
+
+    ``TORCH_EXTENSIONS_DIR`` defaults to ``torch_extensions`` inside the running virtual
+    environment: DeepSpeed JIT-builds its CPU communication op there under a file lock, and a
+    run killed while building leaves the lock behind, so in the user's shared
+    ``~/.cache/torch_extensions`` it would make every later DeepSpeed process wait forever.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    return {**env, **(extra or {})}
+
+
+def run_command(cmd: Sequence[str], *, what: str, timeout: float,
+                env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Runs ``cmd`` (environment: :func:`subprocess_env` plus ``env``); returns its result.
+
+    Raises:
+        AssertionError: it timed out or failed; the message holds the ends of its stdout and
+            stderr (a hang's cause is usually on stderr).
+    """
+    # its own process group: on a timeout the whole tree goes (torchrun's ranks would outlive it)
+    with subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=subprocess_env(env), start_new_session=True) as p:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            out, err = p.communicate()
+            raise AssertionError(f"{what} timed out after {timeout:.0f}s: {' '.join(cmd)}\n"
+                                 f"--- stdout ---\n{_text(out)[-3000:]}\n"
+                                 f"--- stderr ---\n{_text(err)[-4000:]}") from None
+    proc = subprocess.CompletedProcess(list(cmd), p.returncode, out, err)
+    if proc.returncode != 0:
+        raise AssertionError(f"{what} failed (exit {proc.returncode}): {' '.join(cmd)}\n"
+                             f"--- stdout ---\n{proc.stdout[-2000:]}\n--- stderr ---\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def _text(out: bytes | str | None) -> str:
+    """A TimeoutExpired's output: bytes even when the run asked for text."""
+    if isinstance(out, bytes):
+        return out.decode("utf-8", "replace")
+    return out or ""
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (Linux: reads /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

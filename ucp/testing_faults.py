@@ -112,7 +112,9 @@ class FlakyFileSystem(fsspec.AbstractFileSystem):
         return self._call("cat_file", self.local.cat_file, self._strip_protocol(path), start=start, end=end)
 
     def pipe_file(self, path: str, value: bytes, mode: str = "overwrite", **kw: Any) -> None:
-        return self._call("pipe_file", self.local.pipe_file, self._strip_protocol(path), value)
+        # mode="create" (create-if-absent) passes through: a fault after it took effect then makes
+        # the retry find the object, as a lost S3 answer to a conditional put does
+        return self._call("pipe_file", self.local.pipe_file, self._strip_protocol(path), value, mode=mode)
 
     def info(self, path: str, **kw: Any) -> dict[str, Any]:
         return self._call("info", self.local.info, self._strip_protocol(path))

@@ -169,3 +169,39 @@ def test_memory_stays_at_about_one_tensor(tmp_path):
     assert peak < 2.5 * tensor, f"peak {peak / 2**20:.1f} MiB for {8 * tensor / 2**20:.0f} MiB"
     with safe_open(str(tmp_path / "hf" / "model.safetensors"), framework="pt") as st:
         assert float(st.get_tensor("layer7.weight")[3, 5]) == 7.0
+
+
+def test_a_cut_short_export_is_refused_by_every_reader(sample, tmp_path):
+    hf = tmp_path / "hf"
+    run("export", str(sample / "universal"), str(hf), "--max-shard-size", "8KB")
+    shards = sorted(hf.glob("model-*.safetensors"))
+    (hf / "model.safetensors.index.json").unlink()  # killed after some shards: no index yet
+    for f in shards[2:]:
+        f.unlink()
+    for cmd in ("inspect", "verify"):
+        r = run(cmd, str(hf), code=1)
+        assert f"{len(shards) - 2} of its {len(shards)} shards are missing" in r.output and \
+            shards[2].name in r.output, r.output
+    r = run("export", str(hf), str(tmp_path / "again"), code=1)
+    assert "interrupted export" in r.stderr and not (tmp_path / "again").exists()
+
+
+def test_a_failed_overwrite_keeps_the_earlier_export(sample, tmp_path, monkeypatch):
+    import errno
+
+    from ucp import _export
+
+    hf = tmp_path / "hf"
+    run("export", str(sample / "universal"), str(hf), "--max-shard-size", "8KB")
+    before = {p.name: p.read_bytes() for p in hf.iterdir()}
+    real, calls = _export._read, []
+
+    def disk_full(opened, item):
+        calls.append(item)
+        if len(calls) == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(opened, item)
+    monkeypatch.setattr(_export, "_read", disk_full)
+    r = run("export", str(sample / "universal"), str(hf), "--dtype", "bf16", "--overwrite", code=1)
+    assert re.search(r"Error: writing .*hf/model(-\d{5}-of-\d{5})?\.safetensors failed: .*No space left", r.stderr), r.stderr
+    assert {p.name: p.read_bytes() for p in hf.iterdir()} == before  # whole, and no temporaries

@@ -221,3 +221,35 @@ def test_text_output_lists_problems(copy_of):
                                "lm_head.weight/exp_avg]: CRC32C ")
     assert lines[-1].endswith("2 problem(s)")
     assert r.stderr == f"Error: {ckpt}: 2 problem(s) found\n"
+
+
+def test_a_huge_shape_in_tiny_chunks_is_reported_not_walked(tmp_path):
+    """A sealed table and array metadata claiming 2^62 elements in 12-byte chunks: verify names
+    the damaged metadata at once (it used to walk 10^18 chunk rows, a hang)."""
+    import subprocess
+    import sys
+
+    import ucp
+    from ucp._meta import seal
+
+    ucp.save({"w": torch.ones(3)}, tmp_path / "n", step=1).wait()
+    ucp.convert(str(tmp_path / "n"), str(tmp_path / "u"))
+    array_meta = tmp_path / "u" / "params" / "w" / "fp32" / "zarr.json"
+    meta = json.loads(array_meta.read_text())
+    meta["shape"] = [2**62]
+    raw = json.dumps(meta).encode()
+    array_meta.write_bytes(raw)
+    group = json.loads((tmp_path / "u" / "zarr.json").read_text())
+    table = group["attributes"]["ucp"]
+    table["params"]["w"]["shape"] = [2**62]
+    table["params"]["w"]["meta_crc32c"]["fp32"] = crc32c.crc32c(raw)
+    group["attributes"]["ucp"] = seal(table)
+    (tmp_path / "u" / "zarr.json").write_text(json.dumps(group))
+    code = ("from click.testing import CliRunner; from ucp.cli import main; import sys; "
+            f"r = CliRunner().invoke(main, ['verify', '--json', {str(tmp_path / 'u')!r}]); "
+            "print(r.exit_code); print(r.stdout)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+    code, doc = out.split("\n", 1)
+    problems = json.loads(doc)["problems"]
+    assert code == "1" and len(problems) == 1 and problems[0]["kind"] == "structure", problems
+    assert "chunks of 12 bytes is not how ucp chunks an array" in problems[0]["message"]

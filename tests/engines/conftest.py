@@ -13,9 +13,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
-import os
 import socket
-import subprocess
 import sys
 from collections import OrderedDict
 from pathlib import Path
@@ -23,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ucp.testing import scaled_timeout
+from ucp.testing import run_command, scaled_timeout
 
 HERE = Path(__file__).resolve().parent
 TRAIN = HERE / "_ds_train.py"
@@ -58,15 +56,10 @@ def free_port() -> int:
 
 
 def _run(cmd: list[str], what: str, timeout: int = LAUNCH_TIMEOUT_S) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    timeout = scaled_timeout(timeout)
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"{what} timed out after {timeout:.0f}s: {' '.join(cmd)}\n{(e.stdout or '')[-3000:]}")
-    if proc.returncode != 0:
-        pytest.fail(f"{what} failed (exit {proc.returncode}): {' '.join(cmd)}\n"
-                    f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    try:  # a private TORCH_EXTENSIONS_DIR (see subprocess_env); stderr in a timeout's message
+        run_command(cmd, what=what, timeout=scaled_timeout(timeout))
+    except AssertionError as e:
+        pytest.fail(str(e))
 
 
 def train_and_save(out: Path, ranks: int, flags: list[str]) -> Path:

@@ -19,7 +19,6 @@ See tests/examples/_deepspeed_hook_worker.py for what each rank checks.
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import subprocess
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from ucp.testing import scaled_timeout
+from ucp.testing import scaled_timeout, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("_deepspeed_hook_worker.py")
@@ -40,8 +39,7 @@ def torchrun(nproc: int, *args: str, env: dict[str, str] | None = None) -> subpr
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": str(ROOT / "examples"), **(env or {})}
+    env = subprocess_env({"PYTHONPATH": str(ROOT / "examples"), **(env or {})})
     env.pop("UCP_FAILPOINT", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
            "127.0.0.1", "--master_port", str(port), str(WORKER), *args]

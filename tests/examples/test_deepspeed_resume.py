@@ -18,7 +18,6 @@ Tolerances, measured (DeepSpeed 0.19.8, CPU/gloo, torch 2.13):
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from ucp.testing import scaled_timeout
+from ucp.testing import scaled_timeout, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = ROOT / "examples" / "train_deepspeed.py"
@@ -37,7 +36,7 @@ def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT / "examples")}
+    env = subprocess_env({"PYTHONPATH": str(ROOT / "examples")})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
            "127.0.0.1", "--master_port", str(port), str(TRAIN), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=scaled_timeout(300), env=env)

@@ -9,13 +9,15 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 import ucp
-from ucp import testing_faults as tf
+from ucp import _claim, testing_faults as tf
 from ucp._layout import committed_steps
+from ucp._meta import dumps
 from ucp.storage import Storage
 
 
@@ -30,17 +32,21 @@ def _leftovers(root) -> list[str]:
 
 
 def _sizes(tmp_path) -> dict[str, int]:
+    """The files a save of step 2 writes, with their sizes (the claim is dropped at the commit,
+    so it is measured apart)."""
     ucp.save(_state(0, 1), str(tmp_path / "probe"), step=1).wait()
     sd = tmp_path / "probe" / "step-00000001"
-    return {p.name: p.stat().st_size for p in sd.iterdir()}
+    claim = len(dumps(_claim.Claim(job=_claim.job_id(), renewed=time.time()))) + 8  # a time may print longer
+    return {"claim.json": claim, **{p.name: p.stat().st_size for p in sd.iterdir()}}
 
 
 @pytest.mark.parametrize("phase", ["shard", "index", "manifest"])
 def test_disk_full_mid_write(tmp_path, phase):
     sizes = _sizes(tmp_path)
-    free = {"shard": sizes["rank-00000.safetensors"] // 2,
-            "index": sizes["rank-00000.safetensors"] + 100,
-            "manifest": sizes["rank-00000.safetensors"] + sizes["rank-00000.json"] + 100}[phase]
+    claim = sizes["claim.json"]  # written first
+    free = {"shard": claim + sizes["rank-00000.safetensors"] // 2,
+            "index": claim + sizes["rank-00000.safetensors"] + 100,
+            "manifest": claim + sizes["rank-00000.safetensors"] + sizes["rank-00000.json"] + 100}[phase]
     root = tmp_path / "ckpt"
     ucp.save(_state(0, 1), str(root), step=1).wait()
     with tf.disk_full(root, free_bytes=free) as left:
@@ -92,6 +98,7 @@ def test_disk_full_on_one_rank_fails_every_rank_and_cleans_up(run_ranks, tmp_pat
 REAL = """
 import os, sys, torch, ucp
 from ucp._layout import committed_steps
+from ucp._meta import dumps
 from ucp.storage import Storage
 root = sys.argv[1]
 ucp.save({"w": torch.ones(250_000)}, root, step=1).wait()          # 1 MB of 3 MiB

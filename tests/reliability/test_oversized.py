@@ -56,3 +56,30 @@ def test_ranged_read_on_fsspec_storage():
     assert st.read("m.json", max_bytes=100) == b"x" * 100
     with pytest.raises(ucp.CorruptCheckpointError, match="m.json: more than the 99 bytes"):
         st.read("m.json", max_bytes=99)
+
+
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from ucp.cli import main
+
+    return CliRunner().invoke(main, list(args))
+
+
+def test_oversized_metadata_named_by_every_reader(native, tmp_path):
+    """inspect of a universal checkpoint and of an export (its HF index), verify (a rank index),
+    and ls (``latest``) read at most their bound, never the whole 16 GiB file."""
+    ucp.save({"w": torch.ones(4), "b": torch.zeros(4)}, str(tmp_path / "two"), step=1).wait()
+    ucp.convert(str(tmp_path / "two"), str(tmp_path / "u"), progress=False)
+    assert _cli("export", str(tmp_path / "u"), str(tmp_path / "hf"), "--max-shard-size", "8", "-q").exit_code == 0
+    for victim in (tmp_path / "u" / "zarr.json", tmp_path / "hf" / "model.safetensors.index.json"):
+        _inflate(victim)
+        res = _cli("inspect", str(victim.parent))
+        assert res.exit_code == 1 and "more than" in res.output and victim.name in res.output, res.output
+    _inflate(native / "step-00000001" / "rank-00000.json")
+    res = _cli("verify", str(native))
+    assert res.exit_code == 1 and "rank-00000.json" in res.output, res.output
+    _inflate(native / "latest")
+    before = _rss_mib()
+    res = _cli("ls", str(native))
+    assert res.exit_code == 0 and _rss_mib() - before < 64, res.output

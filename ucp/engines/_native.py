@@ -416,6 +416,20 @@ class NativeCheckpoint:
                                          f"{f.frag.dtype}{list(f.frag.shape)}; the step is inconsistent")
         return rel, base, dtype, shape, start, stop
 
+    def _read_into(self, rel: str, start: int, out: memoryview) -> int:
+        """Bytes from ``start`` of ``rel`` into ``out`` (see ``Storage.read_range_into``)."""
+        try:
+            return self.storage.read_range_into(rel, start, out)
+        except FileNotFoundError as e:
+            raise CheckpointNotFoundError(
+                f"{self.storage.url}/{rel}: gone while being read (deleted by the retention, keep=N, "
+                "of a job still saving into this root?); read a step the job keeps, or copy the "
+                "step elsewhere first") from e
+
+    def _read_range(self, rel: str, start: int, stop: int) -> bytes:
+        out = bytearray(stop - start)
+        return bytes(out[:self._read_into(rel, start, memoryview(out))])
+
     def _read_part(self, f: _Frag, box: Region) -> torch.Tensor:
         """``box`` (fragment-local) of a fragment: the blocks that hold it, each verified against
         its CRC32C (the whole fragment when it has no block checksums: small, or saved by an
@@ -455,7 +469,7 @@ class NativeCheckpoint:
                 view[(i - b0) * BLOCK_BYTES:(i - b0) * BLOCK_BYTES + len(hit)] = hit
         for lo, hi in _runs(missing):
             part = view[(lo - b0) * BLOCK_BYTES:min(hi * BLOCK_BYTES, nbytes) - b0 * BLOCK_BYTES]
-            got = self.storage.read_range_into(rel, origin + lo * BLOCK_BYTES, part)
+            got = self._read_into(rel, origin + lo * BLOCK_BYTES, part)
             for i in range(lo, hi):
                 block = part[(i - lo) * BLOCK_BYTES:(i - lo + 1) * BLOCK_BYTES]
                 end = min((i - lo + 1) * BLOCK_BYTES, got)
@@ -472,7 +486,7 @@ class NativeCheckpoint:
     def _read_fragment(self, f: _Frag) -> torch.Tensor:
         rel, base, dtype, shape, start, stop = self._entry(f)
         buf = bytearray(stop - start)
-        got = self.storage.read_range_into(rel, base + start, memoryview(buf))
+        got = self._read_into(rel, base + start, memoryview(buf))
         if got != len(buf) or (f.frag.crc32c is not None and checksum([buf])[0] != f.frag.crc32c):
             raise ChecksumError(f"{self.storage.url}/{rel}: tensor {f.frag.key!r} fails its CRC32C "
                                 "check (the file is corrupt)")
@@ -483,8 +497,8 @@ class NativeCheckpoint:
         rel = f"{step_dir(self.manifest.step)}/{rank_stem(rank)}.safetensors"
         where = f"{self.storage.url}/{rel}"
         size = self.manifest.files[f"{rank_stem(rank)}.safetensors"].size
-        n = header_length(self.storage.read_range(rel, 0, 8), where=where, size=size)
-        raw = self.storage.read_range(rel, 8, 8 + n)
+        n = header_length(self._read_range(rel, 0, 8), where=where, size=size)
+        raw = self._read_range(rel, 8, 8 + n)
         return 8 + n, parse_header(raw, where=where, data_size=size - 8 - n)
 
 

@@ -48,16 +48,17 @@ def detect_engine(url: str, *, storage_options: Mapping[str, Any] | None = None)
     Raises:
         ConvertError: no installed engine recognises the path.
     """
-    tried = []
+    tried, why = [], ""
     for name in engines():
+        tried.append(name)
         try:
             engine = get_engine(name)
             found = engine.detect(url, storage_options=storage_options)
-        except ConvertError as e:
+        except ConvertError as e:  # an engine that knows the layout but cannot read it says why
             log.warning("ucp: %s", e)
+            why += f"; {name}: {e}"
             continue
         if found:
             return engine, found
-        tried.append(name)
-    raise ConvertError(f"{url}: no engine recognises this checkpoint (tried {', '.join(tried)}); "
+    raise ConvertError(f"{url}: no engine recognises this checkpoint (tried {', '.join(tried)}){why}; "
                        "pass --engine NAME, or check the path")

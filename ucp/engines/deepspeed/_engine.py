@@ -1,6 +1,6 @@
 """The ``deepspeed`` engine: DeepSpeed ZeRO 0-3 checkpoints as a conversion source.
 
-Data-parallel (ZeRO) shards are consolidated by the reader (``_deepspeed_reader``). With tensor or
+Data-parallel (ZeRO) shards are consolidated by the reader (``_reader``). With tensor or
 pipeline parallelism each model-parallel rank's tensors are consolidated over dp first, then
 across tp/pp through a UCL spec, exactly as for ucp's own plain-tensor saves.
 """
@@ -31,7 +31,10 @@ class DeepSpeedEngine:
             return None
         try:
             ckpt = DeepSpeedCheckpoint(url)
-        except Exception:  # noqa: BLE001 - not (readable as) DeepSpeed: another engine may know it
+        except Exception as e:  # noqa: BLE001 - not (readable as) DeepSpeed: another engine may know it
+            if _looks_like_deepspeed(url):  # say why, rather than "no engine recognises it"
+                raise ConvertError(f"{url} looks like a DeepSpeed checkpoint, but the DeepSpeed "
+                                   f"reader refused it: {e}") from e
             return None
         with ckpt:
             return (f"DeepSpeed {ckpt.ds_version} checkpoint '{ckpt.tag}': ZeRO-{ckpt.zero_stage}, "
@@ -44,6 +47,18 @@ class DeepSpeedEngine:
             raise ConvertError(f"{url}: the DeepSpeed reader reads local directories only; copy the "
                                "checkpoint to local disk first (e.g. with `aws s3 sync`)")
         return DeepSpeedSource(DeepSpeedCheckpoint(url.removeprefix("file://"), tag=tag), spec)
+
+
+def _looks_like_deepspeed(url: str) -> bool:
+    """``*model_states.pt`` files here or one level down (in a tag directory)."""
+    root = url.removeprefix("file://")
+    try:
+        entries = os.listdir(root)
+        return any(n.endswith("model_states.pt") for n in entries) or any(
+            n.endswith("model_states.pt") for d in entries if os.path.isdir(os.path.join(root, d))
+            for n in os.listdir(os.path.join(root, d)))
+    except OSError:
+        return False
 
 
 class DeepSpeedSource:

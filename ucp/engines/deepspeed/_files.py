@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from ucp._errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeInputError
+from ucp.storage import open_regular
 
 __all__ = ["TensorRef", "RangeReader", "load_index", "LossScalerState", "FragmentAddress",
            "NamespaceState", "ALLOWED_GLOBALS"]
@@ -147,7 +148,7 @@ def _check_exists(path: str) -> int:
 
 def _raw_pickle_calls_code(path: str) -> bool:
     """Whether a non-zip file is a pickle that would import or call something (never executes it)."""
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         head = f.read(1)
         if head != b"\x80":
             return False
@@ -190,7 +191,7 @@ def _torch_load_meta(path: str, *, allow_unsafe_pickle: bool) -> Any:
 def _zip_records(path: str) -> dict[int, tuple[str, int, int]]:
     """Each zip member by the file offset of its data: (name, stored size, compression method)."""
     records = {}
-    with open(path, "rb") as f, zipfile.ZipFile(f) as z:
+    with open_regular(path) as f, zipfile.ZipFile(f) as z:
         for info in z.infolist():
             f.seek(info.header_offset)
             header = f.read(30)

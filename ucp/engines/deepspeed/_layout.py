@@ -1,6 +1,6 @@
 """Where each parameter's bytes lie in a DeepSpeed checkpoint (file names, flat partitions, padding).
 
-This module turns the unpickled structure of a checkpoint's files (see ``_deepspeed_files``) into a
+This module turns the unpickled structure of a checkpoint's files (see ``_files``) into a
 per-parameter plan: for one model-parallel rank, which data-parallel ranks hold which element range
 of each parameter, in which flat tensor. No tensor bytes are read here. ``docs/formats/deepspeed.md``
 describes the on-disk layout this code follows.

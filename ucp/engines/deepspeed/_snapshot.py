@@ -34,7 +34,7 @@ import torch
 from ucp._errors import CorruptCheckpointError, UcpError
 from ucp._layout import read_manifest
 from ucp._topology import Topology
-from .._base import ParamInfo, Region, cut
+from .._base import ParamInfo, Region
 from ._layout import _zero12_group
 from ucp.storage import Storage
 

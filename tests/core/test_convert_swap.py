@@ -1,0 +1,65 @@
+"""``ucp convert`` builds beside its destination: a hard-linked snapshot of an old output never
+changes, ``--overwrite`` keeps the old output until the new one is complete, and a failed
+conversion leaves nothing behind."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import subprocess
+
+import pytest
+import torch
+
+import ucp
+from ucp._universal import UniversalWriter
+from ucp._verify import verify_checkpoint
+
+
+def _native(root, value: float) -> str:
+    ucp.save({"model": {"w": torch.full((64, 8), value), "b": torch.full((8,), value)}}, root, step=1).wait()
+    return str(root)
+
+
+def _digests(root) -> dict[str, str]:
+    return {os.path.relpath(os.path.join(d, f), root): hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest()
+            for d, _, fs in os.walk(root) for f in fs}
+
+
+def test_overwrite_never_changes_a_hard_linked_snapshot(tmp_path):
+    dst, snap = tmp_path / "universal", tmp_path / "snapshot"
+    ucp.convert(_native(tmp_path / "a", 1.0), str(dst))
+    subprocess.run(["cp", "-al", str(dst), str(snap)], check=True)
+    before = _digests(snap)
+    ucp.convert(_native(tmp_path / "b", 2.0), str(dst), overwrite=True)
+    assert _digests(snap) == before
+    assert torch.equal(ucp.open(str(snap)).read("w", "param"), torch.full((64, 8), 1.0))
+    assert verify_checkpoint(str(snap)).ok
+    assert torch.equal(ucp.open(str(dst)).read("w", "param"), torch.full((64, 8), 2.0))
+
+
+def test_overwrite_keeps_the_old_output_when_the_new_one_does_not_fit(tmp_path, monkeypatch):
+    dst = tmp_path / "universal"
+    ucp.convert(_native(tmp_path / "a", 1.0), str(dst))
+    real, calls = UniversalWriter.write, []
+
+    def disk_full(self, path, tensor, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, path, tensor, **kwargs)
+    monkeypatch.setattr(UniversalWriter, "write", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        ucp.convert(_native(tmp_path / "b", 2.0), str(dst), overwrite=True)
+    assert torch.equal(ucp.open(str(dst)).read("w", "param"), torch.full((64, 8), 1.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "universal"]  # no partial build left
+
+
+def test_convert_refuses_a_directory_of_other_files(tmp_path):
+    dst = tmp_path / "mine"
+    dst.mkdir()
+    (dst / "notes.txt").write_text("keep me")
+    with pytest.raises(ucp.CheckpointExistsError, match="notes.txt.*new or empty directory"):
+        ucp.convert(_native(tmp_path / "a", 1.0), str(dst))
+    assert (dst / "notes.txt").read_text() == "keep me"
