@@ -3,9 +3,10 @@
 Two jobs can save into one root: a job restarted while the old one still runs, or two launches
 with the same URL. Before any rank writes step N, the coordinator creates
 ``step-NNNNNNNN/claim.json`` if it is absent (a hard link on local disk, a conditional put on
-S3), renews it while the save runs and drops it after the commit. Another job that finds a live claim refuses to touch
-the step and names the claim's job; a claim not renewed for :data:`LEASE_S` seconds belongs to a
-job that died, and is taken over. The commit itself (``manifest.json``) is create-if-absent too,
+S3), renews it while the save runs and drops it after the commit. Another job that finds a live
+claim refuses to touch the step and names the claim's job; a claim not renewed for
+:data:`LEASE_S` seconds belongs to a job that died, and is taken over, and so, at once, is a claim
+whose process ran on this very machine and has exited (a job restarted where it crashed). The commit itself (``manifest.json``) is create-if-absent too,
 so of two jobs at most one commits a step, and cleanup after a failed save deletes a step only
 while this job holds its claim.
 """
@@ -27,7 +28,7 @@ from ._errors import CheckpointExistsError, CorruptCheckpointError, SaveError
 from ._meta import dumps, loads, step_dir
 
 __all__ = ["CLAIM", "LEASE_S", "Claim", "job_id", "read_claim", "claim_step", "holds_claim", "release_claim",
-           "lease"]
+           "lease", "this_process"]
 
 CLAIM = "claim.json"
 #: Seconds after its last renewal that a claim is taken to belong to a dead job.
@@ -48,15 +49,50 @@ def job_id() -> str:
         return _JOB_ID
 
 
+def this_process() -> dict[str, Any] | None:
+    """Where this process runs, precisely enough to tell later whether it still does: the
+    kernel's boot id, the PID namespace and the pid (None where /proc does not say)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        return {"boot": boot, "pidns": os.readlink("/proc/self/ns/pid"), "pid": os.getpid()}
+    except OSError:
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:  # cannot tell: assume it lives
+        return True
+
+
 @dataclasses.dataclass(frozen=True)
 class Claim:
-    """``claim.json``: the job writing a step, and when it last renewed its lease."""
+    """``claim.json``: the job writing a step, when it last renewed its lease, and where its
+    coordinator runs (``process``: see :func:`this_process`)."""
 
     job: str
     renewed: float
+    process: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format_version": 1, "kind": "ucp-claim", "job": self.job, "renewed": self.renewed}
+        d = {"format_version": 1, "kind": "ucp-claim", "job": self.job, "renewed": self.renewed}
+        return {**d, "process": self.process} if self.process is not None else d
+
+    def gone(self) -> bool:
+        """Whether the claiming process ran on this machine (same boot, same PID namespace) and
+        has exited: a crashed job's claim, taken over at once instead of after ``LEASE_S``."""
+        here, there = this_process(), self.process
+        if here is None or not isinstance(there, dict) or type(there.get("pid")) is not int:
+            return False
+        if (there.get("boot"), there.get("pidns")) != (here["boot"], here["pidns"]):
+            return False
+        return there["pid"] != here["pid"] and not _pid_alive(there["pid"])
 
     def age(self) -> float:
         return time.time() - self.renewed
@@ -80,7 +116,8 @@ def read_claim(storage: Storage, step: int) -> Claim | None:
     except (CorruptCheckpointError, KeyError) as e:
         log.warning("ucp: ignoring the damaged claim %s/%s: %s", storage.url, rel, e)
         return Claim(job="<damaged claim>", renewed=0.0)
-    return Claim(job=job, renewed=float(renewed))
+    process = d.get("process")
+    return Claim(job=job, renewed=float(renewed), process=process if isinstance(process, dict) else None)
 
 
 def holds_claim(storage: Storage, step: int, job: str) -> bool:
@@ -100,7 +137,7 @@ def claim_step(storage: Storage, step: int, *, job: str, overwrite: bool) -> Non
     rel, manifest = _claim_rel(step), f"{step_dir(step)}/manifest.json"
     for _ in range(3):
         try:
-            storage.write(rel, dumps(Claim(job, time.time())), exclusive=True)
+            storage.write(rel, dumps(Claim(job, time.time(), this_process())), exclusive=True)
             return
         except CheckpointExistsError:
             pass
@@ -108,16 +145,18 @@ def claim_step(storage: Storage, step: int, *, job: str, overwrite: bool) -> Non
         if other is None:
             continue  # released meanwhile: try again
         if other.job == job:
-            storage.write(rel, dumps(Claim(job, time.time())))
+            storage.write(rel, dumps(Claim(job, time.time(), this_process())))
             return
         committed = storage.exists(manifest)
         if committed and not overwrite:
             raise CheckpointExistsError(f"step {step} is already committed under {storage.url} "
                                         f"(by job {other.job}); pass overwrite=True to replace it")
-        if not committed and other.age() < LEASE_S:
+        gone = not committed and other.age() < LEASE_S and other.gone()
+        if not committed and other.age() < LEASE_S and not gone:
             raise SaveError(_busy(storage, step, other))
-        log.warning("ucp: taking over step %d of %s from job %s (claim %s)", step, storage.url,
-                    other.job, "of a committed step" if committed else f"expired {other.age():.0f}s ago")
+        why = ("of a committed step" if committed else "whose process on this machine has exited" if gone
+               else f"expired {other.age():.0f}s ago")
+        log.warning("ucp: taking over step %d of %s from job %s (claim %s)", step, storage.url, other.job, why)
         storage.delete(rel)
     raise SaveError(f"step {step} under {storage.url}: another job claimed it at the same time; "
                     "two jobs are saving to one root; give each job its own URL")
@@ -164,6 +203,7 @@ class lease:  # noqa: N801 - used as a context manager, like a function
         while not self._stop.wait(LEASE_S / 4):
             try:  # renew only a claim still ours: never overwrite a job that took the step over
                 if holds_claim(self._storage, self._step, self._job):
-                    self._storage.write(_claim_rel(self._step), dumps(Claim(self._job, time.time())))
+                    self._storage.write(_claim_rel(self._step),
+                                        dumps(Claim(self._job, time.time(), this_process())))
             except Exception as e:  # noqa: BLE001 - the commit checks the claim again
                 log.warning("ucp: renewing the claim on step %d failed: %s", self._step, e)

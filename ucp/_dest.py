@@ -9,11 +9,12 @@ written.
 from __future__ import annotations
 
 import os
+from typing import Any, Callable, Mapping
 
 from ._errors import CheckpointExistsError
 from ._steps import display_url
 
-__all__ = ["check_destination"]
+__all__ = ["check_destination", "refuse_foreign"]
 
 
 def _location(url: str | os.PathLike[str]) -> tuple[str, str]:
@@ -50,3 +51,28 @@ def check_destination(src: object, dst: str | os.PathLike[str]) -> None:
     raise CheckpointExistsError(f"{display_url(os.fspath(dst))}: the destination {where} "
                                 f"({display_url(os.fspath(src))}); writing there would mix the "
                                 "output with the source's files: choose a destination outside it")
+
+
+def refuse_foreign(dst: str, *, ours: Callable[[str], bool], what: str,
+                   storage_options: Mapping[str, Any] | None = None) -> None:
+    """Refuses a destination directory that holds entries the command would not write.
+
+    Args:
+        dst: the destination (it may not exist yet).
+        ours: whether an entry name is one the command writes (or replaces with ``--overwrite``).
+        what: what the command writes, for the message ("a ucp checkpoint").
+
+    Raises:
+        CheckpointExistsError: naming the first foreign entries and the fix.
+    """
+    from ucp.storage import Storage
+
+    try:
+        names = Storage(dst, storage_options=storage_options).list("")
+    except FileNotFoundError:
+        return
+    foreign = sorted(n for n in names if not ours(n) and ".partial-" not in n)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise CheckpointExistsError(f"{display_url(dst)} holds files that are not {what} ({shown}); "
+                                    "write into a new or empty directory")

@@ -36,7 +36,7 @@ import torch
 
 from ucp.storage import Storage
 
-from ._dest import check_destination
+from ._dest import check_destination, refuse_foreign
 from ._errors import CheckpointExistsError, ConvertError, StorageError, UcpSpecError, VerificationError
 from ._fingerprint import fingerprint, to_hex
 from ._inspect import INDEX, Opened, display_url, open_checkpoint, parse_size
@@ -129,6 +129,7 @@ def export_hf(src: str, dst: str, *, dtype: str | torch.dtype | None = None,
     opened = open_checkpoint(src, engine=engine, spec=spec, tag=tag, storage_options=storage_options)
     items = _plan(opened, target)
     shards = _shard(items, limit)
+    refuse_foreign(dst, ours=_exported, what="a Hugging Face export", storage_options=dst_storage_options)
     out = Storage(dst, storage_options=dst_storage_options)
     old = _earlier_export(out, overwrite=overwrite, url=dst)
     names = ([SINGLE] if len(shards) == 1 else
@@ -228,10 +229,14 @@ def _shard(items: list[_Item], limit: int) -> list[list[_Item]]:
 
 # -- writing --------------------------------------------------------------------------------------
 
+def _exported(name: str) -> bool:
+    """Whether an entry of the destination is one an export writes (or replaces)."""
+    return name in (INDEX, "config.json") or (name.startswith("model") and name.endswith(".safetensors"))
+
+
 def _earlier_export(out: Storage, *, overwrite: bool, url: str) -> list[str]:
     """The files of an earlier export in ``out`` (replaced only with ``overwrite``)."""
-    old = [n for n in out.list("") if n == INDEX or (n.startswith("model") and
-                                                     n.endswith(".safetensors"))]
+    old = [n for n in out.list("") if n != "config.json" and _exported(n)]
     if old and not overwrite:
         raise CheckpointExistsError(f"{display_url(url)} already holds an export ({old[0]}, ...); "
                                     "pass --overwrite to replace it, or choose another directory")

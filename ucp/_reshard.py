@@ -5,7 +5,9 @@ from __future__ import annotations
 import sys
 from typing import Any, Mapping
 
-from ._dest import check_destination
+from ._dest import check_destination, refuse_foreign
+from ._layout import LATEST
+from ._meta import parse_step_dir
 from ._topology import Topology
 
 __all__ = ["reshard"]
@@ -61,6 +63,9 @@ def reshard(src: str, dst: str, *, topology: Topology | str, engine: str = "ucp"
     from .resharder._api import resolve
 
     check_destination(src, dst)
+    if engine == "ucp":  # its files: step directories and `latest`
+        refuse_foreign(dst, ours=lambda n: n == LATEST or parse_step_dir(n) is not None,
+                       what="a ucp checkpoint", storage_options=dst_storage_options)
     target = get_target(engine)
     source, topo, spec_ = resolve(src, topology, spec=spec, engine=src_engine, tag=tag,
                                   storage_options=storage_options)

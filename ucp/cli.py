@@ -11,6 +11,9 @@ cycle); each imports the library (torch, zarr, the engines) inside its function,
 from __future__ import annotations
 
 import logging
+import signal
+import threading
+from typing import Any
 
 import click
 
@@ -36,10 +39,34 @@ class _Group(click.Group):
     own ``Aborted!`` exits 1, which scripts cannot tell from a failure)."""
 
     def invoke(self, ctx: click.Context) -> object:
+        seen: list[int] = []
+        previous = _watch_sigint(seen)
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt as e:
             raise _Interrupted("interrupted (Ctrl-C)") from e
+        except click.ClickException as e:
+            # Ctrl-C inside an extension module's import (numpy's, under torch's) surfaces as an
+            # ImportError, not a KeyboardInterrupt: any failure after a SIGINT is the interrupt
+            if seen and not isinstance(e, _Interrupted):
+                raise _Interrupted("interrupted (Ctrl-C)") from e
+            raise
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+
+
+def _watch_sigint(seen: list[int]) -> Any:
+    """Records SIGINTs in ``seen`` (still raising KeyboardInterrupt); returns the handler to put
+    back, or None when signals cannot be handled here (not the main thread, or a custom one)."""
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return None
+
+    def handler(signum: int, frame: Any) -> None:
+        seen.append(signum)
+        signal.default_int_handler(signum, frame)
+    return signal.signal(signal.SIGINT, handler)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -307,3 +307,17 @@ def test_a_destination_overlapping_the_source_is_refused(command, dst, where, sa
                         "writing there would mix the output with the source's files: choose a "
                         "destination outside it\n")
     assert sorted(p.relative_to(work) for p in work.rglob("*")) == before  # nothing written
+
+
+@pytest.mark.parametrize("command", ["convert", "reshard", "export"])
+def test_a_destination_holding_other_files_is_refused(command, sample, tmp_path):
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "notes.txt").write_text("mine")
+    src = sample / ("universal" if command == "export" else "ckpt")
+    args = [command, str(src), str(dst)] + (["--to", "dp=1"] if command == "reshard" else [])
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1, r.output
+    assert "notes.txt" in r.stderr and "new or empty directory" in r.stderr, r.stderr
+    assert sorted(p.name for p in dst.iterdir()) == ["notes.txt"]  # nothing written
+

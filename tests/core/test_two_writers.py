@@ -39,6 +39,38 @@ def test_a_dead_jobs_expired_claim_is_taken_over(tmp_path):
     assert not (tmp_path / "step-00000005" / "claim.json").exists()  # dropped after the commit
 
 
+def _claim_of(root, step: int, proc) -> None:
+    """A claim on ``step`` by ``proc`` (a process on this machine), renewed just now."""
+    where = {**_claim.this_process(), "pid": proc.pid}
+    Storage(str(root)).write(f"step-{step:08d}/claim.json",
+                             dumps(_claim.Claim(job=f"local-{proc.pid}", renewed=time.time(), process=where)))
+
+
+def test_a_claim_whose_process_here_has_exited_is_taken_over_at_once(tmp_path):
+    import subprocess
+    import sys
+
+    crashed = subprocess.Popen([sys.executable, "-c", "pass"])
+    crashed.wait()  # a job that died mid-save on this machine: its claim is fresh, its process gone
+    _claim_of(tmp_path, 5, crashed)
+    ucp.save({"w": torch.ones(3)}, tmp_path, step=5).wait()
+    assert torch.equal(ucp.load(str(tmp_path))["w"], torch.ones(3))
+
+
+def test_a_claim_whose_process_here_still_runs_is_respected(tmp_path):
+    import subprocess
+    import sys
+
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        _claim_of(tmp_path, 5, running)
+        with pytest.raises(ucp.SaveError, match=f"local-{running.pid}.*two jobs are saving to one root"):
+            ucp.save({"w": torch.ones(3)}, tmp_path, step=5).wait()
+    finally:
+        running.kill()
+        running.wait()
+
+
 def test_job_id_in_manifest_and_every_rank_index(tmp_path):
     ucp.save({"w": torch.ones(3)}, tmp_path, step=1).wait()
     manifest = read_manifest(Storage(str(tmp_path)), 1)
