@@ -36,7 +36,8 @@ def _sizes(tmp_path) -> dict[str, int]:
     so it is measured apart)."""
     ucp.save(_state(0, 1), str(tmp_path / "probe"), step=1).wait()
     sd = tmp_path / "probe" / "step-00000001"
-    claim = len(dumps(_claim.Claim(job=_claim.job_id(), renewed=time.time()))) + 8  # a time may print longer
+    claim = len(dumps(_claim.Claim(job=_claim.job_id(), renewed=time.time(),
+                                   process=_claim.this_process()))) + 8  # a time may print longer
     return {"claim.json": claim, **{p.name: p.stat().st_size for p in sd.iterdir()}}
 
 
