@@ -168,9 +168,12 @@ def _load_zero(opt: Any, held: Mapping[Any, str], source: ArraySource,
                tensors: Mapping[Any, torch.Tensor]) -> None:
     """This rank's partition into the local optimizer; hyper-parameters into both the wrapper's
     groups (which the LR scheduler drives and ``step`` copies down) and the local ones."""
+    states: dict[str, dict[str, torch.Tensor]] = {}
+    for path, t in tensors.items():
+        if path[0] == "optim":
+            states.setdefault(path[1], {})[path[2]] = t
     for p, fqn in held.items():
-        opt.optim.state[p] = {path[2]: t for path, t in tensors.items()
-                              if path[0] == "optim" and path[1] == fqn}
+        opt.optim.state[p] = states.get(fqn, {})
     stored = source.param_groups
     for groups in (opt.param_groups, opt.optim.param_groups):
         if len(groups) != len(stored):
