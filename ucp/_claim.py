@@ -28,7 +28,7 @@ from ._errors import CheckpointExistsError, CorruptCheckpointError, SaveError
 from ._meta import dumps, loads, step_dir
 
 __all__ = ["CLAIM", "LEASE_S", "Claim", "job_id", "read_claim", "claim_step", "holds_claim", "release_claim",
-           "lease", "this_process"]
+           "lease", "this_process", "pid_alive"]
 
 CLAIM = "claim.json"
 #: Seconds after its last renewal that a claim is taken to belong to a dead job.
@@ -60,7 +60,7 @@ def this_process() -> dict[str, Any] | None:
         return None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """Whether process ``pid`` exists and is not a zombie."""
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -92,7 +92,7 @@ class Claim:
             return False
         if (there.get("boot"), there.get("pidns")) != (here["boot"], here["pidns"]):
             return False
-        return there["pid"] != here["pid"] and not _pid_alive(there["pid"])
+        return there["pid"] != here["pid"] and not pid_alive(there["pid"])
 
     def age(self) -> float:
         return time.time() - self.renewed

@@ -20,6 +20,8 @@ import time
 import traceback
 from typing import Any, Callable, Mapping, Sequence
 
+from ._claim import pid_alive  # noqa: F401 - public here too: tests check that processes ended
+
 __all__ = ["run_ranks", "RankResult", "RankFailure", "scaled_timeout", "timeout_scale", "subprocess_env",
            "run_command", "pid_alive"]
 
@@ -239,12 +241,3 @@ def _text(out: bytes | str | None) -> str:
     if isinstance(out, bytes):
         return out.decode("utf-8", "replace")
     return out or ""
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists and is not a zombie (Linux: reads /proc)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
