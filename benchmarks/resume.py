@@ -82,7 +82,7 @@ def load(rank: int, world: int, method: str, root: str, hidden: int, layers: int
 
     import ucp
 
-    import ucp.engines._native  # noqa: F401 - both libraries' modules imported before timing
+    import ucp.native._source  # noqa: F401 - both libraries' modules imported before timing
     import ucp.resharder  # noqa: F401
 
     torch.set_num_threads(1)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-from ucp._errors import UcpSpecError
-from ucp._topology import Topology
+from ucp.core._errors import UcpSpecError
+from ucp.core._topology import Topology
 
 from ._error import UclError
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ucp._errors import UcpSpecError
+from ucp.core._errors import UcpSpecError
 
 from ._ast import Pos, SpecAst
 

@@ -16,9 +16,9 @@ import dataclasses
 import itertools
 from typing import Iterator, Mapping
 
-from ucp._errors import UcpSpecError
-from ucp._topology import AXES as _TOPOLOGY_AXES
-from ucp._topology import Topology
+from ucp.core._errors import UcpSpecError
+from ucp.core._topology import AXES as _TOPOLOGY_AXES
+from ucp.core._topology import Topology
 
 from ._resolve import Located, SplitOp
 

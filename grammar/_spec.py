@@ -9,9 +9,9 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-from ucp._errors import UcpSpecError
-from ucp._topology import AXES as _TOPOLOGY_AXES
-from ucp._topology import Topology
+from ucp.core._errors import UcpSpecError
+from ucp.core._topology import AXES as _TOPOLOGY_AXES
+from ucp.core._topology import Topology
 
 from . import _ast as A
 from ._bundled import bundled_spec_names, bundled_spec_text

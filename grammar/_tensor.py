@@ -11,7 +11,7 @@ from typing import Mapping
 
 import torch
 
-from ucp._errors import UcpSpecError
+from ucp.core._errors import UcpSpecError
 
 from ._layout import ParamLayout, Piece, inverse
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from ucp._topology import Topology
+from ucp.core._topology import Topology
 from ucp.grammar import Spec
 
 from ._plan import plan_rank, target_spec

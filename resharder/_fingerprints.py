@@ -2,7 +2,7 @@
 
 Every box a target rank's plan copies out of a canonical array lands somewhere in one of the
 rank's tensors (:class:`~._plan.Copy`): that destination, permuted back to canonical order, is
-fingerprinted as the box of the canonical array it claims to be (:func:`ucp._fingerprint.
+fingerprinted as the box of the canonical array it claims to be (:func:`ucp.core._fingerprint.
 fingerprint_box`). Boxes held by several ranks (DP replicas, tied copies) count once; the boxes
 of all ranks then tile each array, and their sum must equal the source array's fingerprint (the
 one recorded in a universal checkpoint, else computed from the source while reading it).
@@ -15,8 +15,8 @@ from typing import Iterable
 
 import torch
 
-from ucp._errors import VerificationError
-from ucp._fingerprint import MOD, combine, fingerprint, fingerprint_box, from_hex, to_hex
+from ucp.core._errors import VerificationError
+from ucp.core._fingerprint import MOD, combine, fingerprint, fingerprint_box, from_hex, to_hex
 
 from ._read import LoadedRank
 from ._source import ArraySource

@@ -14,8 +14,8 @@ from typing import Any, Mapping, Protocol, Sequence
 
 import torch
 
-from ucp._errors import TopologyError, UcpSpecError
-from ucp._topology import Topology
+from ucp.core._errors import TopologyError, UcpSpecError
+from ucp.core._topology import Topology
 from ucp.engines._base import ParamInfo
 from ucp.grammar import ParamLayout, Piece, Spec, load_spec
 

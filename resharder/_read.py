@@ -20,14 +20,14 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from ucp._errors import CorruptCheckpointError
+from ucp.core._errors import CorruptCheckpointError
 from ucp.storage import read_counter
 
 from ._plan import Copy, LocalTensor, Path, RankPlan, Read
 from ._source import ArrayInfo, ArraySource, read_many
 from ._zero import Region
 
-__all__ = ["ReadStats", "LoadedRank", "read_plan", "chunk_blocks", "estimate_reads"]
+__all__ = ["ReadStats", "LoadedRank", "read_plan", "chunk_blocks", "estimate_reads", "runs"]
 
 #: Largest block of chunks one read fetches (bounds the memory of reads in flight).
 MAX_BLOCK_BYTES = 16 * 2**20
@@ -74,7 +74,8 @@ class LoadedRank:
 
 
 # -- chunk grouping (pure) ----------------------------------------------------------------------
-def _runs(values: Iterable[int]) -> list[tuple[int, int]]:
+def runs(values: Iterable[int]) -> list[tuple[int, int]]:
+    """Integers (any order) as sorted ``[start, stop)`` runs of consecutive values."""
     out: list[tuple[int, int]] = []
     for v in sorted(values):
         if out and out[-1][1] == v:
@@ -90,17 +91,17 @@ def _chunk_boxes(index_boxes: set[tuple[int, ...]]) -> list[tuple[tuple[int, int
     if ndim == 0:
         return [()]
     if ndim == 1:
-        return [(r,) for r in _runs(i[0] for i in index_boxes)]
+        return [(r,) for r in runs(i[0] for i in index_boxes)]
     rows: dict[tuple[int, tuple[int, ...]], list[int]] = {}
     for idx in index_boxes:
         rows.setdefault((idx[0], idx[2:]), []).append(idx[1])
     cols: dict[tuple[tuple[int, int], tuple[int, ...]], list[int]] = {}
     for (i0, tail), js in rows.items():
-        for run in _runs(js):
+        for run in runs(js):
             cols.setdefault((run, tail), []).append(i0)
     out = []
     for (run, tail), i0s in cols.items():
-        for r0 in _runs(i0s):
+        for r0 in runs(i0s):
             out.append((r0, run) + tuple((t, t + 1) for t in tail))
     return sorted(out)
 

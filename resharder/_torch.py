@@ -12,9 +12,9 @@ from typing import Any, Mapping
 
 import torch
 
-from ucp import _dtensor
-from ucp._errors import StateError
-from ucp._topology import Topology
+from ucp.resharder import _dtensor
+from ucp.core._errors import StateError
+from ucp.core._topology import Topology
 
 from ._plan import SCALAR_STATES, Copy, LocalTensor, RankPlan, Read
 from ._read import ReadStats, read_plan

@@ -11,7 +11,7 @@ import dataclasses
 import math
 from typing import Sequence
 
-from ucp._errors import TopologyError
+from ucp.core._errors import TopologyError
 
 __all__ = ["Region", "flat_boxes", "round_up", "GroupPartition", "group_partition",
            "param_partition"]

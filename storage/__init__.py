@@ -3,7 +3,6 @@
 from ._retry import RetryPolicy, is_transient, retry_call
 from ._stats import ReadCounter, read_counter
 from ._store import PACKAGE_FOR_PROTOCOL, Storage, checksum, open_regular, verify
-from ._zarr import zarr_store
 
 __all__ = ["Storage", "RetryPolicy", "checksum", "verify", "is_transient", "retry_call",
-           "PACKAGE_FOR_PROTOCOL", "zarr_store", "ReadCounter", "read_counter", "open_regular"]
+           "PACKAGE_FOR_PROTOCOL", "ReadCounter", "read_counter", "open_regular"]

@@ -9,7 +9,7 @@ import random
 import time
 from typing import Callable, TypeVar
 
-from ucp._errors import StorageError, UcpError
+from ucp.core._errors import StorageError, UcpError
 
 __all__ = ["RetryPolicy", "is_transient", "retry_call"]
 

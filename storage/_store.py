@@ -19,9 +19,9 @@ from typing import Any, BinaryIO, Callable, Iterable, Mapping, Sequence, TypeVar
 import crc32c as _crc32c
 import fsspec
 
-from ucp._errors import CheckpointExistsError, ChecksumError, CorruptCheckpointError, StorageError, \
+from ucp.core._errors import CheckpointExistsError, ChecksumError, CorruptCheckpointError, StorageError, \
     UnsafeInputError, UnsupportedProtocolError
-from ucp._meta import FileRecord
+from ucp.core._records import FileRecord
 
 from ._retry import RetryPolicy, retry_call
 from ._stats import count_read

@@ -14,7 +14,7 @@ import importlib
 import warnings
 from typing import TYPE_CHECKING, Any
 
-from ._errors import (
+from ucp.core import (
     CheckpointExistsError,
     CheckpointNotFoundError,
     ChecksumError,
@@ -30,31 +30,31 @@ from ._errors import (
     UnsafeInputError,
     UnsupportedProtocolError,
     VerificationError,
+    Topology,
 )
-from ._topology import Topology
 
 if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and IDEs
-    from ._checkpointer import Checkpointer
-    from ._convert import convert
     from . import deepspeed
-    from ._load import load
-    from ._reshard import reshard
-    from ._save import SaveHandle, save
-    from ._universal import UniversalCheckpoint
-    from ._universal import open_universal as open  # noqa: A001 - the public name is ucp.open
     from .grammar import Spec, load_spec
+    from .native._checkpointer import Checkpointer
+    from .native._load import load
+    from .native._save import SaveHandle, save
+    from .ops._convert import convert
+    from .ops._reshard import reshard
+    from .universal import UniversalCheckpoint
+    from .universal import open_universal as open  # noqa: A001 - the public name is ucp.open
 
 # public name -> (module, attribute)
 _LAZY = {
-    "save": ("._save", "save"),
-    "SaveHandle": ("._save", "SaveHandle"),
-    "load": ("._load", "load"),
-    "Checkpointer": ("._checkpointer", "Checkpointer"),
+    "save": ("ucp.native._save", "save"),
+    "SaveHandle": ("ucp.native._save", "SaveHandle"),
+    "load": ("ucp.native._load", "load"),
+    "Checkpointer": ("ucp.native._checkpointer", "Checkpointer"),
     "deepspeed": (".deepspeed", None),
-    "convert": ("._convert", "convert"),
-    "reshard": ("._reshard", "reshard"),
-    "open": ("._universal", "open_universal"),
-    "UniversalCheckpoint": ("._universal", "UniversalCheckpoint"),
+    "convert": ("ucp.ops._convert", "convert"),
+    "reshard": ("ucp.ops._reshard", "reshard"),
+    "open": ("ucp.universal", "open_universal"),
+    "UniversalCheckpoint": ("ucp.universal", "UniversalCheckpoint"),
     "Spec": (".grammar", "Spec"),
     "load_spec": (".grammar", "load_spec"),
 }

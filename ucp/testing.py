@@ -20,7 +20,7 @@ import time
 import traceback
 from typing import Any, Callable, Mapping, Sequence
 
-from ._claim import pid_alive  # noqa: F401 - public here too: tests check that processes ended
+from ucp.native._claim import pid_alive  # noqa: F401 - public here too: tests check that processes ended
 
 __all__ = ["run_ranks", "RankResult", "RankFailure", "scaled_timeout", "timeout_scale", "subprocess_env",
            "run_command", "pid_alive"]

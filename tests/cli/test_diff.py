@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 
 import ucp
-from ucp._universal import UniversalWriter, escape_name
+from ucp.universal._checkpoint import UniversalWriter, escape_name
 from ucp.cli import main
 
 from ._sample import training_state
@@ -89,7 +89,7 @@ def test_a_planted_bug_is_named(source, tmp_path, monkeypatch, name, state, bug)
 
 
 def test_a_dropped_expert_is_missing(source, tmp_path, monkeypatch):
-    from ucp.engines._native import NativeCheckpoint
+    from ucp.native._source import NativeCheckpoint
 
     names = NativeCheckpoint.names
     with monkeypatch.context() as m:
@@ -119,7 +119,7 @@ def test_tolerances_and_states(source, tmp_path, monkeypatch):
 
 def test_bands_of_a_chunked_array_are_compared_in_pieces(tmp_path, monkeypatch):
     """Two universal checkpoints: read band by band (a small band forces several)."""
-    from ucp import _diff
+    from ucp.ops import _diff
 
     big = {"w": torch.randn(2048, 64)}  # chunks of 256 rows
     ucp.save(training_state(big), str(tmp_path / "src"), step=1).wait()
@@ -151,7 +151,7 @@ def test_convert_checks_its_output_by_default(source, tmp_path, monkeypatch, nam
 
 
 def test_convert_records_layout_independent_fingerprints(source, tmp_path):
-    from ucp._fingerprint import fingerprint, to_hex
+    from ucp.core._fingerprint import fingerprint, to_hex
 
     ckpt = ucp.convert(str(source), str(tmp_path / "u"))
     meta = ckpt.metadata
@@ -179,7 +179,7 @@ def test_verify_deep_recomputes_the_recorded_fingerprints(source, tmp_path):
 
 
 def test_export_checks_each_tensor_against_the_recorded_fingerprint(source, tmp_path, monkeypatch):
-    from ucp import _export
+    from ucp.ops import _export
 
     u = str(tmp_path / "u")
     ucp.convert(str(source), u)
@@ -198,8 +198,8 @@ def test_export_checks_each_tensor_against_the_recorded_fingerprint(source, tmp_
 def test_the_writer_fingerprints_the_chunks_it_encodes(tmp_path, monkeypatch, shape, dtype):
     """Multi-chunk arrays (edge chunks padded): the sum over encoded chunks is the tensor's
     fingerprint, and an encoder that reads the wrong bytes is caught by convert's check."""
-    from ucp import _shard
-    from ucp._fingerprint import fingerprint, to_hex
+    from ucp.universal import _shard
+    from ucp.core._fingerprint import fingerprint, to_hex
 
     t = torch.randn(shape).to(dtype)
     calls = []

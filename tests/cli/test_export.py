@@ -189,7 +189,7 @@ def test_a_cut_short_export_is_refused_by_every_reader(sample, tmp_path):
 def test_a_failed_overwrite_keeps_the_earlier_export(sample, tmp_path, monkeypatch):
     import errno
 
-    from ucp import _export
+    from ucp.ops import _export
 
     hf = tmp_path / "hf"
     run("export", str(sample / "universal"), str(hf), "--max-shard-size", "8KB")

@@ -44,7 +44,7 @@ def flip_byte(path: Path, offset: int) -> None:
 def write_json(path: Path, doc: dict) -> None:
     """Writes edited metadata as ucp would (sealed with its own checksum where ucp seals)."""
     try:
-        from ucp._meta import seal
+        from ucp.native._meta import seal
     except ImportError:  # a ucp that does not seal its metadata
         seal = dict
     path.write_text(json.dumps(seal(doc) if "checksum" in doc else doc))
@@ -230,7 +230,7 @@ def test_a_huge_shape_in_tiny_chunks_is_reported_not_walked(tmp_path):
     import sys
 
     import ucp
-    from ucp._meta import seal
+    from ucp.native._meta import seal
 
     ucp.save({"w": torch.ones(3)}, tmp_path / "n", step=1).wait()
     ucp.convert(str(tmp_path / "n"), str(tmp_path / "u"))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ucp
-from ucp._convert import open_source
+from ucp.engines._open import open_source
 
 
 def test_saving_a_meta_tensor_is_a_state_error(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import ucp
-from ucp._meta import seal
+from ucp.native._meta import seal
 
 
 def test_convert_refuses_names_that_differ_only_in_case(tmp_path):

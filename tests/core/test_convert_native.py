@@ -110,8 +110,8 @@ def test_cli_convert_and_refuses_to_overwrite(tp_dp_checkpoint):
 def test_interrupted_conversion_never_looks_complete(tp_dp_checkpoint, monkeypatch, where):
     """A failure while writing an array, or while the read-ahead thread reads the source."""
     dst = tp_dp_checkpoint / "broken"
-    from ucp._universal import UniversalWriter
-    from ucp.engines._native import NativeCheckpoint
+    from ucp.universal._checkpoint import UniversalWriter
+    from ucp.native._source import NativeCheckpoint
 
     calls = {"n": 0}
     cls, attr = (UniversalWriter, "write") if where == "write" else (NativeCheckpoint, "read")

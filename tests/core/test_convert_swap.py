@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import ucp
-from ucp._universal import UniversalWriter
-from ucp._verify import verify_checkpoint
+from ucp.universal._checkpoint import UniversalWriter
+from ucp.ops._verify import verify_checkpoint
 
 
 def _native(root, value: float) -> str:

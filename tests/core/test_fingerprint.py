@@ -13,8 +13,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ucp import _fingerprint as F
-from ucp._fingerprint import combine, fingerprint, fingerprint_box, fingerprint_flat, from_hex, to_hex
+from ucp.core import _fingerprint as F
+from ucp.core._fingerprint import combine, fingerprint, fingerprint_box, fingerprint_flat, from_hex, to_hex
 from ucp.resharder._zero import flat_boxes, group_partition, param_partition
 
 SETTINGS = settings(max_examples=60, deadline=None,
@@ -24,7 +24,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int
 
 
 def reference(t: torch.Tensor) -> int:
-    """The formula of ucp._fingerprint, element by element with Python integers."""
+    """The formula of ucp.core._fingerprint, element by element with Python integers."""
     size = t.element_size()
     raw = t.reshape(-1).contiguous().view(torch.uint8).tolist()
     total = 0

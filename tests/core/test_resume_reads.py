@@ -171,8 +171,8 @@ def test_resume_reads_at_most_ten_percent_more_than_the_ranks_hold(tmp_path, run
     # reading the data into the live tensors (which torch has allocated, the rank's own share)
     # takes only the reader's bounded buffers, whatever the model's size: a piece per reading
     # thread (twice: a freed piece stays in its thread's malloc arena), the block cache, slack
-    from ucp._meta import BLOCK_BYTES
-    from ucp.engines._native import CACHE_BLOCKS, PIECE_BYTES
+    from ucp.native._meta import BLOCK_BYTES
+    from ucp.native._source import CACHE_BLOCKS, PIECE_BYTES
     from ucp.resharder._read import PARTIAL_THREADS
 
     allowance = 2 * PARTIAL_THREADS * PIECE_BYTES + CACHE_BLOCKS * BLOCK_BYTES + 4 * 2**20

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import ucp
-from ucp import _save
+from ucp.native import _save
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

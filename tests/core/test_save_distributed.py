@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ucp
-from ucp._layout import committed_steps
+from ucp.native._layout import committed_steps
 from ucp.storage import Storage
 
 
@@ -34,7 +34,7 @@ def test_each_rank_writes_and_reads_its_own_shard(run_ranks, tmp_path, world):
     files = sorted(os.listdir(tmp_path / "step-00000005"))
     assert files == ["manifest.json"] + sorted(
         f"rank-{r:05d}.{ext}" for r in range(world) for ext in ("json", "safetensors"))
-    manifest = ucp._layout.read_manifest(Storage(url), 5)
+    manifest = ucp.native._layout.read_manifest(Storage(url), 5)
     assert manifest.world_size == world and str(manifest.topology) == f"dp={world},tp=1,pp=1,zero=0"
     assert set(manifest.files) == set(files) - {"manifest.json"}
     # a single process reads any rank's state without torch.distributed
@@ -51,8 +51,8 @@ def dtensor_round_trip(rank, world, url):
     both = distribute_tensor(full.bfloat16(), mesh, [Shard(1), Shard(0)])
     uneven = distribute_tensor(torch.arange(7.0), mesh, [Replicate(), Shard(0)])
     ucp.save({"col": col, "both": both, "uneven": uneven}, url, step=1).wait()
-    from ucp._load import read_rank_index
-    from ucp._layout import read_manifest
+    from ucp.native._load import read_rank_index
+    from ucp.native._layout import read_manifest
     st = Storage(url)
     index = read_rank_index(st, read_manifest(st, 1), rank)
     regions = {f.key: (f.offsets, f.shape, f.placements) for f in index.fragments}

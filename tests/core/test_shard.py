@@ -11,9 +11,9 @@ import torch
 import zarr
 
 import ucp
-import ucp._shard as shard
-from ucp._shard import layout_of, shard_shape
-from ucp._universal import chunk_shape
+import ucp.universal._shard as shard
+from ucp.universal._shard import layout_of, shard_shape
+from ucp.universal._checkpoint import chunk_shape
 from ucp.resharder import load_rank_state
 
 
@@ -133,7 +133,7 @@ def test_unsharded_arrays_of_older_checkpoints_read_directly(tmp_path):
     from crc32c import crc32c
     from zarr.codecs import Crc32cCodec
 
-    from ucp._meta import seal
+    from ucp.native._meta import seal
 
     state = _state()
     _convert(tmp_path, state)

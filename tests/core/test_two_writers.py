@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import ucp
-from ucp import _claim, _save
-from ucp._layout import read_manifest
-from ucp._meta import Manifest, dumps, loads
+from ucp.native import _claim, _save
+from ucp.native._layout import read_manifest
+from ucp.native._meta import Manifest, dumps, loads
 from ucp.storage import Storage
 
 

@@ -20,7 +20,7 @@ import torch.distributed.checkpoint as dcp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ucp._errors import CheckpointNotFoundError, ConvertError, CorruptCheckpointError, UnsafeInputError
+from ucp.core._errors import CheckpointNotFoundError, ConvertError, CorruptCheckpointError, UnsafeInputError
 from ucp.engines._base import SourceCheckpoint
 from ucp.engines.dcp._reader import DcpCheckpoint, detect
 

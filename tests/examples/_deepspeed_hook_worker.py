@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 import gpt
 import ucp
-import ucp._save
+import ucp.native._save
 
 GLOBAL_BATCH, STEPS = 4, 6
 
@@ -88,13 +88,13 @@ def assert_equal_state(saved: dict, expected: dict, *, module: bool, what: str) 
 
 def hold_writes() -> threading.Event:
     """Holds every save's write (on the save worker thread) until the returned event is set."""
-    gate, original = threading.Event(), ucp._save.write_rank_files
+    gate, original = threading.Event(), ucp.native._save.write_rank_files
 
     def held(*args, **kwargs):
         gate.wait(30)
         return original(*args, **kwargs)
 
-    ucp._save.write_rank_files = held
+    ucp.native._save.write_rank_files = held
     return gate
 
 

@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from ucp._cli_spec import parameter_shapes
+from ucp.cli._spec import parameter_shapes
 from ucp.cli import main
 
 SPEC = '''# two layers of a toy model

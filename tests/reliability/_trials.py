@@ -25,7 +25,7 @@ import torch
 
 import ucp
 from ucp import testing_faults as tf
-from ucp._layout import committed_steps
+from ucp.native._layout import committed_steps
 from ucp.storage import Storage
 
 FAILPOINTS = ("save.staging", "save.write", "save.index", "save.gather", "save.commit")
@@ -374,8 +374,8 @@ def file_kind(rel: str) -> str:
 def make_checkpoints(root: Path) -> dict[str, Any]:
     """A native checkpoint (two steps, two ranks' files written by one process through
     ``write_rank_files``) and its universal conversion; returns what reads must give back."""
-    from ucp._save import write_manifest, write_rank_files
-    from ucp._tree import flatten
+    from ucp.native._save import write_manifest, write_rank_files
+    from ucp.core._tree import flatten
 
     native, universal = root / "n", root / "u"
     st = Storage(str(native))
@@ -384,11 +384,11 @@ def make_checkpoints(root: Path) -> dict[str, Any]:
         s = state(rank, 2, 4096)
         tree, tensors = flatten(s)
         staged = {k: t.clone() for k, (_, t) in tensors.items()}
-        from ucp._save import _stage
+        from ucp.native._save import _stage
         staged, fragments, _ = _stage(tensors)
         files.update(write_rank_files(st, step=2, rank=rank, world_size=2, tree=tree, staged=staged,
                                       fragments=fragments))
-    from ucp._meta import FileRecord
+    from ucp.native._meta import FileRecord
     write_manifest(st, step=2, world_size=2, topology=ucp.Topology.parse("dp=2"),
                    spec=None, files={k: FileRecord.from_dict(v) for k, v in files.items()})
     model = {"model": {"w": torch.randn(300, 40), "b": torch.randn(40).bfloat16(), "z": torch.zeros(7)},
@@ -502,7 +502,7 @@ def bound_trial(seed: int, root: Path, run_ranks: Callable[..., Any]) -> Outcome
 
 REAL_ENOSPC = r"""
 import os, sys, json, torch, ucp
-from ucp._layout import committed_steps
+from ucp.native._layout import committed_steps
 from ucp.storage import Storage
 root, first, second = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 ucp.save({"w": torch.ones(first)}, root, step=1).wait()

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 import ucp
-from ucp._layout import committed_steps, read_manifest
-from ucp._verify import verify_checkpoint
+from ucp.native._layout import committed_steps, read_manifest
+from ucp.ops._verify import verify_checkpoint
 from ucp.storage import Storage
 from ucp.testing import subprocess_env
 
@@ -31,7 +31,7 @@ else:  # run by scripts/reliability.py with this folder on sys.path
 WRITER = r"""
 import json, os, random, sys, time
 import torch, ucp
-from ucp._claim import job_id
+from ucp.native._claim import job_id
 root, seed, me = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 rng = random.Random(2 * seed + me)
 open(os.path.join(os.path.dirname(root), f"ready-{me}"), "w").close()

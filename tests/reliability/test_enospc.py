@@ -15,9 +15,10 @@ import pytest
 import torch
 
 import ucp
-from ucp import _claim, testing_faults as tf
-from ucp._layout import committed_steps
-from ucp._meta import dumps
+from ucp.native import _claim
+from ucp import testing_faults as tf
+from ucp.native._layout import committed_steps
+from ucp.native._meta import dumps
 from ucp.storage import Storage
 
 
@@ -98,8 +99,8 @@ def test_disk_full_on_one_rank_fails_every_rank_and_cleans_up(run_ranks, tmp_pat
 
 REAL = """
 import os, sys, torch, ucp
-from ucp._layout import committed_steps
-from ucp._meta import dumps
+from ucp.native._layout import committed_steps
+from ucp.native._meta import dumps
 from ucp.storage import Storage
 root = sys.argv[1]
 ucp.save({"w": torch.ones(250_000)}, root, step=1).wait()          # 1 MB of 3 MiB

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ucp
-from ucp._meta import Manifest, RankIndex, TensorFragment, dumps, loads, seal
+from ucp.native._meta import Manifest, RankIndex, TensorFragment, dumps, loads, seal
 from ucp.storage import checksum
 
 #: scripts/reliability.py raises the example counts through UCP_FUZZ_EXAMPLES.

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import ucp
-from ucp._meta import dumps
+from ucp.native._meta import dumps
 from ucp.storage import checksum
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ucp
-from ucp._meta import MAX_JSON_BYTES
+from ucp.native._meta import MAX_JSON_BYTES
 from ucp.storage import Storage
 
 HUGE = 64 * MAX_JSON_BYTES  # 16 GiB, sparse: costs no disk

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import ucp
-from ucp._meta import CHECKSUM, dumps, loads, seal
+from ucp.native._meta import CHECKSUM, dumps, loads, seal
 
 
 def _flip_text(path, old: str, new: str) -> None:

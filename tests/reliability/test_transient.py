@@ -10,7 +10,7 @@ import torch
 
 import ucp
 from ucp import testing_faults as tf
-from ucp._layout import committed_steps
+from ucp.native._layout import committed_steps
 from ucp.storage import RetryPolicy, Storage
 
 
@@ -56,7 +56,7 @@ def test_a_dead_store_is_a_storage_error_not_corruption(tmp_path):
     ckpt = ucp.open(url, storage_options={"fail_rate": 0.0})
     ckpt.storage.retry = RetryPolicy(attempts=3, base_delay=0.01)
     ckpt.storage.fs.fail_rate = 1.0  # the store goes away after open
-    ckpt._store = ucp.storage.zarr_store(ckpt.storage, read_only=True)
+    ckpt._store = ucp.universal._zarr.zarr_store(ckpt.storage, read_only=True)
     with pytest.raises(ucp.StorageError, match="failed after 3 attempts"):
         ckpt.read("w")
 

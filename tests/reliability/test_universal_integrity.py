@@ -11,7 +11,7 @@ import torch
 
 import ucp
 from ucp.resharder import load_rank_state
-from ucp._meta import seal
+from ucp.native._meta import seal
 from crc32c import crc32c
 
 

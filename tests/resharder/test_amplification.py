@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import ucp
-from ucp._universal import chunk_shape
+from ucp.universal._checkpoint import chunk_shape
 from ucp.engines._base import ParamInfo
 from ucp.grammar import load_spec
 from ucp.resharder import ArrayInfo, estimate_reads, plan_rank, plan_ranks, read_plan
-from ucp.resharder._source import UniversalSource
+from ucp.universal import UniversalSource
 
 # A Llama-style model in Hugging Face naming (separate q/k/v and gate/up projections), hidden 1024.
 H, V, F, LAYERS, KV = 1024, 32000, 2816, 4, 256

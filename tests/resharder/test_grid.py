@@ -92,7 +92,7 @@ def test_masters_follow_the_model_dtype(llama):
     ("pp=3", "do not spread evenly over 3 pp"),
 ])
 def test_a_topology_the_model_cannot_take_fails_before_any_read(llama, target, needle, monkeypatch):
-    from ucp.resharder import _source
+    from ucp.universal import _source
 
     def no_reads(*a, **k):
         raise AssertionError("read before the topology was checked")

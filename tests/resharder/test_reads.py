@@ -12,7 +12,7 @@ import torch
 import ucp
 from crc32c import crc32c
 
-from ucp._meta import seal
+from ucp.native._meta import seal
 from ucp.resharder import load_rank_state
 
 

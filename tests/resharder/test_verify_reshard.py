@@ -67,7 +67,7 @@ def test_a_planted_bug_is_named_and_nothing_is_committed(llama, tmp_path, monkey
 
 def test_the_deepspeed_target_checks_each_state_against_the_recorded_one(llama, tmp_path, monkeypatch):
     from ucp.engines.deepspeed import _target as _deepspeed
-    from ucp.resharder._source import UniversalSource
+    from ucp.universal import UniversalSource
 
     checked = []
     check = _deepspeed.check_recorded

@@ -12,7 +12,7 @@ from typing import Any, Mapping, Protocol, runtime_checkable
 
 import torch
 
-from ucp._topology import Topology
+from ucp.core._topology import Topology
 
 __all__ = ["ParamInfo", "SourceCheckpoint", "Engine", "Region", "cut"]
 

@@ -6,7 +6,7 @@ import importlib.metadata
 import logging
 from typing import Any, Mapping
 
-from ucp._errors import ConvertError
+from ucp.core._errors import ConvertError
 
 from ._base import Engine
 

@@ -17,7 +17,7 @@ import torch
 
 from ucp.storage import Storage
 
-from ucp._errors import CheckpointNotFoundError, ConvertError, CorruptCheckpointError, UnsafeInputError
+from ucp.core._errors import CheckpointNotFoundError, ConvertError, CorruptCheckpointError, UnsafeInputError
 
 __all__ = ["Blob", "BlobReader"]
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ucp._errors import ConvertError, CorruptCheckpointError
+from ucp.core._errors import ConvertError, CorruptCheckpointError
 from ._meta import DcpMetadata, KeyPath, ObjectEntry, TensorEntry
 
 __all__ = ["Layout", "plan_layout", "MODEL_KEYS", "OPTIM_KEYS"]

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from ucp._errors import CorruptCheckpointError, UnsafeInputError
+from ucp.core._errors import CorruptCheckpointError, UnsafeInputError
 
 __all__ = ["Chunk", "TensorEntry", "ObjectEntry", "DcpMetadata", "parse_metadata", "merge_metadata",
            "unpickle_metadata"]

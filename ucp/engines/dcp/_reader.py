@@ -30,8 +30,8 @@ import torch
 
 from ucp.storage import Storage
 
-from ucp._errors import CheckpointNotFoundError, ConvertError, CorruptCheckpointError
-from ucp._topology import Topology
+from ucp.core._errors import CheckpointNotFoundError, ConvertError, CorruptCheckpointError
+from ucp.core._topology import Topology
 from .._base import ParamInfo, Region, cut
 from ._blobs import Blob, BlobReader
 from ._layout import Layout, plan_layout

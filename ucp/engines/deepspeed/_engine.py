@@ -12,8 +12,8 @@ from typing import Any, Mapping
 
 import torch
 
-from ucp._errors import ConvertError
-from ucp._topology import Topology
+from ucp.core._errors import ConvertError
+from ucp.core._topology import Topology
 
 from .._base import ParamInfo, Region, cut
 from ._reader import DeepSpeedCheckpoint

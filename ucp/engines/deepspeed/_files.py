@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from ucp._errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeInputError
+from ucp.core._errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeInputError
 from ucp.storage import open_regular
 
 __all__ = ["TensorRef", "RangeReader", "load_index", "LossScalerState", "FragmentAddress",

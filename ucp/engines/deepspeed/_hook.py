@@ -31,9 +31,9 @@ from typing import Any, Literal, Mapping
 
 import torch
 
-from ucp._coord import get_coordinator
-from ucp._errors import CheckpointNotFoundError, StateError, UcpError
-from ucp._save import SaveHandle
+from ucp.core._coord import get_coordinator
+from ucp.core._errors import CheckpointNotFoundError, StateError, UcpError
+from ucp.native._save import SaveHandle
 
 __all__ = ["DeepSpeedCheckpointer", "load_deepspeed", "restore_deepspeed_extras"]
 
@@ -158,7 +158,7 @@ class DeepSpeedCheckpointer:
 
     def steps(self) -> list[int]:
         """Committed steps under ``url``, oldest first."""
-        from ucp._layout import committed_steps
+        from ucp.native._layout import committed_steps
         from ucp.storage import Storage
 
         try:
@@ -197,7 +197,7 @@ class DeepSpeedCheckpointer:
             UcpError: an engine layout the hook does not cover (ZeRO-0/3, tp/pp, MoE).
         """
         from ._snapshot import capture
-        from ucp._save import save
+        from ucp.native._save import save
 
         self.wait()
         state = capture(engine, step=step, client_state=client_state)

@@ -17,7 +17,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from ucp._errors import CheckpointNotFoundError, ConvertError, CorruptCheckpointError, UnsafeInputError
+from ucp.core._errors import CheckpointNotFoundError, ConvertError, CorruptCheckpointError, UnsafeInputError
 from ._files import TensorRef
 
 __all__ = ["CheckpointFiles", "Piece", "ParamPlan", "MpPlan", "discover", "plan_mp_rank"]

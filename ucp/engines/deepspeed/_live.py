@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ucp._errors import StateError
+from ucp.core._errors import StateError
 from ._snapshot import _dp_rank_and_size, _zero_parts
 from ucp.resharder import flat_boxes, group_partition
 

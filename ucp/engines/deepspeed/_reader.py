@@ -26,8 +26,8 @@ from typing import Any, Iterator
 
 import torch
 
-from ucp._errors import CheckpointNotFoundError, ConvertError, CorruptCheckpointError, UcpError
-from ucp._topology import Topology
+from ucp.core._errors import CheckpointNotFoundError, ConvertError, CorruptCheckpointError, UcpError
+from ucp.core._topology import Topology
 from .._base import ParamInfo as _BaseParamInfo
 from ._files import RangeReader, TensorRef, load_index
 from ._layout import CheckpointFiles, MpPlan, ParamPlan, discover, plan_mp_rank

@@ -31,9 +31,9 @@ from typing import Any, Mapping
 
 import torch
 
-from ucp._errors import CorruptCheckpointError, UcpError
-from ucp._layout import read_manifest
-from ucp._topology import Topology
+from ucp.core._errors import CorruptCheckpointError, UcpError
+from ucp.native._layout import read_manifest
+from ucp.core._topology import Topology
 from .._base import ParamInfo, Region
 from ._layout import _zero12_group
 from ucp.storage import Storage
@@ -179,7 +179,7 @@ class DeepSpeedSnapshot:
     partial_reads = True
 
     def __init__(self, url: str, step: int, *, storage_options: Mapping[str, Any] | None = None) -> None:
-        from ucp.engines._native import NativeCheckpoint
+        from ucp.native._source import NativeCheckpoint
 
         self.url = url
         storage = Storage(url, storage_options=storage_options)
@@ -274,7 +274,7 @@ class DeepSpeedSnapshot:
         raise KeyError(f"{self.url}: no parameter {name!r} in this DeepSpeed snapshot (see names())")
 
     def _dtype(self, name: str) -> torch.dtype:
-        from ucp._stfile import dtype_from_name
+        from ucp.core._stfile import dtype_from_name
 
         return dtype_from_name(self.raw.fragment(self.ranks[0], self._module[name]).dtype)
 

@@ -33,9 +33,9 @@ from typing import Any, Mapping
 
 import torch
 
-from ucp._coord import get_coordinator
-from ucp._errors import CheckpointExistsError, TopologyError
-from ucp._topology import Topology
+from ucp.core._coord import get_coordinator
+from ucp.core._errors import CheckpointExistsError, TopologyError
+from ucp.core._topology import Topology
 from ucp.grammar import Spec
 from ucp.storage import Storage
 

@@ -1,0 +1,77 @@
+"""``ucp.reshard``: a checkpoint laid out for another topology (and engine), written to disk."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Mapping
+
+from ucp.ops._dest import check_destination, refuse_foreign
+from ucp.native._layout import LATEST
+from ucp.native._meta import parse_step_dir
+from ucp.core._topology import Topology
+
+__all__ = ["reshard"]
+
+
+def reshard(src: str, dst: str, *, topology: Topology | str, engine: str = "ucp", spec: Any = None,
+            alignment: int | None = None, src_engine: str = "auto", tag: str | None = None,
+            step: int | None = None, overwrite: bool = False, workers: int = 8, verify: bool = True,
+            storage_options: Mapping[str, Any] | None = None,
+            dst_storage_options: Mapping[str, Any] | None = None,
+            progress: bool | None = None) -> Any:
+    """Writes the checkpoint at ``src`` for ``topology`` at ``dst``, in ``engine``'s layout.
+
+    Called by one process, or by every process of a torchrun job (target ranks are shared out;
+    process 0 commits). Each target rank's state is planned first (a topology the model cannot
+    take fails before any tensor is read), then read chunk by chunk and written; memory holds one
+    target rank's state at a time.
+
+    Args:
+        src: a universal checkpoint, or any checkpoint ``ucp convert`` reads (converted on the
+            fly, parameter by parameter; no universal copy is written).
+        dst: where the resharded checkpoint goes (local path or fsspec URL).
+        topology: target topology, e.g. ``"dp=2,tp=2,pp=1,zero=1"``.
+        engine: target layout: ``"ucp"`` (ucp's native per-rank format, read back with
+            ``ucp.load(dst, rank=r)``), or an engine plugin that provides a reshard target.
+        spec: UCL spec (Spec, bundled name, path or text) for tp/pp/ep cuts; default: the one
+            stored in the universal checkpoint.
+        alignment: ZeRO partitions hold a multiple of this many elements (default: the target
+            engine's; 1 for ``ucp``).
+        src_engine / tag / storage_options: how to open ``src`` (as ``ucp.convert`` does).
+        step: the step to write (default: the source's, else 0).
+        overwrite: replace that step if ``dst`` already has it.
+        workers: reads in flight.
+        verify: before committing, check every state the target ranks hold against the source
+            by fingerprint (see :mod:`ucp.core._fingerprint`; engine ``ucp``).
+        dst_storage_options: fsspec options for ``dst``.
+        progress: progress bar on stderr (default: when stderr is a terminal).
+
+    Returns:
+        A :class:`ucp.resharder.ReshardReport` (``.stats.amplification``: bytes read / needed).
+
+    Raises:
+        TopologyError: the model cannot take ``topology`` (names the parameter and constraint).
+        CheckpointExistsError: ``dst`` has the step and ``overwrite`` is False.
+        VerificationError: a state as resharded differs from the source's (names it).
+
+    Example:
+        >>> ucp.reshard("universal/", "ckpt_tp1/", topology="dp=4,zero=1")
+        >>> ucp.load("ckpt_tp1/", rank=3)["optim"]["flat"][0]["exp_avg"]
+    """
+    from ucp.engines.deepspeed import _target  # noqa: F401 - registers engine="deepspeed"
+    from ucp.resharder import get_target
+    from ucp.resharder._api import resolve
+
+    check_destination(src, dst)
+    if engine == "ucp":  # its files: step directories and `latest`
+        refuse_foreign(dst, ours=lambda n: n == LATEST or parse_step_dir(n) is not None,
+                       what="a ucp checkpoint", storage_options=dst_storage_options)
+    target = get_target(engine)
+    source, topo, spec_ = resolve(src, topology, spec=spec, engine=src_engine, tag=tag,
+                                  storage_options=storage_options)
+    step = step if step is not None else source.step if source.step is not None else 0
+    return target.write(source, dst, topology=topo, spec=spec_,
+                        alignment=target.default_alignment if alignment is None else alignment,
+                        step=step, overwrite=overwrite, storage_options=dst_storage_options,
+                        workers=workers, progress=sys.stderr.isatty() if progress is None else progress,
+                        verify=verify)

@@ -1,0 +1,540 @@
+"""The universal checkpoint: a zarr v3 group with one array per parameter state.
+
+::
+
+    DST/zarr.json                       group; attributes["ucp"] = the table below (written LAST)
+    DST/params/<escaped name>/<state>   one array per state: param, fp32, exp_avg, exp_avg_sq, ...
+    DST/buffers/<escaped name>          one array per buffer
+
+Arrays are zarr v3 sharded arrays (see :mod:`ucp.universal._shard`): small inner chunks, the unit a reader
+reads, stored together in one shard file per array (per GiB); every inner chunk and every shard
+index carries a CRC32C (zarr's ``crc32c`` codec), verified on read, and the table records the
+CRC32C of every array's ``zarr.json``. bf16/fp16/fp8 are
+stored as their bits (uint16/uint8) with the logical dtype in the array's ``ucp_dtype``
+attribute. Parameter names are percent-escaped so no name can leave the checkpoint root. A
+checkpoint is complete only when ``attributes["ucp"]["complete"]`` is true, and that group
+metadata is written last, atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import struct
+import math
+import re
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from crc32c import crc32c
+
+from ucp.storage import Storage, checksum
+from ucp.universal._zarr import zarr_store
+
+from ucp.core._errors import (ChecksumError, CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError,
+                      StorageError, UcpError)
+from ucp.core._fingerprint import fingerprint as fingerprint_of
+from ucp.core._fingerprint import combine, from_hex, to_hex
+from ucp.core._sealed import MAX_JSON_BYTES, load_sealed, seal
+from ucp.universal._shard import ChunkReader, Layout, ShardParts, layout_of, shard_shape, sharded_meta
+from ucp.core._stfile import dtype_from_name, dtype_name
+from ucp.core._topology import Topology
+from ucp.engines._base import ParamInfo
+
+__all__ = ["UniversalCheckpoint", "UniversalWriter", "escape_name", "chunk_shape", "open_universal"]
+
+GROUP_META = "zarr.json"
+_GROUP_NODE = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}).encode()
+KIND = "ucp-universal"
+#: Version of the universal group metadata this ucp writes (and reads).
+FORMAT_VERSION = 1
+#: Target bytes per chunk: small enough that a rank reads little it does not need, large enough
+#: that per-chunk overhead stays negligible.
+CHUNK_BYTES = 4 * 2**20
+#: Smallest chunk the split below makes, and how many chunks a leading dim gets when it can.
+MIN_CHUNK_BYTES = 64 * 2**10
+MIN_SPLITS = 8
+_SAFE = re.compile(r"[A-Za-z0-9._-]")
+_SAFE_STATE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+#: Largest array metadata file (``zarr.json``) read: a few hundred bytes in practice.
+MAX_ARRAY_META = 1 << 20
+_MAX_NAME = 160
+_BITS = {torch.bfloat16: np.uint16, torch.float16: np.float16, torch.float8_e4m3fn: np.uint8,
+         torch.float8_e5m2: np.uint8, torch.uint16: np.uint16, torch.uint32: np.uint32,
+         torch.uint64: np.uint64}
+
+
+def escape_name(name: str) -> str:
+    """A path segment for ``name``: percent-escapes all but ``[A-Za-z0-9._-]``, a leading ``.``
+    or ``_``, and the dot of ``zarr.json`` (the group's own metadata file lives beside the
+    parameters' directories); long names are cut and suffixed with a hash. Injective in practice."""
+    out = "".join(c if _SAFE.fullmatch(c) else "".join(f"%{b:02X}" for b in c.encode()) for c in name)
+    if not out or out[0] in "._":
+        out = f"%{ord(out[0]):02X}{out[1:]}" if out else "%"
+    if out.lower() == GROUP_META:
+        out = f"{out[:4]}%2E{out[5:]}"
+    if len(out) > _MAX_NAME:
+        out = f"{out[:_MAX_NAME - 18]}~{hashlib.sha1(name.encode()).hexdigest()[:16]}"
+    return out
+
+
+def chunk_shape(shape: Sequence[int], itemsize: int, target: int = CHUNK_BYTES) -> tuple[int, ...]:
+    """Chunk shape of about ``target`` bytes: the two leading dims are halved, largest first,
+    so both row- and column-parallel cuts read little beyond what they need. Then, while chunks
+    stay above ``MIN_CHUNK_BYTES``, each leading dim is halved until it has ``MIN_SPLITS``
+    chunks, so a 1/2 .. 1/8 slice of a mid-sized tensor (TP, ZeRO-3) still reads about itself."""
+    chunk = [max(1, s) for s in shape]
+    if not chunk:
+        return ()
+    lead = range(min(2, len(chunk)))
+    while math.prod(chunk) * itemsize > target:
+        i = max(lead, key=lambda d: chunk[d])
+        if chunk[i] == 1:
+            break
+        chunk[i] = (chunk[i] + 1) // 2
+    while math.prod(chunk) * itemsize >= 2 * MIN_CHUNK_BYTES:
+        coarse = [d for d in lead if chunk[d] > 1 and chunk[d] * MIN_SPLITS > shape[d]]
+        if not coarse:
+            break
+        i = max(coarse, key=lambda d: chunk[d])
+        chunk[i] = (chunk[i] + 1) // 2
+    return tuple(chunk)
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().contiguous().cpu()
+    if t.dtype in _BITS and t.dtype is not torch.float16:
+        bits = {2: torch.uint16, 1: torch.uint8, 4: torch.uint32, 8: torch.uint64}[t.element_size()]
+        return t.view(bits).numpy()
+    return t.numpy()
+
+
+def from_numpy(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(a).reshape(a.shape))  # ascontiguousarray makes 0-d 1-d
+    return t.view(dtype) if t.dtype != dtype else t
+
+
+class UniversalWriter:
+    """Writes a universal checkpoint: arrays first (any order, any process), metadata last.
+
+    ``begin`` and ``commit`` run in one process (the coordinator); ``write`` may run in many
+    processes at once, each for different parameters.
+    """
+
+    def __init__(self, url: str, *, storage_options: Mapping[str, Any] | None = None) -> None:
+        self.storage = Storage(url, storage_options=storage_options)
+        self.url = url
+        self._groups: set[str] = set()
+
+    def check_destination(self, *, overwrite: bool) -> None:
+        """Refuses to replace a complete universal checkpoint unless ``overwrite``, and any
+        directory that holds other files (a swap would delete them).
+
+        Raises:
+            CheckpointExistsError: naming the destination and the fix.
+        """
+        if self.storage.exists(GROUP_META):
+            try:
+                complete = _read_attrs(self.storage).get("complete") is True
+            except CorruptCheckpointError:
+                complete = False
+            if complete and not overwrite:
+                raise CheckpointExistsError(f"{self.url} already holds a complete universal "
+                                            "checkpoint; pass overwrite=True (--overwrite) to replace it")
+            return
+        listed = self.storage.list("")
+        if listed:
+            raise CheckpointExistsError(f"{self.url} holds files that are not a universal checkpoint "
+                                        f"({', '.join(listed[:3])}{', ...' if len(listed) > 3 else ''}); "
+                                        "convert into a new or empty directory")
+
+    def begin(self, *, overwrite: bool) -> None:
+        """Marks the destination incomplete (refusing to replace a complete one unless ``overwrite``)."""
+        self.check_destination(overwrite=overwrite)
+        _write_attrs(self.storage, {"format_version": FORMAT_VERSION, "kind": KIND, "complete": False})
+
+    def write(self, path: str, tensor: torch.Tensor, *, fingerprint: bool = False) -> dict[str, Any]:
+        """Writes one array at ``path`` (relative); returns its table entry (with
+        ``fingerprint``: the fingerprint of the bytes written, see :mod:`ucp.core._fingerprint`).
+
+        Shards are encoded here, as zarr v3's sharding codec specifies them (inner chunks of
+        little-endian bytes, each followed by its CRC32C, edge chunks padded with the fill value;
+        the index last), without zarr's per-chunk machinery, which costs several times the I/O
+        itself; a local shard streams to its file one inner chunk at a time.
+        """
+        data = to_numpy(tensor)
+        chunks = chunk_shape(data.shape, data.dtype.itemsize)
+        sharded = data.ndim > 0 and data.size > 0
+        shard = shard_shape(data.shape, chunks, data.dtype.itemsize) if sharded else chunks
+        meta = {"zarr_format": 3, "node_type": "array", "shape": list(data.shape),
+                "data_type": data.dtype.name if data.dtype != np.bool_ else "bool",
+                "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}},
+                "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+                "fill_value": False if data.dtype == np.bool_ else 0,
+                "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
+                "attributes": {"ucp_dtype": dtype_name(tensor.dtype)}, "storage_transformers": []}
+        prints: dict[tuple[int, ...], int] | None = {} if fingerprint and sharded else None
+        if sharded:
+            meta.update(sharded_meta(chunks, shard))
+            grid = [range(-(-s // c)) for s, c in zip(data.shape, shard)]
+            cells = list(itertools.product(*grid))
+            write = lambda idx: self.storage.write(  # noqa: E731
+                f"{path}/c/{'/'.join(map(str, idx))}", ShardParts(data, chunks, shard, idx, prints), fsync=False,
+                atomic=False, crc=False)  # every inner chunk and the index carry their own CRC32C
+            if self.storage.is_local or len(cells) == 1:  # the page cache absorbs writes best from one thread
+                for idx in cells:
+                    write(idx)
+            else:  # object stores: latency-bound, so several requests in flight
+                self.storage.map(write, cells)
+        elif data.ndim == 0:  # a 0-d array: one plain chunk
+            raw = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+            self.storage.write(f"{path}/c", [raw, struct.pack("<I", crc32c(raw))], fsync=False, atomic=False)
+        encoded = json.dumps(meta).encode()
+        self.storage.write(f"{path}/zarr.json", encoded, fsync=False)
+        self._write_parents(path)
+        entry = {"shape": list(tensor.shape), "dtype": dtype_name(tensor.dtype), "nbytes": int(data.nbytes),
+                 "meta_crc32c": crc32c(encoded)}
+        if fingerprint:  # of the chunks as encoded (bits of bf16 and friends), summed
+            whole = prints is None or len(prints) != math.prod(-(-n // c) for n, c in zip(data.shape, chunks))
+            entry["fingerprint"] = to_hex(fingerprint_of(torch.from_numpy(data)) if whole
+                                          else combine(prints.values()))
+        return entry
+
+    def _write_parents(self, path: str) -> None:
+        """Explicit group nodes for ``params/`` and ``params/<name>/`` (zarr v3 has no implicit groups)."""
+        parts = path.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            group = "/".join(parts[:i])
+            if group not in self._groups:
+                self._groups.add(group)
+                self.storage.write(f"{group}/zarr.json", _GROUP_NODE, fsync=False)
+
+    def commit(self, table: Mapping[str, Any]) -> None:
+        """Writes the final group metadata (the commit); must come after every array."""
+        # Chunks are not fsynced one by one (that would cost more than the conversion): a crash
+        # right after the commit can lose some of them, which every read detects (missing
+        # chunk file or CRC32C mismatch); the source is still there to convert again.
+        _write_attrs(self.storage, {**table, "format_version": FORMAT_VERSION, "kind": KIND,
+                                    "complete": True})
+
+
+def _write_attrs(storage: Storage, attrs: Mapping[str, Any]) -> None:
+    doc = {"zarr_format": 3, "node_type": "group", "attributes": {"ucp": seal(attrs)}}
+    storage.write(GROUP_META, json.dumps(doc, allow_nan=False).encode())
+
+
+def _read_attrs(storage: Storage) -> dict[str, Any]:
+    where = f"{storage.url}/{GROUP_META}"
+    try:
+        raw = storage.read(GROUP_META, max_bytes=MAX_JSON_BYTES)
+    except FileNotFoundError as e:
+        raise CheckpointNotFoundError(f"{storage.url} is not a universal checkpoint "
+                                      f"(no {GROUP_META}); create one with `ucp convert`") from e
+    try:
+        doc = json.loads(raw)
+        attrs = doc["attributes"]["ucp"]
+        assert isinstance(attrs, dict)
+    except (ValueError, KeyError, TypeError, AssertionError) as e:
+        raise CorruptCheckpointError(f"{where}: not a ucp universal checkpoint's group metadata") from e
+    return load_sealed(json.dumps(attrs).encode(), what=where, versions=(FORMAT_VERSION,))
+
+
+class UniversalCheckpoint:
+    """A complete universal checkpoint, opened for reading (``ucp.open``).
+
+    Example:
+        >>> ckpt = ucp.open("/ckpt/universal")
+        >>> for name in ckpt.names():
+        ...     w = ckpt.read(name, state="fp32")
+    """
+
+    def __init__(self, url: str, *, storage_options: Mapping[str, Any] | None = None) -> None:
+        self.url = url
+        self.storage = Storage(url, storage_options=storage_options)
+        attrs = _read_attrs(self.storage)
+        if attrs.get("kind") != KIND or attrs.get("complete") is not True:
+            raise CorruptCheckpointError(f"{url} is an incomplete universal checkpoint (its "
+                                         "conversion did not finish); run `ucp convert` again")
+        self._attrs = attrs
+        where = f"{url}/{GROUP_META}"
+        self._params = _checked_table(self.storage, attrs.get("params"), states=True, where=where)
+        self._buffers = _checked_table(self.storage, attrs.get("buffers"), states=False, where=where)
+        self._store = zarr_store(self.storage, read_only=True)
+        self._arrays: dict[str, tuple[Any, torch.dtype]] = {}
+        self._layouts: dict[str, Layout | None] = {}
+        self._reader = ChunkReader(self.storage, url)
+
+    @property
+    def step(self) -> int | None:
+        return self._attrs.get("step")
+
+    @property
+    def engine(self) -> str | None:
+        return (self._attrs.get("source") or {}).get("engine")
+
+    @property
+    def topology(self) -> Topology | None:
+        text = (self._attrs.get("source") or {}).get("topology")
+        return Topology.parse(text) if text else None
+
+    @property
+    def spec(self) -> str | None:
+        return self._attrs.get("spec")
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return list(self._attrs.get("param_groups") or [])
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        """Tied weights: other names the model uses for a parameter (alias -> name)."""
+        return dict(self._attrs.get("aliases") or {})
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """The whole group attribute table (a copy)."""
+        return json.loads(json.dumps(self._attrs))
+
+    def names(self) -> list[str]:
+        return list(self._params)
+
+    def buffer_names(self) -> list[str]:
+        return list(self._buffers)
+
+    def info(self, name: str) -> ParamInfo:
+        e = self._entry(name)
+        return ParamInfo(shape=tuple(e["shape"]), dtype=dtype_from_name(e["dtype"]),
+                         states=tuple(e["states"]), frozen=bool(e.get("frozen")), group=e.get("group"))
+
+    def read(self, name: str, state: str = "fp32", region: Sequence[slice] | None = None) -> torch.Tensor:
+        """One state of a parameter, or only ``region`` of it (reads only the chunks needed)."""
+        e = self._entry(name)
+        shape = tuple(e["shape"])
+        if state == "param" and "param" not in e["states"] and "fp32" in e["states"]:
+            # an fp32 model stores its weights once, as the fp32 state
+            return self._read_array(f"{e['path']}/fp32", region, shape,
+                                    _meta_crc(e, "fp32")).to(dtype_from_name(e["dtype"]))
+        if state not in e["states"]:
+            raise KeyError(f"parameter {name!r} has no state {state!r}; it has {e['states']}")
+        return self._read_array(f"{e['path']}/{state}", region, None if state == "step" else shape,
+                                _meta_crc(e, state))
+
+    def recorded_fingerprint(self, name: str, state: str | None) -> int | None:
+        """The fingerprint recorded for a parameter state (``state=None``: a buffer) when it was
+        written, or None (converted with ``--no-verify``, or by an older ucp)."""
+        e = self._buffers.get(name, {}) if state is None else self._entry(name)
+        if state is None:
+            value = e.get("fingerprint")
+        else:
+            if state == "param" and "param" not in e["states"] and e["dtype"] == "float32":
+                state = "fp32"  # an fp32 model's weights are stored once, as fp32: the same bits
+            value = (e.get("fingerprints") or {}).get(state)
+        try:
+            return from_hex(value) if value is not None else None
+        except ValueError as err:
+            raise CorruptCheckpointError(f"{self.url}/{GROUP_META}: {name!r} ({state or 'buffer'}): "
+                                         f"{err}; the group metadata is damaged") from err
+
+    def read_buffer(self, name: str) -> torch.Tensor:
+        if name not in self._buffers:
+            raise KeyError(f"no buffer {name!r} in {self.url}")
+        e = self._buffers[name]
+        return self._read_array(e["path"], None, tuple(e["shape"]), _meta_crc(e, None))
+
+    def _entry(self, name: str) -> dict[str, Any]:
+        try:
+            return self._params[name]
+        except KeyError:
+            raise KeyError(f"no parameter {name!r} in {self.url} ({len(self._params)} parameters; "
+                           "see .names())") from None
+
+    def _read_array(self, path: str, region: Sequence[slice] | None,
+                    shape: tuple[int, ...] | None, meta_crc: int | None = None) -> torch.Tensor:
+        arr, dtype = self._array(path, shape, meta_crc)
+        layout = self._layouts.get(path)
+        simple = region is None or (len(region) <= len(arr.shape) and all(
+            isinstance(sl, slice) and sl.step in (None, 1) for sl in region))
+        if layout is not None and simple:  # ucp's own layout: chunks read straight from their files
+            _check_region(self.storage, arr, path, region, layout)
+            bounds = None if region is None else [
+                (lo, max(lo, hi)) for lo, hi, _ in (sl.indices(n) for sl, n in
+                                                    itertools.zip_longest(region, layout.shape, fillvalue=slice(None)))]
+            return from_numpy(self._reader.read(path, layout, bounds), dtype)
+        try:
+            _check_region(self.storage, arr, path, region, layout)
+            data = arr[tuple(region) if region is not None else ...]
+        except UcpError:  # a missing chunk names itself
+            raise
+        except ValueError as e:
+            if "checksum" in str(e).lower():
+                bad = _bad_chunk(self.storage, arr, path, region, layout, self._reader) or path
+                raise ChecksumError(f"{self.url}/{bad}: CRC32C does not match (the chunk is "
+                                    "corrupt); convert the checkpoint again") from e
+            bad = _bad_chunk(self.storage, arr, path, region, layout, self._reader)
+            if bad is not None:  # e.g. a truncated chunk: zarr fails before any checksum
+                raise CorruptCheckpointError(f"{self.url}/{bad}: the chunk is damaged ({e}); convert "
+                                             "the checkpoint again") from e
+            raise CorruptCheckpointError(f"{self.url}/{path}/{GROUP_META} or one of the array's "
+                                         f"chunks is damaged ({e}); convert the checkpoint again") from e
+        return from_numpy(np.asarray(data), dtype)
+
+    def _array(self, path: str, shape: tuple[int, ...] | None,
+               meta_crc: int | None = None) -> tuple[Any, torch.dtype]:
+        """The zarr array at ``path`` and its logical dtype, checked against the group table
+        (shape, and the CRC32C of its ``zarr.json`` that checkpoints since format 1.1 record)."""
+        if path in self._arrays:
+            return self._arrays[path]
+        import zarr
+
+        where = f"{self.url}/{path}/{GROUP_META}"
+        raw = read_array_meta(self.storage, self.url, path, meta_crc)
+        try:
+            arr = zarr.open_array(self._store, path=path, mode="r")
+            dtype = dtype_from_name(arr.attrs.get("ucp_dtype", ""))
+            stored = to_numpy(torch.empty(0, dtype=dtype)).dtype
+            ok = arr.dtype == stored and (shape is None or tuple(arr.shape) == shape) \
+                and all(c >= 1 for c in arr.chunks) and all(c >= 1 for c in arr.shards or ())
+        except StorageError:  # the store's retries ran out: not damage
+            raise
+        except Exception as e:  # noqa: BLE001 - damaged metadata makes zarr raise all kinds of errors
+            raise CorruptCheckpointError(f"{where}: unreadable array metadata ({type(e).__name__}: "
+                                         f"{e}); the file is damaged, convert the checkpoint again") from e
+        if not ok:
+            raise CorruptCheckpointError(f"{where}: array of {arr.dtype}{list(arr.shape)} does not hold "
+                                         f"the {dtype}{list(shape or arr.shape)} the group metadata "
+                                         "records; the file is damaged, convert the checkpoint again")
+        try:
+            layout = layout_of(json.loads(raw))
+        except ValueError:
+            layout = None
+        self._layouts[path] = layout
+        self._arrays[path] = arr, dtype
+        return arr, dtype
+
+
+def read_array_meta(storage: Storage, url: str, path: str, meta_crc: int | None) -> bytes:
+    """An array's ``zarr.json`` (bounded in size), checked against the CRC32C the group table
+    records for it (None: not recorded)."""
+    where = f"{url}/{path}/{GROUP_META}"
+    try:
+        raw = storage.read(f"{path}/{GROUP_META}", max_bytes=MAX_ARRAY_META)
+    except FileNotFoundError as e:
+        raise CorruptCheckpointError(f"{where} is missing (array {path!r} is lost); convert the "
+                                     "checkpoint again") from e
+    if meta_crc is not None and crc32c(raw) != meta_crc:
+        raise ChecksumError(f"{where}: CRC32C does not match the one the group metadata records "
+                            "(the array metadata is damaged); convert the checkpoint again")
+    return bytes(raw)
+
+
+def _meta_crc(entry: Mapping[str, Any], state: str | None) -> int | None:
+    """The CRC32C of an array's ``zarr.json`` recorded in its table entry (None: not recorded)."""
+    crcs = entry.get("meta_crc32c")
+    if state is not None and isinstance(crcs, dict):
+        crcs = crcs.get(state)
+    return crcs if type(crcs) is int else None
+
+
+def _checked_table(storage: Storage, table: Any, *, states: bool, where: str) -> dict[str, dict[str, Any]]:
+    """The ``params`` or ``buffers`` table of the group metadata, each entry checked: a path that
+    stays below the root, a shape, a known dtype and plain state names."""
+    if table is None:
+        return {}
+    if not isinstance(table, dict):
+        raise CorruptCheckpointError(f"{where}: the parameter table is a {type(table).__name__}")
+    folded: dict[str, str] = {}
+    for name, e in table.items():
+        ok = isinstance(e, dict) and isinstance(e.get("path"), str) and isinstance(e.get("shape"), list) \
+            and all(type(n) is int and n >= 0 for n in e["shape"]) and isinstance(e.get("dtype"), str)
+        if ok and states:
+            ok = isinstance(e.get("states"), list) and all(
+                isinstance(s, str) and _SAFE_STATE.fullmatch(s) for s in e["states"])
+        if not ok:
+            raise CorruptCheckpointError(f"{where}: malformed entry for {name[:200]!r}; the group "
+                                         "metadata is damaged, convert the checkpoint again")
+        storage.path(e["path"])  # raises UnsafeInputError for a path that leaves the root
+        other = folded.setdefault(e["path"].lower(), name)
+        if other != name:  # on a case-insensitive filesystem both would read one directory
+            raise CorruptCheckpointError(f"{where}: {other[:200]!r} and {name[:200]!r} are stored at "
+                                         "paths that differ only in case; the checkpoint cannot hold "
+                                         "both (convert it again with this ucp, which refuses such names)")
+        try:
+            dtype_from_name(e["dtype"])
+        except CorruptCheckpointError as err:
+            raise CorruptCheckpointError(f"{where}: {name[:200]!r}: {err}") from None
+    return dict(table)
+
+
+def _region_chunks(arr: Any, region: Sequence[slice] | None) -> tuple[list[int], list[int]]:
+    """First chunk index and chunk count per dimension of ``region`` (unit-step slices)."""
+    bounds = [slice(None)] * arr.ndim if region is None else list(region)
+    first, counts = [], []
+    for sl, n, c in zip(bounds, arr.shape, arr.chunks):
+        start, stop, _ = sl.indices(n) if isinstance(sl, slice) else (0, n, 1)
+        first.append(start // c)
+        counts.append(max(0, -(-stop // c) - start // c))
+    return first, counts
+
+
+def _check_region(storage: Storage, arr: Any, path: str, region: Sequence[slice] | None,
+                  layout: Layout | None) -> None:
+    """Refuses, before zarr allocates anything, a read whose cost the metadata inflates: zarr
+    spends memory per chunk (not per byte) planning a read, so a damaged or hostile array with a
+    huge shape cut in tiny chunks could exhaust memory from a tiny file. ucp's chunks hold at
+    least tens of KiB unless the whole array is small; and a large read's last file must exist."""
+    first, counts = _region_chunks(arr, region)
+    nchunks = math.prod(counts)
+    if nchunks == 0:
+        return
+    chunk_bytes = math.prod(arr.chunks) * arr.dtype.itemsize
+    if nchunks > 1024 and chunk_bytes < 16 * 1024:
+        raise CorruptCheckpointError(f"{storage.url}/{path}/{GROUP_META}: {nchunks} chunks of {chunk_bytes} "
+                                     "bytes is not how ucp chunks an array; the metadata is damaged")
+    if nchunks * chunk_bytes > 64 * 2**20:
+        last = tuple(f + c - 1 for f, c in zip(first, counts))
+        if layout is not None:
+            key = f"{path}/{layout.locate(last)[0]}"
+        else:
+            key = f"{path}/{arr.metadata.chunk_key_encoding.encode_chunk_key(last)}"
+        if not storage.exists(key):
+            raise CorruptCheckpointError(f"{storage.url}/{key}: chunk file missing (the array's "
+                                         "metadata or its data is damaged); convert the checkpoint again")
+
+
+def _bad_chunk(storage: Storage, arr: Any, path: str, region: Sequence[slice] | None,
+               layout: Layout | None, reader: ChunkReader) -> str | None:
+    """The first chunk (or shard) file in ``region`` whose stored CRC32Cs do not match its
+    bytes, or whose shard index is damaged (to name it)."""
+    first, counts = _region_chunks(arr, region)
+    if layout is not None:  # ucp's layouts: the chunk reader checks every byte it reads
+        for n, offset in enumerate(np.ndindex(*counts)):
+            if n == 100_000:  # naming the file is a courtesy; do not scan forever
+                break
+            idx = tuple(f + o for f, o in zip(first, offset))
+            try:
+                reader.chunk(path, layout, idx)
+            except UcpError:
+                return f"{path}/{layout.locate(idx)[0]}"
+        return None
+    expected = math.prod(arr.chunks) * np.dtype(arr.dtype).itemsize + 4  # bytes + CRC32C
+    for n, offset in enumerate(np.ndindex(*counts)):
+        if n == 100_000:  # naming the chunk is a courtesy; do not scan forever
+            break
+        idx = tuple(f + o for f, o in zip(first, offset))
+        key = f"{path}/{arr.metadata.chunk_key_encoding.encode_chunk_key(idx)}"
+        raw = storage.read(key)
+        if len(raw) != expected or checksum([memoryview(raw)[:-4]])[0] != int.from_bytes(raw[-4:], "little"):
+            return key
+    return None
+
+
+def open_universal(url: str, *, storage_options: Mapping[str, Any] | None = None) -> UniversalCheckpoint:
+    """Opens a complete universal checkpoint (``ucp.open``).
+
+    Raises:
+        CheckpointNotFoundError: nothing at ``url``.
+        CorruptCheckpointError: incomplete or damaged.
+    """
+    return UniversalCheckpoint(url, storage_options=storage_options)
