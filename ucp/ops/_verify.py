@@ -35,7 +35,7 @@ from ucp.ops._inspect import (SCHEMA_VERSION, INDEX, Opened, SafetensorsFiles, d
                        display_url, load_spec_arg, open_checkpoint)
 from ucp.native._meta import MAX_JSON_BYTES, Manifest, RankIndex, TensorFragment, loads, rank_stem, step_dir
 from ucp.core._topology import Topology
-from ucp.universal._checkpoint import _check_region
+from ucp.universal._checkpoint import OpenedArray, _check_region
 
 __all__ = ["Problem", "VerifyReport", "verify_checkpoint"]
 
@@ -203,7 +203,8 @@ def _check_array(store: Any, storage: Storage, path: str, where: str, entry: Map
 
     try:
         arr = zarr.open_array(store, path=path, mode="r")
-        _check_region(storage, arr, path, None, None)  # a huge shape in tiny chunks: not read band by band
+        opened = OpenedArray(path, tuple(arr.shape), tuple(arr.chunks), torch.uint8, arr.dtype, None, arr)
+        _check_region(storage, opened, None)  # a huge shape in tiny chunks: not read band by band
     except (FileNotFoundError, KeyError, ValueError) as e:
         report.add("structure" if isinstance(e, CorruptCheckpointError) else "missing", where,
                    f"array {path} cannot be opened ({_one_line(e)})")
