@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
+from ucp.core._coord import on_exit
 from ucp.core._errors import CorruptCheckpointError, StateError
 from ucp.core._records import MeshInfo
 
@@ -85,6 +86,7 @@ def describe(t: Any, where: str) -> tuple[torch.Tensor, tuple[int, ...], tuple[i
     return local, tuple(t.shape), tuple(int(o) for o in offsets), placements, mesh_info(t.device_mesh)
 
 
+@on_exit
 def clear_meshes() -> None:
     """Forgets the cached meshes (and so their process groups)."""
     with _MESH_LOCK:

@@ -113,6 +113,17 @@ def get_coordinator(timeout: float) -> Coordinator:
         return coord
 
 
+#: What else holds process groups and is dropped with them at exit (e.g. the resharder's cached
+#: device meshes); registered by whoever creates such objects (see :func:`on_exit`).
+_AT_EXIT: list[Any] = []
+
+
+def on_exit(fn: Any) -> Any:
+    """Registers ``fn`` to run when ucp's process groups are dropped at exit; returns ``fn``."""
+    _AT_EXIT.append(fn)
+    return fn
+
+
 @atexit.register
 def _drop_groups() -> None:
     """Releases process groups while the interpreter is still whole (registered after the save
@@ -124,11 +135,10 @@ def _drop_groups() -> None:
     hold (FSDP2 modules and their meshes make such cycles) now rather than at finalisation."""
     import gc
 
-    from ucp.resharder import _dtensor
-
     with _LOCK:
         _GROUPS.clear()
-    _dtensor.clear_meshes()
+    for fn in _AT_EXIT:
+        fn()
     gc.collect()
 
 

@@ -13,13 +13,14 @@ from ._registry import detect_engine, get_engine
 __all__ = ["open_source", "spec_of"]
 
 
-def spec_of(spec: Any) -> Any:
-    """A Spec from a Spec, a bundled spec's name, a path or UCL text; None for no spec."""
+def spec_of(spec: Any, constants: Mapping[str, int] | None = None) -> Any:
+    """A Spec from a Spec, a bundled spec's name, a path or UCL text (the one resolver,
+    :func:`ucp.grammar.load_spec`); None for no spec."""
     if spec is None:
         return None
     from ucp.grammar import load_spec
 
-    return load_spec(spec)
+    return load_spec(spec, constants=constants)
 
 
 def open_source(src: str, *, engine: str = "auto", spec: Any = None, tag: str | None = None,

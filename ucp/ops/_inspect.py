@@ -31,22 +31,13 @@ from ucp.native._steps import SCHEMA_VERSION, StepRow, display_url, human_bytes,
 from ucp.core._stfile import dtype_name, header_length, parse_header, from_bytes
 from ucp.core._topology import Topology
 from ucp.engines._base import ParamInfo, Region, cut
+from ucp.engines._open import spec_of
 
 __all__ = ["SCHEMA_VERSION", "Opened", "TensorRow", "StepRow", "Report", "open_checkpoint",
            "detect_format", "inspect_checkpoint", "list_steps", "human_bytes", "parse_size",
-           "display_url", "load_spec_arg"]
+           "display_url"]
 
 INDEX = "model.safetensors.index.json"
-
-
-def load_spec_arg(spec: Any, constants: Mapping[str, int] | None = None) -> Any:
-    """A Spec from a Spec, a bundled spec's name, a path, or UCL text (None stays None); see
-    :func:`ucp.grammar.load_spec`, the one resolver."""
-    if spec is None:
-        return None
-    from ucp.grammar import load_spec
-
-    return load_spec(spec, constants=constants)
 
 
 # -- one read interface over every format -------------------------------------------------------
@@ -285,7 +276,7 @@ def open_checkpoint(url: str, *, engine: str = "auto", spec: Any = None, tag: st
         CheckpointNotFoundError, ConvertError, CorruptCheckpointError: as the format's reader.
     """
     fmt, found = detect_format(url, engine=engine, storage_options=storage_options)
-    spec_obj = load_spec_arg(spec)
+    spec_obj = spec_of(spec)
     label = None if spec_obj is None else (spec if isinstance(spec, str) and "\n" not in spec
                                            else spec_obj.source)
     stored = "stored in the checkpoint"
@@ -328,7 +319,7 @@ def _manifest_spec(url: str, tag: str | None, storage_options: Mapping[str, Any]
         text = read_manifest(root, step).spec
     except UcpError:
         return None  # opening the checkpoint says what is wrong
-    return None if not text else load_spec_arg(text)
+    return None if not text else spec_of(text)
 
 
 # -- inspect -------------------------------------------------------------------------------------

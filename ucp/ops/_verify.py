@@ -32,9 +32,10 @@ from ucp.storage import Storage
 from ucp.core._errors import ChecksumError, CorruptCheckpointError, UcpError, UcpSpecError
 from ucp.core._fingerprint import ALGORITHM, fingerprint, fingerprint_box, to_hex
 from ucp.ops._inspect import (SCHEMA_VERSION, INDEX, Opened, SafetensorsFiles, detect_format,
-                       display_url, load_spec_arg, open_checkpoint)
+                       display_url, open_checkpoint)
 from ucp.native._meta import MAX_JSON_BYTES, Manifest, RankIndex, TensorFragment, loads, rank_stem, step_dir
 from ucp.core._topology import Topology
+from ucp.engines._open import spec_of
 from ucp.universal._checkpoint import OpenedArray, _check_region
 
 __all__ = ["Problem", "VerifyReport", "verify_checkpoint"]
@@ -344,7 +345,7 @@ class _NativeVerifier:
         if spec is None and self.manifest.spec:
             spec = self.manifest.spec
             report.notes.append("spec: the one recorded in the manifest")
-        self.spec = load_spec_arg(spec)
+        self.spec = spec_of(spec)
 
     def run(self) -> None:
         indexes = self._rank_indexes()
