@@ -8,7 +8,7 @@ tensor this rank holds, so each rank reads only that box. The filled state dicts
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -174,7 +174,16 @@ def _load_zero(opt: Any, held: Mapping[Any, str], source: ArraySource,
             states.setdefault(path[1], {})[path[2]] = t
     for p, fqn in held.items():
         opt.optim.state[p] = states.get(fqn, {})
-    stored = source.param_groups
+    set_zero_groups(opt, source.param_groups)
+
+
+def set_zero_groups(opt: Any, stored: Sequence[Mapping[str, Any]]) -> None:
+    """Saved hyper-parameters into a ``ZeroRedundancyOptimizer``'s groups (which the LR scheduler
+    drives and ``step`` copies down) and its local optimizer's.
+
+    Raises:
+        StateError: the optimizer has another number of param groups.
+    """
     for groups in (opt.param_groups, opt.optim.param_groups):
         if len(groups) != len(stored):
             raise StateError(f"the optimizer has {len(groups)} param groups, the checkpoint "

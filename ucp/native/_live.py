@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import torch
 
 from ucp.resharder import _dtensor
+from ucp.resharder._torch import set_zero_groups
 from ucp.core._errors import ConvertError
 
 __all__ = ["capture", "restore_same", "restore_extra", "roles", "reseed"]
@@ -101,15 +102,7 @@ def _load_zero(model: torch.nn.Module, opt: Any, saved: Mapping[str, Any]) -> No
     params = dict(model.named_parameters())
     for name, states in saved["state"].items():
         opt.optim.state[params[name]] = dict(states)
-    _set_zero_groups(opt, saved["param_groups"])
-
-
-def _set_zero_groups(opt: Any, saved: list[Mapping[str, Any]]) -> None:
-    """Hyper-parameters into both the wrapper's groups (which the LR scheduler drives and
-    ``step`` copies down) and the local optimizer's."""
-    for groups in (opt.param_groups, opt.optim.param_groups):
-        for group, sg in zip(groups, saved):
-            group.update({k: v for k, v in sg.items() if k != "params"})
+    set_zero_groups(opt, saved["param_groups"])
 
 
 def rng_state() -> dict[str, Any]:
