@@ -32,7 +32,9 @@ def reshard(src: str, dst: str, *, topology: Topology | str, engine: str = "ucp"
         dst: where the resharded checkpoint goes (local path or fsspec URL).
         topology: target topology, e.g. ``"dp=2,tp=2,pp=1,zero=1"``.
         engine: target layout: ``"ucp"`` (ucp's native per-rank format, read back with
-            ``ucp.load(dst, rank=r)``), or an engine plugin that provides a reshard target.
+            ``ucp.load(dst, rank=r)``), ``"dcp"`` (a torch DCP checkpoint that ``dcp.load``
+            reads onto any sharding), ``"deepspeed"``, or an engine plugin that provides a
+            reshard target.
         spec: UCL spec (Spec, bundled name, path or text) for tp/pp/ep cuts; default: the one
             stored in the universal checkpoint.
         alignment: ZeRO partitions hold a multiple of this many elements (default: the target
@@ -58,6 +60,7 @@ def reshard(src: str, dst: str, *, topology: Topology | str, engine: str = "ucp"
         >>> ucp.reshard("universal/", "ckpt_tp1/", topology="dp=4,zero=1")
         >>> ucp.load("ckpt_tp1/", rank=3)["optim"]["flat"][0]["exp_avg"]
     """
+    from ucp.engines.dcp import _target as _dcp_target  # noqa: F401 - registers engine="dcp"
     from ucp.engines.deepspeed import _target  # noqa: F401 - registers engine="deepspeed"
     from ucp.resharder import get_target
     from ucp.resharder._api import resolve
@@ -66,6 +69,9 @@ def reshard(src: str, dst: str, *, topology: Topology | str, engine: str = "ucp"
     if engine == "ucp":  # its files: step directories and `latest`
         refuse_foreign(dst, ours=lambda n: n == LATEST or parse_step_dir(n) is not None,
                        what="a ucp checkpoint", storage_options=dst_storage_options)
+    elif engine == "dcp":  # its files: .metadata and the .distcp data files
+        refuse_foreign(dst, ours=lambda n: n == ".metadata" or n.endswith(".distcp"),
+                       what="a DCP checkpoint", storage_options=dst_storage_options)
     target = get_target(engine)
     source, topo, spec_ = resolve(src, topology, spec=spec, engine=src_engine, tag=tag,
                                   storage_options=storage_options)
