@@ -15,7 +15,7 @@ __all__ = ["GROUP", "engines", "get_engine", "detect_engine"]
 GROUP = "ucp.engines"
 log = logging.getLogger("ucp")
 #: Detection order for ``--engine auto``: specific layouts first, third-party plugins after.
-_ORDER = ("ucp", "dcp", "deepspeed")
+_ORDER = ("ucp", "dcp", "deepspeed", "hf")
 
 
 def engines() -> dict[str, Any]:
