@@ -18,7 +18,8 @@ from ucp.engines._base import ParamInfo, SourceCheckpoint, cut
 
 from ._zero import Region
 
-__all__ = ["ArrayInfo", "ArraySource", "ConvertingSource", "param_source", "open_array_source", "read_many"]
+__all__ = ["ArrayInfo", "ArraySource", "ConvertingSource", "param_source", "open_array_source", "read_many",
+           "aliases_of"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,3 +179,16 @@ def open_array_source(src: Any, *, engine: str = "auto", spec: Any = None, tag: 
     source, _found = open_source(url, engine=engine, spec=spec, tag=tag,
                                  storage_options=storage_options)
     return ConvertingSource(source, url)
+
+
+def aliases_of(source: ArraySource) -> dict[str, str]:
+    """Tied parameters (alias -> stored name), from a universal or an on-the-fly source."""
+    ckpt = getattr(source, "ckpt", None)
+    if ckpt is not None:
+        return dict(ckpt.aliases)
+    inner = getattr(source, "source", None)  # an engine reader: DeepSpeed's calls them shared_params
+    for attr in ("aliases", "shared_params"):
+        fn = getattr(inner, attr, None)
+        if callable(fn):
+            return dict(fn())
+    return {}

@@ -40,6 +40,7 @@ from ucp.grammar import Spec
 from ucp.storage import Storage
 
 from ucp.resharder import ArraySource, ReadStats, ReshardReport, check_recorded, register_target
+from ucp.resharder._source import aliases_of
 
 __all__ = ["DeepSpeedTarget", "MODEL_FILE", "LATEST", "tag_for"]
 
@@ -59,19 +60,6 @@ def _torch_bytes(obj: Any) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
-
-
-def _aliases(source: ArraySource) -> dict[str, str]:
-    """Tied parameters (alias -> stored name), from a universal or an on-the-fly source."""
-    ckpt = getattr(source, "ckpt", None)
-    if ckpt is not None:
-        return dict(ckpt.aliases)
-    inner = getattr(source, "source", None)  # an engine reader: DeepSpeed's calls them shared_params
-    for attr in ("aliases", "shared_params"):
-        fn = getattr(inner, attr, None)
-        if callable(fn):
-            return dict(fn())
-    return {}
 
 
 def check_topology(topology: Topology) -> None:
@@ -122,7 +110,7 @@ class DeepSpeedTarget:
                 storage.delete(f"{tag}/{MODEL_FILE}")
         coord.all_gather_json(None, what="starting to reshard for DeepSpeed")
         trainable = [n for n in source.names() if not source.info(n).frozen]
-        aliases = _aliases(source)
+        aliases = aliases_of(source)
         mine = trainable[coord.rank::coord.world_size]
         stats = _write_params(storage, source, mine, aliases, tag=tag, step=step, workers=workers,
                               progress=progress, verify=verify)
