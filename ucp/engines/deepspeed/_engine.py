@@ -16,6 +16,7 @@ from ucp.core._errors import ConvertError
 from ucp.core._topology import Topology
 
 from .._base import ParamInfo, Region, cut
+from .._near import deepspeed_near_miss
 from ._reader import DeepSpeedCheckpoint
 
 __all__ = ["ENGINE", "DeepSpeedEngine", "DeepSpeedSource"]
@@ -40,6 +41,9 @@ class DeepSpeedEngine:
             return (f"DeepSpeed {ckpt.ds_version} checkpoint '{ckpt.tag}': ZeRO-{ckpt.zero_stage}, "
                     f"dp={ckpt.dp_size}, tp={ckpt.tp_size}, pp={ckpt.pp_size}, {ckpt.dtype}, "
                     f"step {ckpt.step}")
+
+    def near_miss(self, url: str, *, storage_options: Mapping[str, Any] | None = None) -> str | None:
+        return deepspeed_near_miss(url, storage_options=storage_options)
 
     def open(self, url: str, *, spec: Any = None, storage_options: Mapping[str, Any] | None = None,
              tag: str | None = None) -> DeepSpeedSource:
