@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Mapping
 
-from ucp._errors import CorruptCheckpointError
+from ucp.core._errors import CorruptCheckpointError
 
 from ._files import TensorRef
 

@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from ucp._errors import ConvertError, CorruptCheckpointError
+from ucp.core._errors import ConvertError, CorruptCheckpointError
 
 __all__ = ["Block", "AffineMap", "MpLayout", "affine_maps"]
 
