@@ -28,8 +28,6 @@ from ucp.core._errors import ConvertError, CorruptCheckpointError
 
 __all__ = ["Block", "AffineMap", "MpLayout", "affine_maps"]
 
-_TIED = "tied_modules."
-
 
 @dataclasses.dataclass(frozen=True)
 class Block:
