@@ -179,6 +179,8 @@ def main(argv=None) -> None:
     engine.save_checkpoint(args.out)
     os.makedirs(args.out + ".gathered", exist_ok=True)
     torch.save(_gathered(engine), os.path.join(args.out + ".gathered", f"rank-{rank}.pt"))
+    if args.mode == "autotp" and rank == 0:  # what `ucp export --config` needs for from_pretrained
+        model.config.save_pretrained(args.out + ".gathered")
     torch.distributed.barrier()
     if rank == 0:
         print(f"saved {args.out} ({args.mode})", flush=True)

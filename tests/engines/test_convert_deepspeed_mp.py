@@ -91,3 +91,27 @@ def test_convert_without_spec_equals_deepspeeds_gather(ds_mp_checkpoint, tmp_pat
         assert "tied_modules.embed.weight" in seen and sorted(ckpt.buffer_names()) == ["1.gain", "2.gain", "3.gain"]
     if key.startswith("moe"):  # four global experts from two ranks of two local experts each
         assert {m[2] for n in ckpt.names() if (m := EXPERT.fullmatch(n))} == {"0", "1", "2", "3"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", ["autotp_tp2", "autotp_tp2_uneven"])
+def test_export_of_autotp_loads_in_transformers_with_equal_logits(ds_mp_checkpoint, tmp_path, key):
+    """The AutoTP Llama, exported straight from DeepSpeed's files, is the model DeepSpeed's own
+    gathered fp32 weights make: same names, bit-equal logits."""
+    transformers = pytest.importorskip("transformers", reason="AutoTP shards a transformers Llama")
+    src, gathered = ds_mp_checkpoint(key)
+    config = gathered / "config.json"
+    res = CliRunner().invoke(main, ["export", str(src), str(tmp_path / "hf"), "--dtype", "fp32",
+                                    "--config", str(config), "-q"])
+    assert res.exit_code == 0, res.output
+    exported = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    maps, refs = _affine_maps(src), _gathered(gathered)
+    state = {n: maps[n].rebuild({r: ref["params"][n]["fp32"] for r, ref in enumerate(refs)})
+             for n in refs[0]["params"]}
+    state.update({n: t.float() for n, t in refs[0]["frozen"].items()})
+    reference = transformers.LlamaForCausalLM(transformers.LlamaConfig.from_json_file(config))
+    missing, unexpected = reference.load_state_dict(state, strict=False)
+    assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
+    ids = torch.arange(12).remainder(reference.config.vocab_size).view(2, 6)
+    with torch.no_grad():
+        assert torch.equal(exported(ids).logits, reference.eval()(ids).logits)
