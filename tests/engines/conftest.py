@@ -106,13 +106,16 @@ def ds_universal(ds_checkpoint, tmp_path_factory):
     return get
 
 
-#: key -> (ranks, _ds_train_mp.py flags): DeepSpeed's model-parallel features (2 ranks; 4 for pp x dp)
+#: key -> (ranks, _ds_train_mp.py flags): DeepSpeed's model-parallel features (2 ranks; 4 for pp x dp
+#: and for experts partitioned over expert-data-parallel ranks)
 DS_MP_CONFIGS: dict[str, tuple[int, list[str]]] = {
     "pipe_pp2": (2, ["--mode", "pipe", "--pp", "2"]),
     "pipe_pp2_dp2": (4, ["--mode", "pipe", "--pp", "2"]),
     "autotp_tp2": (2, ["--mode", "autotp", "--heads", "4", "--kv-heads", "2"]),
     "autotp_tp2_uneven": (2, ["--mode", "autotp", "--heads", "6", "--kv-heads", "3"]),
     "moe_ep2_z2": (2, ["--mode", "moe", "--experts", "4", "--ep", "2"]),
+    # experts partitioned over expert-data-parallel groups of 2 ranks ([0, 2] and [1, 3])
+    "moe_ep2_dp4_z2": (4, ["--mode", "moe", "--experts", "4", "--ep", "2"]),
 }
 
 

@@ -14,7 +14,7 @@ import ucp
 from ucp.cli import main
 
 #: ds_mp_checkpoint's configurations (tests/engines/conftest.py DS_MP_CONFIGS)
-KEYS = ["pipe_pp2", "pipe_pp2_dp2", "autotp_tp2", "autotp_tp2_uneven", "moe_ep2_z2"]
+KEYS = ["pipe_pp2", "pipe_pp2_dp2", "autotp_tp2", "autotp_tp2_uneven", "moe_ep2_z2", "moe_ep2_dp4_z2"]
 EXPERT = re.compile(r"(.*\.deepspeed_experts\.)(\d+)(\..*)")
 
 
@@ -75,7 +75,8 @@ def test_convert_without_spec_equals_deepspeeds_gather(ds_mp_checkpoint, tmp_pat
     src, gathered = ds_mp_checkpoint(key)
     ckpt = _convert(src, tmp_path / "u")
     assert ckpt.engine == "deepspeed" and ckpt.step == 3
-    want_topology = {"pipe_pp2": "dp=1,tp=1,pp=2", "pipe_pp2_dp2": "dp=2,tp=1,pp=2", "moe_ep2_z2": "dp=2,tp=1,pp=1"}
+    want_topology = {"pipe_pp2": "dp=1,tp=1,pp=2", "pipe_pp2_dp2": "dp=2,tp=1,pp=2", "moe_ep2_z2": "dp=2,tp=1,pp=1",
+                     "moe_ep2_dp4_z2": "dp=4,tp=1,pp=1"}
     assert str(ckpt.topology).startswith(want_topology.get(key, "dp=1,tp=2,pp=1")), ckpt.topology
     maps = _affine_maps(src) if key.startswith("autotp") else {}
     seen = set()
