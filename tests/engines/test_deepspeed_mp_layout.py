@@ -103,3 +103,22 @@ def test_local_experts_get_global_ids():
     assert expert_ranks(8, 2, 1, "f") == [1, 5]  # dp 8, ep 4: ep rank 1's expert-data-parallel group
     with pytest.raises(CorruptCheckpointError, match="local expert ids"):
         local_expert_count(["m.deepspeed_experts.1.w"], "f")
+
+
+def _set_partition_counts(fake, counts) -> None:
+    for f in fake.tag_dir.glob("*optim_states.pt"):
+        sd = torch.load(f, weights_only=True)
+        sd["optimizer_state_dict"]["partition_count"] = counts
+        torch.save(sd, f)
+
+
+@pytest.mark.parametrize("stage,match", [(2, "holds no MoE expert parameters"), (3, "MoE under ZeRO-3 is not supported")])
+def test_groups_on_fewer_ranks_without_experts_or_under_zero3_are_refused(fake_zero, stage, match):
+    """Mixed partition counts mean MoE expert groups; anything else is refused, never read as dp groups."""
+    from ucp.engines.deepspeed._reader import DeepSpeedCheckpoint
+
+    fake = fake_zero(stage=stage, dp=2, groups=[[("a.weight", (4, 3))], [("b.bias", (5,))]])
+    _set_partition_counts(fake, [2, 1])
+    with pytest.raises(ConvertError, match=match):
+        with DeepSpeedCheckpoint(fake.root) as ckpt:
+            ckpt.read("b.bias", "fp32")

@@ -399,6 +399,9 @@ def _group_pieces(mp: int, g: int, shapes: Mapping, paddings: list[int] | None, 
         return {n: (tuple(s), pieces[n]) for n, s in shapes.items()}
     where = f"{refs[0].path}: group {g}"
     local, out = local_expert_count(list(shapes), where), {}
+    if not local:  # a group on fewer ranks holding no experts: a layout this reader does not know
+        raise ConvertError(f"{where} is partitioned over {count} of {dp} data-parallel ranks but holds no MoE "
+                           "expert parameters (...deepspeed_experts.N...); this layout is not supported")
     for ep_rank in range(dp // count):
         ranks = expert_ranks(dp, count, ep_rank, where)
         pieces = _zero12_group(mp, g, shapes, paddings, count, [refs[r] for r in ranks])
@@ -454,7 +457,11 @@ def _plan_zero3(files: CheckpointFiles, mp: int, load) -> MpPlan:
     if first is None:
         raise CheckpointNotFoundError(f"{files.tag_dir}: ZeRO-3 model files but no optimizer state files for "
                                       f"mp rank {mp}; copy the *_optim_states.pt files too")
-    dp = _dp_size(_need(load(first), "optimizer_state_dict", first), first)
+    counts = _counts(_need(load(first), "optimizer_state_dict", first), first)
+    if len(set(counts)) != 1:
+        raise ConvertError(f"{first}: param groups partitioned over different data-parallel sizes ({counts}), "
+                           "as MoE expert groups are; MoE under ZeRO-3 is not supported (ZeRO-1/2 is)")
+    dp = counts[0]
     paths = _dp_files(files, files.optim, mp, dp, "optimizer state")
     model_paths = _dp_files(files, files.zero3_model, mp, dp, "model state")
     osds = _load_optim(load, paths, dp)
