@@ -99,6 +99,8 @@ def config(args) -> dict:
            "zero_optimization": {"stage": 2 if args.mode == "moe" else 1}}
     if args.mode == "autotp":
         cfg["tensor_parallel"] = {"autotp_size": args.tp}
+    if args.data_before_expert:
+        cfg["use_data_before_expert_parallelism"] = True
     return cfg
 
 
@@ -112,6 +114,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--experts", type=int, default=4)
     p.add_argument("--ep", type=int, default=2)
+    p.add_argument("--data-before-expert", action="store_true", help="DeepSpeed's D + E rank order")
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--seed", type=int, default=1234)

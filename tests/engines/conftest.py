@@ -116,6 +116,8 @@ DS_MP_CONFIGS: dict[str, tuple[int, list[str]]] = {
     "moe_ep2_z2": (2, ["--mode", "moe", "--experts", "4", "--ep", "2"]),
     # experts partitioned over expert-data-parallel groups of 2 ranks ([0, 2] and [1, 3])
     "moe_ep2_dp4_z2": (4, ["--mode", "moe", "--experts", "4", "--ep", "2"]),
+    # the same with DeepSpeed's data-before-expert order: groups [0, 1] and [2, 3]
+    "moe_ep2_dp4_z2_dbe": (4, ["--mode", "moe", "--experts", "4", "--ep", "2", "--data-before-expert"]),
 }
 
 

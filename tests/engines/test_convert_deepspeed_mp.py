@@ -14,7 +14,8 @@ import ucp
 from ucp.cli import main
 
 #: ds_mp_checkpoint's configurations (tests/engines/conftest.py DS_MP_CONFIGS)
-KEYS = ["pipe_pp2", "pipe_pp2_dp2", "autotp_tp2", "autotp_tp2_uneven", "moe_ep2_z2", "moe_ep2_dp4_z2"]
+KEYS = ["pipe_pp2", "pipe_pp2_dp2", "autotp_tp2", "autotp_tp2_uneven", "moe_ep2_z2", "moe_ep2_dp4_z2",
+        "moe_ep2_dp4_z2_dbe"]
 EXPERT = re.compile(r"(.*\.deepspeed_experts\.)(\d+)(\..*)")
 
 
@@ -40,16 +41,21 @@ def _affine_maps(src) -> dict:
             for p, e in info["affine_map"]["params"].items()}
 
 
-def _expert_name(local: str, rank: int, ep: int, local_experts: int) -> str:
-    m = EXPERT.fullmatch(local)  # local expert l of expert-parallel rank r % ep is global r % ep * n + l
-    return f"{m[1]}{rank % ep * local_experts + int(m[2])}{m[3]}" if m else local
+def _expert_name(local: str, ep_rank: int, local_experts: int) -> str:
+    m = EXPERT.fullmatch(local)  # local expert l of expert-parallel rank e is global expert e * n + l
+    return f"{m[1]}{ep_rank * local_experts + int(m[2])}{m[3]}" if m else local
 
 
-def _check_rank(ckpt, ref: dict, rank: int, key: str, maps: dict) -> set[str]:
+def _ep_rank(key: str, rank: int, world: int, ep: int = 2) -> int:
+    """DeepSpeed's expert-parallel rank of a data-parallel rank (E + D order, or D + E: ``dbe``)."""
+    return rank // (world // ep) if key.endswith("dbe") else rank % ep
+
+
+def _check_rank(ckpt, ref: dict, rank: int, key: str, maps: dict, world: int) -> set[str]:
     """Every state DeepSpeed gathered on ``rank`` equals the converted one (cut to the rank's shard)."""
     seen = set()
     for local, states in ref["params"].items():
-        name = _expert_name(local, rank, 2, 2) if key.startswith("moe") else local
+        name = _expert_name(local, _ep_rank(key, rank, world), 2) if key.startswith("moe") else local
         seen.add(name)
         for state, want in states.items():
             got = ckpt.read(name, state)
@@ -76,12 +82,13 @@ def test_convert_without_spec_equals_deepspeeds_gather(ds_mp_checkpoint, tmp_pat
     ckpt = _convert(src, tmp_path / "u")
     assert ckpt.engine == "deepspeed" and ckpt.step == 3
     want_topology = {"pipe_pp2": "dp=1,tp=1,pp=2", "pipe_pp2_dp2": "dp=2,tp=1,pp=2", "moe_ep2_z2": "dp=2,tp=1,pp=1",
-                     "moe_ep2_dp4_z2": "dp=4,tp=1,pp=1"}
+                     "moe_ep2_dp4_z2": "dp=4,tp=1,pp=1", "moe_ep2_dp4_z2_dbe": "dp=4,tp=1,pp=1"}
     assert str(ckpt.topology).startswith(want_topology.get(key, "dp=1,tp=2,pp=1")), ckpt.topology
     maps = _affine_maps(src) if key.startswith("autotp") else {}
     seen = set()
-    for rank, ref in enumerate(_gathered(gathered)):
-        seen |= _check_rank(ckpt, ref, rank, key, maps)
+    refs = _gathered(gathered)
+    for rank, ref in enumerate(refs):
+        seen |= _check_rank(ckpt, ref, rank, key, maps, len(refs))
     assert seen == set(ckpt.names())  # nothing converted that DeepSpeed does not hold, nothing missed
     for name in ckpt.names():  # every trainable parameter kept its model-dtype weights and both moments
         info = ckpt.info(name)

@@ -101,6 +101,7 @@ def test_local_experts_get_global_ids():
     assert global_expert_name(names[1], 3, n) == "m.deepspeed_experts.7.w"  # ep rank 3, local 1
     assert global_expert_name("m.gate.w", 3, n) == "m.gate.w"
     assert expert_ranks(8, 2, 1, "f") == [1, 5]  # dp 8, ep 4: ep rank 1's expert-data-parallel group
+    assert expert_ranks(8, 2, 1, "f", data_before_expert=True) == [2, 3]  # DeepSpeed's D + E order
     with pytest.raises(CorruptCheckpointError, match="local expert ids"):
         local_expert_count(["m.deepspeed_experts.1.w"], "f")
 

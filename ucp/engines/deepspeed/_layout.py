@@ -19,7 +19,8 @@ import torch
 
 from ucp.core._errors import CheckpointNotFoundError, ConvertError, CorruptCheckpointError, UnsafeInputError
 from ._files import TensorRef
-from ._moe import EXPERT_FILE, expert_ranks, expert_weights, global_expert_name, local_expert_count
+from ._moe import (EXPERT_FILE, data_before_expert, expert_ranks, expert_weights, global_expert_name,
+                   local_expert_count)
 from ._pipe import layer_weights
 
 __all__ = ["CheckpointFiles", "Piece", "ParamPlan", "MpPlan", "discover", "plan_mp_rank"]
@@ -372,7 +373,8 @@ def _plan_zero12(files: CheckpointFiles, mp: int, path: str, model: Mapping, loa
         flat = ("fp32",) + _flat_states(osd0, stage, g, slot_keys[g])
         pads = None if paddings is None else paddings[g]
         count = counts[g] if g < len(counts) else dp
-        for name, (shape, pieces) in _group_pieces(mp, g, group_shapes, pads, dp, count, refs).items():
+        grouped = _group_pieces(mp, g, group_shapes, pads, (dp, count, data_before_expert(model)), refs)
+        for name, (shape, pieces) in grouped.items():
             whole = {"param": weights[name]} if name in weights else {}
             params[name] = ParamPlan(name, shape, dtype, False, g, g, pieces, flat, whole)
     return _finish(mp, stage, dp, model, path, params, osds, paths, slot_keys,
@@ -390,10 +392,12 @@ def _slot_key(base: Any, g: int, path: str) -> Any:
     return keys[0]
 
 
-def _group_pieces(mp: int, g: int, shapes: Mapping, paddings: list[int] | None, dp: int, count: int,
+def _group_pieces(mp: int, g: int, shapes: Mapping, paddings: list[int] | None, ranks: tuple[int, int, bool],
                   refs: list[TensorRef]) -> dict[str, tuple[tuple[int, ...], tuple[Piece, ...]]]:
-    """Name -> (shape, pieces) of flat group ``g``; an MoE expert group (partitioned over ``count`` < dp
-    ranks) once per expert-parallel rank, its parameters under their global expert ids (see ``_moe``)."""
+    """Name -> (shape, pieces) of flat group ``g``; ``ranks``: (dp, the group's partition count, data
+    before expert order). An MoE expert group (partitioned over fewer than dp ranks) comes once per
+    expert-parallel rank, its parameters under their global expert ids (see ``_moe``)."""
+    dp, count, data_first = ranks
     if count == dp:
         pieces = _zero12_group(mp, g, shapes, paddings, dp, refs)
         return {n: (tuple(s), pieces[n]) for n, s in shapes.items()}
@@ -403,11 +407,11 @@ def _group_pieces(mp: int, g: int, shapes: Mapping, paddings: list[int] | None, 
         raise ConvertError(f"{where} is partitioned over {count} of {dp} data-parallel ranks but holds no MoE "
                            "expert parameters (...deepspeed_experts.N...); this layout is not supported")
     for ep_rank in range(dp // count):
-        ranks = expert_ranks(dp, count, ep_rank, where)
-        pieces = _zero12_group(mp, g, shapes, paddings, count, [refs[r] for r in ranks])
+        held = expert_ranks(dp, count, ep_rank, where, data_before_expert=data_first)
+        pieces = _zero12_group(mp, g, shapes, paddings, count, [refs[r] for r in held])
         for n, s in shapes.items():
             out[global_expert_name(n, ep_rank, local)] = (
-                tuple(s), tuple(dataclasses.replace(p, dp_rank=ranks[p.dp_rank]) for p in pieces[n]))
+                tuple(s), tuple(dataclasses.replace(p, dp_rank=held[p.dp_rank]) for p in pieces[n]))
     return out
 
 

@@ -1,8 +1,9 @@
 """DeepSpeed MoE (``deepspeed.moe.layer.MoE``) checkpoints: local experts to global expert ids.
 
-With expert parallelism of size ``E`` over ``dp`` data-parallel ranks, DeepSpeed (default
-expert-then-data order) puts data-parallel rank ``r`` in expert-parallel rank ``r % E`` and
-expert-data-parallel rank ``r // E``. Each rank holds ``n`` local experts, named
+With expert parallelism of size ``E`` over ``dp`` data-parallel ranks and ``D = dp / E``, DeepSpeed
+puts data-parallel rank ``r`` in expert-parallel rank ``r % E`` (expert-data-parallel rank ``r // E``),
+or with ``use_data_before_expert_parallelism`` (recorded in ``ds_config``) in expert-parallel rank
+``r // D`` (expert-data-parallel rank ``r % D``). Each rank holds ``n`` local experts, named
 ``...deepspeed_experts.<local id>...`` in its optimizer file; local expert ``l`` of expert-parallel
 rank ``e`` is global expert ``e * n + l``. An expert param group is a ZeRO flat group partitioned
 over the ``dp / E`` ranks of one expert-data-parallel group (its ``partition_count``), and the
@@ -19,7 +20,8 @@ from ucp.core._errors import CorruptCheckpointError
 
 from ._files import TensorRef
 
-__all__ = ["EXPERT_FILE", "global_expert_name", "local_expert_count", "expert_ranks", "expert_weights"]
+__all__ = ["EXPERT_FILE", "global_expert_name", "local_expert_count", "expert_ranks", "expert_weights",
+           "data_before_expert"]
 
 #: ``layer_<L>_expert_<E>_mp_rank_<M>_model_states.pt`` (the old form has no ``layer_<L>_``).
 EXPERT_FILE = re.compile(r"(?:layer_(\d+)_)?expert_(\d+)_mp_rank_(\d+)_model_states\.pt")
@@ -43,13 +45,21 @@ def local_expert_count(names: list[str], where: str) -> int:
     return len(ids)
 
 
-def expert_ranks(dp: int, count: int, ep_rank: int, where: str) -> list[int]:
-    """The data-parallel ranks that partition expert-parallel rank ``ep_rank``'s expert groups."""
+def expert_ranks(dp: int, count: int, ep_rank: int, where: str, *, data_before_expert: bool = False) -> list[int]:
+    """The data-parallel ranks that partition expert-parallel rank ``ep_rank``'s expert groups
+    (``count`` of them: the expert-data-parallel size)."""
     if count <= 0 or dp % count:
         raise CorruptCheckpointError(f"{where}: an expert group partitioned over {count} ranks of {dp}; the "
                                      "partition counts are damaged")
-    ep = dp // count
-    return [ep_rank + ep * k for k in range(count)]
+    if data_before_expert:
+        return [ep_rank * count + k for k in range(count)]
+    return [ep_rank + dp // count * k for k in range(count)]
+
+
+def data_before_expert(model: Mapping) -> bool:
+    """Whether the run ordered data before expert parallelism (``ds_config`` of a model states file)."""
+    cfg = model.get("ds_config")
+    return isinstance(cfg, Mapping) and cfg.get("use_data_before_expert_parallelism") is True
 
 
 def expert_weights(files: Mapping[tuple[int, int, int], str], mp: int,
