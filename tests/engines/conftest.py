@@ -106,6 +106,41 @@ def ds_universal(ds_checkpoint, tmp_path_factory):
     return get
 
 
+#: key -> (ranks, _ds_train_mp.py flags): DeepSpeed's model-parallel features (2 ranks; 4 for pp x dp
+#: and for experts partitioned over expert-data-parallel ranks)
+DS_MP_CONFIGS: dict[str, tuple[int, list[str]]] = {
+    "pipe_pp2": (2, ["--mode", "pipe", "--pp", "2"]),
+    "pipe_pp2_dp2": (4, ["--mode", "pipe", "--pp", "2"]),
+    "autotp_tp2": (2, ["--mode", "autotp", "--heads", "4", "--kv-heads", "2"]),
+    "autotp_tp2_uneven": (2, ["--mode", "autotp", "--heads", "6", "--kv-heads", "3"]),
+    "moe_ep2_z2": (2, ["--mode", "moe", "--experts", "4", "--ep", "2"]),
+    # experts partitioned over expert-data-parallel groups of 2 ranks ([0, 2] and [1, 3])
+    "moe_ep2_dp4_z2": (4, ["--mode", "moe", "--experts", "4", "--ep", "2"]),
+    # the same with DeepSpeed's data-before-expert order: groups [0, 1] and [2, 3]
+    "moe_ep2_dp4_z2_dbe": (4, ["--mode", "moe", "--experts", "4", "--ep", "2", "--data-before-expert"]),
+}
+
+
+@pytest.fixture(scope="session")
+def ds_mp_checkpoint(tmp_path_factory):
+    """``ds_mp_checkpoint(key) -> (save_dir, gathered_dir)``: a real pipeline / AutoTP / MoE DeepSpeed
+    checkpoint, and what DeepSpeed itself gathered for each rank's parameters, made once per session."""
+    pytest.importorskip("deepspeed", reason="install DeepSpeed 0.19.8 to run the real-checkpoint tests")
+    cache: dict[str, tuple[Path, Path]] = {}
+
+    def get(key: str) -> tuple[Path, Path]:
+        if key not in cache:
+            ranks, flags = DS_MP_CONFIGS[key]
+            out = tmp_path_factory.mktemp(f"ds-{key}") / "ckpt"
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr",
+                   "127.0.0.1", "--master_port", str(free_port()), str(HERE / "_ds_train_mp.py"), str(out), *flags]
+            _run(cmd, f"DeepSpeed training ({' '.join(flags)})")
+            cache[key] = (out, out.with_name("ckpt.gathered"))
+        return cache[key]
+
+    return get
+
+
 # --- hand-made checkpoints with DeepSpeed's layout -------------------------------------------------
 
 @dataclasses.dataclass

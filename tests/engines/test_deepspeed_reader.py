@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+import ucp
 from ucp import CheckpointNotFoundError, ConvertError, CorruptCheckpointError, UnsafeInputError
 from ucp.engines.deepspeed._files import ALLOWED_GLOBALS, RangeReader
 from ucp.engines.deepspeed._reader import DeepSpeedCheckpoint
@@ -327,11 +328,15 @@ def test_not_a_checkpoint(tmp_path):
         DeepSpeedCheckpoint(tmp_path)
 
 
-def test_moe_expert_files_are_reported(fake_zero):
+def test_moe_without_zero_is_refused_and_auto_detect_says_why(fake_zero, tmp_path):
+    """MoE under ZeRO 1/2 converts (test_convert_deepspeed_mp.py); without ZeRO, DeepSpeed writes whole
+    optimizers per expert-parallel rank, which is refused with the reason (also by auto-detect)."""
     fake = fake_zero(stage=2, dp=1, groups=SMALL_GROUPS)
-    (fake.tag_dir / "layer_0_expert_0_mp_rank_00_model_states.pt").write_bytes(b"")
-    with pytest.raises(ConvertError, match="expert"):
+    (fake.tag_dir / "expp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
+    with pytest.raises(ConvertError, match="MoE checkpoint saved without ZeRO"):
         DeepSpeedCheckpoint(fake.root)
+    with pytest.raises(ConvertError, match="closest: deepspeed: .*MoE checkpoint saved without ZeRO"):
+        ucp.convert(str(fake.root), str(tmp_path / "u"))
 
 
 # --- model-parallel file naming --------------------------------------------------------------------

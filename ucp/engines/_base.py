@@ -2,7 +2,10 @@
 
 A plugin is an object registered under the entry-point group ``ucp.engines`` with a ``name``,
 ``detect(url, storage_options) -> str | None`` (a one-line description when the path holds this
-engine's checkpoint) and ``open(url, *, spec, storage_options, tag) -> SourceCheckpoint``.
+engine's checkpoint; it raises ``ConvertError`` when the layout is its own but unreadable, saying
+why) and ``open(url, *, spec, storage_options, tag) -> SourceCheckpoint``. It may also offer
+``near_miss(url, *, storage_options) -> str | None``: why a path that resembles its layout is not one
+of its checkpoints, which auto-detection reports when no engine accepts the path.
 """
 
 from __future__ import annotations

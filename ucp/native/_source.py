@@ -33,6 +33,7 @@ from ucp.storage import Storage, checksum
 
 from ucp.engines._base import ParamInfo, Region
 from ucp.resharder._read import runs
+from ucp.engines._near import native_near_miss
 
 __all__ = ["ENGINE", "NativeEngine", "NativeCheckpoint"]
 
@@ -97,6 +98,9 @@ class NativeEngine:
                 pass
             return f"{kind}: step {m.step}, {m.world_size} rank(s), {layout}"
         return None
+
+    def near_miss(self, url: str, *, storage_options: Mapping[str, Any] | None = None) -> str | None:
+        return native_near_miss(url, storage_options=storage_options)
 
     def open(self, url: str, *, spec: Any = None, storage_options: Mapping[str, Any] | None = None,
              tag: str | None = None) -> NativeCheckpoint:

@@ -132,14 +132,16 @@ def detect_format(url: str, *, engine: str = "auto",
     try:
         eng, found = detect_engine(url, storage_options=storage_options)
         return ("safetensors" if eng.name == "hf" else eng.name), found
-    except ConvertError:
+    except ConvertError as e:
         base = url.rstrip("/").rsplit("/", 1)[-1]
         if parse_step_dir(base) is not None and any(n.startswith("rank-") for n in listing):
             return "ucp", "ucp native step directory without manifest.json (never committed)"
         if INDEX in listing or any(n.endswith(".safetensors") for n in listing):
             return "safetensors", "a directory of safetensors files"
+        closest = getattr(e, "closest", None)  # the engine that came nearest says why it refused
+        why = f"; closest: {closest}" if closest else ""
         raise ConvertError(f"{display_url(url)}: not a checkpoint ucp recognises (universal, ucp "
-                           "native, DCP, DeepSpeed, safetensors); pass --engine NAME, or check "
+                           f"native, DCP, DeepSpeed, safetensors){why}; pass --engine NAME, or check "
                            "the path") from None
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from .._near import dcp_near_miss
 from ._reader import DcpCheckpoint, detect
 
 __all__ = ["ENGINE", "DcpEngine"]
@@ -17,6 +18,9 @@ class DcpEngine:
 
     def detect(self, url: str, *, storage_options: Mapping[str, Any] | None = None) -> str | None:
         return detect(url, storage_options=storage_options)
+
+    def near_miss(self, url: str, *, storage_options: Mapping[str, Any] | None = None) -> str | None:
+        return dcp_near_miss(url, storage_options=storage_options)
 
     def open(self, url: str, *, spec: Any = None, storage_options: Mapping[str, Any] | None = None,
              tag: str | None = None) -> DcpCheckpoint:

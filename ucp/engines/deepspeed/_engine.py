@@ -16,6 +16,8 @@ from ucp.core._errors import ConvertError
 from ucp.core._topology import Topology
 
 from .._base import ParamInfo, Region, cut
+from .._near import deepspeed_near_miss
+from ._mp import MpLayout
 from ._reader import DeepSpeedCheckpoint
 
 __all__ = ["ENGINE", "DeepSpeedEngine", "DeepSpeedSource"]
@@ -40,6 +42,9 @@ class DeepSpeedEngine:
             return (f"DeepSpeed {ckpt.ds_version} checkpoint '{ckpt.tag}': ZeRO-{ckpt.zero_stage}, "
                     f"dp={ckpt.dp_size}, tp={ckpt.tp_size}, pp={ckpt.pp_size}, {ckpt.dtype}, "
                     f"step {ckpt.step}")
+
+    def near_miss(self, url: str, *, storage_options: Mapping[str, Any] | None = None) -> str | None:
+        return deepspeed_near_miss(url, storage_options=storage_options)
 
     def open(self, url: str, *, spec: Any = None, storage_options: Mapping[str, Any] | None = None,
              tag: str | None = None) -> DeepSpeedSource:
@@ -72,11 +77,13 @@ class DeepSpeedSource:
         self.topology: Topology | None = ckpt.topology
         self._mp = Topology(tp=ckpt.tp_size, pp=ckpt.pp_size)  # ranks = mp ranks (dp consolidated)
         self._local: dict[str, dict[int, str]] = {}  # canonical name -> {mp rank: local name}
+        self._derived: MpLayout | None = None  # the layout DeepSpeed recorded (no spec given)
         if self._mp.world_size == 1:
             self._local = {n: {0: n} for n in ckpt.names()}
         elif spec is None:
-            raise ConvertError(f"{ckpt.tag_dir}: saved with tp={ckpt.tp_size}, pp={ckpt.pp_size}; how "
-                               "parameters are cut over tp/pp is not recorded, so pass a UCL spec (--spec)")
+            self._derived = MpLayout.derive(ckpt.tp_size, ckpt.pp_size, lambda mp: ckpt.names(mp_rank=mp),
+                                            ckpt.universal_checkpoint_info(), ckpt.tag_dir)
+            self._local = {n: {mp: n for mp in self._derived.mp_ranks(n)} for n in self._derived.local}
         else:
             for mp in range(self._mp.world_size):
                 for local in ckpt.names(mp_rank=mp):
@@ -94,6 +101,9 @@ class DeepSpeedSource:
         held = self._held(name)
         mp, local = next(iter(held.items()))
         i = self.ckpt.info(local, mp_rank=mp)
+        if self._derived is not None:
+            return ParamInfo(shape=self._derived.shape(name, i.shape), dtype=i.dtype, states=tuple(i.states),
+                             frozen=i.frozen, group=i.group)
         shape = i.shape if self.spec is None else self.spec.infer_shape(
             name, {r: self.ckpt.info(n, mp_rank=r).shape for r, n in held.items()}, self._mp)
         return ParamInfo(shape=tuple(shape), dtype=i.dtype, states=tuple(i.states), frozen=i.frozen,
@@ -103,6 +113,9 @@ class DeepSpeedSource:
         held = self._held(name)
         if self._mp.world_size == 1:
             return cut(self.ckpt.read(held[0], state, mp_rank=0), region)
+        if self._derived is not None:
+            pieces = {r: self.ckpt.read(n, state, mp_rank=r) for r, n in held.items()}
+            return cut(self._derived.join(name, pieces, state, f"{self.ckpt.tag_dir}: {name!r}"), region)
         layout = self.spec.layout(name, self.info(name).shape, self._mp)
         pieces = {r: self.ckpt.read(held[r], state, mp_rank=r) for r in layout.needed()}
         return cut(self.spec.consolidate(name, pieces, self._mp, global_shape=layout.global_shape), region)

@@ -19,6 +19,9 @@ import torch
 
 from ucp.core._errors import CheckpointNotFoundError, ConvertError, CorruptCheckpointError, UnsafeInputError
 from ._files import TensorRef
+from ._moe import (EXPERT_FILE, data_before_expert, expert_ranks, expert_weights, global_expert_name,
+                   local_expert_count)
+from ._pipe import layer_weights
 
 __all__ = ["CheckpointFiles", "Piece", "ParamPlan", "MpPlan", "discover", "plan_mp_rank"]
 
@@ -30,7 +33,7 @@ _MODEL = re.compile(r"mp_rank_(\d+)_model_states\.pt")
 _ZERO3_MODEL = re.compile(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt")
 _OPTIM = re.compile(r"(?:bf16_|fp16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_?optim_states\.pt")
 _LAYER = re.compile(r"layer_(\d+)(?:-(.+))?-model_states\.pt")
-_EXPERT = re.compile(r"(?:layer_\d+_)?expert_\d+_mp_rank_\d+_model_states\.pt|expp_rank_\d+_mp_rank_\d+_optim_states\.pt")
+_EXPP_OPTIM = re.compile(r"expp_rank_\d+_mp_rank_\d+_optim_states\.pt")
 _TAG = re.compile(r"[A-Za-z0-9_.\-]+")
 
 
@@ -44,6 +47,7 @@ class CheckpointFiles:
     zero3_model: dict[tuple[int, int], str]  # (dp, mp) -> zero_pp_rank_D_mp_rank_XX_model_states.pt
     optim: dict[tuple[int, int], str]  # (dp, mp) -> *zero_pp_rank_D_mp_rank_XX_optim_states.pt
     layers: dict[tuple[int, str], str]  # (layer, rank suffix such as "model_00") -> layer file
+    experts: dict[tuple[int, int, int], str] = dataclasses.field(default_factory=dict)  # (moe layer, expert, mp)
 
 
 def _read_latest(root: str) -> str:
@@ -88,13 +92,15 @@ def _has_model_files(d: str) -> bool:
 
 
 def _classify(tag_dir: str, tag: str) -> CheckpointFiles:
-    model, zero3_model, optim, layers = {}, {}, {}, {}
+    model, zero3_model, optim, layers, experts = {}, {}, {}, {}, {}
     for name in sorted(os.listdir(tag_dir)):
         full = os.path.join(tag_dir, name)
-        if _EXPERT.fullmatch(name):
-            raise ConvertError(f"{full}: DeepSpeed MoE expert checkpoint files are not supported by this "
-                               "reader yet; convert a checkpoint without expert parallelism")
-        if m := _MODEL.fullmatch(name):
+        if _EXPP_OPTIM.fullmatch(name):
+            raise ConvertError(f"{full}: a DeepSpeed MoE checkpoint saved without ZeRO (whole optimizer per "
+                               "expert-parallel rank) is not supported; save with ZeRO stage 1 or 2")
+        if m := EXPERT_FILE.fullmatch(name):
+            experts[(int(m[1] or -1), int(m[2]), int(m[3]))] = full
+        elif m := _MODEL.fullmatch(name):
             model[int(m[1])] = full
         elif m := _ZERO3_MODEL.fullmatch(name):
             zero3_model[(int(m[1]), int(m[2]))] = full
@@ -109,7 +115,7 @@ def _classify(tag_dir: str, tag: str) -> CheckpointFiles:
     if not model and not zero3_model:
         raise CheckpointNotFoundError(f"{tag_dir}: no mp_rank_XX_model_states.pt or zero_pp_rank_D_mp_rank_XX_"
                                       "model_states.pt file; this is not a DeepSpeed checkpoint directory")
-    return CheckpointFiles(tag_dir, tag, model, zero3_model, optim, layers)
+    return CheckpointFiles(tag_dir, tag, model, zero3_model, optim, layers, experts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,13 +298,20 @@ def _dp_files(files: CheckpointFiles, table: Mapping[tuple[int, int], str], mp: 
     return [have[d] for d in range(dp)]
 
 
-def _dp_size(osd: Mapping, path: str) -> int:
+def _counts(osd: Mapping, path: str) -> list[int]:
+    """Each param group's partition count (MoE expert groups: the expert-data-parallel size)."""
     count = _need(osd, "partition_count", path)
-    counts = set(count) if isinstance(count, (list, tuple)) else {count}
-    if len(counts) != 1 or not all(isinstance(c, int) and 0 < c <= 1 << 20 for c in counts):
-        raise ConvertError(f"{path}: param groups are partitioned over different data-parallel sizes "
-                           f"({sorted(counts)}), as with MoE expert groups; not supported by this reader")
-    return counts.pop()
+    counts = list(count) if isinstance(count, (list, tuple)) else [count]
+    if not counts or not all(type(c) is int and 0 < c <= 1 << 20 for c in counts) \
+            or any(max(counts) % c for c in counts):
+        raise CorruptCheckpointError(f"{path}: partition counts {counts} are not a data-parallel layout; the "
+                                     "file is damaged")
+    return counts
+
+
+def _dp_size(osd: Mapping, path: str) -> int:
+    """The data-parallel size: the largest partition count (expert groups use a divisor of it)."""
+    return max(_counts(osd, path))
 
 
 def _load_optim(load, paths: list[str], dp: int) -> list[dict]:
@@ -348,25 +361,70 @@ def _plan_zero12(files: CheckpointFiles, mp: int, path: str, model: Mapping, loa
     base = _need(osd0, "base_optimizer_state", paths[0])
     paddings = osd0.get("param_alignment_paddings")
     slot_keys, params = [], OrderedDict()
+    if not isinstance(model.get("module"), Mapping) and files.layers:  # a PipelineModule: weights per layer
+        model = _with_layer_weights(files, mp, model, shapes, load)
     module = model.get("module")
+    weights = {**(module if isinstance(module, Mapping) else {}), **expert_weights(files.experts, mp, load)}
     dtype = _model_dtype(model, [n for g in shapes for n in g])
+    counts = _counts(osd0, paths[0])
     for g, group_shapes in enumerate(shapes):
         refs = [_need(o, "single_partition_of_fp32_groups", p)[g] for o, p in zip(osds, paths)]
-        if isinstance(base, Mapping):
-            keys = base["param_groups"][g]["params"]
-            if len(keys) != 1:
-                raise CorruptCheckpointError(f"{paths[0]}: optimizer group {g} holds {len(keys)} tensors; a ZeRO "
-                                             "optimizer holds one flat partition per group")
-            slot_keys.append(keys[0])
-        else:
-            slot_keys.append(None)
+        slot_keys.append(_slot_key(base, g, paths[0]))
         flat = ("fp32",) + _flat_states(osd0, stage, g, slot_keys[g])
-        pieces = _zero12_group(mp, g, group_shapes, None if paddings is None else paddings[g], dp, refs)
-        for name, shape in group_shapes.items():
-            whole = {"param": module[name]} if isinstance(module, Mapping) and name in module else {}
-            params[name] = ParamPlan(name, tuple(shape), dtype, False, g, g, pieces[name], flat, whole)
+        pads = None if paddings is None else paddings[g]
+        count = counts[g] if g < len(counts) else dp
+        grouped = _group_pieces(mp, g, group_shapes, pads, (dp, count, data_before_expert(model)), refs)
+        for name, (shape, pieces) in grouped.items():
+            whole = {"param": weights[name]} if name in weights else {}
+            params[name] = ParamPlan(name, shape, dtype, False, g, g, pieces, flat, whole)
     return _finish(mp, stage, dp, model, path, params, osds, paths, slot_keys,
                    base["param_groups"] if isinstance(base, Mapping) else [])
+
+
+def _slot_key(base: Any, g: int, path: str) -> Any:
+    """The key of flat group ``g`` in the base optimizer's ``state`` (None for "elastic" files)."""
+    if not isinstance(base, Mapping):
+        return None
+    keys = base["param_groups"][g]["params"]
+    if len(keys) != 1:
+        raise CorruptCheckpointError(f"{path}: optimizer group {g} holds {len(keys)} tensors; a ZeRO "
+                                     "optimizer holds one flat partition per group")
+    return keys[0]
+
+
+def _group_pieces(mp: int, g: int, shapes: Mapping, paddings: list[int] | None, ranks: tuple[int, int, bool],
+                  refs: list[TensorRef]) -> dict[str, tuple[tuple[int, ...], tuple[Piece, ...]]]:
+    """Name -> (shape, pieces) of flat group ``g``; ``ranks``: (dp, the group's partition count, data
+    before expert order). An MoE expert group (partitioned over fewer than dp ranks) comes once per
+    expert-parallel rank, its parameters under their global expert ids (see ``_moe``)."""
+    dp, count, data_first = ranks
+    if count == dp:
+        pieces = _zero12_group(mp, g, shapes, paddings, dp, refs)
+        return {n: (tuple(s), pieces[n]) for n, s in shapes.items()}
+    where = f"{refs[0].path}: group {g}"
+    local, out = local_expert_count(list(shapes), where), {}
+    if not local:  # a group on fewer ranks holding no experts: a layout this reader does not know
+        raise ConvertError(f"{where} is partitioned over {count} of {dp} data-parallel ranks but holds no MoE "
+                           "expert parameters (...deepspeed_experts.N...); this layout is not supported")
+    for ep_rank in range(dp // count):
+        held = expert_ranks(dp, count, ep_rank, where, data_before_expert=data_first)
+        pieces = _zero12_group(mp, g, shapes, paddings, count, [refs[r] for r in held])
+        for n, s in shapes.items():
+            out[global_expert_name(n, ep_rank, local)] = (
+                tuple(s), tuple(dataclasses.replace(p, dp_rank=held[p.dp_rank]) for p in pieces[n]))
+    return out
+
+
+def _with_layer_weights(files: CheckpointFiles, mp: int, model: Mapping, shapes: list, load) -> dict:
+    """``model`` with a ``module`` made of the pipeline layer files' tensors (see ``_pipe``)."""
+    dims = model.get("checkpoint_parallel_dimensions") or {}
+    tp = int(dims.get("tp_degree") or 1)
+    all_names = set()
+    for other in files.model.values():
+        all_names.update(n for g in (_need(load(other), "param_shapes", other) or []) for n in g)
+    own = {n: tuple(s) for g in shapes for n, s in g.items()}
+    weights, extras = layer_weights(files.layers, mp % tp, own, all_names, load)
+    return {**model, "module": OrderedDict({**weights, **extras}), "buffer_names": list(extras)}
 
 
 def _frozen_whole(model: Mapping, trainable: Mapping, aliases: Mapping) -> OrderedDict[str, TensorRef]:
@@ -403,7 +461,11 @@ def _plan_zero3(files: CheckpointFiles, mp: int, load) -> MpPlan:
     if first is None:
         raise CheckpointNotFoundError(f"{files.tag_dir}: ZeRO-3 model files but no optimizer state files for "
                                       f"mp rank {mp}; copy the *_optim_states.pt files too")
-    dp = _dp_size(_need(load(first), "optimizer_state_dict", first), first)
+    counts = _counts(_need(load(first), "optimizer_state_dict", first), first)
+    if len(set(counts)) != 1:
+        raise ConvertError(f"{first}: param groups partitioned over different data-parallel sizes ({counts}), "
+                           "as MoE expert groups are; MoE under ZeRO-3 is not supported (ZeRO-1/2 is)")
+    dp = counts[0]
     paths = _dp_files(files, files.optim, mp, dp, "optimizer state")
     model_paths = _dp_files(files, files.zero3_model, mp, dp, "model state")
     osds = _load_optim(load, paths, dp)

@@ -109,6 +109,7 @@ class DeepSpeedCheckpoint:
         self._files: CheckpointFiles = discover(path, tag)
         self.tag, self.tag_dir = self._files.tag, self._files.tag_dir
         self._reader = RangeReader()
+        self._trees: dict[str, Any] = {}
         self._plans: dict[int, MpPlan] = {}
         first = self._first_model_file()
         meta = self._load(first)
@@ -130,11 +131,18 @@ class DeepSpeedCheckpoint:
 
     # -- files ---------------------------------------------------------------------------------
     def _load(self, path: str) -> Any:
+        if path in self._trees:  # pipeline plans look at every stage's model and layer files
+            return self._trees[path]
         tree = load_index(path, allow_unsafe_pickle=self._unsafe)
         if not isinstance(tree, dict):
             raise CorruptCheckpointError(f"{path}: holds a {type(tree).__name__}, not a DeepSpeed state dict; "
                                          "this file does not belong in a DeepSpeed checkpoint")
+        self._trees[path] = tree
         return tree
+
+    def universal_checkpoint_info(self) -> Any:
+        """What DeepSpeed records about its tp layout (``universal_checkpoint_info``), or None."""
+        return self._load(self._first_model_file()).get("universal_checkpoint_info")
 
     def _first_model_file(self) -> str:
         if self._files.zero3_model:
