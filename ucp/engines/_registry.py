@@ -14,8 +14,9 @@ __all__ = ["GROUP", "engines", "get_engine", "detect_engine"]
 
 GROUP = "ucp.engines"
 log = logging.getLogger("ucp")
-#: Detection order for ``--engine auto``: specific layouts first, third-party plugins after.
-_ORDER = ("ucp", "dcp", "deepspeed")
+#: Detection order for ``--engine auto``: specific layouts first, third-party plugins after
+#: (Megatron's torch_dist directories are DCP directories too: megatron asks first).
+_ORDER = ("ucp", "megatron", "dcp", "deepspeed")
 
 
 def engines() -> dict[str, Any]:

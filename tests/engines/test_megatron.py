@@ -1,0 +1,189 @@
+"""Megatron-core ``dist_checkpointing`` (torch_dist) checkpoints convert without a spec.
+
+The slow tests train a tiny GPTModel with real Megatron-core 0.19 on CPU/gloo (tp=2, distributed
+Adam, bf16 with fp32 masters), save it with ``dist_checkpointing.save``, and compare what
+``ucp convert`` makes of it with what Megatron itself loads at tp=1 (``dist_checkpointing.load``
+into a tp=1 model and optimizer): every tensor, bit for bit. The fast tests check the layout rules
+and errors on hand-made metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import pickle
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import ucp
+from ucp.engines.dcp import DcpFiles, DcpMetadata, TensorEntry
+from ucp.engines.dcp._meta import Chunk, parse_metadata
+from ucp.engines.megatron import MegatronCheckpoint
+from ucp.engines.megatron._layout import plan_layout, stacked_axis, ucp_name
+from ucp.engines.megatron._reader import default_groups
+from ucp.engines._base import ParamInfo
+from ucp.testing import run_ranks
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import _megatron_make as make  # noqa: E402 - the rank functions live beside the tests
+
+
+@dataclasses.dataclass
+class Reference:
+    ckpt: Path
+    tensors: dict[str, torch.Tensor]  # "<name>/<state>", as Megatron loads them at tp=1
+    groups: dict[str, int]
+    param_groups: list[dict]
+
+
+@pytest.fixture(scope="session")
+def megatron_tp2(tmp_path_factory) -> Reference:
+    """A real Megatron-core checkpoint (tp=2, 2 steps) and Megatron's own tp=1 load of it; once."""
+    pytest.importorskip("megatron.core", reason="pip install --ignore-requires-python megatron-core==0.19.2")
+    from safetensors.torch import load_file
+
+    root = tmp_path_factory.mktemp("megatron")
+    ckpt, ref = root / "iter_0000002", root / "tp1.safetensors"
+    run_ranks(make.train_and_save, 2, args=(str(ckpt), 2, 1, True), timeout=300)
+    (got,) = run_ranks(make.load_full, 1, args=(str(ckpt), str(ref), True), timeout=300)
+    return Reference(ckpt, load_file(ref), got.value["groups"], got.value["param_groups"])
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and bytes(a.contiguous().view(torch.uint8).numpy()) \
+        == bytes(b.contiguous().view(torch.uint8).numpy())
+
+
+def _plain(groups: list[dict]) -> list[dict]:
+    return json.loads(json.dumps(groups))  # tuples (betas) as lists, as any JSON store keeps them
+
+
+@pytest.mark.slow
+def test_convert_equals_megatron_tp1_load(megatron_tp2: Reference, tmp_path):
+    """Plain `ucp convert` (auto-detect, no spec): every state of every parameter under Megatron's
+    tp=1 names, bit for bit what Megatron loads at tp=1; step and param groups included."""
+    from click.testing import CliRunner
+    from ucp.cli import main
+
+    r = CliRunner().invoke(main, ["convert", str(megatron_tp2.ckpt), str(tmp_path / "u")])
+    assert r.exit_code == 0, r.output
+    assert "found megatron" in r.output
+    u = ucp.open(str(tmp_path / "u"))
+    names = {k.rsplit("/", 1)[0] for k in megatron_tp2.tensors}
+    assert set(u.names()) == names and len(names) == 4 * 6 + 3
+    for key, want in megatron_tp2.tensors.items():
+        name, state = key.rsplit("/", 1)
+        assert _same(u.read(name, state=state), want), key
+    assert all({"fp32", "exp_avg", "exp_avg_sq"} <= set(u.info(n).states) for n in names)
+    assert u.step == 2
+    assert _plain(u.param_groups) == _plain(megatron_tp2.param_groups)
+    assert {n: u.info(n).group for n in names} == megatron_tp2.groups
+
+
+@pytest.mark.slow
+def test_layer_reads_read_only_that_layer(megatron_tp2: Reference):
+    """Reading every state of every parameter reads each saved byte about once (a layer of a stacked
+    tensor comes from its own chunks, not from the whole stack)."""
+    ckpt = MegatronCheckpoint(str(megatron_tp2.ckpt))
+    data = sum(f.stat().st_size for f in megatron_tp2.ckpt.glob("*.distcp"))
+    before = ucp.storage.read_counter()
+    for name in ckpt.names():
+        for state in ckpt.info(name).states:
+            ckpt.read(name, state)
+    read = (ucp.storage.read_counter() - before).bytes
+    assert read <= 1.1 * data, (read, data)
+
+
+@pytest.mark.slow
+def test_megatron_lm_root_resolves_to_the_newest_save(megatron_tp2: Reference, tmp_path):
+    """A Megatron-LM save root (latest_checkpointed_iteration.txt + iter_NNNNNNN/) converts its newest
+    save; a spec is refused rather than ignored."""
+    root = tmp_path / "run"
+    shutil.copytree(megatron_tp2.ckpt, root / "iter_0000002")
+    (root / "latest_checkpointed_iteration.txt").write_text("2\n")
+    ckpt = ucp.convert(str(root), str(tmp_path / "u"))
+    name = "decoder.layers.3.self_attention.linear_qkv.weight"
+    assert _same(ckpt.read(name, state="exp_avg"), megatron_tp2.tensors[f"{name}/exp_avg"])
+    with pytest.raises(ucp.UcpError, match="drop --spec"):
+        ucp.convert(str(root), str(tmp_path / "v"), spec="llama_megatron")
+
+
+# -- fast: layout rules on hand-made metadata -----------------------------------------------------
+
+def _entry(key: str, shape: tuple[int, ...], chunks: list[tuple[tuple[int, ...], tuple[int, ...]]],
+           dtype=torch.float32) -> TensorEntry:
+    return TensorEntry(key, (key,), shape, dtype, tuple(Chunk(o, s, "__0_0.distcp", 0, 1) for o, s in chunks))
+
+
+def _stacked(key: str, layers: int, shape: tuple[int, ...], dtype=torch.float32) -> TensorEntry:
+    zeros = (0,) * len(shape)
+    return _entry(key, (layers, *shape), [((i, *zeros), (1, *shape)) for i in range(layers)], dtype)
+
+
+def test_layers_unstack_to_megatron_tp1_names():
+    key = "decoder.layers.self_attention.linear_qkv.weight"
+    e = _stacked(key, 3, (8, 4), torch.bfloat16)
+    meta = DcpMetadata("1.0.0", {key: e, f"optimizer.state.exp_avg.{key}": _stacked(f"optimizer.state.exp_avg.{key}", 3, (8, 4)),
+                                 "decoder.final_layernorm.weight": _entry("decoder.final_layernorm.weight", (4,), [((0,), (4,))])}, {})
+    layout = plan_layout(meta, where="x")
+    assert list(layout.params) == [f"decoder.layers.{i}.self_attention.linear_qkv.weight" for i in range(3)] \
+        + ["decoder.final_layernorm.weight"]
+    assert layout.params["decoder.layers.2.self_attention.linear_qkv.weight"].layer == 2
+    assert set(layout.states[key]) == {"exp_avg"}
+    # a leading axis not cut per layer is not a stack; neither is a numbered layer
+    assert stacked_axis(key, _entry(key, (3, 8, 4), [((0, 0, 0), (3, 8, 4))])) is None
+    assert stacked_axis("decoder.layers.0.mlp.weight", _stacked("k", 2, (4,))) is None
+    assert ucp_name("mtp.layers.x.w", 1, 5) == "mtp.layers.5.x.w"
+
+
+def test_dp_reshardable_optimizer_is_refused_by_name():
+    key = "optimizer.distributed.dp_group_idx_0.gbuf_idx_0.dtype_(torch.bfloat16, torch.bfloat16).exp_avg"
+    meta = DcpMetadata("1.0.0", {"output_layer.weight": _entry("output_layer.weight", (4, 4), [((0, 0), (4, 4))]),
+                                 key: _entry(key, (16,), [((0,), (16,))])}, {})
+    with pytest.raises(ucp.UcpError, match="dp_reshardable.*fully_reshardable"):
+        plan_layout(meta, where="ckpt")
+
+
+def test_optimizer_state_of_another_shape_is_corrupt():
+    meta = DcpMetadata("1.0.0", {"w": _entry("w", (4, 4), [((0, 0), (4, 4))]),
+                                 "optimizer.state.exp_avg.w": _entry("optimizer.state.exp_avg.w", (4,), [((0,), (4,))])}, {})
+    with pytest.raises(ucp.CorruptCheckpointError, match="optimizer.state.exp_avg.w"):
+        plan_layout(meta, where="ckpt")
+
+
+def test_default_groups_follow_megatrons_weight_decay_rule():
+    p = {"a.weight": ParamInfo((4, 4), torch.float32, ("param",)), "a.bias": ParamInfo((4, 2), torch.float32, ("param",)),
+         "n.weight": ParamInfo((4,), torch.float32, ("param",)), "f.weight": ParamInfo((4,), torch.float32, ("param",), frozen=True)}
+    groups = [{"wd_mult": 0.0, "is_expert_parallel": False}, {"wd_mult": 1.0, "is_expert_parallel": False}]
+    assert default_groups(p, groups) == {"a.weight": 1, "a.bias": 0, "n.weight": 0}
+    assert default_groups(p, groups[:1]) == {"a.weight": 0, "a.bias": 0, "n.weight": 0}
+    # groups Megatron made from overrides: membership cannot be told, so none is claimed
+    assert default_groups(p, groups + [{"wd_mult": 1.0, "lr_mult": 0.1}]) == {}
+
+
+def test_dcp_metadata_with_megatrons_save_plans_parses(tmp_path):
+    """Megatron adds every rank's SavePlan (WriteItem, WriteItemType, TensorWriteData) to .metadata."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+
+    dcp.save({"w": torch.arange(12.0).reshape(3, 4)}, checkpoint_id=str(tmp_path), no_dist=True)
+    md = pickle.loads((tmp_path / ".metadata").read_bytes())
+    chunk = ChunkStorageMetadata(torch.Size([0, 0]), torch.Size([3, 4]))
+    md.all_local_plans = [SavePlan([WriteItem(MetadataIndex("w", torch.Size([0, 0])), WriteItemType.SHARD,
+                                              tensor_data=TensorWriteData(chunk, TensorProperties(torch.float32),
+                                                                          torch.Size([3, 4])))])]
+    buf = io.BytesIO()
+    pickle.dump(md, buf)
+    meta = parse_metadata(buf.getvalue(), where="x")
+    assert meta.tensors["w"].shape == (3, 4)
+    (tmp_path / ".metadata").write_bytes(buf.getvalue())
+    files = DcpFiles(str(tmp_path))
+    assert torch.equal(files.tensor(files.metadata.tensors["w"], ((1, 3), (2, 4))),
+                       torch.arange(12.0).reshape(3, 4)[1:3, 2:4])
