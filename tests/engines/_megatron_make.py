@@ -101,7 +101,8 @@ def _build(tp: int, pp: int, bf16: bool) -> tuple[Any, Any]:
     config = TransformerConfig(**MODEL, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                gated_linear_unit=True, hidden_dropout=0.0, attention_dropout=0.0, activation_func=F.silu, add_bias_linear=False,
                                use_cpu_initialization=True, params_dtype=dtype, bf16=bf16,
-                               pipeline_dtype=dtype, normalization="RMSNorm")
+                               pipeline_dtype=dtype, normalization="RMSNorm",
+                               batch_p2p_comm=False)  # gloo has no batched send/recv
     from megatron.core import parallel_state as ps
 
     model = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
@@ -115,16 +116,35 @@ def _build(tp: int, pp: int, bf16: bool) -> tuple[Any, Any]:
     return model, get_megatron_optimizer(opt_config, [model])
 
 
-def _train(model: Any, optimizer: Any, steps: int) -> None:
-    """A few real optimizer steps (pp=1: one forward/backward per step)."""
+def _batches(n: int) -> list[dict[str, torch.Tensor]]:
     gen = torch.Generator().manual_seed(123)
+    tokens = [torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen) for _ in range(n)]
+    return [{"tokens": t, "labels": t.roll(-1, dims=1)} for t in tokens]
+
+
+def _forward_step(data: Any, model: Any) -> tuple[torch.Tensor, Any]:
+    batch = next(data)
+    position_ids = torch.arange(SEQ).unsqueeze(0).expand(BATCH, SEQ)
+    out = model(batch["tokens"], position_ids, None, labels=batch["labels"])
+
+    def loss_func(losses: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        loss = losses.float().mean()
+        return loss, {"loss": loss.detach()}
+
+    return out, loss_func
+
+
+def _train(model: Any, optimizer: Any, steps: int) -> None:
+    """A few real optimizer steps through Megatron's schedule (pipelined when pp > 1), two
+    microbatches each."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    step_fn = get_forward_backward_func()
     for _ in range(steps):
-        tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen)
-        position_ids = torch.arange(SEQ).unsqueeze(0).expand(BATCH, SEQ)
         model.zero_grad_buffer()
         optimizer.zero_grad()
-        loss = model(tokens, position_ids, None, labels=tokens.roll(-1, dims=1)).float().mean()
-        loss.backward()
+        step_fn(forward_step_func=_forward_step, data_iterator=iter(_batches(2)), model=[model],
+                num_microbatches=2, seq_length=SEQ, micro_batch_size=BATCH, forward_only=False)
         model.finish_grad_sync()
         optimizer.prepare_grads()
         optimizer.step_with_ready_grads()

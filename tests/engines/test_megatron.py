@@ -1,7 +1,7 @@
 """Megatron-core ``dist_checkpointing`` (torch_dist) checkpoints convert without a spec.
 
-The slow tests train a tiny GPTModel with real Megatron-core 0.19 on CPU/gloo (tp=2, distributed
-Adam, bf16 with fp32 masters), save it with ``dist_checkpointing.save``, and compare what
+The slow tests train a tiny GPTModel with real Megatron-core 0.19 on CPU/gloo (tp=2 x pp=2 on 4
+ranks, distributed Adam, bf16 with fp32 masters), save it with ``dist_checkpointing.save``, and compare what
 ``ucp convert`` makes of it with what Megatron itself loads at tp=1 (``dist_checkpointing.load``
 into a tp=1 model and optimizer): every tensor, bit for bit. The fast tests check the layout rules
 and errors on hand-made metadata.
@@ -43,14 +43,15 @@ class Reference:
 
 
 @pytest.fixture(scope="session")
-def megatron_tp2(tmp_path_factory) -> Reference:
-    """A real Megatron-core checkpoint (tp=2, 2 steps) and Megatron's own tp=1 load of it; once."""
+def megatron_ckpt(tmp_path_factory) -> Reference:
+    """A real Megatron-core checkpoint (tp=2 x pp=2, 2 steps) and Megatron's own tp=1, pp=1 load of
+    it; made once per session."""
     pytest.importorskip("megatron.core", reason="pip install --ignore-requires-python megatron-core==0.19.2")
     from safetensors.torch import load_file
 
     root = tmp_path_factory.mktemp("megatron")
     ckpt, ref = root / "iter_0000002", root / "tp1.safetensors"
-    run_ranks(make.train_and_save, 2, args=(str(ckpt), 2, 1, True), timeout=300)
+    run_ranks(make.train_and_save, 4, args=(str(ckpt), 2, 2, True), timeout=300)
     (got,) = run_ranks(make.load_full, 1, args=(str(ckpt), str(ref), True), timeout=300)
     return Reference(ckpt, load_file(ref), got.value["groups"], got.value["param_groups"])
 
@@ -65,33 +66,35 @@ def _plain(groups: list[dict]) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_convert_equals_megatron_tp1_load(megatron_tp2: Reference, tmp_path):
+def test_convert_equals_megatron_tp1_load(megatron_ckpt: Reference, tmp_path):
     """Plain `ucp convert` (auto-detect, no spec): every state of every parameter under Megatron's
     tp=1 names, bit for bit what Megatron loads at tp=1; step and param groups included."""
     from click.testing import CliRunner
     from ucp.cli import main
 
-    r = CliRunner().invoke(main, ["convert", str(megatron_tp2.ckpt), str(tmp_path / "u")])
+    r = CliRunner().invoke(main, ["convert", str(megatron_ckpt.ckpt), str(tmp_path / "u")])
     assert r.exit_code == 0, r.output
     assert "found megatron" in r.output
+    qkv = DcpFiles(str(megatron_ckpt.ckpt)).metadata.tensors["decoder.layers.self_attention.linear_qkv.weight"]
+    assert len(qkv.chunks) == 4 * 2 and qkv.shape[0] == 4  # 4 layers over 2 stages, each cut in 2 by TP
     u = ucp.open(str(tmp_path / "u"))
-    names = {k.rsplit("/", 1)[0] for k in megatron_tp2.tensors}
+    names = {k.rsplit("/", 1)[0] for k in megatron_ckpt.tensors}
     assert set(u.names()) == names and len(names) == 4 * 6 + 3
-    for key, want in megatron_tp2.tensors.items():
+    for key, want in megatron_ckpt.tensors.items():
         name, state = key.rsplit("/", 1)
         assert _same(u.read(name, state=state), want), key
     assert all({"fp32", "exp_avg", "exp_avg_sq"} <= set(u.info(n).states) for n in names)
     assert u.step == 2
-    assert _plain(u.param_groups) == _plain(megatron_tp2.param_groups)
-    assert {n: u.info(n).group for n in names} == megatron_tp2.groups
+    assert _plain(u.param_groups) == _plain(megatron_ckpt.param_groups)
+    assert {n: u.info(n).group for n in names} == megatron_ckpt.groups
 
 
 @pytest.mark.slow
-def test_layer_reads_read_only_that_layer(megatron_tp2: Reference):
+def test_layer_reads_read_only_that_layer(megatron_ckpt: Reference):
     """Reading every state of every parameter reads each saved byte about once (a layer of a stacked
     tensor comes from its own chunks, not from the whole stack)."""
-    ckpt = MegatronCheckpoint(str(megatron_tp2.ckpt))
-    data = sum(f.stat().st_size for f in megatron_tp2.ckpt.glob("*.distcp"))
+    ckpt = MegatronCheckpoint(str(megatron_ckpt.ckpt))
+    data = sum(f.stat().st_size for f in megatron_ckpt.ckpt.glob("*.distcp"))
     before = ucp.storage.read_counter()
     for name in ckpt.names():
         for state in ckpt.info(name).states:
@@ -101,15 +104,15 @@ def test_layer_reads_read_only_that_layer(megatron_tp2: Reference):
 
 
 @pytest.mark.slow
-def test_megatron_lm_root_resolves_to_the_newest_save(megatron_tp2: Reference, tmp_path):
+def test_megatron_lm_root_resolves_to_the_newest_save(megatron_ckpt: Reference, tmp_path):
     """A Megatron-LM save root (latest_checkpointed_iteration.txt + iter_NNNNNNN/) converts its newest
     save; a spec is refused rather than ignored."""
     root = tmp_path / "run"
-    shutil.copytree(megatron_tp2.ckpt, root / "iter_0000002")
+    shutil.copytree(megatron_ckpt.ckpt, root / "iter_0000002")
     (root / "latest_checkpointed_iteration.txt").write_text("2\n")
     ckpt = ucp.convert(str(root), str(tmp_path / "u"))
     name = "decoder.layers.3.self_attention.linear_qkv.weight"
-    assert _same(ckpt.read(name, state="exp_avg"), megatron_tp2.tensors[f"{name}/exp_avg"])
+    assert _same(ckpt.read(name, state="exp_avg"), megatron_ckpt.tensors[f"{name}/exp_avg"])
     with pytest.raises(ucp.UcpError, match="drop --spec"):
         ucp.convert(str(root), str(tmp_path / "v"), spec="llama_megatron")
 
