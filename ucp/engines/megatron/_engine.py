@@ -47,7 +47,7 @@ def resolve(url: str, *, storage_options: Mapping[str, Any] | None = None,
     if _CONFIG not in listing:
         raise CheckpointNotFoundError(f"{sub.url}: no {_CONFIG}; {_LATEST if tag is None else 'the tag'} "
                                       f"names save {which!r}, which is missing or incomplete "
-                                      "(pass --tag with another iteration)")
+                                      "(pass --step with another iteration)")
     return sub, listing
 
 
@@ -75,7 +75,8 @@ def detect(url: str, *, storage_options: Mapping[str, Any] | None = None) -> str
     if ".metadata" not in names:
         raise ConvertError(f"{storage.url}: Megatron torch_dist checkpoint without .metadata; the save "
                            "did not finish (it is written last): use an earlier iteration")
-    return f"Megatron-core dist_checkpointing (torch_dist) {storage.url}: {len(data)} .distcp file(s)"
+    where = "" if storage.url == url else f" {storage.url.rsplit('/', 1)[-1]}"
+    return f"Megatron-core dist_checkpointing (torch_dist){where}: {len(data)} .distcp file(s)"
 
 
 class MegatronEngine:
@@ -92,7 +93,7 @@ class MegatronEngine:
         if spec is not None:
             raise ConvertError(f"{url}: a Megatron torch_dist checkpoint records every tensor's global "
                                "shape and layer stacking, and converts to Megatron's own tp=1 names "
-                               "without a spec; drop --spec (Hugging Face names come from `ucp export`)")
+                               "without a spec; drop --spec")
         found = resolve(url, storage_options=storage_options, tag=tag)
         where = url if found is None else found[0].url
         return MegatronCheckpoint(where, storage_options=storage_options)
