@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 from ucp.storage import Storage
 
-from ucp._errors import CheckpointNotFoundError, ConvertError
+from ucp.core import CheckpointNotFoundError, ConvertError
 from ._reader import MegatronCheckpoint
 
 __all__ = ["ENGINE", "MegatronEngine", "resolve"]

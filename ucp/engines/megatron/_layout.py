@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from ucp._errors import ConvertError, CorruptCheckpointError
+from ucp.core import ConvertError, CorruptCheckpointError
 from ..dcp import DcpMetadata, ObjectEntry, TensorEntry
 
 __all__ = ["Source", "MegatronLayout", "plan_layout", "ucp_name"]

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ucp._errors import ConvertError
+from ucp.core import ConvertError
 from .._base import ParamInfo, Region
 from ..dcp import DcpFiles, TensorEntry
 from ._layout import MegatronLayout, Source, plan_layout
