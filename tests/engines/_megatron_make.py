@@ -177,7 +177,8 @@ def load_full(rank: int, world_size: int, src: str, out: str, bf16: bool) -> dic
     dict of a fresh tp=1 model and distributed optimizer: Megatron's own gather at tp=1.
 
     Writes ``out`` (safetensors): ``<name>/<state>`` for states ``param``, ``fp32``, ``exp_avg``,
-    ``exp_avg_sq`` (tensors do not travel back through the result pipe).
+    ``exp_avg_sq`` (tensors do not travel back through the result pipe); ``out.forward``: the
+    loaded model's ``logits`` on fixed ``tokens``.
 
     Returns:
         ``groups``: name -> the index of its param group; ``param_groups``: their hyper-parameters.
@@ -206,6 +207,7 @@ def load_full(rank: int, world_size: int, src: str, out: str, bf16: bool) -> dic
     groups = {checkpoint_name(name, model_sd[name]): dist_opt.model_param_group_index_map[named[name]][0]
               for name in order}
     save_file({f"{n}/{st}": t.contiguous() for n, d in params.items() for st, t in d.items()}, out)
+    save_file(_forward(model, {k: v for k, v in loaded.items() if k != "optimizer"}), out + ".forward")
     return {"groups": groups,
             "param_groups": loaded["optimizer"]["optimizer"]["param_groups"]}
 
@@ -218,3 +220,13 @@ def checkpoint_name(module_name: str, sharded: Any) -> str:
         return module_name
     head, _, rest = sharded.key.partition("layers.")
     return f"{head}layers.{sharded.global_offset[0]}.{rest}"
+
+
+def _forward(model: Any, model_state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tp=1 model with the loaded weights, run on fixed tokens: its logits."""
+    model.module.load_state_dict(model_state)
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(7))
+    position_ids = torch.arange(SEQ).unsqueeze(0).expand(BATCH, SEQ)
+    with torch.no_grad():
+        logits = model.module(tokens, position_ids, None)
+    return {"tokens": tokens, "logits": logits.float().contiguous()}

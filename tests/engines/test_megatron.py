@@ -27,6 +27,8 @@ from ucp.engines.megatron import MegatronCheckpoint
 from ucp.engines.megatron._layout import plan_layout, stacked_axis, ucp_name
 from ucp.engines.megatron._reader import default_groups
 from ucp.engines._base import ParamInfo
+from ucp.ops._export import export_hf
+from safetensors.torch import save_file
 from ucp.testing import run_ranks
 
 HERE = Path(__file__).resolve().parent
@@ -40,6 +42,7 @@ class Reference:
     tensors: dict[str, torch.Tensor]  # "<name>/<state>", as Megatron loads them at tp=1
     groups: dict[str, int]
     param_groups: list[dict]
+    forward: dict[str, torch.Tensor]  # the tp=1 model's "logits" on "tokens"
 
 
 @pytest.fixture(scope="session")
@@ -53,7 +56,8 @@ def megatron_ckpt(tmp_path_factory) -> Reference:
     ckpt, ref = root / "iter_0000002", root / "tp1.safetensors"
     run_ranks(make.train_and_save, 4, args=(str(ckpt), 2, 2, True), timeout=300)
     (got,) = run_ranks(make.load_full, 1, args=(str(ckpt), str(ref), True), timeout=300)
-    return Reference(ckpt, load_file(ref), got.value["groups"], got.value["param_groups"])
+    return Reference(ckpt, load_file(ref), got.value["groups"], got.value["param_groups"],
+                     load_file(f"{ref}.forward"))
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -115,6 +119,89 @@ def test_megatron_lm_root_resolves_to_the_newest_save(megatron_ckpt: Reference, 
     assert _same(ckpt.read(name, state="exp_avg"), megatron_ckpt.tensors[f"{name}/exp_avg"])
     with pytest.raises(ucp.UcpError, match="drop --spec"):
         ucp.convert(str(root), str(tmp_path / "v"), spec="llama_megatron")
+
+
+#: The tiny model as a Hugging Face Llama (Megatron's defaults: RMSNorm eps 1e-5, RoPE base 10000).
+LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": make.VOCAB,
+         "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 4, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+         "max_position_embeddings": make.SEQ, "tie_word_embeddings": False, "hidden_act": "silu"}
+
+
+@pytest.mark.slow
+def test_export_to_hugging_face_llama_gives_megatrons_logits(megatron_ckpt: Reference, tmp_path):
+    """convert, then `ucp export --map megatron-llama`: transformers' Llama loads the export and its
+    logits equal Megatron's own tp=1 model's (loaded by Megatron from the same checkpoint) to bf16
+    rounding, with the same next-token choices."""
+    from click.testing import CliRunner
+    from transformers import LlamaForCausalLM
+    from ucp.cli import main
+
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA))
+    ucp.convert(str(megatron_ckpt.ckpt), str(tmp_path / "u"))
+    r = CliRunner().invoke(main, ["export", str(tmp_path / "u"), str(tmp_path / "hf"), "--map", "megatron-llama",
+                                  "--config", str(tmp_path / "config.json")])
+    assert r.exit_code == 0, r.output
+    model = LlamaForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        logits = model(megatron_ckpt.forward["tokens"]).logits.float()
+    want = megatron_ckpt.forward["logits"]
+    assert (logits - want).abs().max().item() <= 2 ** -6 * max(1.0, want.abs().max().item())
+    assert torch.equal(logits.argmax(-1), want.argmax(-1))
+
+
+def _megatron_layer(path: Path) -> dict[str, torch.Tensor]:
+    """A one-layer Megatron GPT (tp=1 names and fused layouts, vocabulary padded to 130) as a
+    safetensors file; returns the Hugging Face Llama tensors it stands for, built independently."""
+    g = torch.Generator().manual_seed(0)
+    heads, groups, hd, hidden, ffn, per = 4, 2, 16, 64, 96, 2
+    hf = {n: torch.randn(*shape, generator=g) for n, shape in {
+        "model.embed_tokens.weight": (128, hidden), "lm_head.weight": (128, hidden), "model.norm.weight": (hidden,),
+        "model.layers.0.self_attn.q_proj.weight": (heads * hd, hidden), "model.layers.0.self_attn.k_proj.weight": (groups * hd, hidden),
+        "model.layers.0.self_attn.v_proj.weight": (groups * hd, hidden), "model.layers.0.self_attn.o_proj.weight": (hidden, heads * hd),
+        "model.layers.0.mlp.gate_proj.weight": (ffn, hidden), "model.layers.0.mlp.up_proj.weight": (ffn, hidden),
+        "model.layers.0.mlp.down_proj.weight": (hidden, ffn), "model.layers.0.input_layernorm.weight": (hidden,),
+        "model.layers.0.post_attention_layernorm.weight": (hidden,)}.items()}
+    a, m, pad = "model.layers.0.self_attn.", "model.layers.0.mlp.", torch.zeros(2, hidden)
+    rows = [[hf[a + "q_proj.weight"][i * per * hd:(i + 1) * per * hd], hf[a + "k_proj.weight"][i * hd:(i + 1) * hd],
+             hf[a + "v_proj.weight"][i * hd:(i + 1) * hd]] for i in range(groups)]
+    save_file({"embedding.word_embeddings.weight": torch.cat([hf["model.embed_tokens.weight"], pad]),
+               "output_layer.weight": torch.cat([hf["lm_head.weight"], pad]),
+               "decoder.final_layernorm.weight": hf["model.norm.weight"],
+               "decoder.layers.0.self_attention.linear_qkv.weight": torch.cat([t for r in rows for t in r]),
+               "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight": hf["model.layers.0.input_layernorm.weight"],
+               "decoder.layers.0.self_attention.linear_proj.weight": hf[a + "o_proj.weight"],
+               "decoder.layers.0.mlp.linear_fc1.weight": torch.cat([hf[m + "gate_proj.weight"], hf[m + "up_proj.weight"]]),
+               "decoder.layers.0.mlp.linear_fc1.layer_norm_weight": hf["model.layers.0.post_attention_layernorm.weight"],
+               "decoder.layers.0.mlp.linear_fc2.weight": hf[m + "down_proj.weight"]}, str(path))
+    return hf
+
+
+def test_megatron_llama_map_splits_fused_tensors(tmp_path):
+    """QKV per query group -> q/k/v, fc1 [gate; up] -> gate/up, padded vocabulary cut, names mapped."""
+    from safetensors.torch import load_file
+
+    want = _megatron_layer(tmp_path / "megatron.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({**LLAMA, "num_hidden_layers": 1}))
+    export_hf(str(tmp_path / "megatron.safetensors"), str(tmp_path / "hf"), hf_map="megatron-llama",
+              config=tmp_path / "config.json")
+    got = load_file(tmp_path / "hf" / "model.safetensors")
+    assert set(got) == set(want)
+    for name, t in want.items():
+        assert _same(got[name], t), name
+
+
+def test_megatron_llama_map_refuses_what_it_cannot_place(tmp_path):
+    _megatron_layer(tmp_path / "m.safetensors")
+    with pytest.raises(ucp.UcpError, match="needs --config"):
+        export_hf(str(tmp_path / "m.safetensors"), str(tmp_path / "hf"), hf_map="megatron-llama")
+    with pytest.raises(ucp.UcpError, match="no Hugging Face map 'gpt9'.*megatron-llama"):
+        export_hf(str(tmp_path / "m.safetensors"), str(tmp_path / "hf"), hf_map="gpt9", config=__file__)
+    save_file({"decoder.layers.0.mlp.router.weight": torch.ones(2, 2)}, str(tmp_path / "r.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA))
+    with pytest.raises(ucp.UcpError, match="router.weight' has no Hugging Face name"):
+        export_hf(str(tmp_path / "r.safetensors"), str(tmp_path / "hf2"), hf_map="megatron-llama",
+                  config=tmp_path / "config.json")
 
 
 # -- fast: layout rules on hand-made metadata -----------------------------------------------------
