@@ -150,6 +150,19 @@ def _train(model: Any, optimizer: Any, steps: int) -> None:
         optimizer.step_with_ready_grads()
 
 
+def _run_values(iteration: int) -> dict[str, Any]:
+    """What Megatron-LM's ``generate_state_dict`` adds to the saved state: its arguments (an
+    ``argparse.Namespace`` holding Megatron enums and configs), the iteration, the format version."""
+    import argparse
+
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.transformer.enums import AttnBackend
+
+    args = argparse.Namespace(tensor_model_parallel_size=2, attention_backend=AttnBackend.auto,
+                              optimizer_config=OptimizerConfig(lr=1e-2), params_dtype=torch.bfloat16)
+    return {"args": args, "iteration": iteration, "checkpoint_version": 3.0}
+
+
 def train_and_save(rank: int, world_size: int, out: str, tp: int, pp: int, bf16: bool) -> str:
     """Every rank: build, train ``STEPS`` steps, save model + optimizer with ``dist_checkpointing``."""
     _setup(tp, pp, seed=1234)
@@ -159,7 +172,7 @@ def train_and_save(rank: int, world_size: int, out: str, tp: int, pp: int, bf16:
     _train(model, optimizer, STEPS)
     model_sd = model.module.sharded_state_dict(prefix="")
     state = {**model_sd, "optimizer": optimizer.sharded_state_dict(
-        model_sd, metadata={"distrib_optim_sharding_type": "fully_reshardable"})}
+        model_sd, metadata={"distrib_optim_sharding_type": "fully_reshardable"}), **_run_values(STEPS)}
     if rank == 0:
         os.makedirs(out, exist_ok=True)
     torch.distributed.barrier()
@@ -207,7 +220,7 @@ def load_full(rank: int, world_size: int, src: str, out: str, bf16: bool) -> dic
     groups = {checkpoint_name(name, model_sd[name]): dist_opt.model_param_group_index_map[named[name]][0]
               for name in order}
     save_file({f"{n}/{st}": t.contiguous() for n, d in params.items() for st, t in d.items()}, out)
-    save_file(_forward(model, {k: v for k, v in loaded.items() if k != "optimizer"}), out + ".forward")
+    save_file(_forward(model, {k: loaded[k] for k in model_sd}), out + ".forward")
     return {"groups": groups,
             "param_groups": loaded["optimizer"]["optimizer"]["param_groups"]}
 

@@ -9,6 +9,7 @@ and errors on hand-made metadata.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import io
 import json
@@ -25,7 +26,8 @@ from ucp.engines.dcp import DcpFiles, DcpMetadata, TensorEntry
 from ucp.engines.dcp._meta import Chunk, parse_metadata
 from ucp.engines.megatron import MegatronCheckpoint
 from ucp.engines.megatron._layout import plan_layout, stacked_axis, ucp_name
-from ucp.engines.megatron._reader import default_groups
+from ucp.engines.megatron._common import load_common
+from ucp.engines.megatron._reader import _step, default_groups
 from ucp.engines._base import ParamInfo
 from ucp.ops._export import export_hf
 from safetensors.torch import save_file
@@ -88,7 +90,7 @@ def test_convert_equals_megatron_tp1_load(megatron_ckpt: Reference, tmp_path):
         name, state = key.rsplit("/", 1)
         assert _same(u.read(name, state=state), want), key
     assert all({"fp32", "exp_avg", "exp_avg_sq"} <= set(u.info(n).states) for n in names)
-    assert u.step == 2
+    assert u.step == make.STEPS  # Megatron-LM's iteration, from a common state holding its args
     assert _plain(u.param_groups) == _plain(megatron_ckpt.param_groups)
     assert {n: u.info(n).group for n in names} == megatron_ckpt.groups
 
@@ -205,6 +207,33 @@ def test_megatron_llama_map_refuses_what_it_cannot_place(tmp_path):
 
 
 # -- fast: layout rules on hand-made metadata -----------------------------------------------------
+
+def test_common_state_loads_megatron_lm_values_and_runs_nothing(tmp_path):
+    """The common state's argparse args load as plain attributes; a class outside the allow-list is
+    refused before anything runs."""
+    buf = io.BytesIO()
+    torch.save([{"args": argparse.Namespace(lr=0.5, dims=(2, 3)), "iteration": 9}], buf)
+    (value,) = load_common(buf.getvalue(), where="x")
+    assert value["iteration"] == 9 and value["args"].lr == 0.5 and value["args"].dims == (2, 3)
+    assert _step([value], [{"step": 4.0}]) == 9 and _step([{}], [{"step": 4.0}, {"step": 3.0}]) == 4
+    marker = tmp_path / "ran"
+    buf = io.BytesIO()
+    torch.save({"x": _Runs(str(marker))}, buf)
+    with pytest.raises(ucp.UnsafeInputError, match="common state"):
+        load_common(buf.getvalue(), where="x")
+    assert not marker.exists()
+
+
+class _Runs:
+    """Unpickling this would create a file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
 
 def _entry(key: str, shape: tuple[int, ...], chunks: list[tuple[tuple[int, ...], tuple[int, ...]]],
            dtype=torch.float32) -> TensorEntry:

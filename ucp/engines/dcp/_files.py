@@ -75,6 +75,10 @@ class DcpFiles:
             out[dst] = t[src]
         return out
 
+    def raw(self, entries: Sequence[ObjectEntry]) -> list[bytes]:
+        """The saved bytes of each value (a ``torch.save`` archive), for callers with their own loader."""
+        return self._blobs.raw([_blob(e) for e in entries])
+
     def values(self, entries: Sequence[ObjectEntry]) -> list[Any]:
         """Small saved Python values (``torch.load(weights_only=True)``), with merged reads."""
         return self._blobs.objects([_blob(e) for e in entries])

@@ -21,9 +21,12 @@ import torch
 from ucp.core import ConvertError
 from .._base import ParamInfo, Region
 from ..dcp import DcpFiles, TensorEntry
+from ._common import load_common
 from ._layout import MegatronLayout, Source, plan_layout
 
 __all__ = ["MegatronCheckpoint", "default_groups"]
+
+_LEGACY_COMMON = "common.pt"  # before the common state moved into the DCP files
 
 
 class MegatronCheckpoint:
@@ -31,8 +34,8 @@ class MegatronCheckpoint:
 
     States of a parameter: ``param`` (the model tensor as saved), ``fp32`` (the distributed
     optimizer's master copy; the model tensor itself when that is float32 and no master was saved)
-    and the optimizer's moments (``exp_avg``, ``exp_avg_sq``). The step and the param groups come
-    from the saved common state. Megatron does not save which parameter is in which group; the
+    and the optimizer's moments (``exp_avg``, ``exp_avg_sq``). The step (Megatron-LM's
+    ``iteration``, else the optimizer's) and the param groups come from the saved common state. Megatron does not save which parameter is in which group; the
     groups are assigned by Megatron's default rule (:func:`default_groups`) when the saved groups
     are the default ones, and left unassigned otherwise.
 
@@ -59,9 +62,9 @@ class MegatronCheckpoint:
                                allow_unsafe_pickle=allow_unsafe_pickle)
         self.layout: MegatronLayout = plan_layout(self._files.metadata, where=self.url)
         self.topology = None
-        self._groups = _param_groups(self._files.values(self.layout.common))
-        steps = [g["step"] for g in self._groups if isinstance(g.get("step"), (int, float))]
-        self.step: int | None = int(max(steps)) if steps else None
+        common = self._common()
+        self._groups = _param_groups(common)
+        self.step: int | None = _step(common, self._groups)
         self._params = {name: self._info(src) for name, src in self.layout.params.items()}
         group_of = default_groups(self._params, self._groups)
         for name, g in group_of.items():
@@ -113,6 +116,16 @@ class MegatronCheckpoint:
         return f"MegatronCheckpoint({self.url!r}, {len(self._params)} parameters, step={self.step})"
 
     # -- helpers -----------------------------------------------------------------------------
+    def _common(self) -> list[Any]:
+        """The common state values: in the DCP files (``common_state``), or a legacy ``common.pt``."""
+        files = self._files
+        if self.layout.common:
+            return [load_common(data, where=f"{self.url} {e.key!r}")
+                    for e, data in zip(self.layout.common, files.raw(self.layout.common))]
+        if files.storage.exists(_LEGACY_COMMON):
+            return [load_common(files.storage.read(_LEGACY_COMMON), where=f"{self.url}/{_LEGACY_COMMON}")]
+        return []
+
     def _entry(self, src: Source, state: str) -> TensorEntry:
         if state == "param" or (state == "fp32" and "fp32" not in self.layout.states.get(src.key, {})):
             return self.layout.model[src.key]
@@ -125,6 +138,16 @@ class MegatronCheckpoint:
         return ParamInfo(shape=entry.shape if src.layer is None else entry.shape[1:], dtype=entry.dtype,
                          states=base + tuple(sorted(set(states) - {"fp32"})),
                          frozen=bool(self.layout.states) and not states)
+
+
+def _step(common: list[Any], groups: list[dict[str, Any]]) -> int | None:
+    """Megatron-LM's ``iteration`` (what a resumed run continues from), else the optimizer's step."""
+    for value in common:
+        it = value.get("iteration") if isinstance(value, dict) else None
+        if isinstance(it, int) and not isinstance(it, bool):
+            return it
+    steps = [g["step"] for g in groups if isinstance(g.get("step"), (int, float))]
+    return int(max(steps)) if steps else None
 
 
 def _with_group(info: ParamInfo, group: int) -> ParamInfo:
