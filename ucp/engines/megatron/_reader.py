@@ -13,6 +13,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Mapping
 
@@ -42,7 +43,6 @@ class MegatronCheckpoint:
     Args:
         url: the checkpoint directory (local path or fsspec URL).
         storage_options: fsspec options.
-        allow_unsafe_pickle: load saved Python values with the full pickle machinery (trusted only).
 
     Attributes:
         engine: ``"megatron"``. step: the optimizer step, or None. topology: None (the metadata
@@ -55,11 +55,9 @@ class MegatronCheckpoint:
 
     engine = "megatron"
 
-    def __init__(self, url: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None,
-                 allow_unsafe_pickle: bool = False) -> None:
+    def __init__(self, url: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None) -> None:
         self.url = os.fspath(url)
-        self._files = DcpFiles(self.url, storage_options=storage_options,
-                               allow_unsafe_pickle=allow_unsafe_pickle)
+        self._files = DcpFiles(self.url, storage_options=storage_options)
         self.layout: MegatronLayout = plan_layout(self._files.metadata, where=self.url)
         self.topology = None
         common = self._common()
@@ -68,11 +66,12 @@ class MegatronCheckpoint:
         self._params = {name: self._info(src) for name, src in self.layout.params.items()}
         group_of = default_groups(self._params, self._groups)
         for name, g in group_of.items():
-            self._params[name] = _with_group(self._params[name], g)
+            self._params[name] = dataclasses.replace(self._params[name], group=g)
 
     # -- SourceCheckpoint --------------------------------------------------------------------
     def names(self) -> list[str]:
-        """Parameter names (Megatron's tp=1 names), in checkpoint order, layers in order."""
+        """Parameter names (Megatron's tp=1 names) in the checkpoint's key order, a stacked key's
+        layers one after another."""
         return list(self._params)
 
     def info(self, name: str) -> ParamInfo:
@@ -148,10 +147,6 @@ def _step(common: list[Any], groups: list[dict[str, Any]]) -> int | None:
             return it
     steps = [g["step"] for g in groups if isinstance(g.get("step"), (int, float))]
     return int(max(steps)) if steps else None
-
-
-def _with_group(info: ParamInfo, group: int) -> ParamInfo:
-    return ParamInfo(info.shape, info.dtype, info.states, info.frozen, group)
 
 
 def _param_groups(values: list[Any]) -> list[dict[str, Any]]:
