@@ -208,6 +208,21 @@ def test_megatron_llama_map_refuses_what_it_cannot_place(tmp_path):
 
 # -- fast: layout rules on hand-made metadata -----------------------------------------------------
 
+def test_detection_says_why_a_megatron_save_is_refused(tmp_path):
+    """Megatron's metadata.json claims the directory: another backend, or a save without .metadata
+    (interrupted), is refused by name instead of "no engine recognises it"."""
+    from ucp.engines import detect_engine
+
+    (tmp_path / "metadata.json").write_text(json.dumps({"sharded_backend": "zarr"}))
+    with pytest.raises(ucp.UcpError, match="backend 'zarr'.*torch_dist"):
+        detect_engine(str(tmp_path))
+    (tmp_path / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist"}))
+    (tmp_path / "__0_0.distcp").write_bytes(b"")
+    with pytest.raises(ucp.UcpError, match="without .metadata.*earlier iteration"):
+        detect_engine(str(tmp_path))
+
+
+
 def test_common_state_loads_megatron_lm_values_and_runs_nothing(tmp_path):
     """The common state's argparse args load as plain attributes; a class outside the allow-list is
     refused before anything runs."""
