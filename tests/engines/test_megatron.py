@@ -199,6 +199,10 @@ def test_megatron_llama_map_refuses_what_it_cannot_place(tmp_path):
         export_hf(str(tmp_path / "m.safetensors"), str(tmp_path / "hf"), hf_map="megatron-llama")
     with pytest.raises(ucp.UcpError, match="no Hugging Face map 'gpt9'.*megatron-llama"):
         export_hf(str(tmp_path / "m.safetensors"), str(tmp_path / "hf"), hf_map="gpt9", config=__file__)
+    (tmp_path / "bare.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ucp.UcpError, match="no num_attention_heads or hidden_size"):
+        export_hf(str(tmp_path / "m.safetensors"), str(tmp_path / "hf"), hf_map="megatron-llama",
+                  config=tmp_path / "bare.json")
     save_file({"decoder.layers.0.mlp.router.weight": torch.ones(2, 2)}, str(tmp_path / "r.safetensors"))
     (tmp_path / "config.json").write_text(json.dumps(LLAMA))
     with pytest.raises(ucp.UcpError, match="router.weight' has no Hugging Face name"):

@@ -186,8 +186,13 @@ def _mapped(opened: Opened, name: str, config: str | os.PathLike[str] | None) ->
     if config is None:
         raise ConvertError(f"--map {name} needs --config: the Hugging Face config.json gives the head "
                            "counts that split the fused tensors")
-    with open(config, "rb") as f:
-        settings = json.loads(f.read())
+    try:
+        with open(config, "rb") as f:
+            settings = json.loads(f.read())
+    except ValueError as e:
+        raise ConvertError(f"{config}: not JSON ({e}); --config takes the model's config.json") from e
+    if not isinstance(settings, dict):
+        raise ConvertError(f"{config}: holds a {type(settings).__name__}, not a config object")
     return Opened(format=f"{opened.format}, mapped by {name}", url=opened.url, engine=opened.engine,
                   step=opened.step, topology=opened.topology, description=opened.description,
                   source=HfView(opened, MAPS[name](settings)))

@@ -63,6 +63,10 @@ def _whole(t: torch.Tensor) -> torch.Tensor:
 def llama_rules(config: Mapping[str, Any]) -> list[tuple[re.Pattern[str], list[tuple[str, Piece]]]]:
     """The Megatron GPT -> Hugging Face Llama rules: a name pattern, then (HF name, piece) pairs
     (``{0}``, ``{1}`` in a HF name are the pattern's groups: the layer number, ...)."""
+    missing = [k for k in ("num_attention_heads", "hidden_size") if not isinstance(config.get(k), int)]
+    if missing:
+        raise ConvertError(f"the Hugging Face config has no {' or '.join(missing)} (an integer); the map "
+                           "needs the head counts to split the fused QKV tensors: pass the model's config.json")
     attn, mlp = _HF + "self_attn.", _HF + "mlp."
     gate_up: list[tuple[str, Piece]] = [(mlp + "gate_proj.weight", lambda t: t.chunk(2)[0]),
                                         (mlp + "up_proj.weight", lambda t: t.chunk(2)[1])]
