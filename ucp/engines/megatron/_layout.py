@@ -99,7 +99,7 @@ def _sort(meta: DcpMetadata, where: str) -> tuple[MegatronLayout, list[tuple[str
                 "optimizer was saved with distrib_optim_sharding_type='dp_reshardable' (flat DP buffers, "
                 "Megatron-LM's default), which ucp does not read yet; save with "
                 "--dist-ckpt-optim-fully-reshardable (metadata distrib_optim_sharding_type="
-                "'fully_reshardable'), or convert the model weights only")
+                "'fully_reshardable') to convert it")
         else:
             layout.model[key] = e
     for key, o in meta.objects.items():
