@@ -9,6 +9,8 @@ TORCH_PIN := torch==2.13.0
 # DeepSpeed JIT-builds its CPU op under a lock: the project's runs keep theirs in .venv, so a run
 # killed mid-build never blocks DeepSpeed processes elsewhere (nor theirs this project's).
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
+# megatron-core 0.19 (real Megatron checkpoints in the tests) declares Python >= 3.12 but runs on
+# 3.11 on CPU: installed with --ignore-requires-python, torch pinned in the same command.
 
 .PHONY: venv demo test test-fast clean
 
@@ -17,6 +19,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q --ignore-requires-python megatron-core==0.19.2 triton einops $(TORCH_PIN)
 	$(BIN)/python -m pip install -q $(TORCH_PIN)
 	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q -e '.[s3,test,deepspeed,demo]' $(TORCH_PIN)
 	touch $(STAMP)

@@ -132,12 +132,14 @@ def verify(path: str, as_json: bool, engine: str, tag: str | None, spec: str | N
 @click.option("--overwrite", is_flag=True, help="Replace an earlier export in DST.")
 @click.option("--no-verify", is_flag=True, help="Skip the check of each tensor written against "
               "the fingerprint a universal SRC records.")
+@click.option("--map", "hf_map", default=None, metavar="NAME",
+              help="A bundled map to Hugging Face names and layouts (megatron-llama); needs --config.")
 @storage_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @ucp_command
 def export(src: str, dst: str, dtype: str | None, max_shard_size: int, spec: str | None,
            engine: str, tag: str | None, config: str | None, overwrite: bool, no_verify: bool,
-           options: tuple[tuple[str, Any], ...], quiet: bool) -> None:
+           hf_map: str | None, options: tuple[tuple[str, Any], ...], quiet: bool) -> None:
     """Write the model weights of SRC (a universal checkpoint, or anything `ucp convert` reads)
     as Hugging Face safetensors in DST: model.safetensors, or model-0000i-of-0000N.safetensors
     shards and model.safetensors.index.json. Names go through the spec's renames.
@@ -154,7 +156,7 @@ def export(src: str, dst: str, dtype: str | None, max_shard_size: int, spec: str
         result = export_hf(src, dst, dtype=dtype, max_shard_size=max_shard_size, spec=spec,
                            engine=engine, tag=tag, config=config, overwrite=overwrite,
                            verify=not no_verify, storage_options=so, dst_storage_options=so,
-                           progress=progress_enabled(quiet))
+                           progress=progress_enabled(quiet), hf_map=hf_map)
     except BaseException:  # an error or Ctrl-C: leave no empty directory behind
         if new_dir is not None:
             with contextlib.suppress(OSError):  # not empty, or already gone

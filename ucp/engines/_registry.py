@@ -14,8 +14,10 @@ __all__ = ["GROUP", "engines", "get_engine", "detect_engine", "UnrecognisedError
 
 GROUP = "ucp.engines"
 log = logging.getLogger("ucp")
-#: Detection order for ``--engine auto``: specific layouts first, third-party plugins after.
-_ORDER = ("ucp", "dcp", "deepspeed", "hf")
+#: Detection order for ``--engine auto``: specific layouts first, third-party plugins after
+#: (Megatron's torch_dist directories are DCP directories too: megatron asks first; a folder of
+#: safetensors files is a Hugging Face model only when no other engine claims it).
+_ORDER = ("ucp", "megatron", "dcp", "deepspeed", "hf")
 
 
 class UnrecognisedError(ConvertError):

@@ -89,7 +89,7 @@ def export_hf(src: str, dst: str, *, dtype: str | torch.dtype | None = None,
               overwrite: bool = False, verify: bool = True,
               storage_options: Mapping[str, Any] | None = None,
               dst_storage_options: Mapping[str, Any] | None = None,
-              progress: bool | None = None) -> ExportResult:
+              progress: bool | None = None, hf_map: str | None = None) -> ExportResult:
     """Writes the model weights of ``src`` as Hugging Face safetensors under ``dst``.
 
     Args:
@@ -108,6 +108,8 @@ def export_hf(src: str, dst: str, *, dtype: str | torch.dtype | None = None,
             ``src`` (tensors exported under their own name, in their stored dtype).
         storage_options / dst_storage_options: fsspec options of ``src`` / ``dst``; never shown.
         progress: progress bar on stderr (default: when stderr is a terminal).
+        hf_map: a bundled map to Hugging Face names and layouts (``megatron-llama``: one Megatron
+            tensor may give several); needs ``config`` (the head counts). Default: names as stored.
 
     Returns:
         An :class:`ExportResult`.
@@ -127,6 +129,8 @@ def export_hf(src: str, dst: str, *, dtype: str | torch.dtype | None = None,
     if limit <= 0:
         raise ValueError(f"max_shard_size must be positive, got {max_shard_size!r}")
     opened = open_checkpoint(src, engine=engine, spec=spec, tag=tag, storage_options=storage_options)
+    if hf_map is not None:
+        opened = _mapped(opened, hf_map, config)
     items = _plan(opened, target)
     shards = _shard(items, limit)
     refuse_foreign(dst, ours=_exported, what="a Hugging Face export", storage_options=dst_storage_options)
@@ -170,6 +174,28 @@ def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         return DTYPES[str(dtype).lower()]
     except KeyError:
         raise ValueError(f"dtype {dtype!r} is not one of bf16, fp16, fp32") from None
+
+
+def _mapped(opened: Opened, name: str, config: str | os.PathLike[str] | None) -> Opened:
+    """``opened`` under a bundled map's Hugging Face names (what it reads is re-laid out, so the
+    recorded fingerprints do not apply: the view is not ``universal``)."""
+    from ucp.engines.megatron import MAPS, HfView
+
+    if name not in MAPS:
+        raise ConvertError(f"no Hugging Face map {name!r}; the bundled maps are {', '.join(sorted(MAPS))}")
+    if config is None:
+        raise ConvertError(f"--map {name} needs --config: the Hugging Face config.json gives the head "
+                           "counts that split the fused tensors")
+    try:
+        with open(config, "rb") as f:
+            settings = json.loads(f.read())
+    except ValueError as e:
+        raise ConvertError(f"{config}: not JSON ({e}); --config takes the model's config.json") from e
+    if not isinstance(settings, dict):
+        raise ConvertError(f"{config}: holds a {type(settings).__name__}, not a config object")
+    return Opened(format=f"{opened.format}, mapped by {name}", url=opened.url, engine=opened.engine,
+                  step=opened.step, topology=opened.topology, description=opened.description,
+                  source=HfView(opened, MAPS[name](settings)))
 
 
 # -- planning -------------------------------------------------------------------------------------

@@ -4,8 +4,11 @@
 - ``_blobs``: the ``.distcp`` files' byte ranges (raw tensors, zstd, torch.save blobs).
 - ``_layout``: which saved keys are model parameters, optimizer states, groups and buffers.
 - ``_reader``, ``_engine``: the ``dcp`` engine plugin.
+- ``_files``: entries by key, for plugins with their own key layout (Megatron-core).
 """
 
 from ._engine import ENGINE, DcpEngine
+from ._files import DcpFiles
+from ._meta import DcpMetadata, ObjectEntry, TensorEntry
 
-__all__ = ["ENGINE", "DcpEngine"]
+__all__ = ["ENGINE", "DcpEngine", "DcpFiles", "DcpMetadata", "ObjectEntry", "TensorEntry"]

@@ -106,6 +106,7 @@ class _ChunkStorageMetadata(_Record): ...
 class _StorageMeta(_Record): ...
 class _MetadataIndex(_Record): ...
 class _StorageInfo(_Record): ...
+class _Plan(_Record): ...  # a rank's SavePlan / WriteItem / TensorWriteData: never read
 
 
 class _TensorProperties(_Record):
@@ -140,6 +141,9 @@ _ALLOWED: dict[tuple[str, str], Callable[..., Any] | type] = {
     (f"{_DCP}.metadata", "MetadataIndex"): _MetadataIndex,
     (f"{_DCP}.metadata", "_MEM_FORMAT_ENCODING"): _opaque,
     (f"{_DCP}.filesystem", "_StorageInfo"): _StorageInfo,
+    # Megatron-core keeps every rank's save plan in the metadata (``all_local_plans``)
+    **{(f"{_DCP}.planner", cls): _Plan for cls in ("SavePlan", "WriteItem", "TensorWriteData")},
+    (f"{_DCP}.planner", "WriteItemType"): _opaque,
     ("torch", "Size"): _size,
     ("torch.serialization", "_get_layout"): _opaque,
     **{(mod, cls): _opaque for mod in ("pathlib", "pathlib._local")

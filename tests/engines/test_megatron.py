@@ -1,0 +1,327 @@
+"""Megatron-core ``dist_checkpointing`` (torch_dist) checkpoints convert without a spec.
+
+The slow tests train a tiny GPTModel with real Megatron-core 0.19 on CPU/gloo (tp=2 x pp=2 on 4
+ranks, distributed Adam, bf16 with fp32 masters), save it with ``dist_checkpointing.save``, and compare what
+``ucp convert`` makes of it with what Megatron itself loads at tp=1 (``dist_checkpointing.load``
+into a tp=1 model and optimizer): every tensor, bit for bit. The fast tests check the layout rules
+and errors on hand-made metadata.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import pickle
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import ucp
+from ucp.engines.dcp import DcpFiles, DcpMetadata, TensorEntry
+from ucp.engines.dcp._meta import Chunk, parse_metadata
+from ucp.engines.megatron import MegatronCheckpoint
+from ucp.engines.megatron._layout import plan_layout, stacked_axis, ucp_name
+from ucp.engines.megatron._common import load_common
+from ucp.engines.megatron._reader import _step, default_groups
+from ucp.engines._base import ParamInfo
+from ucp.ops._export import export_hf
+from safetensors.torch import save_file
+from ucp.testing import run_ranks
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import _megatron_make as make  # noqa: E402 - the rank functions live beside the tests
+
+
+@dataclasses.dataclass
+class Reference:
+    ckpt: Path
+    tensors: dict[str, torch.Tensor]  # "<name>/<state>", as Megatron loads them at tp=1
+    groups: dict[str, int]
+    param_groups: list[dict]
+    forward: dict[str, torch.Tensor]  # the tp=1 model's "logits" on "tokens"
+
+
+@pytest.fixture(scope="session")
+def megatron_ckpt(tmp_path_factory) -> Reference:
+    """A real Megatron-core checkpoint (tp=2 x pp=2, 2 steps) and Megatron's own tp=1, pp=1 load of
+    it; made once per session."""
+    pytest.importorskip("megatron.core", reason="pip install --ignore-requires-python megatron-core==0.19.2")
+    from safetensors.torch import load_file
+
+    root = tmp_path_factory.mktemp("megatron")
+    ckpt, ref = root / "iter_0000002", root / "tp1.safetensors"
+    run_ranks(make.train_and_save, 4, args=(str(ckpt), 2, 2, True), timeout=300)
+    (got,) = run_ranks(make.load_full, 1, args=(str(ckpt), str(ref), True), timeout=300)
+    return Reference(ckpt, load_file(ref), got.value["groups"], got.value["param_groups"],
+                     load_file(f"{ref}.forward"))
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and bytes(a.contiguous().view(torch.uint8).numpy()) \
+        == bytes(b.contiguous().view(torch.uint8).numpy())
+
+
+def _plain(groups: list[dict]) -> list[dict]:
+    return json.loads(json.dumps(groups))  # tuples (betas) as lists, as any JSON store keeps them
+
+
+@pytest.mark.slow
+def test_convert_equals_megatron_tp1_load(megatron_ckpt: Reference, tmp_path):
+    """Plain `ucp convert` (auto-detect, no spec): every state of every parameter under Megatron's
+    tp=1 names, bit for bit what Megatron loads at tp=1; step and param groups included."""
+    from click.testing import CliRunner
+    from ucp.cli import main
+
+    r = CliRunner().invoke(main, ["convert", str(megatron_ckpt.ckpt), str(tmp_path / "u")])
+    assert r.exit_code == 0, r.output
+    assert "found megatron" in r.output
+    qkv = DcpFiles(str(megatron_ckpt.ckpt)).metadata.tensors["decoder.layers.self_attention.linear_qkv.weight"]
+    assert len(qkv.chunks) == 4 * 2 and qkv.shape[0] == 4  # 4 layers over 2 stages, each cut in 2 by TP
+    u = ucp.open(str(tmp_path / "u"))
+    names = {k.rsplit("/", 1)[0] for k in megatron_ckpt.tensors}
+    assert set(u.names()) == names and len(names) == 4 * 6 + 3
+    for key, want in megatron_ckpt.tensors.items():
+        name, state = key.rsplit("/", 1)
+        assert _same(u.read(name, state=state), want), key
+    assert all({"fp32", "exp_avg", "exp_avg_sq"} <= set(u.info(n).states) for n in names)
+    assert u.step == make.STEPS  # Megatron-LM's iteration, from a common state holding its args
+    assert _plain(u.param_groups) == _plain(megatron_ckpt.param_groups)
+    assert {n: u.info(n).group for n in names} == megatron_ckpt.groups
+
+
+@pytest.mark.slow
+def test_layer_reads_read_only_that_layer(megatron_ckpt: Reference):
+    """Reading every state of every parameter reads each saved byte about once (a layer of a stacked
+    tensor comes from its own chunks, not from the whole stack)."""
+    ckpt = MegatronCheckpoint(str(megatron_ckpt.ckpt))
+    data = sum(f.stat().st_size for f in megatron_ckpt.ckpt.glob("*.distcp"))
+    before = ucp.storage.read_counter()
+    for name in ckpt.names():
+        for state in ckpt.info(name).states:
+            ckpt.read(name, state)
+    read = (ucp.storage.read_counter() - before).bytes
+    assert read <= 1.1 * data, (read, data)
+
+
+@pytest.mark.slow
+def test_megatron_lm_root_resolves_to_the_newest_save(megatron_ckpt: Reference, tmp_path):
+    """A Megatron-LM save root (latest_checkpointed_iteration.txt + iter_NNNNNNN/) converts its newest
+    save; a spec is refused rather than ignored."""
+    root = tmp_path / "run"
+    shutil.copytree(megatron_ckpt.ckpt, root / "iter_0000002")
+    (root / "latest_checkpointed_iteration.txt").write_text("2\n")
+    ckpt = ucp.convert(str(root), str(tmp_path / "u"))
+    name = "decoder.layers.3.self_attention.linear_qkv.weight"
+    assert _same(ckpt.read(name, state="exp_avg"), megatron_ckpt.tensors[f"{name}/exp_avg"])
+    with pytest.raises(ucp.UcpError, match="drop --spec"):
+        ucp.convert(str(root), str(tmp_path / "v"), spec="llama_megatron")
+
+
+#: The tiny model as a Hugging Face Llama (Megatron's defaults: RMSNorm eps 1e-5, RoPE base 10000).
+LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": make.VOCAB,
+         "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 4, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+         "max_position_embeddings": make.SEQ, "tie_word_embeddings": False, "hidden_act": "silu"}
+
+
+@pytest.mark.slow
+def test_export_to_hugging_face_llama_gives_megatrons_logits(megatron_ckpt: Reference, tmp_path):
+    """convert, then `ucp export --map megatron-llama`: transformers' Llama loads the export and its
+    logits equal Megatron's own tp=1 model's (loaded by Megatron from the same checkpoint) to bf16
+    rounding, with the same next-token choices."""
+    from click.testing import CliRunner
+    from transformers import LlamaForCausalLM
+    from ucp.cli import main
+
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA))
+    ucp.convert(str(megatron_ckpt.ckpt), str(tmp_path / "u"))
+    r = CliRunner().invoke(main, ["export", str(tmp_path / "u"), str(tmp_path / "hf"), "--map", "megatron-llama",
+                                  "--config", str(tmp_path / "config.json")])
+    assert r.exit_code == 0, r.output
+    model = LlamaForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        logits = model(megatron_ckpt.forward["tokens"]).logits.float()
+    want = megatron_ckpt.forward["logits"]
+    assert (logits - want).abs().max().item() <= 2 ** -6 * max(1.0, want.abs().max().item())
+    assert torch.equal(logits.argmax(-1), want.argmax(-1))
+
+
+def _megatron_layer(path: Path) -> dict[str, torch.Tensor]:
+    """A one-layer Megatron GPT (tp=1 names and fused layouts, vocabulary padded to 130) as a
+    safetensors file; returns the Hugging Face Llama tensors it stands for, built independently."""
+    g = torch.Generator().manual_seed(0)
+    heads, groups, hd, hidden, ffn, per = 4, 2, 16, 64, 96, 2
+    hf = {n: torch.randn(*shape, generator=g) for n, shape in {
+        "model.embed_tokens.weight": (128, hidden), "lm_head.weight": (128, hidden), "model.norm.weight": (hidden,),
+        "model.layers.0.self_attn.q_proj.weight": (heads * hd, hidden), "model.layers.0.self_attn.k_proj.weight": (groups * hd, hidden),
+        "model.layers.0.self_attn.v_proj.weight": (groups * hd, hidden), "model.layers.0.self_attn.o_proj.weight": (hidden, heads * hd),
+        "model.layers.0.mlp.gate_proj.weight": (ffn, hidden), "model.layers.0.mlp.up_proj.weight": (ffn, hidden),
+        "model.layers.0.mlp.down_proj.weight": (hidden, ffn), "model.layers.0.input_layernorm.weight": (hidden,),
+        "model.layers.0.post_attention_layernorm.weight": (hidden,)}.items()}
+    a, m, pad = "model.layers.0.self_attn.", "model.layers.0.mlp.", torch.zeros(2, hidden)
+    rows = [[hf[a + "q_proj.weight"][i * per * hd:(i + 1) * per * hd], hf[a + "k_proj.weight"][i * hd:(i + 1) * hd],
+             hf[a + "v_proj.weight"][i * hd:(i + 1) * hd]] for i in range(groups)]
+    save_file({"embedding.word_embeddings.weight": torch.cat([hf["model.embed_tokens.weight"], pad]),
+               "output_layer.weight": torch.cat([hf["lm_head.weight"], pad]),
+               "decoder.final_layernorm.weight": hf["model.norm.weight"],
+               "decoder.layers.0.self_attention.linear_qkv.weight": torch.cat([t for r in rows for t in r]),
+               "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight": hf["model.layers.0.input_layernorm.weight"],
+               "decoder.layers.0.self_attention.linear_proj.weight": hf[a + "o_proj.weight"],
+               "decoder.layers.0.mlp.linear_fc1.weight": torch.cat([hf[m + "gate_proj.weight"], hf[m + "up_proj.weight"]]),
+               "decoder.layers.0.mlp.linear_fc1.layer_norm_weight": hf["model.layers.0.post_attention_layernorm.weight"],
+               "decoder.layers.0.mlp.linear_fc2.weight": hf[m + "down_proj.weight"]}, str(path))
+    return hf
+
+
+def test_megatron_llama_map_splits_fused_tensors(tmp_path):
+    """QKV per query group -> q/k/v, fc1 [gate; up] -> gate/up, padded vocabulary cut, names mapped."""
+    from safetensors.torch import load_file
+
+    want = _megatron_layer(tmp_path / "megatron.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({**LLAMA, "num_hidden_layers": 1}))
+    export_hf(str(tmp_path / "megatron.safetensors"), str(tmp_path / "hf"), hf_map="megatron-llama",
+              config=tmp_path / "config.json")
+    got = load_file(tmp_path / "hf" / "model.safetensors")
+    assert set(got) == set(want)
+    for name, t in want.items():
+        assert _same(got[name], t), name
+
+
+def test_megatron_llama_map_refuses_what_it_cannot_place(tmp_path):
+    _megatron_layer(tmp_path / "m.safetensors")
+    with pytest.raises(ucp.UcpError, match="needs --config"):
+        export_hf(str(tmp_path / "m.safetensors"), str(tmp_path / "hf"), hf_map="megatron-llama")
+    with pytest.raises(ucp.UcpError, match="no Hugging Face map 'gpt9'.*megatron-llama"):
+        export_hf(str(tmp_path / "m.safetensors"), str(tmp_path / "hf"), hf_map="gpt9", config=__file__)
+    (tmp_path / "bare.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ucp.UcpError, match="no num_attention_heads or hidden_size"):
+        export_hf(str(tmp_path / "m.safetensors"), str(tmp_path / "hf"), hf_map="megatron-llama",
+                  config=tmp_path / "bare.json")
+    save_file({"decoder.layers.0.mlp.router.weight": torch.ones(2, 2)}, str(tmp_path / "r.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA))
+    with pytest.raises(ucp.UcpError, match="router.weight' has no Hugging Face name"):
+        export_hf(str(tmp_path / "r.safetensors"), str(tmp_path / "hf2"), hf_map="megatron-llama",
+                  config=tmp_path / "config.json")
+
+
+# -- fast: layout rules on hand-made metadata -----------------------------------------------------
+
+def test_detection_says_why_a_megatron_save_is_refused(tmp_path):
+    """Megatron's metadata.json claims the directory: another backend, or a save without .metadata
+    (interrupted), is refused by name instead of "no engine recognises it"."""
+    from ucp.engines import detect_engine
+
+    (tmp_path / "metadata.json").write_text(json.dumps({"sharded_backend": "zarr"}))
+    with pytest.raises(ucp.UcpError, match="backend 'zarr'.*torch_dist"):
+        detect_engine(str(tmp_path))
+    (tmp_path / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist"}))
+    (tmp_path / "__0_0.distcp").write_bytes(b"")
+    with pytest.raises(ucp.UcpError, match="without .metadata.*earlier iteration"):
+        detect_engine(str(tmp_path))
+
+
+
+def test_common_state_loads_megatron_lm_values_and_runs_nothing(tmp_path):
+    """The common state's argparse args load as plain attributes; a class outside the allow-list is
+    refused before anything runs."""
+    buf = io.BytesIO()
+    torch.save([{"args": argparse.Namespace(lr=0.5, dims=(2, 3)), "iteration": 9}], buf)
+    (value,) = load_common(buf.getvalue(), where="x")
+    assert value["iteration"] == 9 and value["args"].lr == 0.5 and value["args"].dims == (2, 3)
+    assert _step([value], [{"step": 4.0}]) == 9 and _step([{}], [{"step": 4.0}, {"step": 3.0}]) == 4
+    marker = tmp_path / "ran"
+    buf = io.BytesIO()
+    torch.save({"x": _Runs(str(marker))}, buf)
+    with pytest.raises(ucp.UnsafeInputError, match="common state"):
+        load_common(buf.getvalue(), where="x")
+    assert not marker.exists()
+
+
+class _Runs:
+    """Unpickling this would create a file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+
+def _entry(key: str, shape: tuple[int, ...], chunks: list[tuple[tuple[int, ...], tuple[int, ...]]],
+           dtype=torch.float32) -> TensorEntry:
+    return TensorEntry(key, (key,), shape, dtype, tuple(Chunk(o, s, "__0_0.distcp", 0, 1) for o, s in chunks))
+
+
+def _stacked(key: str, layers: int, shape: tuple[int, ...], dtype=torch.float32) -> TensorEntry:
+    zeros = (0,) * len(shape)
+    return _entry(key, (layers, *shape), [((i, *zeros), (1, *shape)) for i in range(layers)], dtype)
+
+
+def test_layers_unstack_to_megatron_tp1_names():
+    key = "decoder.layers.self_attention.linear_qkv.weight"
+    e = _stacked(key, 3, (8, 4), torch.bfloat16)
+    meta = DcpMetadata("1.0.0", {key: e, f"optimizer.state.exp_avg.{key}": _stacked(f"optimizer.state.exp_avg.{key}", 3, (8, 4)),
+                                 "decoder.final_layernorm.weight": _entry("decoder.final_layernorm.weight", (4,), [((0,), (4,))])}, {})
+    layout = plan_layout(meta, where="x")
+    assert list(layout.params) == [f"decoder.layers.{i}.self_attention.linear_qkv.weight" for i in range(3)] \
+        + ["decoder.final_layernorm.weight"]
+    assert layout.params["decoder.layers.2.self_attention.linear_qkv.weight"].layer == 2
+    assert set(layout.states[key]) == {"exp_avg"}
+    # a leading axis not cut per layer is not a stack; neither is a numbered layer
+    assert stacked_axis(key, _entry(key, (3, 8, 4), [((0, 0, 0), (3, 8, 4))])) is None
+    assert stacked_axis("decoder.layers.0.mlp.weight", _stacked("k", 2, (4,))) is None
+    assert ucp_name("mtp.layers.x.w", 1, 5) == "mtp.layers.5.x.w"
+
+
+def test_dp_reshardable_optimizer_is_refused_by_name():
+    key = "optimizer.distributed.dp_group_idx_0.gbuf_idx_0.dtype_(torch.bfloat16, torch.bfloat16).exp_avg"
+    meta = DcpMetadata("1.0.0", {"output_layer.weight": _entry("output_layer.weight", (4, 4), [((0, 0), (4, 4))]),
+                                 key: _entry(key, (16,), [((0,), (16,))])}, {})
+    with pytest.raises(ucp.UcpError, match="dp_reshardable.*fully_reshardable"):
+        plan_layout(meta, where="ckpt")
+
+
+def test_optimizer_state_of_another_shape_is_corrupt():
+    meta = DcpMetadata("1.0.0", {"w": _entry("w", (4, 4), [((0, 0), (4, 4))]),
+                                 "optimizer.state.exp_avg.w": _entry("optimizer.state.exp_avg.w", (4,), [((0,), (4,))])}, {})
+    with pytest.raises(ucp.CorruptCheckpointError, match="optimizer.state.exp_avg.w"):
+        plan_layout(meta, where="ckpt")
+
+
+def test_default_groups_follow_megatrons_weight_decay_rule():
+    p = {"a.weight": ParamInfo((4, 4), torch.float32, ("param",)), "a.bias": ParamInfo((4, 2), torch.float32, ("param",)),
+         "n.weight": ParamInfo((4,), torch.float32, ("param",)), "f.weight": ParamInfo((4,), torch.float32, ("param",), frozen=True)}
+    groups = [{"wd_mult": 0.0, "is_expert_parallel": False}, {"wd_mult": 1.0, "is_expert_parallel": False}]
+    assert default_groups(p, groups) == {"a.weight": 1, "a.bias": 0, "n.weight": 0}
+    assert default_groups(p, groups[:1]) == {"a.weight": 0, "a.bias": 0, "n.weight": 0}
+    # groups Megatron made from overrides: membership cannot be told, so none is claimed
+    assert default_groups(p, groups + [{"wd_mult": 1.0, "lr_mult": 0.1}]) == {}
+
+
+def test_dcp_metadata_with_megatrons_save_plans_parses(tmp_path):
+    """Megatron adds every rank's SavePlan (WriteItem, WriteItemType, TensorWriteData) to .metadata."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+
+    dcp.save({"w": torch.arange(12.0).reshape(3, 4)}, checkpoint_id=str(tmp_path), no_dist=True)
+    md = pickle.loads((tmp_path / ".metadata").read_bytes())
+    chunk = ChunkStorageMetadata(torch.Size([0, 0]), torch.Size([3, 4]))
+    md.all_local_plans = [SavePlan([WriteItem(MetadataIndex("w", torch.Size([0, 0])), WriteItemType.SHARD,
+                                              tensor_data=TensorWriteData(chunk, TensorProperties(torch.float32),
+                                                                          torch.Size([3, 4])))])]
+    buf = io.BytesIO()
+    pickle.dump(md, buf)
+    meta = parse_metadata(buf.getvalue(), where="x")
+    assert meta.tensors["w"].shape == (3, 4)
+    (tmp_path / ".metadata").write_bytes(buf.getvalue())
+    files = DcpFiles(str(tmp_path))
+    assert torch.equal(files.tensor(files.metadata.tensors["w"], ((1, 3), (2, 4))),
+                       torch.arange(12.0).reshape(3, 4)[1:3, 2:4])

@@ -1,0 +1,140 @@
+"""Megatron-core GPT names and tp=1 layouts -> Hugging Face Llama names and layouts, for ``ucp export``.
+
+A converted Megatron checkpoint keeps Megatron's own names and fused layouts (``_layout``); the
+Hugging Face layout is chosen explicitly at export (``ucp export --map megatron-llama``), so
+nothing is reordered silently. One Megatron tensor may give several Hugging Face tensors:
+
+| Megatron (tp=1) | Hugging Face Llama |
+| --- | --- |
+| ``embedding.word_embeddings.weight`` | ``model.embed_tokens.weight`` (vocabulary padding cut to ``vocab_size``) |
+| ``decoder.layers.{i}.self_attention.linear_qkv.weight`` (and ``.bias``) | ``q_proj``, ``k_proj``, ``v_proj``: rows per query group ``[q.., k, v]`` gathered |
+| ``...linear_qkv.layer_norm_weight`` / ``input_layernorm.weight`` | ``model.layers.{i}.input_layernorm.weight`` |
+| ``...linear_proj.weight`` | ``o_proj.weight`` |
+| ``...mlp.linear_fc1.layer_norm_weight`` / ``pre_mlp_layernorm.weight`` | ``post_attention_layernorm.weight`` |
+| ``...mlp.linear_fc1.weight`` ``[gate; up]`` | ``gate_proj.weight``, ``up_proj.weight`` |
+| ``...mlp.linear_fc2.weight`` | ``down_proj.weight`` |
+| ``decoder.final_layernorm.weight`` / ``output_layer.weight`` | ``model.norm.weight`` / ``lm_head.weight`` |
+
+The head counts come from the Hugging Face ``config.json`` given to the export.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Mapping
+
+import torch
+
+from ucp.core import ConvertError
+from .._base import ParamInfo, Region, cut
+
+__all__ = ["MAPS", "HfView"]
+
+Piece = Callable[[torch.Tensor], torch.Tensor]
+_L = r"decoder\.layers\.(\d+)\."
+_HF = "model.layers.{0}."
+
+
+def _qkv(config: Mapping[str, Any]) -> list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]]:
+    """Pieces of a fused QKV tensor: per query group ``[q x (heads / groups), k, v]`` rows."""
+    heads, groups = int(config["num_attention_heads"]), int(config.get("num_key_value_heads") or
+                                                            config["num_attention_heads"])
+    head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
+    per = heads // groups
+
+    def part(start: int, rows: int) -> Piece:
+        def take(t: torch.Tensor) -> torch.Tensor:
+            grouped = t.reshape(groups, (per + 2) * head_dim, *t.shape[1:])
+            return grouped[:, start * head_dim:(start + rows) * head_dim].reshape(-1, *t.shape[1:])
+        return take
+
+    return [("q_proj", part(0, per)), ("k_proj", part(per, 1)), ("v_proj", part(per + 1, 1))]
+
+
+def _vocab(config: Mapping[str, Any]) -> Piece:
+    vocab = config.get("vocab_size")
+    return lambda t: t if vocab is None else t[:int(vocab)]
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def llama_rules(config: Mapping[str, Any]) -> list[tuple[re.Pattern[str], list[tuple[str, Piece]]]]:
+    """The Megatron GPT -> Hugging Face Llama rules: a name pattern, then (HF name, piece) pairs
+    (``{0}``, ``{1}`` in a HF name are the pattern's groups: the layer number, ...)."""
+    missing = [k for k in ("num_attention_heads", "hidden_size") if not isinstance(config.get(k), int)]
+    if missing:
+        raise ConvertError(f"the Hugging Face config has no {' or '.join(missing)} (an integer); the map "
+                           "needs the head counts to split the fused QKV tensors: pass the model's config.json")
+    attn, mlp = _HF + "self_attn.", _HF + "mlp."
+    gate_up: list[tuple[str, Piece]] = [(mlp + "gate_proj.weight", lambda t: t.chunk(2)[0]),
+                                        (mlp + "up_proj.weight", lambda t: t.chunk(2)[1])]
+    return [
+        (re.compile(r"embedding\.word_embeddings\.weight"), [("model.embed_tokens.weight", _vocab(config))]),
+        (re.compile(_L + r"self_attention\.linear_qkv\.(weight|bias)"),
+         [(attn + f"{proj}.{{1}}", piece) for proj, piece in _qkv(config)]),
+        (re.compile(_L + r"(self_attention\.linear_qkv\.layer_norm_weight|input_layernorm\.weight)"),
+         [(_HF + "input_layernorm.weight", _whole)]),
+        (re.compile(_L + r"self_attention\.linear_proj\.weight"), [(attn + "o_proj.weight", _whole)]),
+        (re.compile(_L + r"(mlp\.linear_fc1\.layer_norm_weight|pre_mlp_layernorm\.weight)"),
+         [(_HF + "post_attention_layernorm.weight", _whole)]),
+        (re.compile(_L + r"mlp\.linear_fc1\.weight"), gate_up),
+        (re.compile(_L + r"mlp\.linear_fc2\.weight"), [(mlp + "down_proj.weight", _whole)]),
+        (re.compile(r"decoder\.final_layernorm\.weight"), [("model.norm.weight", _whole)]),
+        (re.compile(r"output_layer\.weight"), [("lm_head.weight", _vocab(config))]),
+    ]
+
+
+#: Bundled maps for ``ucp export --map``.
+MAPS = {"megatron-llama": llama_rules}
+
+
+class HfView:
+    """A checkpoint's parameters under Hugging Face names, each read from its Megatron tensor.
+
+    Args:
+        source: what ``ucp export`` opened (``names``, ``info``, ``read``, ``buffer_names``,
+            ``read_buffer``, ``param_groups``).
+        rules: a map's rules (:data:`MAPS`).
+
+    Raises:
+        ConvertError: a parameter the map has no rule for (nothing is dropped silently).
+    """
+
+    engine = "hf-map"
+
+    def __init__(self, source: Any, rules: list[tuple[re.Pattern[str], list[tuple[str, Piece]]]]) -> None:
+        self.source = source
+        self._pieces: dict[str, tuple[str, Piece]] = {}
+        self._infos: dict[str, ParamInfo] = {}
+        for name in source.names():
+            found = next(((m, pieces) for pattern, pieces in rules if (m := pattern.fullmatch(name))), None)
+            if found is None:
+                raise ConvertError(f"{name!r} has no Hugging Face name in this map; export without "
+                                   "--map to keep Megatron's names")
+            m, pieces = found
+            info = source.info(name)
+            empty = torch.empty(info.shape, dtype=info.dtype, device="meta")  # shapes without data
+            for template, piece in pieces:
+                out = template.format(*m.groups())
+                self._pieces[out] = (name, piece)
+                self._infos[out] = ParamInfo(tuple(piece(empty).shape), info.dtype, info.states,
+                                             info.frozen, info.group)
+
+    def names(self) -> list[str]:
+        return list(self._pieces)
+
+    def info(self, name: str) -> ParamInfo:
+        return self._infos[name]
+
+    def read(self, name: str, state: str = "fp32", region: Region | None = None) -> torch.Tensor:
+        src, piece = self._pieces[name]
+        return cut(piece(self.source.read(src, state)), region).contiguous()
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """The source's buffers under their own names (a map renames parameters only)."""
+        return {n: self.source.read_buffer(n) for n in self.source.buffer_names()}
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.source.param_groups()
