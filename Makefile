@@ -4,7 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 # torch is pinned and installed first so that nothing resolves a newer (CUDA) build; DeepSpeed
-# (for the real-checkpoint tests) installs without prebuilt ops (DS_BUILD_OPS=0).
+# (for the real-checkpoint tests) installs without prebuilt ops (DS_BUILD_OPS=0); torchtitan
+# without its own dependencies (its datasets pin downgrades fsspec; the torchtitan extra has what
+# its imported parts need).
 TORCH_PIN := torch==2.13.0
 # DeepSpeed JIT-builds its CPU op under a lock: the project's runs keep theirs in .venv, so a run
 # killed mid-build never blocks DeepSpeed processes elsewhere (nor theirs this project's).
@@ -21,7 +23,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q --ignore-requires-python megatron-core==0.19.2 triton einops $(TORCH_PIN)
 	$(BIN)/python -m pip install -q $(TORCH_PIN)
-	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q -e '.[s3,test,deepspeed,demo]' $(TORCH_PIN)
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q -e '.[s3,test,deepspeed,demo,torchtitan]' $(TORCH_PIN)
+	$(BIN)/python -m pip install -q --no-deps torchtitan==0.3.0 $(TORCH_PIN)
 	touch $(STAMP)
 
 demo: venv

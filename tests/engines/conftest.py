@@ -41,12 +41,32 @@ DS_CONFIGS: dict[str, tuple[int, list[str]]] = {
 }
 
 
-def load_train_module():
-    """``_ds_train.py`` as a module (its model builder and argument parser; no DeepSpeed import)."""
-    spec = importlib.util.spec_from_file_location("ucp_tests_ds_train", TRAIN)
+def load_helper(name: str, path: Path | None = None):
+    """A helper script of this folder (``_<name>.py``) as a module: tests run with
+    ``--import-mode=importlib``, so its files do not import each other by name."""
+    spec = importlib.util.spec_from_file_location(f"ucp_tests{name}", path or HERE / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def load_train_module():
+    """``_ds_train.py`` as a module (its model builder and argument parser; no DeepSpeed import)."""
+    return load_helper("_ds_train", TRAIN)
+
+
+@pytest.fixture(scope="session")
+def framework_job(tmp_path_factory):
+    """``framework_job(helper, fn, package) -> Path``: runs ``fn`` of helper script ``helper`` on 2
+    ranks (``ucp.testing.run_ranks``) with a fresh output folder; skips without ``package``."""
+    def run(helper: str, fn: str, package: str) -> Path:
+        pytest.importorskip(package, reason=f"install the test extra ({package}; see the Makefile)")
+        from ucp.testing import run_ranks
+
+        out = tmp_path_factory.mktemp(package)
+        run_ranks(getattr(load_helper(helper), fn), 2, args=(str(out),), timeout=600)
+        return out
+    return run
 
 
 def free_port() -> int:

@@ -308,6 +308,12 @@ class UniversalCheckpoint:
         return dict(self._attrs.get("aliases") or {})
 
     @property
+    def extras(self) -> dict[str, Any]:
+        """The source's other training state that JSON holds (e.g. torchtitan's ``lr_scheduler`` and
+        ``train_state``); empty when it had none."""
+        return json.loads(json.dumps(self._attrs.get("extras") or {}))
+
+    @property
     def metadata(self) -> dict[str, Any]:
         """The whole group attribute table (a copy)."""
         return json.loads(json.dumps(self._attrs))

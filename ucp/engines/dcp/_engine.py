@@ -11,8 +11,9 @@ __all__ = ["ENGINE", "DcpEngine"]
 
 
 class DcpEngine:
-    """Detects (``.metadata`` + ``*.distcp``) and opens DCP checkpoints; DCP records every
-    chunk's box, so no spec is needed."""
+    """Detects (``.metadata`` + ``*.distcp``, or torchtitan / accelerate roots of them) and opens DCP
+    checkpoints; DCP records every chunk's box, so no spec is needed, except the constant
+    ``head_dim`` for torchtitan's fused attention (``tag``: torchtitan's step)."""
 
     name = "dcp"
 
@@ -24,7 +25,9 @@ class DcpEngine:
 
     def open(self, url: str, *, spec: Any = None, storage_options: Mapping[str, Any] | None = None,
              tag: str | None = None) -> DcpCheckpoint:
-        return DcpCheckpoint(url, storage_options=storage_options)
+        constants = getattr(spec, "constants", None) or {}
+        return DcpCheckpoint(url, storage_options=storage_options, tag=tag,
+                             head_dim=constants.get("head_dim"))
 
 
 ENGINE = DcpEngine()

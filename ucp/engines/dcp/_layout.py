@@ -8,7 +8,11 @@ reading any data. The state dict is expected to look like what training loops sa
     {"model": model_state_dict, "optim": optimizer_state_dict, ...anything else...}
 
 ``"optim"`` may also be spelled ``"optimizer"``; with neither (and no ``"model"``), the whole
-checkpoint is taken as a model state dict. The optimizer state dict comes in two layouts:
+checkpoint is taken as a model state dict. With an optimizer key but no ``"model"``, the model's
+tensors are the top-level entries beside it (torchtitan's ``CheckpointManager`` saves
+``{**model_state_dict, "optimizer": ..., "lr_scheduler": ..., "train_state": ...}``), and
+torchtitan's fused ``wqkv`` optimizer states are moved onto the saved ``wq``/``wk``/``wv`` (see
+``_fused``). The optimizer state dict comes in two layouts:
 
 * nested (the default): ``state.<fqn>.<state>`` and ``param_groups.<i>.<hyper-parameter>`` with
   ``param_groups.<i>.params`` listing the group's parameter FQNs;
@@ -21,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 
 from ucp.core._errors import ConvertError, CorruptCheckpointError
+from ._fused import fused_names, unfuse
 from ._meta import DcpMetadata, KeyPath, ObjectEntry, TensorEntry
 
 __all__ = ["Layout", "plan_layout", "MODEL_KEYS", "OPTIM_KEYS"]
@@ -43,6 +48,8 @@ class Layout:
         members: nested layout: the ``params`` entry of each group, by group index.
         per_param: flattened layout: hyper-parameter entries of each parameter.
         extras: entries outside the model and optimizer sections, by their full key.
+        fused: torchtitan's fused parameters whose optimizer states were moved onto their parts
+            (fused FQN -> the parts' FQNs).
     """
 
     model_key: str | None
@@ -53,6 +60,7 @@ class Layout:
     members: dict[int, ObjectEntry] = dataclasses.field(default_factory=dict)
     per_param: dict[str, dict[str, Entry]] = dataclasses.field(default_factory=dict)
     extras: dict[str, Entry] = dataclasses.field(default_factory=dict)
+    fused: dict[str, tuple[str, str, str]] = dataclasses.field(default_factory=dict)
 
     @property
     def flattened(self) -> bool:
@@ -90,8 +98,8 @@ def plan_layout(meta: DcpMetadata, *, where: str, model_key: str | None = None,
     heads = {str(e.path[0]) for e in entries.values()}
     mk = _pick(heads, model_key, MODEL_KEYS, "model state dict", where)
     ok = _pick(heads, optim_key, OPTIM_KEYS, "optim state dict", where)
-    if mk is None and ok is None:
-        mk = ""  # a bare model state dict: dcp.save(model.state_dict())
+    if mk is None and (ok is None or _flat_model(entries, ok)):
+        mk = ""  # a bare model state dict (dcp.save(model.state_dict())), or torchtitan's flat one
     if mk is None:
         raise ConvertError(f"{where}: an optimizer section {ok!r} but no model section among the "
                            f"top-level keys {sorted(heads)}; pass model_key=")
@@ -99,7 +107,7 @@ def plan_layout(meta: DcpMetadata, *, where: str, model_key: str | None = None,
     optim: list[tuple[KeyPath, Entry]] = []
     for key, e in entries.items():
         head = str(e.path[0])
-        if mk == "" and isinstance(e, TensorEntry):
+        if mk == "" and isinstance(e, TensorEntry) and (ok is None or len(e.path) == 1 and head != ok):
             layout.model[key] = e
         elif head == mk and len(e.path) > 1:
             if isinstance(e, TensorEntry):
@@ -112,16 +120,24 @@ def plan_layout(meta: DcpMetadata, *, where: str, model_key: str | None = None,
             layout.extras[key] = e
     if not layout.model:
         raise ConvertError(f"{where}: the model section {mk!r} holds no tensors")
-    finder = _FqnFinder(layout.model)
+    layout.fused = fused_names(layout.model)
+    finder = _FqnFinder({**layout.model, **dict.fromkeys(layout.fused)})
     for path, e in optim:
         _place(layout, path, e, finder, where)
+    unfuse(layout.states, layout.per_param, layout.fused, layout.model, where)
     return layout
+
+
+def _flat_model(entries: dict[str, Entry], optim_key: str) -> bool:
+    """Whether model tensors sit at the top level beside the optimizer key (torchtitan)."""
+    return any(isinstance(e, TensorEntry) and len(e.path) == 1 and e.path[0] != optim_key
+               for e in entries.values())
 
 
 class _FqnFinder:
     """Splits ``<fqn>.<rest>`` where the FQN itself contains dots (the longest model FQN wins)."""
 
-    def __init__(self, fqns: dict[str, TensorEntry]) -> None:
+    def __init__(self, fqns: dict[str, TensorEntry | None]) -> None:
         self.fqns = fqns
 
     def split(self, text: str) -> tuple[str, str] | None:

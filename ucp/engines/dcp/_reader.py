@@ -21,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -30,12 +31,14 @@ import torch
 
 from ucp.storage import Storage
 
-from ucp.core._errors import CheckpointNotFoundError, ConvertError, CorruptCheckpointError
+from ucp.core._errors import CheckpointNotFoundError, ConvertError, CorruptCheckpointError, UcpError
 from ucp.core._topology import Topology
 from .._base import ParamInfo, Region, cut
 from ._blobs import Blob, BlobReader
+from ._fused import FusedPart, check_head_dim, split_part
 from ._layout import Layout, plan_layout
 from ._meta import DcpMetadata, ObjectEntry, TensorEntry, merge_metadata, parse_metadata
+from ._roots import ACCEL_SCHEDULER, Root, find_root, merge_parts
 
 __all__ = ["DcpCheckpoint", "detect"]
 
@@ -48,16 +51,20 @@ _PAIRWISE_LIMIT = 256
 _STEP_KEYS = ("step", "global_step")
 
 Entry = TensorEntry | ObjectEntry
+log = logging.getLogger("ucp")
 
 
 def detect(url: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None) -> str | None:
-    """A one-line description when ``url`` looks like a DCP directory (by file names only), else None."""
-    names = Storage(url, storage_options=storage_options).list("")
-    data = [n for n in names if n.endswith(".distcp")]
-    has_meta = _METADATA in names or any(_RANK_METADATA.match(n) for n in names)
-    if not (has_meta and data):
+    """A one-line description when ``url`` is a DCP directory, a torchtitan checkpoint folder or an
+    accelerate FSDP ``save_state`` folder (by names only, see ``_roots``), else None."""
+    storage = Storage(url, storage_options=storage_options)
+    root = find_root(storage)
+    if root is None:
         return None
-    return f"torch.distributed.checkpoint directory: .metadata and {len(data)} .distcp file(s)"
+    if root.kind == "dcp":
+        data = [n for n in storage.list("") if n.endswith(".distcp")]
+        return f"torch.distributed.checkpoint directory: .metadata and {len(data)} .distcp file(s)"
+    return root.describe()
 
 
 class DcpCheckpoint:
@@ -71,8 +78,13 @@ class DcpCheckpoint:
     ``exp_avg_sq``, ``momentum_buffer``, ...); ``step`` is reported as :attr:`step`.
 
     Args:
-        url: the directory (local path or fsspec URL such as ``s3://bucket/ckpt``).
+        url: the directory (local path or fsspec URL such as ``s3://bucket/ckpt``), or a root that
+            holds DCP directories: a torchtitan checkpoint folder (``step-<N>/``) or an accelerate
+            FSDP ``save_state`` folder (``pytorch_model_fsdp_0/`` + ``optimizer_0/``); see ``_roots``.
         storage_options: fsspec options (credentials, endpoint).
+        tag: torchtitan: the step to read (default: the newest complete one).
+        head_dim: the attention head size, needed only to split torchtitan's fused ``wqkv``
+            optimizer states onto ``wq``/``wk``/``wv`` (see ``_fused``).
         model_key, optim_key: the top-level keys of the model and optimizer state dicts; default:
             detected (``model``; ``optim`` or ``optimizer``).
         allow_unsafe_pickle: load saved values with the full pickle machinery, which can run code
@@ -81,6 +93,7 @@ class DcpCheckpoint:
 
     Attributes:
         engine: ``"dcp"``. step: the optimizer's step (the largest over parameters), or None.
+        root: which DCP directories were read (kind, parts, torchtitan's step).
         topology: None (DCP records chunks, not the parallel layout; no spec is needed).
         ranks: the number of ranks that wrote data files (from their ``__<rank>_`` names).
         version: DCP's format version string. files: the data files.
@@ -97,20 +110,24 @@ class DcpCheckpoint:
 
     def __init__(self, url: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None,
                  model_key: str | None = None, optim_key: str | None = None,
-                 allow_unsafe_pickle: bool = False) -> None:
+                 allow_unsafe_pickle: bool = False, tag: str | None = None,
+                 head_dim: int | None = None) -> None:
         self.url = os.fspath(url)
         self.storage = Storage(self.url, storage_options=storage_options)
         self._blobs = BlobReader(self.storage, allow_unsafe_pickle=allow_unsafe_pickle)
-        listing = self.storage.list("")
-        self.metadata: DcpMetadata = _read_metadata(self.storage, listing)
+        self.root: Root = find_root(self.storage, tag=tag) or Root("dcp", ("",))
+        self.metadata: DcpMetadata = merge_parts({p: _read_part(self.storage, p) for p in self.root.parts},
+                                                 where=self.url)
         self.version = self.metadata.version
         self.files = self.metadata.files
-        _check_files(self.storage, self.metadata, listing)
-        ranks = {m.group(1) for f in self.files if (m := _DATA_FILE.match(f))}
+        ranks = {m.group(1) for f in self.files if (m := _DATA_FILE.match(f.rpartition("/")[2]))}
         self.ranks: int | None = len(ranks) or None
         self.topology: Topology | None = None
         self.layout: Layout = plan_layout(self.metadata, where=self.url, model_key=model_key,
                                           optim_key=optim_key)
+        self.head_dim = head_dim
+        for part in (e for s in self.layout.states.values() for e in s.values() if isinstance(e, FusedPart)):
+            check_head_dim(head_dim, part, self.url)
         self._groups, group_of = self._read_groups()
         self.step = self._read_step()
         self._params: dict[str, ParamInfo] = {}
@@ -150,6 +167,9 @@ class DcpCheckpoint:
         if state in ("param", "fp32"):
             return cut(self._assemble(self.layout.model[name]), region)
         entry = self.layout.states[name][state]
+        if isinstance(entry, FusedPart):
+            assert self.head_dim is not None  # checked on opening
+            return cut(split_part(self._assemble(entry.source), entry, self.head_dim), region)
         assert isinstance(entry, TensorEntry)
         return cut(self._assemble(entry), region)
 
@@ -160,6 +180,28 @@ class DcpCheckpoint:
     def param_groups(self) -> list[dict[str, Any]]:
         """Hyper-parameters of each optimizer param group (JSON-able values; no ``params`` list)."""
         return [dict(g) for g in self._groups]
+
+    def extras(self) -> dict[str, Any]:
+        """The rest of the training state, as far as JSON holds it: saved values outside the model and
+        optimizer (torchtitan's ``lr_scheduler`` and ``train_state``; one-element tensors as numbers),
+        nested by their keys, and accelerate's ``scheduler.bin`` as ``scheduler``. Values JSON cannot
+        hold (tensors, custom objects) are left out."""
+        entries = [e for e in self.layout.extras.values()
+                   if isinstance(e, ObjectEntry) or math.prod(e.shape) == 1]
+        out: dict[str, Any] = {}
+        for e, v in zip(entries, self._values(entries)):
+            _nest(out, [str(p) for p in e.path], _jsonable(v))
+        if self.root.kind == "accelerate" and self.storage.exists(ACCEL_SCHEDULER):
+            _nest(out, ["scheduler"], _jsonable(self._accelerate_scheduler()))
+        return out
+
+    def _accelerate_scheduler(self) -> Any:
+        size = self.storage.size(ACCEL_SCHEDULER)
+        try:
+            return self._blobs.objects([(ACCEL_SCHEDULER, 0, size, (), "the scheduler state")])[0]
+        except UcpError as e:  # a side file: the conversion goes on without it
+            log.warning("ucp: %s/%s left out of the extras: %s", self.url, ACCEL_SCHEDULER, e)
+            return _DROP
 
     def __repr__(self) -> str:
         return (f"DcpCheckpoint({self.url!r}, {len(self._params)} parameters, {len(self._buffers)} "
@@ -204,7 +246,7 @@ class DcpCheckpoint:
             if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
                 raise CorruptCheckpointError(f"{self.url}: {lay.members[g].key!r} is not a list of "
                                              "parameter names")
-            for n in names:
+            for n in (part for n in names for part in lay.fused.get(n, (n,))):
                 if n in lay.model:  # names the model section lacks cannot be converted anyway
                     if group_of.setdefault(n, pos) != pos:
                         raise CorruptCheckpointError(f"{self.url}: parameter {n!r} is in param groups "
@@ -245,7 +287,7 @@ class DcpCheckpoint:
         lay = self.layout
         for fqn, entry in lay.model.items():
             states = {n: e for n, e in lay.states.get(fqn, {}).items() if n != "step"
-                      and isinstance(e, TensorEntry)}
+                      and isinstance(e, (TensorEntry, FusedPart))}
             if lay.optim_key is not None and fqn not in group_of and not states \
                     and len(entry.chunks) <= 1:
                 self._buffers.append(fqn)
@@ -280,6 +322,15 @@ class DcpCheckpoint:
 
 
 # -- helpers -----------------------------------------------------------------------------------
+def _read_part(storage: Storage, part: str) -> DcpMetadata:
+    """The checked metadata of one DCP directory (``part`` of the root; '' is the root itself)."""
+    where = storage.child(part) if part else storage
+    listing = where.list("")
+    meta = _read_metadata(where, listing)
+    _check_files(where, meta, listing)
+    return meta
+
+
 def _read_metadata(storage: Storage, listing: list[str]) -> DcpMetadata:
     where = f"{storage.url}/{_METADATA}"
     if _METADATA in listing:
@@ -370,6 +421,20 @@ def _jsonable(v: Any) -> Any:
         d = {k: _jsonable(x) for k, x in v.items()}
         return _DROP if any(x is _DROP for x in d.values()) else d
     return _DROP
+
+
+def _nest(out: dict[str, Any], path: list[str], value: Any) -> None:
+    """Sets ``out[path[0]][path[1]]... = value`` (a key that is already a value keeps the dotted path)."""
+    if value is _DROP:
+        return
+    node = out
+    for head in path[:-1]:
+        child = node.setdefault(head, {})
+        if not isinstance(child, dict):
+            out[".".join(path)] = value
+            return
+        node = child
+    node[path[-1]] = value
 
 
 def _jsonable_dict(values: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,136 @@
+"""Make real torchtitan 0.3 checkpoints for the conversion tests (run on every rank via ``run_ranks``).
+
+:func:`make_titan` builds a tiny Llama 3 with torchtitan's own parts (its model config and
+builders, ``parallelize_llama`` with FSDP2 over the ranks, ``OptimizersContainer`` and
+``LRSchedulersContainer``, ``CheckpointManager``) on CPU with SDPA attention, trains a few steps and
+lets the CheckpointManager save ``OUT/checkpoint/step-N`` every two steps, as ``torchtitan.train``
+does. Grouped-query attention (4 heads, 2 KV heads) with torchtitan's fused ``wqkv`` projection:
+the model state dict holds ``wq``/``wk``/``wv`` (split by torchtitan's save hook) while the
+optimizer state is keyed by the fused parameter ``wqkv``.
+
+Rank 0 also writes ``OUT/full.pt``: what torch itself gathers after the last save
+(``get_model_state_dict`` / ``get_optimizer_state_dict`` with ``full_state_dict=True``), the learning
+rate scheduler's and the train state's ``state_dict()``, and the attention sizes.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+DIM, HEADS, KV_HEADS, VOCAB, LAYERS, SEQ = 64, 4, 2, 96, 2, 16
+STEPS, INTERVAL = 4, 2
+
+
+class TrainState:
+    """What torchtitan's Trainer saves as ``train_state`` (its ``state_dict``)."""
+
+    def __init__(self) -> None:
+        self.step, self.ntokens_seen = 0, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "ntokens_seen": self.ntokens_seen}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.step, self.ntokens_seen = sd["step"], sd["ntokens_seen"]
+
+
+def tiny_llama_config() -> Any:
+    """torchtitan's Llama 3 config (as its ``debugmodel`` flavor builds it), smaller, SDPA attention."""
+    from torchtitan.models import llama3
+    from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm, compute_ffn_hidden_dim
+    from torchtitan.models.common.attention import ScaledDotProductAttention
+
+    layers = llama3._build_llama3_layers(
+        n_layers=LAYERS, dim=DIM, n_heads=HEADS, n_kv_heads=KV_HEADS,
+        hidden_dim=compute_ffn_hidden_dim(DIM, multiple_of=32),
+        rope=ComplexRoPE.Config(dim=DIM // HEADS, max_seq_len=SEQ * 2, theta=500000, scaling="llama"),
+        attn_backend="flex", fuse_qkv=True)
+    for layer in layers:  # flex attention needs a compiler on CPU; SDPA runs in eager mode
+        layer.attention.inner_attention = ScaledDotProductAttention.Config()
+    return llama3.Llama3Model.Config(
+        dim=DIM, vocab_size=VOCAB,
+        tok_embeddings=Embedding.Config(num_embeddings=VOCAB, embedding_dim=DIM, param_init=llama3._EMBEDDING_INIT),
+        norm=RMSNorm.Config(normalized_shape=DIM, param_init=llama3._NORM_INIT),
+        lm_head=Linear.Config(in_features=DIM, out_features=VOCAB, param_init=llama3._output_linear_init(DIM)),
+        layers=layers)
+
+
+def _build(world_size: int, out: str) -> tuple[Any, Any, Any]:
+    from torchtitan.components.optimizer import LRSchedulersContainer, OptimizersContainer, ParamGroupConfig
+    from torchtitan.config import CompileConfig, ParallelismConfig, TrainingConfig
+    from torchtitan.distributed import ParallelDims, parallel_dims
+    from torchtitan.models.llama3 import parallelize_llama
+
+    parallel_dims.device_type = "cpu"  # torchtitan assumes "cuda" when no accelerator is found
+    dims = ParallelDims.from_config(ParallelismConfig(spmd_backend="partial_dtensor"), world_size)
+    dims.build_mesh()
+    with torch.device("meta"):
+        model = tiny_llama_config().build()
+    model = parallelize_llama(model, parallel_dims=dims, training=TrainingConfig(mixed_precision_param="float32"),
+                              parallelism=ParallelismConfig(spmd_backend="partial_dtensor"), compile_config=CompileConfig(), ac_config=None,
+                              dump_folder=out)
+    from torch.distributed.fsdp import FSDPModule
+    for module in model.modules():  # gloo lacks PREMUL_SUM; torchtitan divides by 1.0 anyway
+        if isinstance(module, FSDPModule):
+            module.set_force_sum_reduction_for_comms(True)
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.init_weights(buffer_device=None)
+    adamw = {"lr": 1e-3, "betas": (0.9, 0.95), "eps": 1e-8}
+    optimizers = OptimizersContainer.Config(implementation="for-loop", param_groups=[
+        ParamGroupConfig(pattern=r"norm", optimizer_name="AdamW", optimizer_kwargs={**adamw, "weight_decay": 0.0}),
+        ParamGroupConfig(pattern=r".*", optimizer_name="AdamW", optimizer_kwargs={**adamw, "weight_decay": 0.1}),
+    ]).build(model_parts=[model])
+    schedulers = LRSchedulersContainer.Config(warmup_steps=2).build(optimizers=optimizers, training_steps=10)
+    return model, optimizers, schedulers
+
+
+def make_titan(rank: int, world_size: int, out: str) -> None:
+    """Trains ``STEPS`` steps on every rank, saving ``out/checkpoint/step-N`` every ``INTERVAL``."""
+    from torchtitan.components.checkpoint import CheckpointManager
+
+    model, optimizers, schedulers = _build(world_size, out)
+    state = TrainState()
+    ckpt = CheckpointManager(CheckpointManager.Config(enable=True, interval=INTERVAL, keep_latest_k=0),
+                             dataloader=None, model_parts=[model], optimizers=optimizers,
+                             lr_schedulers=schedulers, states={"train_state": state}, sd_adapter=None,
+                             base_folder=out)
+    gen = torch.Generator().manual_seed(100 + rank)  # each rank its own data, as data parallelism does
+    for step in range(1, STEPS + 1):
+        tokens = torch.randint(0, VOCAB, (2, SEQ + 1), generator=gen)
+        logits = model(tokens[:, :-1])
+        F.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1)).backward()
+        optimizers.step()
+        schedulers.step()
+        optimizers.zero_grad()
+        state.step, state.ntokens_seen = step, state.ntokens_seen + tokens.numel()
+        ckpt.save(step)
+    ckpt.close()
+    _write_reference(model, optimizers, schedulers, state, out, rank)
+
+
+def _write_reference(model: Any, optimizers: Any, schedulers: Any, state: TrainState, out: str,
+                     rank: int) -> None:
+    """The full state, gathered by torch (``DTensor.full_tensor``) from torchtitan's own state dicts.
+
+    (``get_model_state_dict`` cannot: torchtitan's save hook renames ``wqkv`` to ``wq``/``wk``/``wv``.)
+    """
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+    from torchtitan.components.optimizer.utils import get_flat_optim_state_dict
+
+    def full(sd: dict[str, Any]) -> dict[str, Any]:
+        return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in sd.items()}
+
+    ref = {"model": full(model.state_dict()),
+           "optim": full({k: v for o in optimizers.optimizers for k, v in get_flat_optim_state_dict(o).items()}),
+           "lr_scheduler": schedulers.state_dict(), "train_state": state.state_dict(),
+           "head_dim": DIM // HEADS, "heads": HEADS, "kv_heads": KV_HEADS}
+    if rank == 0:
+        torch.save(ref, os.path.join(out, "full.pt"))
+    dist.barrier()

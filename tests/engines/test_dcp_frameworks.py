@@ -1,0 +1,105 @@
+"""Checkpoints that torchtitan 0.3 and accelerate (FSDP2 ``save_state``) write themselves, converted
+by a plain ``ucp convert ROOT DST`` and compared bit for bit with the full state torch gathers in the
+job (``_titan_make.py``, ``_accel_make.py``: 2 ranks, CPU, gloo, a few training steps)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import ucp
+from ucp.cli import main
+
+
+def _same(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    assert got.dtype == want.dtype and got.shape == want.shape, what
+    assert torch.equal(got, want), f"{what} differs"
+
+
+# -- torchtitan --------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def titan_run(framework_job) -> Path:
+    """A torchtitan job's output: ``checkpoint/step-2``, ``checkpoint/step-4`` and ``full.pt``."""
+    return framework_job("_titan_make", "make_titan", "torchtitan")
+
+
+def _titan_moment(ref: dict[str, Any], name: str, state: str) -> torch.Tensor:
+    """The job's gathered optimizer state of ``name``; the fused ``wqkv`` state cut by torchtitan's
+    own save hook (``FusedQKVLinear._split_qkv_on_save``) for ``wq``/``wk``/``wv``."""
+    prefix, part, suffix = name.rpartition(".")[0].rpartition(".")[0], name.split(".")[-2], name.split(".")[-1]
+    if part not in ("wq", "wk", "wv"):
+        return ref["optim"][f"state.{name}.{state}"]
+    from torchtitan.models.common.attention import FusedQKVLinear
+
+    q_per_kv = ref["heads"] // ref["kv_heads"]
+    module = SimpleNamespace(head_dim=ref["head_dim"], heads_per_kv=q_per_kv, r_dim=q_per_kv + 2)
+    sd = {f"{prefix}.wqkv.{suffix}": ref["optim"][f"state.{prefix}.wqkv.{suffix}.{state}"]}
+    FusedQKVLinear._split_qkv_on_save(module, sd, f"{prefix}.", None)
+    return sd[name]
+
+
+@pytest.mark.slow
+def test_torchtitan_root_converts_full_state(titan_run: Path, tmp_path: Path) -> None:
+    ref = torch.load(titan_run / "full.pt", weights_only=True)
+    root, dst = titan_run / "checkpoint", tmp_path / "universal"
+    r = CliRunner().invoke(main, ["convert", str(root), str(dst), "--spec", f"head_dim = {ref['head_dim']}", "-q"])
+    assert r.exit_code == 0, r.output
+    assert "torchtitan checkpoint folder: step-4" in r.output
+    got = ucp.open(str(dst))
+    assert got.step == 4 and sorted(got.names()) == sorted(ref["model"])
+    fused = [n for n in got.names() if ".wq." in n or ".wk." in n or ".wv." in n]
+    assert len(fused) == 6
+    for name in got.names():
+        _same(got.read(name, "fp32"), ref["model"][name], f"{name} fp32")
+        for state in ("exp_avg", "exp_avg_sq"):
+            _same(got.read(name, state), _titan_moment(ref, name, state), f"{name} {state}")
+        decay = ref["optim"][f"param_groups.{name.replace('.wq.', '.wqkv.').replace('.wk.', '.wqkv.').replace('.wv.', '.wqkv.')}.weight_decay"]
+        assert got.param_groups[got.info(name).group]["weight_decay"] == decay, name
+    assert got.extras["lr_scheduler"] == ref["lr_scheduler"]
+    assert got.extras["train_state"] == ref["train_state"]
+
+
+@pytest.mark.slow
+def test_torchtitan_step_choice_and_missing_head_dim(titan_run: Path, tmp_path: Path) -> None:
+    root = titan_run / "checkpoint"
+    got = ucp.convert(str(root), str(tmp_path / "u2"), spec="head_dim = 16", tag="2")
+    assert got.step == 2 and got.extras["train_state"]["step"] == 2
+    r = CliRunner().invoke(main, ["convert", str(root), str(tmp_path / "u")])
+    assert r.exit_code == 1
+    assert "wqkv" in r.output and "--spec 'head_dim = " in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(main, ["convert", str(root), str(tmp_path / "u3"), "--spec", "head_dim = 5"])
+    assert r.exit_code == 1 and "head_dim = 5 does not fit" in r.output
+
+
+# -- accelerate --------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def accelerate_run(framework_job) -> Path:
+    """An accelerate FSDP2 job's output: ``state/`` (save_state) and ``full.pt``."""
+    return framework_job("_accel_make", "make_accelerate", "accelerate")
+
+
+@pytest.mark.slow
+def test_accelerate_save_state_converts_full_state(accelerate_run: Path, tmp_path: Path) -> None:
+    ref = torch.load(accelerate_run / "full.pt", weights_only=True)
+    dst = tmp_path / "universal"
+    r = CliRunner().invoke(main, ["convert", str(accelerate_run / "state"), str(dst), "-q"])
+    assert r.exit_code == 0, r.output
+    assert "accelerate FSDP save_state: pytorch_model_fsdp_0/ + optimizer_0/" in r.output
+    got = ucp.open(str(dst))
+    assert sorted(got.names()) == sorted(ref["optim"]["state"])
+    assert got.step == 3
+    for name in got.names():
+        _same(got.read(name, "fp32"), ref["model"][name], f"{name} fp32")
+        for state in ("exp_avg", "exp_avg_sq"):
+            _same(got.read(name, state), ref["optim"]["state"][name][state], f"{name} {state}")
+    groups = ref["optim"]["param_groups"]
+    assert [(g["lr"], g["weight_decay"]) for g in got.param_groups] == [(g["lr"], g["weight_decay"]) for g in groups]
+    for i, g in enumerate(groups):
+        assert all(got.info(n).group == i for n in g["params"])
+    assert {n for n in ref["model"] if n not in got.names()} == set(got.buffer_names())
+    assert got.extras["scheduler"]["last_epoch"] == ref["scheduler"]["last_epoch"]

@@ -1,0 +1,130 @@
+"""torchtitan's fused attention projection: optimizer states of ``wqkv`` for the saved ``wq``/``wk``/``wv``.
+
+torchtitan (0.3) trains one fused parameter ``<p>.wqkv.weight`` of shape
+``[kv_heads * (q_per_kv + 2) * head_dim, dim]``: per KV group, that group's query heads, then its
+key head, then its value head. Its model state dict splits the fused tensor into the stock
+``wq``/``wk``/``wv`` (a state-dict hook), so a checkpoint holds the split weights, while the
+optimizer, which knows parameters, keys the moments by the fused name.
+
+Adam's moments are elementwise, so the moments of ``wq``, ``wk`` and ``wv`` are the fused moments
+cut exactly as torchtitan cuts the weight. That cut needs the head size, which nothing in the
+checkpoint records (the rows of ``wk`` are ``kv_heads * head_dim``, and any factorisation fits):
+the caller supplies it (a spec constant ``head_dim``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import torch
+
+from ucp.core._errors import ConvertError, CorruptCheckpointError
+from ._meta import TensorEntry
+
+__all__ = ["FusedPart", "fused_names", "unfuse", "split_part", "PARTS"]
+
+PARTS = ("wq", "wk", "wv")
+_WQ = re.compile(r"^(.*\.)?wq\.([^.]+)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedPart:
+    """One part of a fused optimizer state: what ``wq``, ``wk`` or ``wv`` holds of it.
+
+    Attributes:
+        source: the fused state as saved (e.g. ``optimizer.state.<p>.wqkv.weight.exp_avg``).
+        index: 0 (``wq``), 1 (``wk``) or 2 (``wv``).
+        rows_q, rows_k: the rows of ``wq`` and of ``wk`` (``wv`` has as many as ``wk``).
+    """
+
+    source: TensorEntry
+    index: int
+    rows_q: int
+    rows_k: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.source.key} ({PARTS[self.index]} part)"
+
+
+def fused_names(model: dict[str, TensorEntry]) -> dict[str, tuple[str, str, str]]:
+    """``<p>wqkv.<s>`` -> its parts' FQNs, for every ``wq``/``wk``/``wv`` triple of the model section
+    whose fused name the model section does not hold itself."""
+    out: dict[str, tuple[str, str, str]] = {}
+    for fqn in model:
+        m = _WQ.match(fqn)
+        if m is None:
+            continue
+        prefix, suffix = m.group(1) or "", m.group(2)
+        parts = tuple(f"{prefix}{p}.{suffix}" for p in PARTS)
+        fused = f"{prefix}wqkv.{suffix}"
+        if all(p in model for p in parts) and fused not in model:
+            out[fused] = parts  # type: ignore[assignment]
+    return out
+
+
+def unfuse(states: dict[str, dict], per_param: dict[str, dict], fused: dict[str, tuple[str, str, str]],
+           model: dict[str, TensorEntry], where: str) -> None:
+    """Moves the fused parameters' optimizer entries onto their parts, in place.
+
+    Tensor states shaped like the fused weight become :class:`FusedPart` s; the others (``step``)
+    and the hyper-parameters are the same for every part.
+
+    Raises:
+        CorruptCheckpointError: a fused state's shape does not fit its parts.
+    """
+    for name, parts in fused.items():
+        q, k, v = (model[p] for p in parts)
+        tail = q.shape[1:]
+        if k.shape != v.shape or k.shape[1:] != tail:
+            raise CorruptCheckpointError(f"{where}: {parts[0]!r}, {parts[1]!r} and {parts[2]!r} have shapes "
+                                         f"{list(q.shape)}, {list(k.shape)}, {list(v.shape)}; they are not "
+                                         f"the parts of one fused {name!r}")
+        shape = (q.shape[0] + 2 * k.shape[0], *tail)
+        saved = states.pop(name, {})
+        for index, part in enumerate(parts):
+            entries = {}
+            for state, e in saved.items():
+                if isinstance(e, TensorEntry) and e.shape == shape:
+                    entries[state] = FusedPart(e, index, q.shape[0], k.shape[0])
+                elif isinstance(e, TensorEntry) and e.shape:
+                    raise CorruptCheckpointError(
+                        f"{where}: {e.key!r} has shape {list(e.shape)}, but the saved {', '.join(parts)} "
+                        f"make a fused {name!r} of shape {list(shape)}")
+                else:
+                    entries[state] = e
+            if entries:
+                states[part] = entries
+        hyper = per_param.pop(name, None)
+        if hyper is not None:
+            for part in parts:
+                per_param[part] = dict(hyper)
+
+
+def split_part(fused: torch.Tensor, part: FusedPart, head_dim: int) -> torch.Tensor:
+    """``part``'s rows of the fused tensor, cut as torchtitan's ``FusedQKVLinear`` cuts its weight."""
+    kv_heads, q_per_kv = part.rows_k // head_dim, part.rows_q // part.rows_k
+    tail = tuple(fused.shape[1:])
+    grouped = fused.reshape(kv_heads, q_per_kv + 2, head_dim, *tail)
+    rows = grouped[:, :q_per_kv] if part.index == 0 else grouped[:, q_per_kv + part.index - 1]
+    return rows.reshape(-1, *tail).contiguous()
+
+
+def check_head_dim(head_dim: int | None, part: FusedPart, where: str) -> None:
+    """The head size fits the fused tensor (or says how to give it).
+
+    Raises:
+        ConvertError: no head size, or one the rows do not divide into.
+    """
+    name = part.source.key
+    if head_dim is None:
+        raise ConvertError(
+            f"{where}: {name!r} is torchtitan's fused attention projection (wq, wk and wv interleaved per "
+            "KV group) and the checkpoint does not record the head size needed to split its optimizer "
+            "states; give it as a spec constant, e.g. `ucp convert SRC DST --spec 'head_dim = 128'` "
+            "(the model's dim / n_heads)")
+    if head_dim <= 0 or part.rows_k % head_dim or part.rows_q % part.rows_k:
+        raise ConvertError(f"{where}: head_dim = {head_dim} does not fit {name!r}: wq has {part.rows_q} rows "
+                           f"and wk {part.rows_k}, which must be multiples of the head size (wq's of "
+                           "wk's); check the spec's head_dim")
