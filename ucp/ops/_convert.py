@@ -131,7 +131,7 @@ def _build(source: SourceCheckpoint, names: list[str], build: str, *, coord: Any
         "params": {n: table[n] for n in names},
         "buffers": buffers,
         "aliases": dict(getattr(source, "aliases", dict)()),
-        **({"extras": extras} if (extras := _jsonable(getattr(source, "extras", dict)())) else {}),
+        **({"extras": extras} if (extras := jsonable(getattr(source, "extras", dict)())) else {}),
         **({"fingerprint_algorithm": ALGORITHM} if verify else {}),
     })
 

@@ -1,0 +1,118 @@
+"""Roots of DCP directories (torchtitan's ``step-N/``, accelerate's model + optimizer folders) and
+torchtitan's flat layout with a fused ``wqkv``, on small checkpoints saved in this process with
+``dcp.save`` in the frameworks' key layouts (the real frameworks: ``test_dcp_frameworks.py``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from ucp.core._errors import CheckpointNotFoundError, ConvertError, CorruptCheckpointError
+from ucp.engines.dcp._reader import DcpCheckpoint, detect
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+
+
+def test_torchtitan_folder_takes_the_newest_complete_step(tmp_path: Path) -> None:
+    for step in (9, 10, 11):
+        dcp.save({"w": torch.full((3,), float(step)), "train_state": {"step": step}},
+                 checkpoint_id=str(tmp_path / f"step-{step}"))
+    (tmp_path / "step-11" / ".metadata").unlink()  # an interrupted save: DCP writes .metadata last
+    (tmp_path / "step-x").mkdir()
+    assert detect(tmp_path) == "torchtitan checkpoint folder: step-10 of 2 step(s) (9, 10)"
+    newest = DcpCheckpoint(tmp_path)
+    assert newest.root.step == 10 and torch.equal(newest.read("w"), torch.full((3,), 10.0))
+    assert newest.extras() == {"train_state": {"step": 10}}
+    older = DcpCheckpoint(tmp_path, tag="step-9")
+    assert torch.equal(older.read("w"), torch.full((3,), 9.0))
+    with pytest.raises(CheckpointNotFoundError, match=r"no complete torchtitan step '11'.* 9, 10"):
+        DcpCheckpoint(tmp_path, tag="11")
+
+
+def _model_and_optim() -> tuple[dict, dict]:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    return get_state_dict(model, opt)
+
+
+def test_accelerate_folder_reads_model_and_optimizer_folders_as_one(tmp_path: Path) -> None:
+    model_sd, optim_sd = _model_and_optim()
+    dcp.save({"model": model_sd}, checkpoint_id=str(tmp_path / "pytorch_model_fsdp_0"))
+    dcp.save({"optimizer": optim_sd}, checkpoint_id=str(tmp_path / "optimizer_0"))
+    torch.save({"last_epoch": 3, "base_lrs": [0.1]}, tmp_path / "scheduler.bin")
+    assert detect(tmp_path) == "accelerate FSDP save_state: pytorch_model_fsdp_0/ + optimizer_0/"
+    ckpt = DcpCheckpoint(tmp_path)
+    assert ckpt.names() == list(model_sd) and ckpt.step == 1
+    for name, t in model_sd.items():
+        assert torch.equal(ckpt.read(name), t)
+        assert torch.equal(ckpt.read(name, "exp_avg"), optim_sd["state"][name]["exp_avg"])
+    assert ckpt.extras() == {"scheduler": {"last_epoch": 3, "base_lrs": [0.1]}}
+    dcp.save({"model": model_sd}, checkpoint_id=str(tmp_path / "pytorch_model_fsdp_1"))
+    with pytest.raises(ConvertError, match="save_state of 2 models"):
+        DcpCheckpoint(tmp_path)
+
+
+def test_accelerate_folders_saving_one_key_twice_are_refused(tmp_path: Path) -> None:
+    model_sd, _ = _model_and_optim()
+    dcp.save({"model": model_sd}, checkpoint_id=str(tmp_path / "pytorch_model_fsdp_0"))
+    dcp.save({"model": model_sd}, checkpoint_id=str(tmp_path / "optimizer_0"))
+    with pytest.raises(CorruptCheckpointError, match="both save 'model.0.weight'"):
+        DcpCheckpoint(tmp_path)
+
+
+# -- torchtitan's flat layout with a fused attention projection ---------------------------------
+KV, Q_PER_KV, HEAD, DIM = 2, 3, 4, 5
+
+
+def _grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The fused layout as torchtitan describes it: per KV group, its query heads, its key, its value."""
+    rows = []
+    for g in range(KV):
+        rows += [q[g * Q_PER_KV * HEAD:(g + 1) * Q_PER_KV * HEAD], k[g * HEAD:(g + 1) * HEAD],
+                 v[g * HEAD:(g + 1) * HEAD]]
+    return torch.cat(rows)
+
+
+def _titan_like(path: Path) -> dict[str, torch.Tensor]:
+    """``{**model, "optimizer": flattened, "lr_scheduler": ...}`` with ``a.wqkv`` trained fused."""
+    torch.manual_seed(1)
+    parts = {"wq": (KV * Q_PER_KV * HEAD, DIM), "wk": (KV * HEAD, DIM), "wv": (KV * HEAD, DIM)}
+    model = {f"a.{p}.weight": torch.randn(shape) for p, shape in parts.items()}
+    model["norm.weight"] = torch.randn(DIM)
+    moments = {f"a.{p}.weight": torch.rand(shape) for p, shape in parts.items()}
+    optim = {"state.a.wqkv.weight.exp_avg_sq": _grouped(*moments.values()),
+             "state.a.wqkv.weight.step": torch.tensor(7.0),
+             "state.norm.weight.exp_avg_sq": torch.rand(DIM), "state.norm.weight.step": torch.tensor(7.0),
+             "param_groups.a.wqkv.weight.lr": 0.01, "param_groups.norm.weight.lr": 0.02}
+    dcp.save({**model, "optimizer": optim, "lr_scheduler": {"last_epoch": 7}},
+             checkpoint_id=str(path / "step-7"))
+    return moments
+
+
+def test_fused_wqkv_states_are_cut_onto_the_saved_parts(tmp_path: Path) -> None:
+    moments = _titan_like(tmp_path)
+    ckpt = DcpCheckpoint(tmp_path, head_dim=HEAD)
+    assert ckpt.names() == ["a.wq.weight", "a.wk.weight", "a.wv.weight", "norm.weight"]
+    for name, want in moments.items():
+        assert ckpt.info(name).states == ("param", "fp32", "exp_avg_sq")
+        assert torch.equal(ckpt.read(name, "exp_avg_sq"), want)
+        assert torch.equal(ckpt.read(name, "exp_avg_sq", region=((1, 3), (0, 2))), want[1:3, :2])
+    groups = ckpt.param_groups()
+    assert [groups[ckpt.info(n).group]["lr"] for n in ckpt.names()] == [0.01, 0.01, 0.01, 0.02]
+    assert ckpt.step == 7 and ckpt.extras() == {"lr_scheduler": {"last_epoch": 7}}
+
+
+def test_fused_wqkv_needs_a_head_size_that_fits(tmp_path: Path) -> None:
+    _titan_like(tmp_path)
+    with pytest.raises(ConvertError, match=r"does not record the head size.*--spec 'head_dim = 128'"):
+        DcpCheckpoint(tmp_path)
+    with pytest.raises(ConvertError, match="head_dim = 3 does not fit"):
+        DcpCheckpoint(tmp_path, head_dim=3)
