@@ -81,3 +81,7 @@ def test_a_folder_that_is_no_root_of_steps_says_what_it_is(sample, tmp_path):
     assert "this is a DeepSpeed checkpoint: `ucp inspect" in ls(str(ds)).stdout
     (tmp_path / "empty").mkdir()
     assert ls(str(tmp_path / "empty")).stdout == f"{tmp_path / 'empty'}: no step directories\n"
+    for root, folder, what in (("titan", "step-40", "a torchtitan checkpoint folder"),
+                               ("accel", "pytorch_model_fsdp_0", "an accelerate save_state folder")):
+        (tmp_path / root / folder).mkdir(parents=True)
+        assert f"this is {what}" in ls(str(tmp_path / root)).stdout

@@ -66,6 +66,8 @@ def _build(world_size: int, out: str) -> tuple[Any, Any, Any]:
     from torchtitan.models.llama3 import parallelize_llama
 
     parallel_dims.device_type = "cpu"  # torchtitan assumes "cuda" when no accelerator is found
+    # FSDP2 over every rank on DTensors ("partial_dtensor"); the default "spmd_types" backend needs
+    # the Trainer's model setup, which this job does not reproduce
     dims = ParallelDims.from_config(ParallelismConfig(spmd_backend="partial_dtensor"), world_size)
     dims.build_mesh()
     with torch.device("meta"):

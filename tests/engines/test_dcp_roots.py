@@ -55,6 +55,8 @@ def test_accelerate_folder_reads_model_and_optimizer_folders_as_one(tmp_path: Pa
         assert torch.equal(ckpt.read(name), t)
         assert torch.equal(ckpt.read(name, "exp_avg"), optim_sd["state"][name]["exp_avg"])
     assert ckpt.extras() == {"scheduler": {"last_epoch": 3, "base_lrs": [0.1]}}
+    with pytest.raises(ConvertError, match=r"no model section.*convert the folder above it"):
+        DcpCheckpoint(tmp_path / "optimizer_0")
     dcp.save({"model": model_sd}, checkpoint_id=str(tmp_path / "pytorch_model_fsdp_1"))
     with pytest.raises(ConvertError, match="save_state of 2 models"):
         DcpCheckpoint(tmp_path)
@@ -112,7 +114,10 @@ def test_fused_wqkv_states_are_cut_onto_the_saved_parts(tmp_path: Path) -> None:
 
 def test_fused_wqkv_needs_a_head_size_that_fits(tmp_path: Path) -> None:
     _titan_like(tmp_path)
+    ckpt = DcpCheckpoint(tmp_path)  # listed and inspected without one
+    assert ckpt.info("a.wk.weight").states == ("param", "fp32", "exp_avg_sq")
+    assert torch.equal(ckpt.read("norm.weight", "fp32"), ckpt.read("norm.weight", "param"))
     with pytest.raises(ConvertError, match=r"does not record the head size.*--spec 'head_dim = 128'"):
-        DcpCheckpoint(tmp_path)
+        ckpt.read("a.wk.weight", "exp_avg_sq")
     with pytest.raises(ConvertError, match="head_dim = 3 does not fit"):
-        DcpCheckpoint(tmp_path, head_dim=3)
+        DcpCheckpoint(tmp_path, head_dim=3).read("a.wq.weight", "exp_avg_sq")

@@ -104,7 +104,8 @@ def _iso(t: float) -> str:
 def describe_other(url: str, *, storage_options: Mapping[str, Any] | None = None) -> str | None:
     """What a folder with no step directories holds, told by its file names alone (no torch):
     ``"a universal checkpoint"``, ``"a DeepSpeed checkpoint"``, ``"a torch.distributed.checkpoint
-    (DCP) directory"``, ``"a step directory of a ucp checkpoint"``, or None."""
+    (DCP) directory"``, ``"a step directory of a ucp checkpoint"``, a torchtitan or accelerate
+    folder of DCP directories, or None."""
     storage = Storage(url, storage_options=storage_options)
     names = set(storage.list(""))
     if "zarr.json" in names:
@@ -113,6 +114,10 @@ def describe_other(url: str, *, storage_options: Mapping[str, Any] | None = None
         return "a torch.distributed.checkpoint (DCP) directory"
     if "manifest.json" in names or any(n.startswith("rank-") for n in names):
         return "a step directory of a ucp checkpoint"
+    if any(n.startswith("pytorch_model_fsdp_") for n in names):
+        return "an accelerate save_state folder (DCP directories)"
+    if any(n.startswith("step-") and n[5:].isdigit() for n in names):
+        return "a torchtitan checkpoint folder (step-N DCP directories)"
     deepspeed_file = ("model_states.pt", "optim_states.pt")
     if any(n.startswith("global_step") or n.endswith(deepspeed_file) for n in names):
         return "a DeepSpeed checkpoint"

@@ -38,7 +38,7 @@ from ._blobs import Blob, BlobReader
 from ._fused import FusedPart, check_head_dim, split_part
 from ._layout import Layout, plan_layout
 from ._meta import DcpMetadata, ObjectEntry, TensorEntry, merge_metadata, parse_metadata
-from ._roots import ACCEL_SCHEDULER, Root, find_root, merge_parts
+from ._roots import ACCEL_SCHEDULER, Root, accelerate_part_hint, find_root, merge_parts
 
 __all__ = ["DcpCheckpoint", "detect"]
 
@@ -123,11 +123,15 @@ class DcpCheckpoint:
         ranks = {m.group(1) for f in self.files if (m := _DATA_FILE.match(f.rpartition("/")[2]))}
         self.ranks: int | None = len(ranks) or None
         self.topology: Topology | None = None
-        self.layout: Layout = plan_layout(self.metadata, where=self.url, model_key=model_key,
-                                          optim_key=optim_key)
-        self.head_dim = head_dim
-        for part in (e for s in self.layout.states.values() for e in s.values() if isinstance(e, FusedPart)):
-            check_head_dim(head_dim, part, self.url)
+        try:
+            self.layout: Layout = plan_layout(self.metadata, where=self.url, model_key=model_key,
+                                              optim_key=optim_key)
+        except ConvertError as e:
+            hint = accelerate_part_hint(self.url)
+            if hint is None:
+                raise
+            raise ConvertError(f"{e}; {hint}") from e
+        self.head_dim = head_dim  # checked when a fused state is read: inspect needs none
         self._groups, group_of = self._read_groups()
         self.step = self._read_step()
         self._params: dict[str, ParamInfo] = {}
@@ -168,7 +172,8 @@ class DcpCheckpoint:
             return cut(self._assemble(self.layout.model[name]), region)
         entry = self.layout.states[name][state]
         if isinstance(entry, FusedPart):
-            assert self.head_dim is not None  # checked on opening
+            check_head_dim(self.head_dim, entry, self.url)
+            assert self.head_dim is not None
             return cut(split_part(self._assemble(entry.source), entry, self.head_dim), region)
         assert isinstance(entry, TensorEntry)
         return cut(self._assemble(entry), region)

@@ -19,6 +19,7 @@ relative to the root.
 from __future__ import annotations
 
 import dataclasses
+import posixpath
 import re
 
 from ucp.storage import Storage
@@ -26,7 +27,7 @@ from ucp.storage import Storage
 from ucp.core._errors import CheckpointNotFoundError, ConvertError, CorruptCheckpointError
 from ._meta import DcpMetadata
 
-__all__ = ["Root", "find_root", "is_dcp_dir", "merge_parts"]
+__all__ = ["Root", "find_root", "is_dcp_dir", "merge_parts", "accelerate_part_hint"]
 
 METADATA = ".metadata"
 _RANK_METADATA = re.compile(r"^__(\d+)\.metadata$")
@@ -121,6 +122,16 @@ def _accelerate_root(storage: Storage, names: list[str], models: list[str]) -> R
                 ".metadata or no .distcp files); accelerate writes it with sharded state dicts "
                 "(fsdp_state_dict_type: SHARDED_STATE_DICT): is the save complete?")
     return Root("accelerate", tuple(parts))
+
+
+def accelerate_part_hint(url: str) -> str | None:
+    """What to do instead when ``url`` is one folder of an accelerate ``save_state`` (by its name)."""
+    name = posixpath.basename(url.replace("\\", "/").rstrip("/"))
+    m = _ACCEL_OPTIM.match(name) or _ACCEL_MODEL.match(name)
+    if m is None:
+        return None
+    return (f"{name}/ looks like one folder of an accelerate save_state: convert the folder above it, "
+            f"which holds pytorch_model_fsdp_{m.group(1)}/ and optimizer_{m.group(1)}/ as one state")
 
 
 def merge_parts(parts: dict[str, DcpMetadata], *, where: str) -> DcpMetadata:
