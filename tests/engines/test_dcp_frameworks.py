@@ -62,6 +62,12 @@ def test_torchtitan_root_converts_full_state(titan_run: Path, tmp_path: Path) ->
         assert got.param_groups[got.info(name).group]["weight_decay"] == decay, name
     assert got.extras["lr_scheduler"] == ref["lr_scheduler"]
     assert got.extras["train_state"] == ref["train_state"]
+    # head_dim told the reader how to cut; it is no layout spec for verify and reshard to apply
+    assert got.spec is None and got.metadata["source"]["constants"] == {"head_dim": ref["head_dim"]}
+    r = CliRunner().invoke(main, ["verify", str(dst)])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["reshard", str(dst), str(tmp_path / "dp2"), "--to", "dp=2"])
+    assert r.exit_code == 0, r.output
 
 
 @pytest.mark.slow

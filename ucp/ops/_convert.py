@@ -121,12 +121,17 @@ def _build(source: SourceCheckpoint, names: list[str], build: str, *, coord: Any
     buffers = {n: {"path": f"buffers/{escape_name(n)}",
                    **_write_checked(writer, f"buffers/{escape_name(n)}", t, n, None, verify)}
                for n, t in source.buffers().items()}
+    # A spec of constants only (torchtitan's head_dim) told the reader something but lays nothing
+    # out: stored as the layout spec, verify and reshard would find every parameter uncovered.
+    hint = spec is not None and not spec.rules and spec.default is None
+    layout = None if hint else spec
     writer.commit({
         "step": source.step,
         "source": {"engine": source.engine, "url": src,
-                   "topology": None if source.topology is None else str(source.topology)},
-        "spec": None if spec is None else spec.text,
-        "spec_constants": None if spec is None else dict(spec.overrides),
+                   "topology": None if source.topology is None else str(source.topology),
+                   **({"constants": dict(spec.constants)} if hint else {})},
+        "spec": None if layout is None else layout.text,
+        "spec_constants": None if layout is None else dict(layout.overrides),
         "param_groups": jsonable(source.param_groups()),
         "params": {n: table[n] for n in names},
         "buffers": buffers,
