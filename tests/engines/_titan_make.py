@@ -3,12 +3,13 @@
 :func:`make_titan` builds a tiny Llama 3 with torchtitan's own parts (its model config and
 builders, ``parallelize_llama`` with FSDP2 over the ranks, ``OptimizersContainer`` and
 ``LRSchedulersContainer``, ``CheckpointManager``) on CPU with SDPA attention, trains a few steps and
-lets the CheckpointManager save ``OUT/checkpoint/step-N`` every two steps, as ``torchtitan.train``
-does. Grouped-query attention (4 heads, 2 KV heads) with torchtitan's fused ``wqkv`` projection:
+lets the CheckpointManager save ``OUT/checkpoint/step-N`` as ``torchtitan.train`` does: the full state
+every two steps (``step-2``, ``step-4``) and, with its default ``last_save_model_only``, the model
+alone at the last step (``step-5``). Grouped-query attention (4 heads, 2 KV heads) with torchtitan's fused ``wqkv`` projection:
 the model state dict holds ``wq``/``wk``/``wv`` (split by torchtitan's save hook) while the
 optimizer state is keyed by the fused parameter ``wqkv``.
 
-Rank 0 also writes ``OUT/full.pt``: what torch itself gathers after the last save
+Rank 0 also writes ``OUT/full-<N>.pt`` at steps 4 and 5: what torch itself gathers after that save
 (``get_model_state_dict`` / ``get_optimizer_state_dict`` with ``full_state_dict=True``), the learning
 rate scheduler's and the train state's ``state_dict()``, and the attention sizes.
 """
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 DIM, HEADS, KV_HEADS, VOCAB, LAYERS, SEQ = 64, 4, 2, 96, 2, 16
-STEPS, INTERVAL = 4, 2
+STEPS, INTERVAL, REFERENCE_STEPS = 5, 2, (4, 5)
 
 
 class TrainState:
@@ -111,9 +112,10 @@ def make_titan(rank: int, world_size: int, out: str) -> None:
         schedulers.step()
         optimizers.zero_grad()
         state.step, state.ntokens_seen = step, state.ntokens_seen + tokens.numel()
-        ckpt.save(step)
+        ckpt.save(step, last_step=step == STEPS)  # as torchtitan's Trainer calls it
+        if step in REFERENCE_STEPS:
+            _write_reference(model, optimizers, schedulers, state, os.path.join(out, f"full-{step}.pt"), rank)
     ckpt.close()
-    _write_reference(model, optimizers, schedulers, state, out, rank)
 
 
 def _write_reference(model: Any, optimizers: Any, schedulers: Any, state: TrainState, out: str,
@@ -134,5 +136,5 @@ def _write_reference(model: Any, optimizers: Any, schedulers: Any, state: TrainS
            "lr_scheduler": schedulers.state_dict(), "train_state": state.state_dict(),
            "head_dim": DIM // HEADS, "heads": HEADS, "kv_heads": KV_HEADS}
     if rank == 0:
-        torch.save(ref, os.path.join(out, "full.pt"))
+        torch.save(ref, out)
     dist.barrier()

@@ -24,7 +24,8 @@ def _same(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
 # -- torchtitan --------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def titan_run(framework_job) -> Path:
-    """A torchtitan job's output: ``checkpoint/step-2``, ``checkpoint/step-4`` and ``full.pt``."""
+    """A torchtitan job's output: ``checkpoint/step-{2,4}`` (full state), ``checkpoint/step-5`` (model
+    only, torchtitan's last save) and ``full-4.pt``, ``full-5.pt``."""
     return framework_job("_titan_make", "make_titan", "torchtitan")
 
 
@@ -45,11 +46,12 @@ def _titan_moment(ref: dict[str, Any], name: str, state: str) -> torch.Tensor:
 
 @pytest.mark.slow
 def test_torchtitan_root_converts_full_state(titan_run: Path, tmp_path: Path) -> None:
-    ref = torch.load(titan_run / "full.pt", weights_only=True)
+    ref = torch.load(titan_run / "full-4.pt", weights_only=True)
     root, dst = titan_run / "checkpoint", tmp_path / "universal"
-    r = CliRunner().invoke(main, ["convert", str(root), str(dst), "--spec", f"head_dim = {ref['head_dim']}", "-q"])
+    r = CliRunner().invoke(main, ["convert", str(root), str(dst), "--step", "4", "--spec",
+                                  f"head_dim = {ref['head_dim']}", "-q"])
     assert r.exit_code == 0, r.output
-    assert "torchtitan checkpoint folder: step-4" in r.output
+    assert "torchtitan checkpoint folder: 3 step(s) (2, 4, 5), newest step-5" in r.output
     got = ucp.open(str(dst))
     assert got.step == 4 and sorted(got.names()) == sorted(ref["model"])
     fused = [n for n in got.names() if ".wq." in n or ".wk." in n or ".wv." in n]
@@ -71,14 +73,26 @@ def test_torchtitan_root_converts_full_state(titan_run: Path, tmp_path: Path) ->
 
 
 @pytest.mark.slow
+def test_torchtitan_newest_step_is_its_model_only_last_save(titan_run: Path, tmp_path: Path,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    ref = torch.load(titan_run / "full-5.pt", weights_only=True)
+    got = ucp.convert(str(titan_run / "checkpoint"), str(tmp_path / "u"))  # plain: newest step
+    assert got.step == 5 and sorted(got.names()) == sorted(ref["model"])
+    for name in got.names():
+        assert got.info(name).states == ("fp32",)
+        _same(got.read(name, "fp32"), ref["model"][name], f"{name} fp32")
+    assert "holds the model only" in caplog.text and "--step" in caplog.text
+
+
+@pytest.mark.slow
 def test_torchtitan_step_choice_and_missing_head_dim(titan_run: Path, tmp_path: Path) -> None:
     root = titan_run / "checkpoint"
     got = ucp.convert(str(root), str(tmp_path / "u2"), spec="head_dim = 16", tag="2")
     assert got.step == 2 and got.extras["train_state"]["step"] == 2
-    r = CliRunner().invoke(main, ["convert", str(root), str(tmp_path / "u")])
+    r = CliRunner().invoke(main, ["convert", str(root), str(tmp_path / "u"), "--step", "4"])
     assert r.exit_code == 1
     assert "wqkv" in r.output and "--spec 'head_dim = " in r.output and "Traceback" not in r.output
-    r = CliRunner().invoke(main, ["convert", str(root), str(tmp_path / "u3"), "--spec", "head_dim = 5"])
+    r = CliRunner().invoke(main, ["convert", str(root), str(tmp_path / "u3"), "--step", "4", "--spec", "head_dim = 5"])
     assert r.exit_code == 1 and "head_dim = 5 does not fit" in r.output
 
 

@@ -22,9 +22,10 @@ def test_torchtitan_folder_takes_the_newest_complete_step(tmp_path: Path) -> Non
                  checkpoint_id=str(tmp_path / f"step-{step}"))
     (tmp_path / "step-11" / ".metadata").unlink()  # an interrupted save: DCP writes .metadata last
     (tmp_path / "step-x").mkdir()
-    assert detect(tmp_path) == "torchtitan checkpoint folder: step-10 of 2 step(s) (9, 10)"
+    assert detect(tmp_path) == "torchtitan checkpoint folder: 2 step(s) (9, 10), newest step-10"
     newest = DcpCheckpoint(tmp_path)
     assert newest.root.step == 10 and torch.equal(newest.read("w"), torch.full((3,), 10.0))
+    assert newest.step == 10  # no optimizer step saved: the folder's
     assert newest.extras() == {"train_state": {"step": 10}}
     older = DcpCheckpoint(tmp_path, tag="step-9")
     assert torch.equal(older.read("w"), torch.full((3,), 9.0))

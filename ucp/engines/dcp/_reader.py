@@ -134,6 +134,8 @@ class DcpCheckpoint:
         self.head_dim = head_dim  # checked when a fused state is read: inspect needs none
         self._groups, group_of = self._read_groups()
         self.step = self._read_step()
+        if self.root.kind == "torchtitan":
+            self._titan_step()
         self._params: dict[str, ParamInfo] = {}
         self._buffers: list[str] = []
         self._classify(group_of)
@@ -287,6 +289,16 @@ class DcpCheckpoint:
         steps = [_number(v) for v in self._values(entries)]
         steps = [s for s in steps if s is not None]
         return int(max(steps)) if steps else None
+
+    def _titan_step(self) -> None:
+        """A torchtitan step without optimizer (its last, by default) still has its folder's step."""
+        if self.step is None:
+            self.step = self.root.step
+        if self.layout.optim_key is None:
+            log.warning("ucp: %s/step-%s holds the model only (torchtitan saves its last step so, "
+                        "checkpoint.last_save_model_only); --step picks an earlier step with the "
+                        "optimizer state (steps: %s)", self.url, self.root.step,
+                        ", ".join(map(str, self.root.steps)))
 
     def _classify(self, group_of: dict[str, int]) -> None:
         lay = self.layout

@@ -56,8 +56,8 @@ class Root:
 
     def describe(self) -> str:
         if self.kind == "torchtitan":
-            return (f"torchtitan checkpoint folder: step-{self.step} of {len(self.steps)} step(s) "
-                    f"({', '.join(map(str, self.steps))})")
+            return (f"torchtitan checkpoint folder: {len(self.steps)} step(s) "
+                    f"({', '.join(map(str, self.steps))}), newest step-{self.steps[-1]}")
         if self.kind == "accelerate":
             return f"accelerate FSDP save_state: {' + '.join(p + '/' for p in self.parts)}"
         return "torch.distributed.checkpoint directory"
