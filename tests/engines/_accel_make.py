@@ -4,7 +4,7 @@
 with FSDP2 (``FullyShardedDataParallelPlugin(fsdp_version=2)``, sharded state dicts) on CPU and
 calls ``accelerator.save_state(OUT/state)``, which writes ``pytorch_model_fsdp_0/`` (DCP of
 ``{"model": ...}``) and ``optimizer_0/`` (DCP of ``{"optimizer": ...}``) side by side, plus the
-scheduler and RNG files. On CPU accelerate picks plain multi-process CPU training (DDP), so the job
+scheduler and RNG files. The final norm is frozen and the model has a persistent buffer. On CPU accelerate picks plain multi-process CPU training (DDP), so the job
 forces the distributed type to FSDP before ``prepare``, as a GPU run would have it.
 
 Rank 0 also writes ``OUT/full.pt``: the full state torch gathers from the prepared model and
@@ -39,8 +39,11 @@ def make_accelerate(rank: int, world_size: int, out: str) -> None:
                                          num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                                          num_key_value_heads=KV_HEADS, max_position_embeddings=SEQ * 2,
                                          attn_implementation="sdpa"))
-    opt = torch.optim.AdamW([{"params": [p for n, p in model.named_parameters() if p.dim() >= 2]},
-                             {"params": [p for n, p in model.named_parameters() if p.dim() < 2],
+    model.model.norm.weight.requires_grad_(False)  # a frozen parameter (sharded, no optimizer state)
+    model.register_buffer("logit_scale", torch.tensor([0.5, 2.0]))  # a persistent buffer
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": [p for p in trainable if p.dim() >= 2]},
+                             {"params": [p for p in trainable if p.dim() < 2],
                               "weight_decay": 0.0, "lr": 2e-3}], lr=1e-3, weight_decay=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 2))
     model, opt, sched = accelerator.prepare(model, opt, sched)  # FSDP2 takes both at once

@@ -111,15 +111,17 @@ def test_accelerate_save_state_converts_full_state(accelerate_run: Path, tmp_pat
     assert r.exit_code == 0, r.output
     assert "accelerate FSDP save_state: pytorch_model_fsdp_0/ + optimizer_0/" in r.output
     got = ucp.open(str(dst))
-    assert sorted(got.names()) == sorted(ref["optim"]["state"])
-    assert got.step == 3
+    frozen = "model.norm.weight"
+    assert sorted(got.names()) == sorted([*ref["optim"]["state"], frozen]) and frozen not in ref["optim"]["state"]
+    assert got.step == 3 and got.info(frozen).frozen and got.info(frozen).states == ("fp32",)
     for name in got.names():
         _same(got.read(name, "fp32"), ref["model"][name], f"{name} fp32")
-        for state in ("exp_avg", "exp_avg_sq"):
+        for state in ("exp_avg", "exp_avg_sq") if name != frozen else ():
             _same(got.read(name, state), ref["optim"]["state"][name][state], f"{name} {state}")
+    assert got.buffer_names() == ["logit_scale"]
+    _same(got.read_buffer("logit_scale"), ref["model"]["logit_scale"], "buffer")
     groups = ref["optim"]["param_groups"]
     assert [(g["lr"], g["weight_decay"]) for g in got.param_groups] == [(g["lr"], g["weight_decay"]) for g in groups]
     for i, g in enumerate(groups):
         assert all(got.info(n).group == i for n in g["params"])
-    assert {n for n in ref["model"] if n not in got.names()} == set(got.buffer_names())
     assert got.extras["scheduler"]["last_epoch"] == ref["scheduler"]["last_epoch"]
