@@ -5,7 +5,9 @@ torchtitan's flat layout with a fused ``wqkv``, on small checkpoints saved in th
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import fsspec
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
@@ -122,3 +124,18 @@ def test_fused_wqkv_needs_a_head_size_that_fits(tmp_path: Path) -> None:
         ckpt.read("a.wk.weight", "exp_avg_sq")
     with pytest.raises(ConvertError, match="head_dim = 3 does not fit"):
         DcpCheckpoint(tmp_path, head_dim=3).read("a.wq.weight", "exp_avg_sq")
+
+
+def test_roots_on_s3(tmp_path: Path, s3_url: tuple[str, dict[str, Any]]) -> None:
+    url, options = s3_url
+    model_sd, optim_sd = _model_and_optim()
+    dcp.save({"model": model_sd}, checkpoint_id=str(tmp_path / "acc" / "pytorch_model_fsdp_0"))
+    dcp.save({"optimizer": optim_sd}, checkpoint_id=str(tmp_path / "acc" / "optimizer_0"))
+    moments = _titan_like(tmp_path / "titan")
+    fs = fsspec.filesystem("s3", **options)
+    fs.put(str(tmp_path) + "/", url[len("s3://"):] + "/", recursive=True)
+    acc = DcpCheckpoint(f"{url}/acc", storage_options=options)
+    assert acc.root.kind == "accelerate" and torch.equal(acc.read("0.weight", "exp_avg"),
+                                                         optim_sd["state"]["0.weight"]["exp_avg"])
+    titan = DcpCheckpoint(f"{url}/titan", storage_options=options, head_dim=HEAD)
+    assert titan.root.step == 7 and torch.equal(titan.read("a.wv.weight", "exp_avg_sq"), moments["a.wv.weight"])
