@@ -35,6 +35,21 @@ def test_torchtitan_folder_takes_the_newest_complete_step(tmp_path: Path) -> Non
         DcpCheckpoint(tmp_path, tag="11")
 
 
+class LoaderState:
+    """A data loader's state as a custom class: torch.load(weights_only=True) refuses it."""
+
+    def __init__(self) -> None:
+        self.position = 3
+
+
+def test_extras_leave_out_a_value_that_cannot_be_loaded_safely(tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    dcp.save({"w": torch.ones(2), "train_state": {"step": 5}, "dataloader": {"rank0": LoaderState()}},
+             checkpoint_id=str(tmp_path / "step-5"))
+    assert DcpCheckpoint(tmp_path).extras() == {"train_state": {"step": 5}}
+    assert "'dataloader.rank0' left out of the extras" in caplog.text
+
+
 def _model_and_optim() -> tuple[dict, dict]:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 

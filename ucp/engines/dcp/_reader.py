@@ -38,12 +38,11 @@ from ._blobs import Blob, BlobReader
 from ._fused import FusedPart, check_head_dim, split_part
 from ._layout import Layout, plan_layout
 from ._meta import DcpMetadata, ObjectEntry, TensorEntry, merge_metadata, parse_metadata
-from ._roots import ACCEL_SCHEDULER, Root, accelerate_part_hint, find_root, merge_parts
+from ._roots import (ACCEL_SCHEDULER, METADATA as _METADATA, RANK_METADATA as _RANK_METADATA, Root,
+                     accelerate_part_hint, find_root, merge_parts)
 
 __all__ = ["DcpCheckpoint", "detect"]
 
-_METADATA = ".metadata"
-_RANK_METADATA = re.compile(r"^__(\d+)\.metadata$")
 _DATA_FILE = re.compile(r"^__(\d+)_\d+\.distcp$")
 #: Chunk lists longer than this skip the pairwise overlap check (the element count is still checked).
 _PAIRWISE_LIMIT = 256
@@ -196,10 +195,26 @@ class DcpCheckpoint:
         entries = [e for e in self.layout.extras.values()
                    if isinstance(e, ObjectEntry) or math.prod(e.shape) == 1]
         out: dict[str, Any] = {}
-        for e, v in zip(entries, self._values(entries)):
+        for e, v in zip(entries, self._extra_values(entries)):
             _nest(out, [str(p) for p in e.path], _jsonable(v))
         if self.root.kind == "accelerate" and self.storage.exists(ACCEL_SCHEDULER):
             _nest(out, ["scheduler"], _jsonable(self._accelerate_scheduler()))
+        return out
+
+    def _extra_values(self, entries: list[Entry]) -> list[Any]:
+        """The values of ``entries`` (merged reads); one that cannot be loaded is left out with a
+        warning: side state (a data loader's, say) must not stop a conversion."""
+        try:
+            return self._values(entries)
+        except UcpError:
+            pass
+        out: list[Any] = []
+        for e in entries:
+            try:
+                out.append(self._values([e])[0])
+            except UcpError as err:
+                log.warning("ucp: %s: %r left out of the extras: %s", self.url, e.key, err)
+                out.append(_DROP)
         return out
 
     def _accelerate_scheduler(self) -> Any:

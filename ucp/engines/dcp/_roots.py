@@ -30,7 +30,7 @@ from ._meta import DcpMetadata
 __all__ = ["Root", "find_root", "is_dcp_dir", "merge_parts", "accelerate_part_hint"]
 
 METADATA = ".metadata"
-_RANK_METADATA = re.compile(r"^__(\d+)\.metadata$")
+RANK_METADATA = re.compile(r"^__(\d+)\.metadata$")
 _TITAN_STEP = re.compile(r"^step-(\d+)$")
 _ACCEL_MODEL = re.compile(r"^pytorch_model_fsdp_(\d+)$")
 _ACCEL_OPTIM = re.compile(r"^optimizer_(\d+)$")
@@ -65,7 +65,7 @@ class Root:
 
 def is_dcp_dir(names: list[str]) -> bool:
     """Whether a directory listing is a DCP checkpoint's (metadata and data files)."""
-    has_meta = METADATA in names or any(_RANK_METADATA.match(n) for n in names)
+    has_meta = METADATA in names or any(RANK_METADATA.match(n) for n in names)
     return has_meta and any(n.endswith(".distcp") for n in names)
 
 
