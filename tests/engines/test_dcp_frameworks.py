@@ -66,8 +66,9 @@ def test_torchtitan_root_converts_full_state(titan_run: Path, tmp_path: Path) ->
     assert got.extras["train_state"] == ref["train_state"]
     # head_dim told the reader how to cut; it is no layout spec for verify and reshard to apply
     assert got.spec is None and got.metadata["source"]["constants"] == {"head_dim": ref["head_dim"]}
-    r = CliRunner().invoke(main, ["verify", str(dst)])
-    assert r.exit_code == 0, r.output
+    for checked in ([str(dst)], [str(root), "--step", "4", "--spec", f"head_dim = {ref['head_dim']}"]):
+        r = CliRunner().invoke(main, ["verify", *checked])
+        assert r.exit_code == 0, r.output
     r = CliRunner().invoke(main, ["reshard", str(dst), str(tmp_path / "dp2"), "--to", "dp=2"])
     assert r.exit_code == 0, r.output
 

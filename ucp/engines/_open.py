@@ -23,6 +23,15 @@ def spec_of(spec: Any, constants: Mapping[str, int] | None = None) -> Any:
     return load_spec(spec, constants=constants)
 
 
+def layout_spec(spec: Any) -> Any:
+    """``spec`` when it lays parameters out (a ``param`` or ``default`` rule), else None: a spec of
+    constants only (torchtitan's ``head_dim = N``) tells a reader something but covers no parameter,
+    so coverage checks and stored specs leave it out."""
+    if spec is None or (not spec.rules and spec.default is None):
+        return None
+    return spec
+
+
 def open_source(src: str, *, engine: str = "auto", spec: Any = None, tag: str | None = None,
                 storage_options: Mapping[str, Any] | None = None) -> tuple[SourceCheckpoint, str]:
     """Opens a distributed checkpoint through its engine plugin; returns it and what was found."""

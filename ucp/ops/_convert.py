@@ -28,7 +28,7 @@ from ucp.core._errors import ConvertError, VerificationError
 from ucp.core._fingerprint import ALGORITHM, fingerprint, to_hex
 from ucp.universal._checkpoint import UniversalCheckpoint, UniversalWriter, escape_name, open_universal
 from ucp.engines._base import SourceCheckpoint
-from ucp.engines._open import open_source, spec_of
+from ucp.engines._open import layout_spec, open_source, spec_of
 
 __all__ = ["convert"]
 
@@ -123,8 +123,8 @@ def _build(source: SourceCheckpoint, names: list[str], build: str, *, coord: Any
                for n, t in source.buffers().items()}
     # A spec of constants only (torchtitan's head_dim) told the reader something but lays nothing
     # out: stored as the layout spec, verify and reshard would find every parameter uncovered.
-    hint = spec is not None and not spec.rules and spec.default is None
-    layout = None if hint else spec
+    layout = layout_spec(spec)
+    hint = spec is not None and layout is None
     writer.commit({
         "step": source.step,
         "source": {"engine": source.engine, "url": src,
