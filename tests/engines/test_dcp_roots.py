@@ -19,20 +19,24 @@ pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
 
 def test_torchtitan_folder_takes_the_newest_complete_step(tmp_path: Path) -> None:
+    dump = tmp_path / "outputs"  # torchtitan's job.dump_folder; checkpoint.folder's default below
+    root = dump / "checkpoint"
     for step in (9, 10, 11):
         dcp.save({"w": torch.full((3,), float(step)), "train_state": {"step": step}},
-                 checkpoint_id=str(tmp_path / f"step-{step}"))
-    (tmp_path / "step-11" / ".metadata").unlink()  # an interrupted save: DCP writes .metadata last
-    (tmp_path / "step-x").mkdir()
-    assert detect(tmp_path) == "torchtitan checkpoint folder: 2 step(s) (9, 10), newest step-10"
-    newest = DcpCheckpoint(tmp_path)
+                 checkpoint_id=str(root / f"step-{step}"))
+    (root / "step-11" / ".metadata").unlink()  # an interrupted save: DCP writes .metadata last
+    (root / "step-x").mkdir()
+    assert detect(root) == "torchtitan checkpoint folder: 2 step(s) (9, 10), newest step-10"
+    newest = DcpCheckpoint(root)
     assert newest.root.step == 10 and torch.equal(newest.read("w"), torch.full((3,), 10.0))
     assert newest.step == 10  # no optimizer step saved: the folder's
     assert newest.extras() == {"train_state": {"step": 10}}
-    older = DcpCheckpoint(tmp_path, tag="step-9")
+    older = DcpCheckpoint(root, tag="step-9")
     assert torch.equal(older.read("w"), torch.full((3,), 9.0))
     with pytest.raises(CheckpointNotFoundError, match=r"no complete torchtitan step '11'.* 9, 10"):
-        DcpCheckpoint(tmp_path, tag="11")
+        DcpCheckpoint(root, tag="11")
+    assert detect(dump) == "torchtitan checkpoint folder checkpoint/: 2 step(s) (9, 10), newest step-10"
+    assert torch.equal(DcpCheckpoint(dump, tag="9").read("w"), torch.full((3,), 9.0))
 
 
 class LoaderState:

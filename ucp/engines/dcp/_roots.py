@@ -5,7 +5,8 @@ frameworks put their DCP directories under a root of their own:
 
 * **torchtitan** (``CheckpointManager``): ``<folder>/step-<N>/``, one DCP directory per saved step
   (no zero padding). The newest step that has its ``.metadata`` (DCP writes it last) is taken,
-  unless a step is asked for.
+  unless a step is asked for. Its dump folder, with the default ``checkpoint/`` folder in it, is
+  taken too.
 * **accelerate** (``Accelerator.save_state`` under FSDP with sharded state dicts):
   ``pytorch_model_fsdp_0/`` (DCP of ``{"model": ...}``) and ``optimizer_0/`` (DCP of
   ``{"optimizer": ...}``) side by side, with ``scheduler.bin`` (a ``torch.save`` of the learning
@@ -35,6 +36,8 @@ _TITAN_STEP = re.compile(r"^step-(\d+)$")
 _ACCEL_MODEL = re.compile(r"^pytorch_model_fsdp_(\d+)$")
 _ACCEL_OPTIM = re.compile(r"^optimizer_(\d+)$")
 ACCEL_SCHEDULER = "scheduler.bin"
+#: torchtitan's default ``checkpoint.folder`` inside its ``job.dump_folder``.
+TITAN_FOLDER = "checkpoint"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +59,8 @@ class Root:
 
     def describe(self) -> str:
         if self.kind == "torchtitan":
-            return (f"torchtitan checkpoint folder: {len(self.steps)} step(s) "
+            inside = posixpath.dirname(self.parts[0])
+            return (f"torchtitan checkpoint folder{' ' + inside + '/' if inside else ''}: {len(self.steps)} step(s) "
                     f"({', '.join(map(str, self.steps))}), newest step-{self.steps[-1]}")
         if self.kind == "accelerate":
             return f"accelerate FSDP save_state: {' + '.join(p + '/' for p in self.parts)}"
@@ -92,6 +96,10 @@ def find_root(storage: Storage, *, tag: str | None = None) -> Root | None:
     models = sorted(n for n in names if _ACCEL_MODEL.match(n))
     if models:
         return _accelerate_root(storage, names, models)
+    if TITAN_FOLDER in names:  # torchtitan's dump folder, its checkpoint.folder below
+        inner = find_root(storage.child(TITAN_FOLDER), tag=tag)
+        if inner is not None and inner.kind == "torchtitan":
+            return dataclasses.replace(inner, parts=tuple(f"{TITAN_FOLDER}/{p}" for p in inner.parts))
     return None
 
 
