@@ -4,6 +4,7 @@ torchtitan's flat layout with a fused ``wqkv``, on small checkpoints saved in th
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +12,10 @@ import fsspec
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from click.testing import CliRunner
 
 from ucp.core._errors import CheckpointNotFoundError, ConvertError, CorruptCheckpointError
+from ucp.cli import main
 from ucp.engines.dcp._reader import DcpCheckpoint, detect
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -36,6 +39,10 @@ def test_torchtitan_folder_takes_the_newest_complete_step(tmp_path: Path) -> Non
     with pytest.raises(CheckpointNotFoundError, match=r"no complete torchtitan step '11'.* 9, 10"):
         DcpCheckpoint(root, tag="11")
     assert detect(dump) == "torchtitan checkpoint folder checkpoint/: 2 step(s) (9, 10), newest step-10"
+    doc = json.loads(CliRunner().invoke(main, ["inspect", str(dump), "--json"]).stdout)
+    step_10 = [f for f in (root / "step-10").iterdir()]
+    assert (doc["step"], doc["files"]) == (10, len(step_10))  # that step's files, not the others'
+    assert doc["size_on_disk"] == sum(f.stat().st_size for f in step_10)
     assert torch.equal(DcpCheckpoint(dump, tag="9").read("w"), torch.full((3,), 9.0))
 
 

@@ -381,7 +381,10 @@ def _stored(opened: Opened, storage_options: Mapping[str, Any] | None,
     if opened.format == "safetensors":
         return {"files": len(src.files), "size": sum(src.sizes.values())}
     if opened.format == "dcp":  # DCP writes .metadata last: its commit record
-        files, size = _du(src.storage, "")
+        # only the directories read (one step of a torchtitan folder, not its other steps)
+        counts = [_du(src.storage, part) for part in getattr(getattr(src, "root", None), "parts", ("",))]
+        files = None if any(f is None for f, _ in counts) else sum(f for f, _ in counts)
+        size = None if any(n is None for _, n in counts) else sum(n for _, n in counts)
         return {"commit": "committed", "world": getattr(src, "ranks", None), "files": files,
                 "size": size}
     if opened.format == "deepspeed" and hasattr(getattr(src, "ckpt", None), "tag_dir"):
