@@ -128,13 +128,19 @@ def _titan_like(path: Path) -> dict[str, torch.Tensor]:
     return moments
 
 
-def test_fused_wqkv_states_are_cut_onto_the_saved_parts(tmp_path: Path) -> None:
+def test_fused_wqkv_states_are_cut_onto_the_saved_parts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     moments = _titan_like(tmp_path)
     ckpt = DcpCheckpoint(tmp_path, head_dim=HEAD)
+    assembled: list[str] = []
+    real = DcpCheckpoint._assemble
+    monkeypatch.setattr(DcpCheckpoint, "_assemble", lambda self, e: assembled.append(e.key) or real(self, e))
     assert ckpt.names() == ["a.wq.weight", "a.wk.weight", "a.wv.weight", "norm.weight"]
-    for name, want in moments.items():
+    for name, want in moments.items():  # as a conversion reads them: one part after the other
         assert ckpt.info(name).states == ("param", "fp32", "exp_avg_sq")
         assert torch.equal(ckpt.read(name, "exp_avg_sq"), want)
+    # the fused state is read once for its three parts, and let go once all three were taken
+    assert assembled == ["optimizer.state.a.wqkv.weight.exp_avg_sq"] and not ckpt._fused._entries
+    for name, want in moments.items():
         assert torch.equal(ckpt.read(name, "exp_avg_sq", region=((1, 3), (0, 2))), want[1:3, :2])
     groups = ckpt.param_groups()
     assert [groups[ckpt.info(n).group]["lr"] for n in ckpt.names()] == [0.01, 0.01, 0.01, 0.02]
@@ -165,3 +171,16 @@ def test_roots_on_s3(tmp_path: Path, s3_url: tuple[str, dict[str, Any]]) -> None
                                                          optim_sd["state"]["0.weight"]["exp_avg"])
     titan = DcpCheckpoint(f"{url}/titan", storage_options=options, head_dim=HEAD)
     assert titan.root.step == 7 and torch.equal(titan.read("a.wv.weight", "exp_avg_sq"), moments["a.wv.weight"])
+
+
+def test_fused_cache_holds_at_most_its_capacity() -> None:
+    from ucp.engines.dcp._fused import FusedCache, FusedPart
+    from ucp.engines.dcp._meta import TensorEntry
+
+    parts = [FusedPart(TensorEntry(f"s{i}", (f"s{i}",), (6, 1), torch.float32, ()), 0, 2, 2) for i in range(3)]
+    cache, loads = FusedCache(capacity=2), []
+    for p in parts:
+        cache.take(p, lambda p=p: loads.append(p.source.key) or torch.zeros(6, 1))
+    assert list(cache._entries) == ["s1", "s2"]  # the oldest left
+    cache.take(parts[0], lambda: loads.append("again") or torch.zeros(6, 1))
+    assert loads == ["s0", "s1", "s2", "again"]

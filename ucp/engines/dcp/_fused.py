@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import threading
+from collections import OrderedDict
+from typing import Callable
 
 import torch
 
 from ucp.core._errors import ConvertError, CorruptCheckpointError
 from ._meta import TensorEntry
 
-__all__ = ["FusedPart", "fused_names", "unfuse", "split_part", "PARTS"]
+__all__ = ["FusedPart", "FusedCache", "fused_names", "unfuse", "split_part", "check_head_dim", "PARTS"]
 
 PARTS = ("wq", "wk", "wv")
 _WQ = re.compile(r"^(.*\.)?wq\.([^.]+)$")
@@ -108,7 +111,40 @@ def split_part(fused: torch.Tensor, part: FusedPart, head_dim: int) -> torch.Ten
     tail = tuple(fused.shape[1:])
     grouped = fused.reshape(kv_heads, q_per_kv + 2, head_dim, *tail)
     rows = grouped[:, :q_per_kv] if part.index == 0 else grouped[:, q_per_kv + part.index - 1]
-    return rows.reshape(-1, *tail).contiguous()
+    out = rows.reshape(-1, *tail)
+    # a view (one KV group) would keep the whole fused tensor alive and share its memory
+    return out.clone() if out.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr() else out
+
+
+class FusedCache:
+    """Fused tensors being cut, so that ``wq``, ``wk`` and ``wv`` read their fused state once.
+
+    An entry leaves once each of its three parts was taken, and at most ``capacity`` entries are
+    kept (the oldest leaves first): a converter reading one parameter's states after another holds
+    at most that many fused tensors. Thread-safe (a converter reads ahead in a thread).
+    """
+
+    def __init__(self, capacity: int = 2) -> None:
+        self.capacity = capacity
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[str, tuple[torch.Tensor, set[int]]] = OrderedDict()
+
+    def take(self, part: FusedPart, load: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The fused tensor of ``part`` (``load()`` reads it when it is not held)."""
+        key = part.source.key
+        with self._lock:
+            held = self._entries.get(key)
+        if held is None:
+            held = (load(), set(range(len(PARTS))))
+            with self._lock:
+                self._entries[key] = held
+                while len(self._entries) > self.capacity:
+                    self._entries.popitem(last=False)
+        with self._lock:
+            held[1].discard(part.index)
+            if not held[1]:
+                self._entries.pop(key, None)
+        return held[0]
 
 
 def check_head_dim(head_dim: int | None, part: FusedPart, where: str) -> None:

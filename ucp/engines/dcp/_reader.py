@@ -35,7 +35,7 @@ from ucp.core._errors import CheckpointNotFoundError, ConvertError, CorruptCheck
 from ucp.core._topology import Topology
 from .._base import ParamInfo, Region, cut
 from ._blobs import Blob, BlobReader
-from ._fused import FusedPart, check_head_dim, split_part
+from ._fused import FusedCache, FusedPart, check_head_dim, split_part
 from ._layout import Layout, plan_layout
 from ._meta import DcpMetadata, ObjectEntry, TensorEntry, merge_metadata, parse_metadata
 from ._roots import (ACCEL_SCHEDULER, METADATA as _METADATA, RANK_METADATA as _RANK_METADATA, Root,
@@ -131,6 +131,7 @@ class DcpCheckpoint:
                 raise
             raise ConvertError(f"{e}; {hint}") from e
         self.head_dim = head_dim  # checked when a fused state is read: inspect needs none
+        self._fused = FusedCache()
         self._groups, group_of = self._read_groups()
         self.step = self._read_step()
         if self.root.kind == "torchtitan":
@@ -175,7 +176,8 @@ class DcpCheckpoint:
         if isinstance(entry, FusedPart):
             check_head_dim(self.head_dim, entry, self.url)
             assert self.head_dim is not None
-            return cut(split_part(self._assemble(entry.source), entry, self.head_dim), region)
+            fused = self._fused.take(entry, lambda: self._assemble(entry.source))
+            return cut(split_part(fused, entry, self.head_dim), region)
         assert isinstance(entry, TensorEntry)
         return cut(self._assemble(entry), region)
 
