@@ -46,6 +46,16 @@ def test_torchtitan_folder_takes_the_newest_complete_step(tmp_path: Path) -> Non
     assert torch.equal(DcpCheckpoint(dump, tag="9").read("w"), torch.full((3,), 9.0))
 
 
+def test_unfinished_roots_are_named_by_auto_detection(tmp_path: Path) -> None:
+    dcp.save({"w": torch.ones(2)}, checkpoint_id=str(tmp_path / "titan" / "step-3"))
+    (tmp_path / "titan" / "step-3" / ".metadata").unlink()
+    dcp.save({"optimizer": {"x": torch.ones(2)}}, checkpoint_id=str(tmp_path / "accel" / "optimizer_0"))
+    for root, why in (("titan", "1 torchtitan step folder(s) (step-3) but none holds .metadata"),
+                      ("accel", "accelerate's optimizer_0/ but no pytorch_model_fsdp_<i>/ beside it")):
+        r = CliRunner().invoke(main, ["convert", str(tmp_path / root), str(tmp_path / "out")])
+        assert r.exit_code == 1 and f"closest: dcp: {why}" in r.output, r.output
+
+
 class LoaderState:
     """A data loader's state as a custom class: torch.load(weights_only=True) refuses it."""
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from ucp.storage import Storage
+
 from .._near import dcp_near_miss
 from ._reader import DcpCheckpoint, detect
+from ._roots import roots_near_miss
 
 __all__ = ["ENGINE", "DcpEngine"]
 
@@ -21,7 +24,8 @@ class DcpEngine:
         return detect(url, storage_options=storage_options)
 
     def near_miss(self, url: str, *, storage_options: Mapping[str, Any] | None = None) -> str | None:
-        return dcp_near_miss(url, storage_options=storage_options)
+        return (dcp_near_miss(url, storage_options=storage_options)
+                or roots_near_miss(Storage(url, storage_options=storage_options)))
 
     def open(self, url: str, *, spec: Any = None, storage_options: Mapping[str, Any] | None = None,
              tag: str | None = None) -> DcpCheckpoint:

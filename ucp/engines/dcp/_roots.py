@@ -28,7 +28,7 @@ from ucp.storage import Storage
 from ucp.core._errors import CheckpointNotFoundError, ConvertError, CorruptCheckpointError
 from ._meta import DcpMetadata
 
-__all__ = ["Root", "find_root", "is_dcp_dir", "merge_parts", "accelerate_part_hint"]
+__all__ = ["Root", "find_root", "is_dcp_dir", "merge_parts", "accelerate_part_hint", "roots_near_miss"]
 
 METADATA = ".metadata"
 RANK_METADATA = re.compile(r"^__(\d+)\.metadata$")
@@ -130,6 +130,21 @@ def _accelerate_root(storage: Storage, names: list[str], models: list[str]) -> R
                 ".metadata or no .distcp files); accelerate writes it with sharded state dicts "
                 "(fsdp_state_dict_type: SHARDED_STATE_DICT): is the save complete?")
     return Root("accelerate", tuple(parts))
+
+
+def roots_near_miss(storage: Storage) -> str | None:
+    """Why a folder that looks like a torchtitan or accelerate root is none (for auto-detection's
+    error), or None."""
+    names = storage.list("")
+    steps = sorted(n for n in names if _TITAN_STEP.match(n))
+    if steps:
+        return (f"{len(steps)} torchtitan step folder(s) ({', '.join(steps[:3])}{' ...' if len(steps) > 3 else ''}) "
+                "but none holds .metadata and .distcp files: no save finished (DCP writes .metadata last)")
+    optim = sorted(n for n in names if _ACCEL_OPTIM.match(n))
+    if optim:
+        return (f"accelerate's {optim[0]}/ but no pytorch_model_fsdp_<i>/ beside it: copy the model folder "
+                "too (save_state writes both)")
+    return None
 
 
 def accelerate_part_hint(url: str) -> str | None:
