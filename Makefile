@@ -21,7 +21,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q --ignore-requires-python megatron-core==0.19.2 triton einops $(TORCH_PIN)
+	$(BIN)/python -m pip install -q --ignore-requires-python megatron-core==0.19.2 triton==3.9.0 einops $(TORCH_PIN)
 	$(BIN)/python -m pip install -q $(TORCH_PIN)
 	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q -e '.[s3,test,deepspeed,demo,torchtitan]' $(TORCH_PIN)
 	$(BIN)/python -m pip install -q --no-deps torchtitan==0.3.0 $(TORCH_PIN)
