@@ -10,7 +10,8 @@ from click.testing import CliRunner
 
 import ucp
 from ucp.cli import main
-from ucp.resharder import _fingerprints, _targets
+from ucp.native import _target as _targets
+from ucp.resharder import _fingerprints
 
 QKV = "decoder.layers.1.self_attention.linear_qkv.weight"
 
