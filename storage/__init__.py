@@ -1,8 +1,9 @@
 """fsspec-backed checkpoint storage: atomic writes, checksums, retries, parallel I/O."""
 
+from ._flush import Flusher
 from ._retry import RetryPolicy, is_transient, retry_call
 from ._stats import ReadCounter, read_counter
 from ._store import PACKAGE_FOR_PROTOCOL, Storage, checksum, open_regular, verify
 
 __all__ = ["Storage", "RetryPolicy", "checksum", "verify", "is_transient", "retry_call",
-           "PACKAGE_FOR_PROTOCOL", "ReadCounter", "read_counter", "open_regular"]
+           "PACKAGE_FOR_PROTOCOL", "ReadCounter", "read_counter", "open_regular", "Flusher"]

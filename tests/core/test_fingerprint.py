@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ucp.core import _fingerprint as F
-from ucp.core._fingerprint import combine, fingerprint, fingerprint_box, fingerprint_flat, from_hex, to_hex
+from ucp.core._fingerprint import (combine, fingerprint, fingerprint_box, fingerprint_flat, fingerprint_tiles,
+                                   from_hex, to_hex)
 from ucp.resharder._zero import flat_boxes, group_partition, param_partition
 
 SETTINGS = settings(max_examples=60, deadline=None,
@@ -89,6 +90,37 @@ def test_boxes_of_a_grid_combine(shape, dtype, seed, data):
         box = t[tuple(slice(lo, hi) for lo, hi in region)]
         parts.append(fingerprint_box(box, [lo for lo, _ in region], shape))
     assert combine(parts) == fingerprint(t)
+
+
+@SETTINGS
+@given(shape=st.tuples(st.integers(1, 9), st.integers(1, 9), st.integers(1, 3)), tile=st.tuples(
+    st.integers(1, 9), st.integers(1, 9)), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31))
+def test_rows_of_tiles_combine_and_padding_is_left_out(shape, tile, dtype, seed):
+    """A universal shard's rows of inner chunks (tiles padded past the edges, here with garbage)
+    add up to the fingerprint; moving one tile changes it."""
+    t = random_tensor(shape, dtype, seed)
+    r, c = tile
+    n = -(-shape[1] // c)
+    parts, rows = [], []
+    for first in range(0, shape[0], r):
+        tiles = random_tensor((n, r, c, shape[2]), dtype, seed + 1)  # garbage where padding is
+        for j in range(n):
+            block = t[first:first + r, j * c:(j + 1) * c]
+            tiles[j, :block.shape[0], :block.shape[1]] = block
+        parts.append(fingerprint_tiles(tiles, first, shape))
+        rows.append(tiles)
+    assert combine(parts) == fingerprint(t)
+    unpadded = shape[0] >= r and shape[1] % c == 0  # row 0 holds no padding: every byte counts
+    if n > 1 and unpadded and not torch.equal(rows[0][0].view(torch.uint8), rows[0][1].view(torch.uint8)):
+        swapped = rows[0][[1, 0, *range(2, n)]]
+        assert fingerprint_tiles(swapped, 0, shape) != parts[0]
+
+
+def test_tiles_that_do_not_fit_are_refused():
+    with pytest.raises(ValueError, match="do not fit"):
+        fingerprint_tiles(torch.zeros(2, 4, 4, 1), 0, (8, 12, 1))  # 12 columns are 3 tiles of 4
+    with pytest.raises(ValueError, match="do not fit"):
+        fingerprint_tiles(torch.zeros(3, 4, 4, 1), 8, (8, 12, 1))  # past the last row
 
 
 @SETTINGS

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 __all__ = ["ALGORITHM", "bit_view", "combine", "fingerprint", "fingerprint_box", "fingerprint_flat",
-           "from_hex", "to_hex"]
+           "fingerprint_tiles", "from_hex", "to_hex"]
 
 #: Name recorded beside stored fingerprints; a new formula gets a new name.
 ALGORITHM = "ucp-fp1"
@@ -167,6 +167,38 @@ def fingerprint_box(values: torch.Tensor, start: Sequence[int], shape: Sequence[
         rows = (rows[:, None] * _powers(pow(R, strides[d], MOD), values.shape[d])[None, :]).reshape(-1)
     rows = rows.mul(_signed(pow(R, base, MOD)))
     return _weighted(values.reshape(-1, values.shape[-1]), rows, R)
+
+
+def fingerprint_tiles(tiles: torch.Tensor, first_row: int, shape: Sequence[int]) -> int:
+    """The partial fingerprint of one row of tiles of a tensor seen as 3-D ``shape`` =
+    ``(rows, cols, rest)``: ``tiles[J, i, j, t]`` (shape ``(n, r, c, rest)``, contiguous) holds
+    element ``(first_row + i, J * c + j, t)``; tiles reaching past the tensor's last row or
+    column are padding, left out whatever they hold. This is how a universal shard lays out a
+    row of inner chunks, so a whole row is summed in two vectorised passes (full tiles, then
+    the last, partial one) instead of one call per chunk.
+
+    Raises:
+        ValueError: the tiles do not fit ``shape``.
+    """
+    n, r, c, rest = tiles.shape
+    rows, cols, rest_ = (int(x) for x in shape)
+    if rest != rest_ or not 0 <= first_row < rows or n != -(-cols // c):
+        raise ValueError(f"tiles of shape {list(tiles.shape)} from row {first_row} do not fit a "
+                         f"tensor of shape {[rows, cols, rest_]}")
+    width = cols * rest  # elements per row of the tensor
+    valid = min(r, rows - first_row)
+    row_w = torch.zeros(r, dtype=torch.int64)  # rows past the tensor's end weigh nothing
+    row_w[:valid] = _powers(pow(R, width, MOD), valid).mul(_signed(pow(R, first_row * width, MOD)))
+    full, last = divmod(cols, c)
+    total = 0
+    if full:  # row (J, i) weighs r**((first_row + i) * width + J * c * rest)
+        tile_w = _powers(pow(R, c * rest, MOD), full)
+        weights = (tile_w[:, None] * row_w[None, :]).reshape(-1)
+        total += _weighted(tiles[:full].reshape(full * r, c * rest), weights, R)
+    if last:
+        weights = row_w.mul(_signed(pow(R, full * c * rest, MOD)))
+        total += _weighted(tiles[full, :, :last].reshape(r, last * rest), weights, R)
+    return total % MOD
 
 
 def fingerprint(t: torch.Tensor) -> int:

@@ -114,6 +114,8 @@ def _build(source: SourceCheckpoint, names: list[str], build: str, *, coord: Any
     job = dict(engine=source.engine, src=src, spec=spec, tag=tag, storage_options=storage_options,
                dst=build, dst_storage_options=dst_storage_options, verify=verify)
     entries = _convert_params(job, source, share, workers=workers, progress=progress)
+    if coord.rank != 0:  # on another machine: its arrays durable before rank 0 commits
+        writer.finish()
     gathered = coord.all_gather_json(entries, what="gathering converted parameters")
     if coord.rank != 0:
         return

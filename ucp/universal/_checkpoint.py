@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from crc32c import crc32c
 
-from ucp.storage import Storage, checksum
+from ucp.storage import Flusher, Storage, checksum
 from ucp.universal._zarr import zarr_store
 
 from ucp.core._errors import (ChecksumError, CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError,
@@ -43,6 +43,7 @@ from ucp.core._sealed import MAX_JSON_BYTES, load_sealed, seal
 from ucp.universal._shard import ChunkReader, Layout, ShardParts, layout_of, shard_shape, sharded_meta
 from ucp.core._stfile import dtype_from_name, dtype_name
 from ucp.core._topology import Topology
+from ucp.universal._tiles import RowBuffer, TiledShard, tiles_fit
 from ucp.engines._base import ParamInfo
 
 __all__ = ["UniversalCheckpoint", "UniversalWriter", "OpenedArray", "escape_name", "chunk_shape", "open_universal"]
@@ -129,6 +130,8 @@ class UniversalWriter:
         self.storage = Storage(url, storage_options=storage_options)
         self.url = url
         self._groups: set[str] = set()
+        self._rows = RowBuffer()
+        self._flusher = Flusher(self.storage)
 
     def check_destination(self, *, overwrite: bool) -> None:
         """Refuses to replace a complete universal checkpoint unless ``overwrite``, and any
@@ -177,19 +180,10 @@ class UniversalWriter:
                 "fill_value": False if data.dtype == np.bool_ else 0,
                 "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
                 "attributes": {"ucp_dtype": dtype_name(tensor.dtype)}, "storage_transformers": []}
-        prints: dict[tuple[int, ...], int] | None = {} if fingerprint and sharded else None
+        prints: dict[Any, int] | None = {} if fingerprint and sharded else None
         if sharded:
             meta.update(sharded_meta(chunks, shard))
-            grid = [range(-(-s // c)) for s, c in zip(data.shape, shard)]
-            cells = list(itertools.product(*grid))
-            write = lambda idx: self.storage.write(  # noqa: E731
-                f"{path}/c/{'/'.join(map(str, idx))}", ShardParts(data, chunks, shard, idx, prints), fsync=False,
-                atomic=False, crc=False)  # every inner chunk and the index carry their own CRC32C
-            if self.storage.is_local or len(cells) == 1:  # the page cache absorbs writes best from one thread
-                for idx in cells:
-                    write(idx)
-            else:  # object stores: latency-bound, so several requests in flight
-                self.storage.map(write, cells)
+            self._write_shards(path, data, chunks, shard, prints)
         elif data.ndim == 0:  # a 0-d array: one plain chunk
             raw = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
             self.storage.write(f"{path}/c", [raw, struct.pack("<I", crc32c(raw))], fsync=False, atomic=False)
@@ -199,10 +193,35 @@ class UniversalWriter:
         entry = {"shape": list(tensor.shape), "dtype": dtype_name(tensor.dtype), "nbytes": int(data.nbytes),
                  "meta_crc32c": crc32c(encoded)}
         if fingerprint:  # of the chunks as encoded (bits of bf16 and friends), summed
-            whole = prints is None or len(prints) != math.prod(-(-n // c) for n, c in zip(data.shape, chunks))
+            whole = prints is None or len(prints) != (-(-data.shape[0] // chunks[0]) if tiles_fit(
+                data.shape, chunks) else math.prod(-(-n // c) for n, c in zip(data.shape, chunks)))
             entry["fingerprint"] = to_hex(fingerprint_of(torch.from_numpy(data)) if whole
                                           else combine(prints.values()))
         return entry
+
+    def _write_shards(self, path: str, data: np.ndarray, chunks: tuple[int, ...], shard: tuple[int, ...],
+                      prints: dict[Any, int] | None) -> None:
+        """Writes the shard files of a non-empty array; with ``prints``, the partial fingerprint
+        of each row of inner chunks (or, for other chunkings, each chunk) goes into it."""
+        cells = list(itertools.product(*(range(-(-s // c)) for s, c in zip(data.shape, shard))))
+        local = self.storage.is_local or len(cells) == 1  # the page cache absorbs writes best from one thread
+
+        def parts(idx: tuple[int, ...]) -> Any:
+            if tiles_fit(data.shape, chunks):  # rows of tiles in a reused buffer (one at a time: local only)
+                return TiledShard(data, chunks, shard, idx, rows=self._rows if local else RowBuffer(),
+                                  prints=prints)
+            return ShardParts(data, chunks, shard, idx, prints)
+
+        def write(idx: tuple[int, ...]) -> None:
+            key = f"{path}/c/{'/'.join(map(str, idx))}"
+            self.storage.write(key, parts(idx), fsync=False, atomic=False,
+                               crc=False)  # every inner chunk and the index carry their own CRC32C
+            self._flusher.add(key)  # its write-back starts now, while the next array is encoded
+        if local:
+            for idx in cells:
+                write(idx)
+        else:  # object stores: latency-bound, so several requests in flight
+            self.storage.map(write, cells)
 
     def _write_parents(self, path: str) -> None:
         """Explicit group nodes for ``params/`` and ``params/<name>/`` (zarr v3 has no implicit groups)."""
@@ -213,11 +232,20 @@ class UniversalWriter:
                 self._groups.add(group)
                 self.storage.write(f"{group}/zarr.json", _GROUP_NODE, fsync=False)
 
+    def finish(self) -> None:
+        """Makes every array written so far durable (local disk: their write-back started as
+        each was written; one ``syncfs`` now, which also covers other processes' arrays on
+        this filesystem). Called by each process that wrote arrays, before the commit.
+
+        Raises:
+            StorageError: the data could not be written to disk.
+        """
+        self._flusher.finish()
+
     def commit(self, table: Mapping[str, Any]) -> None:
-        """Writes the final group metadata (the commit); must come after every array."""
-        # Chunks are not fsynced one by one (that would cost more than the conversion): a crash
-        # right after the commit can lose some of them, which every read detects (missing
-        # chunk file or CRC32C mismatch); the source is still there to convert again.
+        """Writes the final group metadata (the commit), once every array is written and
+        durable (:meth:`finish`, which this calls for the arrays on this machine)."""
+        self.finish()
         _write_attrs(self.storage, {**table, "format_version": FORMAT_VERSION, "kind": KIND,
                                     "complete": True})
 
