@@ -52,7 +52,7 @@ def test_shard_shape_cuts_dim0_in_whole_chunks():
 def test_round_trip_through_ucp_and_zarr(tmp_path, small_shards):
     state = _state()
     ckpt = _convert(tmp_path, state)
-    files = {p.parent.parent.name: len(list((p.parent / "c").rglob("*")))
+    files = {p.parent.parent.name: len(list(p.parent.glob("c.*")))
              for p in (tmp_path / "u" / "params").glob("*/*/zarr.json")}
     assert files["w"] >= 700 * 333 * 4 // 200_000 and files["b"] == 1  # several shards; one for a small array
     for name, t in state.items():
@@ -80,13 +80,13 @@ def test_layout_of_reads_what_the_writer_writes(tmp_path, small_shards):
     layout = layout_of(meta)
     assert layout is not None and layout.shape == (700, 333) and layout.shard is not None
     assert layout.chunks == chunk_shape((700, 333), 4)
-    assert layout.locate((0, 0)) == ("c/0/0", 0)
+    assert layout.locate((0, 0)) == ("c.0.0", 0) and layout.locate((3, 0))[0] == f"c.{3 * layout.chunks[0] // layout.shard[0]}.0"
     meta["codecs"][0]["configuration"]["index_location"] = "start"
     assert layout_of(meta) is None  # not ucp's layout: read through zarr
 
 
 def _shard_file(tmp_path, name="w", state="fp32", which=-1):
-    return sorted(p for p in (tmp_path / "u" / "params" / name / state / "c").rglob("*") if p.is_file())[which]
+    return sorted((tmp_path / "u" / "params" / name / state).glob("c.*"))[which]
 
 
 @pytest.mark.parametrize("where", ["index", "chunk", "truncate", "index-entry"])
@@ -186,3 +186,60 @@ def test_tiled_shards_encode_the_same_bytes_and_fingerprints(shape, limit, dtype
         assert b"".join(bytes(b) for b in tiled) == b"".join(bytes(b) for b in plain), idx
         assert tiled.total() == plain.total()
     assert combine(prints.values()) == combine(reference.values()) == fingerprint(torch.from_numpy(a))
+
+
+def _as_format_1(root):
+    """Rewrites a universal checkpoint as format 1 wrote it: shards keyed ``c/i/j`` (a directory
+    per dim), ``separator: "/"``, ``format_version: 1``, the table's CRC32Cs and seal to match."""
+    from crc32c import crc32c
+
+    from ucp.core._sealed import seal
+
+    doc = json.loads((root / "zarr.json").read_text())
+    table = doc["attributes"]["ucp"]
+    arrays = [(e, s) for e in table["params"].values() for s in e["states"]]
+    for entry, state in [*arrays, *((e, None) for e in table["buffers"].values())]:
+        path = root / entry["path"] / (state or "")
+        meta = json.loads((path / "zarr.json").read_text())
+        meta["chunk_key_encoding"]["configuration"]["separator"] = "/"
+        (path / "zarr.json").write_text(json.dumps(meta))
+        for f in path.glob("c.*"):
+            dst = path.joinpath("c", *f.name.split(".")[1:])
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            f.rename(dst)
+        crc = crc32c((path / "zarr.json").read_bytes())
+        entry["meta_crc32c"] = crc if state is None else {**entry["meta_crc32c"], state: crc}
+    table["format_version"] = 1
+    doc["attributes"]["ucp"] = seal({k: v for k, v in table.items() if k != "checksum"})
+    (root / "zarr.json").write_text(json.dumps(doc))
+
+
+def test_format_2_has_no_directory_per_dim_and_format_1_still_reads(tmp_path, small_shards):
+    """Format 2 keeps an array's shards beside its zarr.json (one directory per array); a
+    format-1 checkpoint (``c/i/j``) reads bit for bit through ucp's readers, verify --deep and zarr."""
+    from ucp.ops._verify import verify_checkpoint
+
+    state = _state()
+    _convert(tmp_path, state)
+    root = tmp_path / "u"
+    assert json.loads((root / "zarr.json").read_text())["attributes"]["ucp"]["format_version"] == 2
+    arrays = [p.parent for p in root.glob("params/*/*/zarr.json")]
+    assert {d.relative_to(root).as_posix() for d in root.rglob("*") if d.is_dir()} == \
+        {"params", *(f"params/{n}" for n in state), *(a.relative_to(root).as_posix() for a in arrays)}
+    _as_format_1(root)
+    assert not list(root.rglob("c.*")) and list(root.rglob("c/*/*"))
+    ckpt = ucp.open(str(root))
+    for name, t in state.items():
+        assert torch.equal(_bits(ckpt.read(name, "param")), _bits(t)), name
+        if t.ndim == 2 and t.numel():
+            region = (slice(3, 41), slice(5, 91))
+            assert torch.equal(_bits(ckpt.read(name, "param", region)), _bits(t[region])), name
+            want = t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+            state_dir = "fp32" if t.dtype == torch.float32 else "param"
+            got = zarr.open_array(str(root / "params" / name / state_dir), mode="r")[...]
+            assert np.array_equal(got.view(want.dtype), want), name
+    got = load_rank_state(str(root), "dp=3,zero=3", 2)["model"]["w"]
+    part = -(-state["w"].numel() // 3)
+    assert torch.equal(got, state["w"].reshape(-1)[2 * part:])
+    report = verify_checkpoint(str(root), deep=True, progress=False)
+    assert report.ok and report.checked["chunks"] > 0, report.problems

@@ -6,7 +6,8 @@
     DST/params/<escaped name>/<state>   one array per state: param, fp32, exp_avg, exp_avg_sq, ...
     DST/buffers/<escaped name>          one array per buffer
 
-Arrays are zarr v3 sharded arrays (see :mod:`ucp.universal._shard`): small inner chunks, the unit a reader
+Arrays are zarr v3 sharded arrays (see :mod:`ucp.universal._shard`; format 2 keys the shards ``c.i.j``
+beside the array's ``zarr.json``, format 1 ``c/i/j``, both read): small inner chunks, the unit a reader
 reads, stored together in one shard file per array (per GiB); every inner chunk and every shard
 index carries a CRC32C (zarr's ``crc32c`` codec), verified on read, and the table records the
 CRC32C of every array's ``zarr.json``. bf16/fp16/fp8 are
@@ -51,8 +52,10 @@ __all__ = ["UniversalCheckpoint", "UniversalWriter", "OpenedArray", "escape_name
 GROUP_META = "zarr.json"
 _GROUP_NODE = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}).encode()
 KIND = "ucp-universal"
-#: Version of the universal group metadata this ucp writes (and reads).
-FORMAT_VERSION = 1
+#: Version of the universal layout this ucp writes: 2 keys shards ``c.i.j`` beside the array's
+#: ``zarr.json`` (no directory per dim); 1 keyed them ``c/i/j``. Both are read.
+FORMAT_VERSION = 2
+READS = (1, 2)
 #: Target bytes per chunk: small enough that a rank reads little it does not need, large enough
 #: that per-chunk overhead stays negligible.
 CHUNK_BYTES = 4 * 2**20
@@ -176,7 +179,7 @@ class UniversalWriter:
         meta = {"zarr_format": 3, "node_type": "array", "shape": list(data.shape),
                 "data_type": data.dtype.name if data.dtype != np.bool_ else "bool",
                 "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}},
-                "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+                "chunk_key_encoding": {"name": "default", "configuration": {"separator": "."}},
                 "fill_value": False if data.dtype == np.bool_ else 0,
                 "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
                 "attributes": {"ucp_dtype": dtype_name(tensor.dtype)}, "storage_transformers": []}
@@ -213,7 +216,7 @@ class UniversalWriter:
             return ShardParts(data, chunks, shard, idx, prints)
 
         def write(idx: tuple[int, ...]) -> None:
-            key = f"{path}/c/{'/'.join(map(str, idx))}"
+            key = f"{path}/{'.'.join(('c', *map(str, idx)))}"  # no directory per dim
             self.storage.write(key, parts(idx), fsync=False, atomic=False,
                                crc=False)  # every inner chunk and the index carry their own CRC32C
             self._flusher.add(key)  # its write-back starts now, while the next array is encoded
@@ -268,7 +271,7 @@ def _read_attrs(storage: Storage) -> dict[str, Any]:
         assert isinstance(attrs, dict)
     except (ValueError, KeyError, TypeError, AssertionError) as e:
         raise CorruptCheckpointError(f"{where}: not a ucp universal checkpoint's group metadata") from e
-    return load_sealed(json.dumps(attrs).encode(), what=where, versions=(FORMAT_VERSION,))
+    return load_sealed(json.dumps(attrs).encode(), what=where, versions=READS)
 
 
 @dataclasses.dataclass

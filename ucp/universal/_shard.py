@@ -1,8 +1,9 @@
 """ucp's on-disk chunk layout for universal arrays: zarr v3 ``sharding_indexed``.
 
 An array is cut into *inner chunks* (the unit a reader reads: small enough that a target rank
-reads little it does not need) that are stored together in *shard* files (``<array>/c/i/j``: few
-files, so writing costs what the bytes cost). In a shard, each inner chunk that overlaps the
+reads little it does not need) that are stored together in *shard* files (``<array>/c.i.j``,
+beside the array's ``zarr.json``; ``<array>/c/i/j`` in format 1, a directory per dim: few files and
+directories, so writing costs what the bytes cost). In a shard, each inner chunk that overlaps the
 array is its raw little-endian bytes (edge chunks padded with zeros) followed by their CRC32C;
 the shard ends with its index, ``(offset, nbytes)`` as little-endian uint64 per inner chunk in C
 order (``2**64 - 1`` twice for a chunk wholly outside the array), followed by the index's CRC32C.
@@ -133,6 +134,7 @@ class Layout:
     dtype: np.dtype  # type: ignore[type-arg]
     chunks: tuple[int, ...]  # the unit of reading: inner chunks (sharded) or chunks (plain)
     shard: tuple[int, ...] | None  # None: one file per chunk
+    separator: str = "/"  # of the chunk keys: "c/i/j" (format 1), "c.i.j" (format 2: no directories)
 
     @property
     def per_shard(self) -> tuple[int, ...]:
@@ -142,11 +144,11 @@ class Layout:
     def locate(self, idx: Sequence[int]) -> tuple[str, int]:
         """The file key (``c/...``) holding inner chunk ``idx`` and its position in the index."""
         if self.shard is None:
-            return "/".join(("c", *map(str, idx))), 0
+            return self.separator.join(("c", *map(str, idx))), 0
         per = self.per_shard
         sidx = [i // p for i, p in zip(idx, per)]
         pos = int(np.ravel_multi_index([i % p for i, p in zip(idx, per)], per)) if per else 0
-        return "/".join(("c", *map(str, sidx))), pos
+        return self.separator.join(("c", *map(str, sidx))), pos
 
     def shards_of(self, first: Sequence[int], counts: Sequence[int]) -> list[tuple[int, ...]]:
         """The shard indices that hold the inner chunks ``first .. first + counts``."""
@@ -163,14 +165,15 @@ class Layout:
 
 def layout_of(meta: Mapping[str, Any]) -> Layout | None:
     """The layout of an array whose ``zarr.json`` describes what ucp writes (regular grid,
-    default ``c/i/j`` keys, raw little-endian bytes + CRC32C, fill value 0; sharded as above or
+    default ``c.i.j`` or ``c/i/j`` keys, raw little-endian bytes + CRC32C, fill value 0; sharded as above or
     not); None for anything else (read through zarr)."""
     try:
         grid, keys = meta.get("chunk_grid") or {}, meta.get("chunk_key_encoding") or {}
+        sep = (keys.get("configuration") or {}).get("separator", "/")
         if not (meta.get("zarr_format") == 3 and meta.get("node_type") == "array"
                 and meta.get("data_type") in _PLAIN_TYPES and grid.get("name") == "regular"
                 and keys.get("name") == "default"
-                and (keys.get("configuration") or {}).get("separator", "/") == "/"
+                and sep in ("/", ".")
                 and not meta.get("storage_transformers") and meta.get("fill_value") in (0, 0.0, False)):
             return None
         shape, outer = tuple(meta["shape"]), tuple(grid["configuration"]["chunk_shape"])
@@ -190,7 +193,7 @@ def layout_of(meta: Mapping[str, Any]) -> Layout | None:
         if len(shape) != len(outer) or not all(type(n) is int and n >= 0 for n in shape) \
                 or not all(type(c) is int and c >= 1 for c in outer):
             return None
-        return Layout(shape, np.dtype(meta["data_type"]), inner, shard)
+        return Layout(shape, np.dtype(meta["data_type"]), inner, shard, sep)
     except (AttributeError, KeyError, TypeError, ValueError):
         return None
 
