@@ -168,13 +168,12 @@ class Storage:
     def _write_local(self, target: str, chunks: Sequence[Buffer], *, fsync: bool, atomic: bool,
                      crc: bool = True, exclusive: bool = False) -> FileRecord:
         directory = os.path.dirname(target)
-        os.makedirs(directory, exist_ok=True)
         tmp = f"{target}{_PARTIAL}{uuid.uuid4().hex[:12]}" if atomic else target
         if not atomic:  # a new inode: never rewrite the bytes a hard link elsewhere shares
             _remove_quietly(target)
         value, size = 0, 0
         try:
-            with open(tmp, "xb", buffering=0) as f:
+            with _create(tmp, directory) as f:
                 for chunk in chunks:
                     view = memoryview(chunk).cast("B")
                     if crc:
@@ -442,6 +441,16 @@ def _link_exclusive(tmp: str, target: str) -> None:
             dst.flush()
             os.fsync(dst.fileno())
     _remove_quietly(tmp)
+
+
+def _create(path: str, directory: str) -> BinaryIO:
+    """A new file opened for writing (unbuffered); ``directory`` is made only when missing, so
+    writing many files into one directory costs no ``mkdir`` and ``stat`` per file."""
+    try:
+        return open(path, "xb", buffering=0)
+    except FileNotFoundError:
+        os.makedirs(directory, exist_ok=True)
+        return open(path, "xb", buffering=0)
 
 
 def _remove_quietly(path: str) -> None:

@@ -243,3 +243,30 @@ def test_format_2_has_no_directory_per_dim_and_format_1_still_reads(tmp_path, sm
     assert torch.equal(got, state["w"].reshape(-1)[2 * part:])
     report = verify_checkpoint(str(root), deep=True, progress=False)
     assert report.ok and report.checked["chunks"] > 0, report.problems
+
+
+def test_filesystem_work_per_array_is_one_directory_and_two_files(tmp_path, monkeypatch):
+    """Each directory is made once (no mkdir, stat or rename per file) and an array is one
+    directory holding its zarr.json and one shard: the per-array cost of a conversion."""
+    import os
+
+    state = {f"p{i}": torch.randn(300, 40) for i in range(3)}
+    ucp.save({"model": state}, str(tmp_path / "n"), step=1).wait()
+    calls = {"mkdir": 0, "rename": 0}
+    mkdir, replace = os.mkdir, os.replace
+
+    def counted(name, fn):
+        def call(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+        return call
+    monkeypatch.setattr(os, "mkdir", counted("mkdir", mkdir))
+    monkeypatch.setattr(os, "replace", counted("rename", replace))
+    ucp.convert(str(tmp_path / "n"), str(tmp_path / "u"), progress=False)
+    root = tmp_path / "u"
+    dirs = [p for p in root.rglob("*") if p.is_dir()]
+    assert len(dirs) == 1 + 3 + 3  # params/, one per parameter, one per array (fp32 only)
+    assert calls["mkdir"] == len(dirs) + 1  # and the build directory beside DST
+    assert calls["rename"] <= 2  # the group metadata's atomic writes (begin, commit)
+    for array in root.glob("params/*/fp32"):
+        assert sorted(p.name for p in array.iterdir()) == ["c.0.0", "zarr.json"]

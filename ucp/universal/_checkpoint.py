@@ -191,7 +191,8 @@ class UniversalWriter:
             raw = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
             self.storage.write(f"{path}/c", [raw, struct.pack("<I", crc32c(raw))], fsync=False, atomic=False)
         encoded = json.dumps(meta).encode()
-        self.storage.write(f"{path}/zarr.json", encoded, fsync=False)
+        # not atomic (no temporary and rename): nothing reads an array before the commit
+        self.storage.write(f"{path}/zarr.json", encoded, fsync=False, atomic=False)
         self._write_parents(path)
         entry = {"shape": list(tensor.shape), "dtype": dtype_name(tensor.dtype), "nbytes": int(data.nbytes),
                  "meta_crc32c": crc32c(encoded)}
@@ -233,7 +234,7 @@ class UniversalWriter:
             group = "/".join(parts[:i])
             if group not in self._groups:
                 self._groups.add(group)
-                self.storage.write(f"{group}/zarr.json", _GROUP_NODE, fsync=False)
+                self.storage.write(f"{group}/zarr.json", _GROUP_NODE, fsync=False, atomic=False)
 
     def finish(self) -> None:
         """Makes every array written so far durable (local disk: their write-back started as
