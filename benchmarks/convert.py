@@ -44,12 +44,14 @@ import psutil
 HERE = Path(__file__).resolve().parent
 
 #: The floor as a process of its own (interpreter start included, like the others): read every
-#: input file, write ``out_bytes`` to one new file in 16 MiB blocks, fsync it.
+#: input file (below a directory, matching a pattern), write ``out_bytes`` to one new file in
+#: 16 MiB blocks, fsync it.
 FLOOR = """
 import os, sys
 from pathlib import Path
 src, out, left = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-for f in sorted(p for p in src.rglob("*") if p.is_file()):
+pattern = sys.argv[4] if len(sys.argv) > 4 else "*"
+for f in sorted(p for p in src.rglob(pattern) if p.is_file()):
     with open(f, "rb", buffering=0) as fh:
         while fh.read(16 << 20):
             pass
@@ -117,10 +119,11 @@ def tree_counts(path: Path) -> tuple[int, int, int]:
     return nbytes, files, dirs
 
 
-def io_floor(src: Path, out_bytes: int, scratch: Path) -> Run:
-    """The durable I/O floor (see :data:`FLOOR`), measured like the commands."""
+def io_floor(src: Path, out_bytes: int, scratch: Path, pattern: str = "*") -> Run:
+    """The durable I/O floor (see :data:`FLOOR`: the files below ``src`` matching ``pattern``
+    read, ``out_bytes`` written), measured like the commands."""
     scratch.mkdir(parents=True, exist_ok=True)
-    run = run_measured([sys.executable, "-c", FLOOR, str(src), str(scratch / "floor.bin"), str(out_bytes)])
+    run = run_measured([sys.executable, "-c", FLOOR, str(src), str(scratch / "floor.bin"), str(out_bytes), pattern])
     shutil.rmtree(scratch)
     return run
 
