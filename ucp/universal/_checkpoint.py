@@ -170,7 +170,8 @@ class UniversalWriter:
         Shards are encoded here, as zarr v3's sharding codec specifies them (inner chunks of
         little-endian bytes, each followed by its CRC32C, edge chunks padded with the fill value;
         the index last), without zarr's per-chunk machinery, which costs several times the I/O
-        itself; a local shard streams to its file one inner chunk at a time.
+        itself; a local shard streams to its file one row of inner chunks at a time
+        (:mod:`ucp.universal._tiles`).
         """
         data = to_numpy(tensor)
         chunks = chunk_shape(data.shape, data.dtype.itemsize)
@@ -197,8 +198,9 @@ class UniversalWriter:
         entry = {"shape": list(tensor.shape), "dtype": dtype_name(tensor.dtype), "nbytes": int(data.nbytes),
                  "meta_crc32c": crc32c(encoded)}
         if fingerprint:  # of the chunks as encoded (bits of bf16 and friends), summed
-            whole = prints is None or len(prints) != (-(-data.shape[0] // chunks[0]) if tiles_fit(
-                data.shape, chunks) else math.prod(-(-n // c) for n, c in zip(data.shape, chunks)))
+            pieces = -(-data.shape[0] // chunks[0]) if tiles_fit(data.shape, chunks) \
+                else math.prod(-(-n // c) for n, c in zip(data.shape, chunks))  # rows of chunks, or chunks
+            whole = prints is None or len(prints) != pieces
             entry["fingerprint"] = to_hex(fingerprint_of(torch.from_numpy(data)) if whole
                                           else combine(prints.values()))
         return entry
