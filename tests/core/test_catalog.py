@@ -215,3 +215,22 @@ def test_version_1_rank_index_with_256_kib_blocks_is_read(tmp_path):
     part = source.read("w", "param", ((512, 520), (0, 1024)))
     assert torch.equal(part, w[512:520])
     assert (read_counter() - before).bytes < 2 * (256 << 10)  # one 256 KiB block (+ the header)
+
+
+def test_chain_of_member_indexes_is_refused(dtensor_ckpt, tmp_path):
+    """A representative's index must be whole: a hostile chain is refused, not followed."""
+    import shutil
+
+    root = tmp_path / "chain"
+    shutil.copytree(dtensor_ckpt, root)
+    doc = json.loads((root / "step-00000001" / "rank-00003.json").read_text())
+    doc.pop("checksum")
+    doc["like"] = 1  # rank 1's index is itself a member's
+    _rewrite_index(root, 3, doc)
+    storage = Storage(str(root))
+    from ucp.native._load import read_rank_index
+
+    with pytest.raises(CorruptCheckpointError, match="rank-00001.json: the index of a representative"):
+        read_rank_index(storage, read_manifest(storage, 1), 3)
+    with pytest.raises(CorruptCheckpointError, match=r"rank-00001\.json|of rank 1\b"):
+        NativeCheckpoint(storage, read_manifest(storage, 1))  # refused, whichever index is read first

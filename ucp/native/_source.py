@@ -19,7 +19,7 @@ import dataclasses
 import functools
 import math
 import threading
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -167,10 +167,19 @@ class NativeCheckpoint:
 
     def _index(self, rank: int) -> RankIndex:
         """The rank index of ``rank`` (read on first use)."""
+        return self._cached(rank, lambda: read_rank_index(self.storage, self.manifest, rank,
+                                                          rep=self._representative))
+
+    def _representative(self, rank: int) -> RankIndex:
+        """The index of a rank another rank's index names as its representative: whole, read
+        once (a member of a member is refused, not followed)."""
+        return self._cached(rank, lambda: read_rank_index(self.storage, self.manifest, rank, whole=True))
+
+    def _cached(self, rank: int, read: Callable[[], RankIndex]) -> RankIndex:
         with self._index_lock:
             index = self._index_cache.get(rank)
         if index is None:
-            index = read_rank_index(self.storage, self.manifest, rank, rep=self._index)
+            index = read()
             with self._index_lock:
                 index = self._index_cache.setdefault(rank, index)
         return index
