@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import resource
@@ -152,9 +153,13 @@ def rank_params(model: dict[str, int], topo: Any, rank: int) -> list[Param]:
 
 def _mesh(topo: Any, rank: int) -> Any:
     """The (dp, ep, tp) mesh of the rank's stage, as ``ucp._dtensor.mesh_info`` records it."""
+    return _stage_mesh(topo, topo.coords(rank)["pp"])
+
+
+@functools.lru_cache(maxsize=None)
+def _stage_mesh(topo: Any, pp: int) -> Any:
     from ucp.native._meta import MeshInfo
 
-    pp = topo.coords(rank)["pp"]
     ranks = [topo.rank(pp=pp, dp=d, ep=e, tp=t) for d in range(topo.dp) for e in range(topo.ep)
              for t in range(topo.tp)]
     return MeshInfo(shape=(topo.dp, topo.ep, topo.tp), ranks=tuple(ranks), dim_names=("dp", "ep", "tp"))

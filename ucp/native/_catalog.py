@@ -2,11 +2,12 @@
 
 Thousands of ranks save the same structure: every rank of a pipeline stage holds the same
 parameters, as DTensors on the same mesh, cut the same way; only their regions (which follow from
-the placements and the rank's place in the mesh) and their checksums differ. Each rank sends the
-digest of its layout with its commit status; the coordinator groups ranks by digest and records
-the groups in the manifest. A reader then learns every rank's fragments from one rank index per
-group (the lowest rank of each, its *representative*) and reads another rank's index only when it
-reads that rank's bytes: no O(world) reads on a resuming rank.
+the placements and the rank's place in the mesh) and their checksums differ. The ranks exchange
+the digest of their layout when the step is claimed: the lowest rank of each layout, its
+*representative*, writes its whole index, every other rank only what differs (a member index);
+the coordinator records the groups in the manifest. A reader then learns every rank's fragments
+from one rank index per group and reads another rank's index only when it reads that rank's
+bytes: no O(world) reads on a resuming rank.
 
 Pure functions, no I/O.
 """
@@ -14,12 +15,11 @@ Pure functions, no I/O.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import json
 import math
 from typing import Any, Callable, Iterator, Mapping, Sequence
-
-import crc32c as _crc32c
 
 from ucp.core._errors import CorruptCheckpointError
 from ucp.core._records import FileRecord, field as _field
@@ -28,8 +28,8 @@ from ucp.native._meta import (BLOCK_BYTES, FORMAT_VERSION, MeshInfo, RankIndex, 
                               unpack_crcs)
 from ucp.resharder._read import runs
 
-__all__ = ["Representative", "representative", "layout_digest", "tree_digest", "group_ranks", "dtensor_region", "shard_owners", "member_doc",
-           "index_from_doc", "MAX_GROUPS"]
+__all__ = ["Representative", "representative", "layout_digest", "tree_digest", "group_ranks",
+           "dtensor_region", "shard_owners", "member_doc", "index_from_doc", "MAX_GROUPS"]
 
 #: More groups than this and the catalog would not save a reader much: none is written.
 MAX_GROUPS = 1024
@@ -54,10 +54,12 @@ def layout_digest(tree: Any, fragments: Sequence[TensorFragment], meshes: Sequen
 
     Called by every rank while saving; rank 0 groups the ranks by it (:func:`group_ranks`).
     """
-    tensors = [[f.key, f.dtype, list(f.global_shape), list(f.placements), meshes[f.mesh].to_dict()]
+    # a mesh by its index, the meshes once: a stage's mesh lists hundreds of ranks
+    tensors = [[f.key, f.dtype, list(f.global_shape), list(f.placements), f.mesh]
                if f.placements is not None else [f.key, f.dtype, list(f.shape)] for f in fragments]
-    raw = json.dumps({"tree": _skeleton(tree), "tensors": tensors}, separators=(",", ":")).encode()
-    return f"crc32c:{_crc32c.crc32c(raw):08x}:{len(raw)}"
+    doc = {"tree": _skeleton(tree), "tensors": tensors, "meshes": [m.to_dict() for m in meshes]}
+    raw = json.dumps(doc, separators=(",", ":")).encode()
+    return "sha256:" + hashlib.sha256(raw).hexdigest()[:32]  # members trust it: no CRC collisions
 
 
 def group_ranks(statuses: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]] | None:
@@ -94,7 +96,8 @@ def dtensor_region(global_shape: Sequence[int], placements: Sequence[str], mesh_
     return tuple(lo), tuple(size)
 
 
-def shard_owners(frag: TensorFragment, mesh: MeshInfo) -> Iterator[tuple[int, tuple[int, ...], tuple[int, ...]]]:
+def shard_owners(frag: TensorFragment,
+                 mesh: MeshInfo) -> Iterator[tuple[int, tuple[int, ...], tuple[int, ...]]]:
     """``(rank, offsets, shape)`` of one rank per distinct region of a DTensor saved on
     ``mesh`` (coordinate 0 on the dims it is replicated over)."""
     axes = [range(n) if p.startswith("S(") else range(1) for p, n in zip(frag.placements or (), mesh.shape)]
@@ -130,7 +133,7 @@ def tree_digest(tree: Any) -> str:
     """The digest of a saved tree, numbers included (a member whose tree is its
     representative's does not write it again)."""
     raw = json.dumps(tree, separators=(",", ":")).encode()
-    return f"crc32c:{_crc32c.crc32c(raw):08x}:{len(raw)}"
+    return "sha256:" + hashlib.sha256(raw).hexdigest()[:32]
 
 
 def member_doc(index: RankIndex, like: Representative) -> dict[str, Any]:
@@ -138,8 +141,9 @@ def member_doc(index: RankIndex, like: Representative) -> dict[str, Any]:
     group's representative): only what differs from it, its checksums, data record and (unless
     ``like.same_tree``) its tree. :func:`index_from_doc` rebuilds the whole index."""
     blocks = [c for f in index.fragments for c in f.block_crc32c or ()]
-    d: dict[str, Any] = {"format_version": FORMAT_VERSION, "kind": "ucp-rank-index", "rank": index.rank,
-                         "world_size": index.world_size, "step": index.step, "like": like.rank,
+    d: dict[str, Any] = {"format_version": FORMAT_VERSION, "kind": "ucp-rank-index",
+                         "rank": index.rank, "world_size": index.world_size, "step": index.step,
+                         "like": like.rank,
                          "layout": like.layout, "data": index.data.to_dict(),
                          "crc32c": pack_crcs([f.crc32c or 0 for f in index.fragments]),
                          "blocks": {"bytes": BLOCK_BYTES, "crc32c": pack_crcs(blocks)}}
@@ -165,7 +169,8 @@ def index_from_doc(doc: Mapping[str, Any], *, what: str, rep: Callable[[int], Ra
         raise CorruptCheckpointError(f"{what}: rank {rank} did not save the layout of rank {like}, "
                                      "which its index names; the step is inconsistent")
     crcs = unpack_crcs(doc.get("crc32c"), what)
-    size, blocks = _field(doc, "blocks", dict, what).get("bytes"), unpack_crcs(doc["blocks"].get("crc32c"), what)
+    size = _field(doc, "blocks", dict, what).get("bytes")
+    blocks = unpack_crcs(doc["blocks"].get("crc32c"), what)
     if len(crcs) != len(base.fragments) or type(size) is not int or size < 4096:
         raise CorruptCheckpointError(f"{what}: {len(crcs)} checksums for the {len(base.fragments)} "
                                      f"tensors of rank {like}, or a bad block size")
@@ -176,18 +181,20 @@ def index_from_doc(doc: Mapping[str, Any], *, what: str, rep: Callable[[int], Ra
             offsets, shape = _member_region(f, base.meshes[f.mesh], rank, what)
         n = -(-math.prod(shape) * dtype_from_name(f.dtype).itemsize // size)
         n = n if n > 1 else 0
-        frags.append(dataclasses.replace(f, offsets=offsets, shape=shape, crc32c=crc, block_bytes=size,
-                                         block_crc32c=blocks[used:used + n] if n else None))
+        frags.append(dataclasses.replace(f, offsets=offsets, shape=shape, crc32c=crc,
+                                         block_bytes=size, block_crc32c=blocks[used:used + n] if n else None))
         used += n
     if used != len(blocks):
         raise CorruptCheckpointError(f"{what}: {len(blocks)} block checksums, its tensors have {used}")
     tree = doc["tree"] if "tree" in doc else base.tree
-    return RankIndex(rank=rank, world_size=_field(doc, "world_size", int, what), step=_field(doc, "step", int, what),
-                     tree=tree, fragments=tuple(frags), data=FileRecord.from_dict(_field(doc, "data", dict, what), what),
-                     meshes=base.meshes, job=doc.get("job") if isinstance(doc.get("job"), str) else None)
+    return RankIndex(rank=rank, world_size=_field(doc, "world_size", int, what),
+                     step=_field(doc, "step", int, what), tree=tree, fragments=tuple(frags),
+                     data=FileRecord.from_dict(_field(doc, "data", dict, what), what), meshes=base.meshes,
+                     job=doc.get("job") if isinstance(doc.get("job"), str) else None)
 
 
-def _member_region(f: TensorFragment, mesh: MeshInfo, rank: int, what: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def _member_region(f: TensorFragment, mesh: MeshInfo, rank: int,
+                   what: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Where ``rank``'s piece of a DTensor its representative saved on ``mesh`` lies."""
     try:
         flat = mesh.ranks.index(rank)

@@ -23,7 +23,8 @@ from ucp.storage import Storage, checksum
 
 from ucp.resharder import _dtensor
 from ucp.core import _stfile
-from ucp.native._catalog import Representative, group_ranks, layout_digest, member_doc, representative, tree_digest
+from ucp.native._catalog import (Representative, group_ranks, layout_digest, member_doc, representative,
+                                 tree_digest)
 from ucp.native._claim import claim_step, holds_claim, job_id, lease, release_claim
 from ucp.core._coord import Coordinator, dist_rank_and_world, get_coordinator
 from ucp.core._errors import CheckpointExistsError, SaveError, StateError, UcpError

@@ -330,7 +330,8 @@ class NativeCheckpoint:
                            f"it has {sorted(states)}")
         return state, states[state]
 
-    def _owners(self, name: str, state: str, frags: list[_Frag], region: Region | None = None) -> list[_Frag]:
+    def _owners(self, name: str, state: str, frags: list[_Frag],
+                region: Region | None = None) -> list[_Frag]:
         """One fragment per distinct region (replicas are read once: the lowest rank's); lazily,
         only those that overlap ``region``."""
         first = frags[0].frag
@@ -349,7 +350,8 @@ class NativeCheckpoint:
             seen.setdefault((f.frag.offsets, f.frag.shape), f)
         return list(seen.values())
 
-    def _lazy_owners(self, name: str, state: str, reps: list[_Frag], region: Region | None) -> list[_Frag]:
+    def _lazy_owners(self, name: str, state: str, reps: list[_Frag],
+                     region: Region | None) -> list[_Frag]:
         """The fragments of a DTensor state that hold ``region`` (None: all), one per distinct
         region: where they are follows from the representatives' placements and meshes; only
         the ranks chosen have their index read, and each record must agree."""
@@ -357,7 +359,8 @@ class NativeCheckpoint:
         for rep in reps:
             mesh = self._index(rep.rank).meshes[rep.frag.mesh]
             for rank, offsets, shape in shard_owners(rep.frag, mesh):
-                if region is None or all(lo < o + n and o < hi for (lo, hi), o, n in zip(region, offsets, shape)):
+                if region is None or all(lo < o + n and o < hi
+                                         for (lo, hi), o, n in zip(region, offsets, shape)):
                     chosen.setdefault((offsets, shape), (rank, rep.frag.key))
         out = []
         for (offsets, shape), (rank, key) in chosen.items():
