@@ -196,7 +196,7 @@ def rank_fragments(model: dict[str, int], topo: Any, rank: int, rng: np.random.G
                    ) -> tuple[Any, list[Any], int]:
     """The saved tree, the fragment table as ``ucp.save`` records it (checksums made up: no
     bytes exist) and the size of the rank's data file."""
-    from ucp.native._meta import BLOCK_BYTES, TensorFragment
+    from ucp.native._meta import TensorFragment, block_size
     from ucp.core._stfile import dtype_name
     from ucp.core._tree import flatten
 
@@ -206,9 +206,9 @@ def rank_fragments(model: dict[str, int], topo: Any, rank: int, rng: np.random.G
     for key, (_path, t) in tensors.items():
         nbytes = t.numel() * t.element_size()
         data += nbytes
-        blocks = None
-        if nbytes > BLOCK_BYTES:
-            blocks = tuple(rng.integers(0, 2**32, -(-nbytes // BLOCK_BYTES), dtype=np.uint64).tolist())
+        blocks, size = None, block_size(nbytes)
+        if nbytes > size:
+            blocks = tuple(rng.integers(0, 2**32, -(-nbytes // size), dtype=np.uint64).tolist())
         crc = int(rng.integers(0, 2**32))
         if key not in where:  # the per-parameter step counter: a plain tensor on every rank
             frags.append(TensorFragment(key=key, dtype="float32", shape=(), global_shape=(),
@@ -218,7 +218,7 @@ def rank_fragments(model: dict[str, int], topo: Any, rank: int, rng: np.random.G
         offsets, shape = _box(p, c, topo, sharded=s != "param")
         frags.append(TensorFragment(key=key, dtype=dtype_name(t.dtype), shape=shape, global_shape=p.shape,
                                     offsets=offsets, placements=_placements(p, s != "param"), mesh=0,
-                                    crc32c=crc, block_crc32c=blocks))
+                                    crc32c=crc, block_crc32c=blocks, block_bytes=size))
     return tree, frags, data + 8 + 64 * len(frags)  # + a safetensors header's worth
 
 
@@ -248,7 +248,7 @@ def write_ranks(root: str, model: dict[str, int], topo: Any) -> dict[str, Any]:
         rec = write_rank_index(storage, step=STEP, rank=rank, world_size=topo.world_size, tree=tree,
                                fragments=frags, data=data, meshes=[mesh], job="bench", like=like)
         index_bytes += rec.size
-        statuses.append({"rank": rank, "error": None, "meshes": [mesh.to_dict()],
+        statuses.append({"rank": rank, "error": None, "meshes": [mesh.to_dict()] if rep == rank else [],
                          "layout": layout,
                          "files": {f"{stem}.safetensors": data.to_dict(), f"{stem}.json": rec.to_dict()}})
         if rank % 256 == 255:

@@ -86,6 +86,8 @@ def test_commit_writes_catalog_and_lazy_reads_equal_eager(dtensor_ckpt):
     manifest = read_manifest(storage, 1)
     assert manifest.format_version == 2
     assert [g.index for g in manifest.catalog] == [0, 2]  # "c" is on a mesh per dp row
+    # only representatives send their meshes to rank 0; the manifest still has every one
+    assert sorted(m.ranks for m in manifest.meshes) == [(0, 1), (0, 1, 2, 3), (2, 3)]
     eager = NativeCheckpoint(storage, manifest)
     before = read_counter()
     lazy = NativeCheckpoint(storage, manifest, lazy=True)

@@ -24,8 +24,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 from ucp.core._errors import CorruptCheckpointError
 from ucp.core._records import FileRecord, field as _field
 from ucp.core._stfile import dtype_from_name
-from ucp.native._meta import (BLOCK_BYTES, FORMAT_VERSION, MeshInfo, RankIndex, TensorFragment, pack_crcs,
-                              unpack_crcs)
+from ucp.native._meta import (BLOCK_BYTES, FORMAT_VERSION, SMALL_BLOCK_BYTES, SMALL_TENSOR_BYTES, MeshInfo,
+                              RankIndex, TensorFragment, pack_crcs, unpack_crcs)
 from ucp.resharder._read import runs
 
 __all__ = ["Representative", "representative", "layout_digest", "tree_digest", "group_ranks",
@@ -146,7 +146,8 @@ def member_doc(index: RankIndex, like: Representative) -> dict[str, Any]:
                          "like": like.rank,
                          "layout": like.layout, "data": index.data.to_dict(),
                          "crc32c": pack_crcs([f.crc32c or 0 for f in index.fragments]),
-                         "blocks": {"bytes": BLOCK_BYTES, "crc32c": pack_crcs(blocks)}}
+                         "blocks": {"bytes": BLOCK_BYTES, "small": SMALL_BLOCK_BYTES,
+                                    "small_tensors": SMALL_TENSOR_BYTES, "crc32c": pack_crcs(blocks)}}
     if not like.same_tree:
         d["tree"] = index.tree
     return d if index.job is None else {**d, "job": index.job}
@@ -169,17 +170,19 @@ def index_from_doc(doc: Mapping[str, Any], *, what: str, rep: Callable[[int], Ra
         raise CorruptCheckpointError(f"{what}: rank {rank} did not save the layout of rank {like}, "
                                      "which its index names; the step is inconsistent")
     crcs = unpack_crcs(doc.get("crc32c"), what)
-    size = _field(doc, "blocks", dict, what).get("bytes")
+    sizes = [_field(doc, "blocks", dict, what).get(k) for k in ("bytes", "small", "small_tensors")]
     blocks = unpack_crcs(doc["blocks"].get("crc32c"), what)
-    if len(crcs) != len(base.fragments) or type(size) is not int or size < 4096:
+    if len(crcs) != len(base.fragments) or not all(type(n) is int and n >= 4096 for n in sizes):
         raise CorruptCheckpointError(f"{what}: {len(crcs)} checksums for the {len(base.fragments)} "
-                                     f"tensors of rank {like}, or a bad block size")
+                                     f"tensors of rank {like}, or bad block sizes {sizes}")
     frags, used = [], 0
     for f, crc in zip(base.fragments, crcs):
         offsets, shape = f.offsets, f.shape
         if f.placements is not None:
             offsets, shape = _member_region(f, base.meshes[f.mesh], rank, what)
-        n = -(-math.prod(shape) * dtype_from_name(f.dtype).itemsize // size)
+        nbytes = math.prod(shape) * dtype_from_name(f.dtype).itemsize
+        size = sizes[1] if nbytes <= sizes[2] else sizes[0]
+        n = -(-nbytes // size)
         n = n if n > 1 else 0
         frags.append(dataclasses.replace(f, offsets=offsets, shape=shape, crc32c=crc,
                                          block_bytes=size, block_crc32c=blocks[used:used + n] if n else None))

@@ -21,7 +21,8 @@ from ucp.core._topology import Topology
 
 __all__ = ["FORMAT_VERSION", "MANIFEST_VERSION", "READ_VERSIONS", "CatalogGroup", "FileRecord", "MeshInfo",
            "TensorFragment", "RankIndex", "Manifest", "step_dir", "rank_stem", "parse_step_dir", "dumps",
-           "loads", "seal", "CHECKSUM", "BLOCK_BYTES", "block_checksums", "pack_crcs", "unpack_crcs",
+           "loads", "seal", "CHECKSUM", "BLOCK_BYTES", "SMALL_BLOCK_BYTES", "SMALL_TENSOR_BYTES",
+           "block_size", "block_checksums", "pack_crcs", "unpack_crcs",
            "MAX_JSON_BYTES"]
 
 #: The version of the native documents ucp writes. Version 2 adds the manifest's catalog of rank
@@ -31,9 +32,13 @@ FORMAT_VERSION = 2
 #: The versions of native documents this ucp reads (version 1: no catalog, every index whole).
 READ_VERSIONS = (1, 2)
 MANIFEST_VERSION = FORMAT_VERSION
-#: Size of the blocks a tensor fragment's ``block_crc32c`` covers: the granularity of partial
-#: reads (version 1 saves recorded 256 KiB blocks; each fragment records its own size).
+#: Sizes of the blocks a tensor fragment's ``block_crc32c`` covers, the granularity of partial
+#: reads: ``SMALL_BLOCK_BYTES`` for tensors up to ``SMALL_TENSOR_BYTES`` (a partial read of a
+#: small tensor stays close to what it needs), ``BLOCK_BYTES`` above (fewer checksums to record).
+#: Each fragment records its own size (version 1 saves used 256 KiB for every tensor).
 BLOCK_BYTES = 1 << 20
+SMALL_BLOCK_BYTES = 256 << 10
+SMALL_TENSOR_BYTES = 16 << 20
 
 
 
@@ -159,8 +164,15 @@ def _blocks(blocks: Any, what: str) -> tuple[int, tuple[int, ...] | None]:
     return size, unpack_crcs(blocks.get("crc32c"), f"{what} blocks")
 
 
-def block_checksums(data: memoryview, block: int = BLOCK_BYTES) -> tuple[int, ...] | None:
-    """The CRC32C of each ``block``-byte block of ``data`` (None when it is one block or less)."""
+def block_size(nbytes: int) -> int:
+    """The block size of a tensor of ``nbytes`` bytes (see :data:`BLOCK_BYTES`)."""
+    return SMALL_BLOCK_BYTES if nbytes <= SMALL_TENSOR_BYTES else BLOCK_BYTES
+
+
+def block_checksums(data: memoryview, block: int | None = None) -> tuple[int, ...] | None:
+    """The CRC32C of each ``block``-byte block of ``data`` (default: :func:`block_size`; None
+    when it is one block or less)."""
+    block = block or block_size(data.nbytes)
     if data.nbytes <= block:
         return None
     flat = data.cast("B")

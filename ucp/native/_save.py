@@ -31,7 +31,7 @@ from ucp.core._errors import CheckpointExistsError, SaveError, StateError, UcpEr
 from ucp.native._faults import failpoint
 from ucp.native._layout import MANIFEST, apply_retention, write_latest
 from ucp.native._meta import (MAX_JSON_BYTES, CatalogGroup, FileRecord, Manifest, MeshInfo, RankIndex,
-                              TensorFragment, block_checksums, dumps, loads, rank_stem, step_dir)
+                              TensorFragment, block_checksums, block_size, dumps, loads, rank_stem, step_dir)
 from ucp.core._topology import Topology
 from ucp.core._tree import flatten
 
@@ -317,7 +317,8 @@ def write_rank_index(storage: Storage, *, step: int, rank: int, world_size: int,
 
 def _checksummed(frag: TensorFragment, data: memoryview) -> TensorFragment:
     """``frag`` with the checksum of its bytes, and of each block of them (partial reads)."""
-    return dataclasses.replace(frag, crc32c=checksum([data])[0], block_crc32c=block_checksums(data))
+    return dataclasses.replace(frag, crc32c=checksum([data])[0], block_crc32c=block_checksums(data),
+                               block_bytes=block_size(data.nbytes))
 
 
 def write_manifest(storage: Storage, *, step: int, world_size: int, topology: Topology | None,
@@ -397,7 +398,8 @@ def _write_and_commit(job: _Job) -> None:
         log.error("ucp: rank %d failed writing step %d: %s", job.rank, job.step, error)
     failpoint("save.gather", rank=job.rank)
     statuses = _gather(job, {"rank": job.rank, "error": error, "files": files,
-                             "meshes": [m.to_dict() for m in job.meshes],
+                             # a member's meshes are its representative's (same layout digest)
+                             "meshes": [m.to_dict() for m in job.meshes] if _represents(job) else [],
                              "layout": job.like.layout if job.like else None})
     failed = [s for s in statuses if s["error"]]
     if failed:
@@ -410,6 +412,12 @@ def _write_and_commit(job: _Job) -> None:
                                        "(the step may or may not be committed)")
     if outcome:
         raise SaveError(f"rank 0 could not commit step {job.step} to {job.storage.url}: {outcome}")
+
+
+def _represents(job: _Job) -> bool:
+    """Whether this rank's index is whole (it is the lowest rank of its layout, or no layout
+    was exchanged)."""
+    return job.like is None or job.like.rank == job.rank
 
 
 def _gather(job: _Job, status: dict[str, Any]) -> list[dict[str, Any]]:
