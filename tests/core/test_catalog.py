@@ -236,3 +236,18 @@ def test_chain_of_member_indexes_is_refused(dtensor_ckpt, tmp_path):
         read_rank_index(storage, read_manifest(storage, 1), 3)
     with pytest.raises(CorruptCheckpointError, match=r"rank-00001\.json|of rank 1\b"):
         NativeCheckpoint(storage, read_manifest(storage, 1))  # refused, whichever index is read first
+
+
+def test_block_size_follows_tensor_size(tmp_path):
+    """256 KiB checksum blocks up to 16 MiB (partial reads of small tensors stay tight), 1 MiB
+    above (fewer checksums for large jobs); each fragment records its own."""
+    from ucp.native._load import read_rank_index
+
+    state = {"model": {"small": torch.ones(1024, 1024), "big": torch.ones(5 * 1024, 1024)}}  # 4, 20 MiB
+    ucp.save(state, str(tmp_path / "c"), step=1).wait()
+    storage = Storage(str(tmp_path / "c"))
+    index = read_rank_index(storage, read_manifest(storage, 1), 0)
+    blocks = {f.key: (f.block_bytes, len(f.block_crc32c)) for f in index.fragments}
+    assert blocks == {"model/small": (256 << 10, 16), "model/big": (1 << 20, 20)}
+    source = NativeCheckpoint(storage, read_manifest(storage, 1))
+    assert torch.equal(source.read("big", "param", ((4000, 4001), (0, 1024))), state["model"]["big"][4000:4001])
