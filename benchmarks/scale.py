@@ -118,25 +118,18 @@ def params(model: dict[str, int]) -> Iterator[tuple[int | None, Param]]:
     yield None, Param("output.weight", (v, h), 0)
 
 
-def _chunk(n: int, parts: int, i: int) -> tuple[int, int]:
-    """``torch.chunk``'s (and so Shard's) piece ``i`` of ``n`` cut in ``parts``: (start, stop)."""
-    size = -(-n // parts)
-    return min(n, i * size), min(n, (i + 1) * size)
-
-
 def _box(p: Param, coords: dict[str, int], topo: Any, *, sharded: bool) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(offsets, shape) of a rank's piece: cut over tp, then (optimizer states) dim 0 over the
-    parameter's data-parallel group (dp, times ep for dense parameters)."""
-    lo, hi = [0] * len(p.shape), list(p.shape)
-    if p.tp_dim is not None:
-        lo[p.tp_dim], hi[p.tp_dim] = _chunk(p.shape[p.tp_dim], topo.tp, coords["tp"])
-    if sharded:
-        groups, index = topo.dp, coords["dp"]
-        if p.expert is None:
-            groups, index = topo.dp * topo.ep, coords["dp"] * topo.ep + coords["ep"]
-        a, b = _chunk(hi[0] - lo[0], groups, index)
-        lo[0], hi[0] = lo[0] + a, lo[0] + b
-    return tuple(lo), tuple(h - low for low, h in zip(lo, hi))
+    """(offsets, shape) of a rank's piece, by DTensor's own rule over the parameter's mesh:
+    optimizer states are cut over the data-parallel dims (dp, and ep for dense parameters) along
+    dim 0, then everything over tp."""
+    from ucp.native._catalog import dtensor_region
+
+    if p.expert is not None:
+        mesh = _expert_mesh(topo, coords["pp"], coords["ep"])
+    else:
+        mesh = _stage_mesh(topo, coords["pp"])
+    at = [coords[name] for name in mesh.dim_names]
+    return dtensor_region(p.shape, _placements(p, sharded), mesh.shape, at)
 
 
 def rank_params(model: dict[str, int], topo: Any, rank: int) -> list[Param]:
@@ -151,9 +144,11 @@ def rank_params(model: dict[str, int], topo: Any, rank: int) -> list[Param]:
     return out
 
 
-def _mesh(topo: Any, rank: int) -> Any:
-    """The (dp, ep, tp) mesh of the rank's stage, as ``ucp._dtensor.mesh_info`` records it."""
-    return _stage_mesh(topo, topo.coords(rank)["pp"])
+def _meshes(topo: Any, rank: int, moe: bool) -> list[Any]:
+    """The meshes of the rank's DTensors, as ``ucp.resharder._dtensor.mesh_info`` records them:
+    its stage's (dp, ep, tp) mesh, and for a mixture of experts its expert group's (dp, tp)."""
+    c = topo.coords(rank)
+    return [_stage_mesh(topo, c["pp"])] + ([_expert_mesh(topo, c["pp"], c["ep"])] if moe else [])
 
 
 @functools.lru_cache(maxsize=None)
@@ -163,6 +158,14 @@ def _stage_mesh(topo: Any, pp: int) -> Any:
     ranks = [topo.rank(pp=pp, dp=d, ep=e, tp=t) for d in range(topo.dp) for e in range(topo.ep)
              for t in range(topo.tp)]
     return MeshInfo(shape=(topo.dp, topo.ep, topo.tp), ranks=tuple(ranks), dim_names=("dp", "ep", "tp"))
+
+
+@functools.lru_cache(maxsize=None)
+def _expert_mesh(topo: Any, pp: int, ep: int) -> Any:
+    from ucp.native._meta import MeshInfo
+
+    ranks = [topo.rank(pp=pp, dp=d, ep=ep, tp=t) for d in range(topo.dp) for t in range(topo.tp)]
+    return MeshInfo(shape=(topo.dp, topo.tp), ranks=tuple(ranks), dim_names=("dp", "tp"))
 
 
 def rank_state(model: dict[str, int], topo: Any, rank: int) -> tuple[dict[str, Any], dict[str, tuple[Param, str]]]:
@@ -186,10 +189,10 @@ def rank_state(model: dict[str, int], topo: Any, rank: int) -> tuple[dict[str, A
 
 
 def _placements(p: Param, sharded: bool) -> tuple[str, ...]:
-    """DTensor placements over the (dp, ep, tp) mesh, as ``ucp._dtensor`` writes them."""
+    """DTensor placements over the parameter's mesh, as ``ucp.resharder._dtensor`` writes them."""
+    tp = "R" if p.tp_dim is None else f"S({p.tp_dim})"
     dp = "S(0)" if sharded else "R"
-    ep = "S(0)" if sharded and p.expert is None else "R"
-    return dp, ep, "R" if p.tp_dim is None else f"S({p.tp_dim})"
+    return (dp, tp) if p.expert is not None else (dp, dp, tp)
 
 
 def rank_fragments(model: dict[str, int], topo: Any, rank: int, rng: np.random.Generator
@@ -217,7 +220,8 @@ def rank_fragments(model: dict[str, int], topo: Any, rank: int, rng: np.random.G
         p, s = where[key]
         offsets, shape = _box(p, c, topo, sharded=s != "param")
         frags.append(TensorFragment(key=key, dtype=dtype_name(t.dtype), shape=shape, global_shape=p.shape,
-                                    offsets=offsets, placements=_placements(p, s != "param"), mesh=0,
+                                    offsets=offsets, placements=_placements(p, s != "param"),
+                                    mesh=0 if p.expert is None else 1,
                                     crc32c=crc, block_crc32c=blocks, block_bytes=size))
     return tree, frags, data + 8 + 64 * len(frags)  # + a safetensors header's worth
 
@@ -236,9 +240,9 @@ def write_ranks(root: str, model: dict[str, int], topo: Any) -> dict[str, Any]:
     first: dict[str, tuple[int, str]] = {}  # layout digest -> (lowest rank, its tree digest)
     for rank in range(topo.world_size):
         tree, frags, size = rank_fragments(model, topo, rank, rng)
-        mesh = _mesh(topo, rank)
+        meshes = _meshes(topo, rank, moe=model["experts"] > 0)
         # what the save's first exchange tells each rank: the lowest rank of its layout
-        layout, tree_crc = layout_digest(tree, frags, [mesh]), tree_digest(tree)
+        layout, tree_crc = layout_digest(tree, frags, meshes), tree_digest(tree)
         rep, rep_tree = first.setdefault(layout, (rank, tree_crc))
         like = Representative(rep, layout, rep_tree == tree_crc)
         stem = rank_stem(rank)
@@ -246,9 +250,10 @@ def write_ranks(root: str, model: dict[str, int], topo: Any) -> dict[str, Any]:
             f.truncate(size)  # sparse: the size is recorded and checked, no byte is stored
         data = FileRecord(size=size, crc32c=int(rng.integers(0, 2**32)))
         rec = write_rank_index(storage, step=STEP, rank=rank, world_size=topo.world_size, tree=tree,
-                               fragments=frags, data=data, meshes=[mesh], job="bench", like=like)
+                               fragments=frags, data=data, meshes=meshes, job="bench", like=like)
         index_bytes += rec.size
-        statuses.append({"rank": rank, "error": None, "meshes": [mesh.to_dict()] if rep == rank else [],
+        statuses.append({"rank": rank, "error": None,
+                         "meshes": [m.to_dict() for m in meshes] if rep == rank else [],
                          "layout": layout,
                          "files": {f"{stem}.safetensors": data.to_dict(), f"{stem}.json": rec.to_dict()}})
         if rank % 256 == 255:
