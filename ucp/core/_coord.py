@@ -16,7 +16,7 @@ import torch
 
 from ucp.core._errors import CoordinationTimeoutError
 
-__all__ = ["Coordinator", "get_coordinator", "dist_rank_and_world"]
+__all__ = ["Coordinator", "get_coordinator", "dist_rank_and_world", "pack_json", "unpack_json"]
 
 _GROUPS: dict[tuple[int, float], "Coordinator"] = {}
 _LOCK = threading.Lock()
@@ -72,7 +72,7 @@ class Coordinator:
             return [json.loads(json.dumps(obj))]
         import torch.distributed as dist
 
-        payload = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
+        payload = pack_json(obj)
         tag = self._arrive() if self._store is not None else None
         try:
             sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
@@ -86,11 +86,21 @@ class Coordinator:
             raise CoordinationTimeoutError(
                 f"{what}: {self._missing(tag)} did not arrive within {self.timeout:.0f}s (died, "
                 f"hung or stopped saving). Cause: {str(e).splitlines()[0][:300]}") from e
-        return [json.loads(bytes(b[:int(n)].numpy())) for b, n in zip(bufs, sizes)]
+        return unpack_json(bufs, [int(n) for n in sizes])
 
     def broadcast_json(self, obj: Any, *, what: str) -> Any:
         """Rank 0's ``obj`` on every rank."""
         return self.all_gather_json(obj if self.rank == 0 else None, what=what)[0]
+
+
+def pack_json(obj: Any) -> torch.Tensor:
+    """``obj`` as JSON bytes in a uint8 tensor (what one rank sends)."""
+    return torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
+
+
+def unpack_json(bufs: list[torch.Tensor], sizes: list[int]) -> list[Any]:
+    """The objects in gathered buffers (each padded to the longest; ``sizes`` their lengths)."""
+    return [json.loads(bytes(b[:n].numpy())) for b, n in zip(bufs, sizes)]
 
 
 def get_coordinator(timeout: float) -> Coordinator:

@@ -37,11 +37,12 @@ def seal(doc: Mapping[str, Any]) -> dict[str, Any]:
     return {**body, CHECKSUM: _content_crc(body)}
 
 
-def dumps(obj: Any) -> bytes:
+def dumps(obj: Any, *, indent: int | None = 1) -> bytes:
     """Sealed JSON bytes (key order kept: it is the state order; no NaN) for a metadata dataclass
-    or plain dict."""
+    or plain dict; ``indent=None``: compact (documents written once per rank of large jobs)."""
     data = obj.to_dict() if hasattr(obj, "to_dict") else obj
-    return json.dumps(seal(data), allow_nan=False, indent=1).encode()
+    separators = (",", ":") if indent is None else None
+    return json.dumps(seal(data), allow_nan=False, indent=indent, separators=separators).encode()
 
 
 def load_sealed(data: bytes, *, what: str, versions: Collection[int]) -> dict[str, Any]:

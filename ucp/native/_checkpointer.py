@@ -150,7 +150,7 @@ class Checkpointer:
         from ucp.native._source import NativeCheckpoint
         from ucp.resharder import load_into
 
-        source = NativeCheckpoint(storage, manifest)
+        source = NativeCheckpoint(storage, manifest, lazy=True)  # reads only the indexes it needs
         model_key, optim_key = _live.roles(state)
         if model_key is not None:
             optim = state[optim_key] if optim_key is not None else None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -13,6 +13,7 @@ from ucp.core import _stfile
 from ucp.core._coord import dist_rank_and_world
 from ucp.core._errors import CorruptCheckpointError, TopologyError
 from ucp.native._layout import newest_step, read_manifest
+from ucp.native._catalog import index_from_doc
 from ucp.native._meta import MAX_JSON_BYTES, Manifest, RankIndex, loads, rank_stem, step_dir
 from ucp.core._tree import flatten, unflatten
 
@@ -74,12 +75,24 @@ def load(url: str, *, step: int | None = None, rank: int | None = None, like: An
     return unflatten(index.tree, tensor_for)
 
 
-def read_rank_index(storage: Storage, manifest: Manifest, rank: int) -> RankIndex:
-    """The verified ``rank-RRRRR.json`` of ``rank`` in a committed step."""
+def read_rank_index(storage: Storage, manifest: Manifest, rank: int,
+                    rep: Callable[[int], RankIndex] | None = None, *, whole: bool = False) -> RankIndex:
+    """The verified ``rank-RRRRR.json`` of ``rank`` in a committed step, whole: a version 2
+    index that describes the rank by its group's representative is completed from that rank's
+    index (``rep`` reads it, e.g. from a reader's cache; by default it is read here).
+
+    Raises:
+        CorruptCheckpointError: ``whole`` and the index describes its rank by another's (a
+            representative's index is always whole: chains are refused, not followed).
+    """
     name = f"{step_dir(manifest.step)}/{rank_stem(rank)}.json"
     where = f"{storage.url}/{name}"
-    raw = _read_listed(storage, manifest, name, max_bytes=MAX_JSON_BYTES)
-    return RankIndex.from_dict(loads(raw, what=where), what=where)
+    doc = loads(_read_listed(storage, manifest, name, max_bytes=MAX_JSON_BYTES), what=where)
+    if whole and "like" in doc:
+        raise CorruptCheckpointError(f"{where}: the index of a representative rank describes it by "
+                                     f"rank {doc['like']}'s index; the step is damaged")
+    return index_from_doc(doc, what=where,
+                          rep=rep or (lambda r: read_rank_index(storage, manifest, r, whole=True)))
 
 
 def _read_listed(storage: Storage, manifest: Manifest, name: str, **kwargs: Any) -> bytes | bytearray:

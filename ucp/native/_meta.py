@@ -7,8 +7,10 @@ the coordinator writes last. Every JSON document carries ``format_version``.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
-from typing import Any, Mapping
+import struct
+from typing import Any, Mapping, Sequence
 
 import crc32c as _crc32c
 
@@ -17,13 +19,26 @@ from ucp.core._records import FileRecord, MeshInfo, field as _field, ints as _in
 from ucp.core._sealed import CHECKSUM, MAX_JSON_BYTES, dumps, load_sealed, seal
 from ucp.core._topology import Topology
 
-__all__ = ["FORMAT_VERSION", "FileRecord", "MeshInfo", "TensorFragment", "RankIndex", "Manifest",
-           "step_dir", "rank_stem", "parse_step_dir", "dumps", "loads", "seal", "CHECKSUM",
-           "BLOCK_BYTES", "block_checksums", "MAX_JSON_BYTES"]
+__all__ = ["FORMAT_VERSION", "MANIFEST_VERSION", "READ_VERSIONS", "CatalogGroup", "FileRecord", "MeshInfo",
+           "TensorFragment", "RankIndex", "Manifest", "step_dir", "rank_stem", "parse_step_dir", "dumps",
+           "loads", "seal", "CHECKSUM", "BLOCK_BYTES", "SMALL_BLOCK_BYTES", "SMALL_TENSOR_BYTES",
+           "block_size", "block_checksums", "pack_crcs", "unpack_crcs",
+           "MAX_JSON_BYTES"]
 
-FORMAT_VERSION = 1
-#: Size of the blocks a tensor fragment's ``block_crc32c`` covers: the granularity of partial reads.
-BLOCK_BYTES = 256 << 10
+#: The version of the native documents ucp writes. Version 2 adds the manifest's catalog of rank
+#: groups and rank indexes that describe a rank by its group's representative
+#: (``ucp.native._catalog``), 1 MiB checksum blocks, and checksums packed as base64.
+FORMAT_VERSION = 2
+#: The versions of native documents this ucp reads (version 1: no catalog, every index whole).
+READ_VERSIONS = (1, 2)
+MANIFEST_VERSION = FORMAT_VERSION
+#: Sizes of the blocks a tensor fragment's ``block_crc32c`` covers, the granularity of partial
+#: reads: ``SMALL_BLOCK_BYTES`` for tensors up to ``SMALL_TENSOR_BYTES`` (a partial read of a
+#: small tensor stays close to what it needs), ``BLOCK_BYTES`` above (fewer checksums to record).
+#: Each fragment records its own size (version 1 saves used 256 KiB for every tensor).
+BLOCK_BYTES = 1 << 20
+SMALL_BLOCK_BYTES = 256 << 10
+SMALL_TENSOR_BYTES = 16 << 20
 
 
 
@@ -49,7 +64,7 @@ def loads(data: bytes, *, what: str) -> dict[str, Any]:
         CorruptCheckpointError: too large, not JSON, not an object, or an unsupported version.
         ChecksumError: the content does not match its own checksum.
     """
-    return load_sealed(data, what=what, versions=(FORMAT_VERSION,))
+    return load_sealed(data, what=what, versions=READ_VERSIONS)
 
 
 def _job(d: Mapping[str, Any], what: str) -> str | None:
@@ -83,6 +98,7 @@ class TensorFragment:
     mesh: int | None = None
     crc32c: int | None = None
     block_crc32c: tuple[int, ...] | None = None
+    block_bytes: int = BLOCK_BYTES
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"key": self.key, "dtype": self.dtype, "shape": list(self.shape),
@@ -90,7 +106,7 @@ class TensorFragment:
         if self.crc32c is not None:
             d["crc32c"] = self.crc32c
         if self.block_crc32c is not None:
-            d["blocks"] = {"bytes": BLOCK_BYTES, "crc32c": list(self.block_crc32c)}
+            d["blocks"] = {"bytes": self.block_bytes, "crc32c": pack_crcs(self.block_crc32c)}
         if self.placements is not None:
             d["placements"], d["mesh"] = list(self.placements), self.mesh
         return d
@@ -113,29 +129,54 @@ class TensorFragment:
         crc = d.get("crc32c")
         if crc is not None and (not isinstance(crc, int) or isinstance(crc, bool)):
             raise CorruptCheckpointError(f"{what}: crc32c must be an integer")
+        size, blocks = _blocks(d.get("blocks"), what)
         return cls(key=_field(d, "key", str, what), dtype=_field(d, "dtype", str, what), shape=shape,
                    global_shape=gshape, offsets=offsets, placements=placements,
                    mesh=d.get("mesh") if placements is not None else None, crc32c=crc,
-                   block_crc32c=_blocks(d.get("blocks"), what))
+                   block_crc32c=blocks, block_bytes=size)
 
 
-def _blocks(blocks: Any, what: str) -> tuple[int, ...] | None:
-    """A fragment's block checksums; blocks of another size than this version's are ignored
-    (the whole-tensor checksum still verifies every read)."""
+def pack_crcs(crcs: Sequence[int]) -> str:
+    """CRC32C values as base64 of little-endian uint32s (5.3 characters each in JSON)."""
+    return base64.b64encode(struct.pack(f"<{len(crcs)}I", *crcs)).decode("ascii")
+
+
+def unpack_crcs(text: Any, what: str) -> tuple[int, ...]:
+    """The CRC32C values :func:`pack_crcs` wrote; version 1's JSON list of integers too."""
+    if isinstance(text, list) and all(type(c) is int and 0 <= c < 2**32 for c in text):
+        return tuple(text)
+    try:
+        raw = base64.b64decode(text, validate=True) if isinstance(text, str) else b"?"
+    except ValueError as e:
+        raise CorruptCheckpointError(f"{what}: checksums are not base64 ({e})") from e
+    if len(raw) % 4:
+        raise CorruptCheckpointError(f"{what}: packed checksums must be 4 bytes each")
+    return struct.unpack(f"<{len(raw) // 4}I", raw)
+
+
+def _blocks(blocks: Any, what: str) -> tuple[int, tuple[int, ...] | None]:
+    """A fragment's block size and checksums (None: none recorded)."""
     if blocks is None:
-        return None
-    if not isinstance(blocks, dict) or not isinstance(blocks.get("crc32c"), list) or not all(
-            type(c) is int and 0 <= c < 2**32 for c in blocks["crc32c"]):
-        raise CorruptCheckpointError(f"{what}: blocks must be {{'bytes': n, 'crc32c': [int, ...]}}")
-    return tuple(blocks["crc32c"]) if blocks.get("bytes") == BLOCK_BYTES else None
+        return BLOCK_BYTES, None
+    size = blocks.get("bytes") if isinstance(blocks, dict) else None
+    if type(size) is not int or not 4096 <= size <= 1 << 30 or size & (size - 1):
+        raise CorruptCheckpointError(f"{what}: blocks must be {{'bytes': power of two, 'crc32c': ...}}")
+    return size, unpack_crcs(blocks.get("crc32c"), f"{what} blocks")
 
 
-def block_checksums(data: memoryview) -> tuple[int, ...] | None:
-    """The CRC32C of each ``BLOCK_BYTES`` block of ``data`` (None when it is one block or less)."""
-    if data.nbytes <= BLOCK_BYTES:
+def block_size(nbytes: int) -> int:
+    """The block size of a tensor of ``nbytes`` bytes (see :data:`BLOCK_BYTES`)."""
+    return SMALL_BLOCK_BYTES if nbytes <= SMALL_TENSOR_BYTES else BLOCK_BYTES
+
+
+def block_checksums(data: memoryview, block: int | None = None) -> tuple[int, ...] | None:
+    """The CRC32C of each ``block``-byte block of ``data`` (default: :func:`block_size`; None
+    when it is one block or less)."""
+    block = block or block_size(data.nbytes)
+    if data.nbytes <= block:
         return None
     flat = data.cast("B")
-    return tuple(_crc32c.crc32c(flat[i:i + BLOCK_BYTES]) for i in range(0, flat.nbytes, BLOCK_BYTES))
+    return tuple(_crc32c.crc32c(flat[i:i + block]) for i in range(0, flat.nbytes, block))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,6 +217,45 @@ class RankIndex:
 
 
 @dataclasses.dataclass(frozen=True)
+class CatalogGroup:
+    """Ranks that saved the same layout (``ucp.native._catalog``): ``ranks`` as ``[start, stop)``
+    runs, ``index`` the lowest of them, whose rank index describes every member."""
+
+    index: int
+    ranks: tuple[tuple[int, int], ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "ranks": [list(r) for r in self.ranks]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], what: str = "catalog group") -> CatalogGroup:
+        runs = _field(d, "ranks", list, what)
+        if not runs or not all(isinstance(r, list) and len(r) == 2 for r in runs):
+            raise CorruptCheckpointError(f"{what}: ranks must be a list of [start, stop) pairs")
+        ranks = tuple((a, b) for a, b in (_ints(r, what) for r in runs))
+        index = _field(d, "index", int, what)
+        if any(a >= b for a, b in ranks) or index != min(a for a, _ in ranks):
+            raise CorruptCheckpointError(f"{what}: runs {runs[:4]} are empty or do not start at "
+                                         f"the representative rank {index}")
+        return cls(index=index, ranks=ranks)
+
+
+def _catalog(d: Mapping[str, Any], world_size: int, what: str) -> tuple[CatalogGroup, ...] | None:
+    """The manifest's catalog, checked to give every rank exactly one group (None if absent)."""
+    groups = d.get("catalog")
+    if groups is None:
+        return None
+    if not isinstance(groups, list):
+        raise CorruptCheckpointError(f"{what}: catalog must be a list of groups")
+    out = tuple(CatalogGroup.from_dict(g, f"{what} catalog group {i}") for i, g in enumerate(groups))
+    runs = sorted(r for g in out for r in g.ranks)
+    if [0, *(b for _, b in runs)] != [*(a for a, _ in runs), world_size]:
+        raise CorruptCheckpointError(f"{what}: the catalog's groups do not hold each of the "
+                                     f"{world_size} ranks exactly once; the manifest is damaged")
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
 class Manifest:
     """``manifest.json``: the commit record of one step, written last by the coordinator.
 
@@ -191,7 +271,8 @@ class Manifest:
     spec: str | None = None
     meshes: tuple[MeshInfo, ...] = ()
     job: str | None = None
-    format_version: int = FORMAT_VERSION
+    catalog: tuple[CatalogGroup, ...] | None = None
+    format_version: int = MANIFEST_VERSION
 
     def to_dict(self) -> dict[str, Any]:
         d = {"format_version": self.format_version, "kind": "ucp-manifest", "step": self.step,
@@ -199,6 +280,8 @@ class Manifest:
              "topology": None if self.topology is None else self.topology.to_dict(),
              "files": {k: v.to_dict() for k, v in sorted(self.files.items())},
              "spec": self.spec, "meshes": [m.to_dict() for m in self.meshes]}
+        if self.catalog is not None:
+            d["catalog"] = [g.to_dict() for g in self.catalog]
         return d if self.job is None else {**d, "job": self.job}
 
     @classmethod
@@ -224,4 +307,5 @@ class Manifest:
                    files={str(k): FileRecord.from_dict(v, f"{what} file {k!r}") for k, v in files.items()},
                    engine=_field(d, "engine", str, what), spec=spec,
                    meshes=tuple(MeshInfo.from_dict(m, f"{what} mesh") for m in meshes),
-                   job=_job(d, what))
+                   job=_job(d, what), catalog=_catalog(d, world_size, what),
+                   format_version=_field(d, "format_version", int, what))

@@ -23,13 +23,15 @@ from ucp.storage import Storage, checksum
 
 from ucp.resharder import _dtensor
 from ucp.core import _stfile
+from ucp.native._catalog import (Representative, group_ranks, layout_digest, member_doc, representative,
+                                 tree_digest)
 from ucp.native._claim import claim_step, holds_claim, job_id, lease, release_claim
 from ucp.core._coord import Coordinator, dist_rank_and_world, get_coordinator
 from ucp.core._errors import CheckpointExistsError, SaveError, StateError, UcpError
 from ucp.native._faults import failpoint
 from ucp.native._layout import MANIFEST, apply_retention, write_latest
-from ucp.native._meta import (MAX_JSON_BYTES, FileRecord, Manifest, MeshInfo, RankIndex, TensorFragment, block_checksums,
-                    dumps, loads, rank_stem, step_dir)
+from ucp.native._meta import (MAX_JSON_BYTES, CatalogGroup, FileRecord, Manifest, MeshInfo, RankIndex,
+                              TensorFragment, block_checksums, block_size, dumps, loads, rank_stem, step_dir)
 from ucp.core._topology import Topology
 from ucp.core._tree import flatten
 
@@ -89,6 +91,7 @@ class _Job:
     keep: int | None
     overwrite: bool
     job: str | None = None  # rank 0's job id, learnt when the step is claimed
+    like: Representative | None = None  # the rank whose index describes this one's
     future: cf.Future[None] = dataclasses.field(default_factory=cf.Future)
 
 
@@ -273,10 +276,12 @@ def _drain_at_exit() -> None:
 
 def write_rank_files(storage: Storage, *, step: int, rank: int, world_size: int, tree: Any,
                      staged: dict[str, torch.Tensor], fragments: Sequence[TensorFragment],
-                     meshes: Sequence[MeshInfo] = (), job: str | None = None) -> dict[str, dict[str, int]]:
+                     meshes: Sequence[MeshInfo] = (), job: str | None = None,
+                     like: Representative | None = None) -> dict[str, dict[str, int]]:
     """Writes ``rank-RRRRR.safetensors`` and ``rank-RRRRR.json`` of ``step``; returns their
     file records (as dicts), for the manifest. Empties ``staged`` once its bytes are written.
-    ``job`` (the writing job's id) is recorded in the rank index.
+    ``job`` (the writing job's id) is recorded in the rank index; ``like``: see
+    :func:`write_rank_index`.
 
     Called by each rank's save worker, or by one process writing many ranks (``ucp.reshard``).
     """
@@ -285,32 +290,53 @@ def write_rank_files(storage: Storage, *, step: int, rank: int, world_size: int,
     data = storage.write(f"{sd}/{stem}.safetensors",
                          _stfile.encode(staged, {"format": "pt", "ucp.step": str(step)}))
     staged.clear()
-    index = RankIndex(rank=rank, world_size=world_size, step=step, tree=tree,
-                      fragments=fragments, data=data, meshes=tuple(meshes), job=job)
     failpoint("save.index", rank=rank)
-    return {f"{stem}.safetensors": data.to_dict(),
-            f"{stem}.json": storage.write(f"{sd}/{stem}.json", dumps(index)).to_dict()}
+    index = write_rank_index(storage, step=step, rank=rank, world_size=world_size, tree=tree,
+                             fragments=fragments, data=data, meshes=meshes, job=job, like=like)
+    return {f"{stem}.safetensors": data.to_dict(), f"{stem}.json": index.to_dict()}
+
+
+def write_rank_index(storage: Storage, *, step: int, rank: int, world_size: int, tree: Any,
+                     fragments: Sequence[TensorFragment], data: FileRecord,
+                     meshes: Sequence[MeshInfo] = (), job: str | None = None,
+                     like: Representative | None = None) -> FileRecord:
+    """Writes ``rank-RRRRR.json`` of ``step`` (fragments checksummed, ``data`` the record of the
+    rank's written data file) and returns its file record. With ``like`` naming another rank
+    of the same layout, the index records only what differs from that rank's (a member index,
+    ``ucp.native._catalog.member_doc``): every rank's index whole would make the committed
+    metadata of large jobs grow with ranks x tensors.
+
+    Called by each rank after its data file is written; metadata only, so
+    ``benchmarks/scale.py`` drives it for thousands of simulated ranks.
+    """
+    index = RankIndex(rank=rank, world_size=world_size, step=step, tree=tree,
+                      fragments=tuple(fragments), data=data, meshes=tuple(meshes), job=job)
+    doc = member_doc(index, like) if like is not None and like.rank != rank else index
+    return storage.write(f"{step_dir(step)}/{rank_stem(rank)}.json", dumps(doc, indent=None))
 
 
 def _checksummed(frag: TensorFragment, data: memoryview) -> TensorFragment:
     """``frag`` with the checksum of its bytes, and of each block of them (partial reads)."""
-    return dataclasses.replace(frag, crc32c=checksum([data])[0], block_crc32c=block_checksums(data))
+    return dataclasses.replace(frag, crc32c=checksum([data])[0], block_crc32c=block_checksums(data),
+                               block_bytes=block_size(data.nbytes))
 
 
 def write_manifest(storage: Storage, *, step: int, world_size: int, topology: Topology | None,
                    spec: str | None, files: Mapping[str, FileRecord],
-                   meshes: Sequence[MeshInfo] = (), job: str | None = None) -> None:
+                   meshes: Sequence[MeshInfo] = (), job: str | None = None,
+                   catalog: tuple[CatalogGroup, ...] | None = None) -> None:
     """Commits ``step``: writes its manifest (create-if-absent: of two writers, one commits),
-    then ``latest``. Called by one process, after every rank's files are written.
+    then ``latest``. Called by one process, after every rank's files are written. ``catalog``
+    groups the ranks by layout (``ucp.native._catalog``; None: readers read every rank index).
 
     Raises:
         SaveError: the step was committed meanwhile by another writer (names its job).
     """
     manifest = Manifest(step=step, world_size=world_size, topology=topology, files=dict(files),
-                        created=time.time(), spec=spec, meshes=tuple(meshes), job=job)
+                        created=time.time(), spec=spec, meshes=tuple(meshes), job=job, catalog=catalog)
     rel = f"{step_dir(step)}/{MANIFEST}"
     try:
-        storage.write(rel, dumps(manifest), exclusive=True)
+        storage.write(rel, dumps(manifest, indent=None), exclusive=True)
     except CheckpointExistsError as e:
         other = _manifest_job(storage, rel)
         if job is None or other != job:  # not a retried put of our own manifest
@@ -331,8 +357,12 @@ def _manifest_job(storage: Storage, rel: str) -> str | None:
 
 
 def _run(job: _Job) -> None:
-    began = _begin(job) if job.rank == 0 else None
-    began = job.coord.broadcast_json(began, what=f"claiming step {job.step} (by rank 0)")
+    layout = layout_digest(job.tree, job.fragments, job.meshes)
+    mine = {"began": _begin(job) if job.rank == 0 else None, "layout": layout,
+            "tree": tree_digest(job.tree)}
+    # one exchange: rank 0's claim, and every rank's layout (which rank's index describes it)
+    every = job.coord.all_gather_json(mine, what=f"claiming step {job.step} (by rank 0)")
+    began, job.like = every[0]["began"], representative(every, job.rank)
     if began["error"]:
         raise SaveError(f"step {job.step} was not saved to {job.storage.url}: {began['error']}")
     job.job = began["job"]
@@ -361,13 +391,16 @@ def _write_and_commit(job: _Job) -> None:
         failpoint("save.write", rank=job.rank)
         files = write_rank_files(job.storage, step=job.step, rank=job.rank,
                                  world_size=job.world_size, tree=job.tree, staged=job.staged,
-                                 fragments=job.fragments, meshes=job.meshes, job=job.job)
+                                 fragments=job.fragments, meshes=job.meshes, job=job.job,
+                                 like=job.like)
     except Exception as e:  # noqa: BLE001 - reported to every rank below
         error = f"{type(e).__name__}: {e}"
         log.error("ucp: rank %d failed writing step %d: %s", job.rank, job.step, error)
     failpoint("save.gather", rank=job.rank)
     statuses = _gather(job, {"rank": job.rank, "error": error, "files": files,
-                             "meshes": [m.to_dict() for m in job.meshes]})
+                             # a member's meshes are its representative's (same layout digest)
+                             "meshes": [m.to_dict() for m in job.meshes] if _represents(job) else [],
+                             "layout": job.like.layout if job.like else None})
     failed = [s for s in statuses if s["error"]]
     if failed:
         detail = "; ".join(f"rank {s['rank']}: {s['error']}" for s in failed)
@@ -381,6 +414,12 @@ def _write_and_commit(job: _Job) -> None:
         raise SaveError(f"rank 0 could not commit step {job.step} to {job.storage.url}: {outcome}")
 
 
+def _represents(job: _Job) -> bool:
+    """Whether this rank's index is whole (it is the lowest rank of its layout, or no layout
+    was exchanged)."""
+    return job.like is None or job.like.rank == job.rank
+
+
 def _gather(job: _Job, status: dict[str, Any]) -> list[dict[str, Any]]:
     return job.coord.all_gather_json(status, what=f"step {job.step} was not committed")
 
@@ -389,18 +428,11 @@ def _commit(job: _Job, statuses: list[dict[str, Any]]) -> str | None:
     """Coordinator only: writes the manifest (the commit), then ``latest``, then retention."""
     try:
         failpoint("save.commit", rank=job.rank)
-        files = {name: FileRecord.from_dict(rec) for s in statuses for name, rec in s["files"].items()}
-        meshes: list[MeshInfo] = []
-        for s in statuses:
-            for m in s["meshes"]:
-                info = MeshInfo.from_dict(m)
-                if info not in meshes:
-                    meshes.append(info)
         if not holds_claim(job.storage, job.step, job.job):
             raise SaveError(f"another job took step {job.step} over while this save was writing "
                             "it (was this job paused for longer than the lease?); nothing committed")
-        write_manifest(job.storage, step=job.step, world_size=job.world_size, topology=job.topology,
-                       spec=job.spec, files=files, meshes=meshes, job=job.job)
+        commit_statuses(job.storage, statuses, step=job.step, world_size=job.world_size,
+                        topology=job.topology, spec=job.spec, job=job.job)
     except Exception as e:  # noqa: BLE001 - broadcast to every rank
         _discard(job)
         return str(e) if isinstance(e, UcpError) else f"{type(e).__name__}: {e}"
@@ -410,6 +442,25 @@ def _commit(job: _Job, statuses: list[dict[str, Any]]) -> str | None:
         except Exception as e:  # noqa: BLE001 - the new step is committed; old ones stay
             log.warning("ucp: retention after step %d failed (older steps kept): %s", job.step, e)
     return None
+
+
+def commit_statuses(storage: Storage, statuses: Sequence[Mapping[str, Any]], *, step: int,
+                    world_size: int, topology: Topology | None, spec: str | None,
+                    job: str | None) -> None:
+    """Commits ``step`` from every rank's gathered status (file records, meshes, layout digest).
+
+    Called by the coordinator only, once every rank reported success; metadata only, so
+    ``benchmarks/scale.py`` drives it with the statuses of thousands of simulated ranks.
+    """
+    files = {name: FileRecord.from_dict(rec) for s in statuses for name, rec in s["files"].items()}
+    meshes: dict[MeshInfo, None] = {}  # an insertion-ordered set: every rank of a mesh sends it
+    for s in statuses:
+        for m in s["meshes"]:
+            meshes.setdefault(MeshInfo.from_dict(m), None)
+    groups = group_ranks(statuses)
+    catalog = None if groups is None else tuple(CatalogGroup.from_dict(g) for g in groups)
+    write_manifest(storage, step=step, world_size=world_size, topology=topology, spec=spec,
+                   files=files, meshes=list(meshes), job=job, catalog=catalog)
 
 
 def _discard(job: _Job) -> None:

@@ -19,14 +19,15 @@ import dataclasses
 import functools
 import math
 import threading
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
 from ucp.core._errors import CheckpointNotFoundError, ChecksumError, ConvertError, CorruptCheckpointError, UcpSpecError
+from ucp.native._catalog import shard_owners
 from ucp.native._layout import MANIFEST, newest_step, read_manifest
 from ucp.native._load import read_rank_index
-from ucp.native._meta import BLOCK_BYTES, Manifest, RankIndex, TensorFragment, parse_step_dir, rank_stem, step_dir
+from ucp.native._meta import Manifest, RankIndex, TensorFragment, parse_step_dir, rank_stem, step_dir
 from ucp.core._stfile import dtype_from_name, dtype_name, from_bytes, header_length, parse_header
 from ucp.core._topology import Topology
 from ucp.storage import Storage, checksum
@@ -37,7 +38,7 @@ from ucp.engines._near import native_near_miss
 
 __all__ = ["ENGINE", "NativeEngine", "NativeCheckpoint"]
 
-#: Blocks of recently read fragments kept by a reader (``BLOCK_BYTES`` each).
+#: Blocks of recently read fragments kept by a reader (each of its fragment's block size).
 CACHE_BLOCKS = 16
 #: The most one partial read fetches: bounds the memory of a region read, whatever the model.
 PIECE_BYTES = 4 << 20
@@ -133,19 +134,65 @@ class NativeCheckpoint:
     engine = "ucp"
     partial_reads = True  # a region read fetches only the fragments (and blocks) that hold it
 
-    def __init__(self, storage: Storage, manifest: Manifest, *, spec: Any = None) -> None:
+    def __init__(self, storage: Storage, manifest: Manifest, *, spec: Any = None, lazy: bool = False) -> None:
+        """Opens a committed step.
+
+        Args:
+            storage / manifest: the checkpoint root and the step's manifest.
+            spec: how plain (non-DTensor) tensors are cut, when they are.
+            lazy: read only the rank indexes the manifest's catalog names (one per group of
+                ranks that saved the same layout), and another rank's index only when reading
+                its bytes, and check a file only when reading it: a resuming rank's way to
+                read thousands of ranks' checkpoints. Without a catalog (manifests before
+                version 2), or with ``spec``, every index is read as without it.
+        """
         self.storage, self.manifest, self.spec = storage, manifest, spec
         self.step: int | None = manifest.step
         self.topology: Topology | None = manifest.topology
-        self._check_files()
-        self._indexes = storage.map(lambda r: read_rank_index(storage, manifest, r),
-                                    range(manifest.world_size))
+        self._lazy = lazy and manifest.catalog is not None and spec is None
+        self._index_cache: dict[int, RankIndex] = {}
+        self._keyed_cache: dict[int, dict[str, TensorFragment]] = {}
+        self._index_lock = threading.Lock()
         self._params: dict[str, dict[str, list[_Frag]]] = {}
         self._groups: list[dict[str, Any]] = []
         self._group_of: dict[str, int] = {}
         self._cache: collections.OrderedDict[tuple[int, str, int], bytes] = collections.OrderedDict()
         self._cache_lock = threading.Lock()
-        self._scan()
+        if self._lazy:
+            ranks = [g.index for g in manifest.catalog or ()]
+        else:
+            self._check_files()
+            ranks = list(range(manifest.world_size))
+        self._scan(storage.map(self._index, ranks))
+
+    def _index(self, rank: int) -> RankIndex:
+        """The rank index of ``rank`` (read on first use)."""
+        return self._cached(rank, lambda: read_rank_index(self.storage, self.manifest, rank,
+                                                          rep=self._representative))
+
+    def _representative(self, rank: int) -> RankIndex:
+        """The index of a rank another rank's index names as its representative: whole, read
+        once (a member of a member is refused, not followed)."""
+        return self._cached(rank, lambda: read_rank_index(self.storage, self.manifest, rank, whole=True))
+
+    def _cached(self, rank: int, read: Callable[[], RankIndex]) -> RankIndex:
+        with self._index_lock:
+            index = self._index_cache.get(rank)
+        if index is None:
+            index = read()
+            with self._index_lock:
+                index = self._index_cache.setdefault(rank, index)
+        return index
+
+    def _keyed(self, rank: int) -> dict[str, TensorFragment]:
+        """``rank``'s fragments by key."""
+        with self._index_lock:
+            keyed = self._keyed_cache.get(rank)
+        if keyed is None:
+            keyed = {f.key: f for f in self._index(rank).fragments}
+            with self._index_lock:
+                keyed = self._keyed_cache.setdefault(rank, keyed)
+        return keyed
 
     def _check_files(self) -> None:
         """Every file of the step exists with its recorded size (names the first that does not)."""
@@ -165,10 +212,10 @@ class NativeCheckpoint:
                                              "or convert another step")
 
     # -- building the table --------------------------------------------------------------------
-    def _scan(self) -> None:
-        self._by_key = [{f.key: f for f in index.fragments} for index in self._indexes]
-        for index in self._indexes:
-            by_key = self._by_key[index.rank]
+    def _scan(self, indexes: list[RankIndex]) -> None:
+        """The parameter table from ``indexes`` (every rank's, or, lazily, one per group)."""
+        for index in indexes:
+            by_key = self._keyed(index.rank)
             tree = index.tree if isinstance(index.tree, dict) else {}
             model_key = next((k for k in _MODEL_KEYS if k in tree), None)
             optim_key = next((k for k in _OPTIM_KEYS if k in tree), None)
@@ -259,7 +306,7 @@ class NativeCheckpoint:
             yield region, whole[tuple(slice(a, b) for a, b in region)]
             return
         covered = 0
-        for f in self._owners(name, stored, frags):
+        for f in self._owners(name, stored, frags, region):
             inter = tuple((max(lo, o), min(hi, o + n)) for (lo, hi), o, n in
                           zip(region, f.frag.offsets, f.frag.shape))
             if any(a >= b for a, b in inter):
@@ -283,20 +330,49 @@ class NativeCheckpoint:
                            f"it has {sorted(states)}")
         return state, states[state]
 
-    def _owners(self, name: str, state: str, frags: list[_Frag]) -> list[_Frag]:
-        """One fragment per distinct region (replicas are read once: the lowest rank's)."""
+    def _owners(self, name: str, state: str, frags: list[_Frag],
+                region: Region | None = None) -> list[_Frag]:
+        """One fragment per distinct region (replicas are read once: the lowest rank's); lazily,
+        only those that overlap ``region``."""
         first = frags[0].frag
         if first.placements is None:
-            self._check_replicas(name, state, frags)
+            if not self._lazy:  # lazily, the other copies' records are never read
+                self._check_replicas(name, state, frags)
             return [frags[0]]
         if any(p.startswith("P(") for p in first.placements):
             raise ConvertError(f"{name} ({state}) is a Partial DTensor (pending reduction); reduce "
                                "it (e.g. .redistribute to Replicate) before saving")
+        if self._lazy:
+            return self._lazy_owners(name, state, frags, region)
         self._check_regions(name, state, frags)
         seen: dict[tuple[Any, ...], _Frag] = {}
         for f in frags:
             seen.setdefault((f.frag.offsets, f.frag.shape), f)
         return list(seen.values())
+
+    def _lazy_owners(self, name: str, state: str, reps: list[_Frag],
+                     region: Region | None) -> list[_Frag]:
+        """The fragments of a DTensor state that hold ``region`` (None: all), one per distinct
+        region: where they are follows from the representatives' placements and meshes; only
+        the ranks chosen have their index read, and each record must agree."""
+        chosen: dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[int, str]] = {}
+        for rep in reps:
+            mesh = self._index(rep.rank).meshes[rep.frag.mesh]
+            for rank, offsets, shape in shard_owners(rep.frag, mesh):
+                if region is None or all(lo < o + n and o < hi
+                                         for (lo, hi), o, n in zip(region, offsets, shape)):
+                    chosen.setdefault((offsets, shape), (rank, rep.frag.key))
+        out = []
+        for (offsets, shape), (rank, key) in chosen.items():
+            f = self.fragment(rank, key)
+            if (f.offsets, f.shape) != (offsets, shape):
+                raise CorruptCheckpointError(
+                    f"{self.storage.url}: rank {rank} records {key!r} at offsets {list(f.offsets)} shape "
+                    f"{list(f.shape)}, but its placements put it at {list(offsets)} {list(shape)}; the "
+                    "step is inconsistent (convert it, which reads every rank's record)")
+            out.append(_Frag(rank, f))
+        self._check_regions(name, state, out, whole=region is None)
+        return out
 
     def buffers(self) -> dict[str, torch.Tensor]:
         """Always empty: a state dict does not tell buffers from frozen parameters, so every
@@ -308,12 +384,12 @@ class NativeCheckpoint:
 
     def tree(self, rank: int) -> Any:
         """The structure ``rank`` saved (JSON; each tensor is ``{"@t": key}``); reads no data."""
-        return self._indexes[rank].tree
+        return self._index(rank).tree
 
     def fragment(self, rank: int, key: str) -> TensorFragment:
         """The record of tensor ``key`` of ``rank`` (dtype, shape, checksums)."""
         try:
-            return self._by_key[rank][key]
+            return self._keyed(rank)[key]
         except KeyError:
             raise CorruptCheckpointError(f"{self.storage.url}: rank {rank} saved no tensor {key!r}; "
                                          "the step is inconsistent") from None
@@ -330,7 +406,7 @@ class NativeCheckpoint:
         """``state[key]`` as ``rank`` saved it (reading only its tensors), or None if absent."""
         from ucp.core._tree import unflatten
 
-        index = self._indexes[rank]
+        index = self._index(rank)
         tree = index.tree.get(key) if isinstance(index.tree, dict) else None
         if tree is None:
             return None
@@ -361,7 +437,7 @@ class NativeCheckpoint:
         if any(p.startswith("P(") for p in first.placements):
             raise ConvertError(f"{name} ({state}) is a Partial DTensor (pending reduction); reduce "
                                "it (e.g. .redistribute to Replicate) before saving")
-        self._check_regions(name, state, frags)  # before allocating what the records claim
+        frags = self._owners(name, state, frags)  # checked before allocating what the records claim
         out = torch.empty(first.global_shape, dtype=dtype_from_name(first.dtype))
         covered = torch.zeros(first.global_shape, dtype=torch.bool)
         done: set[tuple[tuple[int, ...], tuple[int, ...]]] = set()
@@ -398,10 +474,11 @@ class NativeCheckpoint:
         pieces = {r: self._read_fragment(by_rank[r]) for r in layout.needed()}
         return self.spec.consolidate(name, pieces, self.topology, global_shape=layout.global_shape)
 
-    def _check_regions(self, name: str, state: str, frags: list[_Frag]) -> None:
+    def _check_regions(self, name: str, state: str, frags: list[_Frag], *, whole: bool = True) -> None:
         """The DTensor fragments of one state: records that agree with each other and with the
-        shard headers, and regions whose sizes add up to at least the global shape. A damaged or
-        hostile rank index then cannot make the converter allocate more than the shards hold."""
+        shard headers, and (``whole``: all of them) regions whose sizes add up to at least the
+        global shape. A damaged or hostile rank index then cannot make the converter allocate
+        more than the shards hold."""
         first = frags[0].frag
         for f in frags:
             self._entry(f)
@@ -410,7 +487,7 @@ class NativeCheckpoint:
                                              f"{f.frag.dtype}{list(f.frag.global_shape)}, rank {frags[0].rank} as "
                                              f"{first.dtype}{list(first.global_shape)}; the step is inconsistent")
         regions = {(f.frag.offsets, f.frag.shape) for f in frags}
-        if sum(math.prod(s) for _, s in regions) < math.prod(first.global_shape):
+        if whole and sum(math.prod(s) for _, s in regions) < math.prod(first.global_shape):
             raise ConvertError(f"{self.storage.url}: the fragments of {name} ({state}) do not cover "
                                f"its global shape {list(first.global_shape)}; a rank's file is missing")
 
@@ -447,28 +524,29 @@ class NativeCheckpoint:
         its CRC32C (the whole fragment when it has no block checksums: small, or saved by an
         older ucp). A fresh tensor or a view into a fresh buffer."""
         rel, base, dtype, shape, start, stop = self._entry(f)
-        blocks = f.frag.block_crc32c
+        blocks, bb = f.frag.block_crc32c, f.frag.block_bytes
         if blocks is None or all(a == 0 and b == n for (a, b), n in zip(box, shape)):
             return self._read_fragment(f)[tuple(slice(a, b) for a, b in box)]
         nbytes, item = stop - start, dtype.itemsize
-        if len(blocks) != -(-nbytes // BLOCK_BYTES):
+        if len(blocks) != -(-nbytes // bb):
             raise CorruptCheckpointError(f"{self.storage.url}/{rel}: tensor {f.frag.key!r} has "
                                          f"{len(blocks)} block checksums for {nbytes} bytes; the "
                                          "step is inconsistent")
         strides = [math.prod(shape[i + 1:]) for i in range(len(shape))]
         first = sum(a * s for (a, _), s in zip(box, strides))
         last = sum((b - 1) * s for (_, b), s in zip(box, strides)) + 1
-        b0, b1 = first * item // BLOCK_BYTES, -(-last * item // BLOCK_BYTES)
+        b0, b1 = first * item // bb, -(-last * item // bb)
         buf = self._blocks(f, rel, base + start, nbytes, b0, b1)
         flat = from_bytes(buf, dtype, (len(buf) // item,))
-        return flat.as_strided([b - a for a, b in box], strides, first - b0 * BLOCK_BYTES // item)
+        return flat.as_strided([b - a for a, b in box], strides, first - b0 * bb // item)
 
     def _blocks(self, f: _Frag, rel: str, origin: int, nbytes: int, b0: int, b1: int) -> bytearray:
         """Blocks ``[b0, b1)`` of a fragment (which starts at byte ``origin`` of ``rel``), each
         checked against its CRC32C, read straight into the returned buffer. The first and last
         block of each read are kept for a while, so a neighbouring read (the next parameter of a
         flat ZeRO partition, the next rows of a shard) does not fetch them again."""
-        out = bytearray(min(b1 * BLOCK_BYTES, nbytes) - b0 * BLOCK_BYTES)
+        bb = f.frag.block_bytes
+        out = bytearray(min(b1 * bb, nbytes) - b0 * bb)
         view, missing = memoryview(out), []
         for i in range(b0, b1):
             with self._cache_lock:
@@ -478,19 +556,19 @@ class NativeCheckpoint:
             if hit is None:
                 missing.append(i)
             else:
-                view[(i - b0) * BLOCK_BYTES:(i - b0) * BLOCK_BYTES + len(hit)] = hit
+                view[(i - b0) * bb:(i - b0) * bb + len(hit)] = hit
         for lo, hi in runs(missing):
-            part = view[(lo - b0) * BLOCK_BYTES:min(hi * BLOCK_BYTES, nbytes) - b0 * BLOCK_BYTES]
-            got = self._read_into(rel, origin + lo * BLOCK_BYTES, part)
+            part = view[(lo - b0) * bb:min(hi * bb, nbytes) - b0 * bb]
+            got = self._read_into(rel, origin + lo * bb, part)
             for i in range(lo, hi):
-                block = part[(i - lo) * BLOCK_BYTES:(i - lo + 1) * BLOCK_BYTES]
-                end = min((i - lo + 1) * BLOCK_BYTES, got)
-                if end - (i - lo) * BLOCK_BYTES != block.nbytes or checksum([block])[0] != f.frag.block_crc32c[i]:
+                block = part[(i - lo) * bb:(i - lo + 1) * bb]
+                end = min((i - lo + 1) * bb, got)
+                if end - (i - lo) * bb != block.nbytes or checksum([block])[0] != f.frag.block_crc32c[i]:
                     raise ChecksumError(f"{self.storage.url}/{rel}: tensor {f.frag.key!r} fails the "
                                         f"CRC32C of its block {i} (the file is corrupt)")
             with self._cache_lock:
                 for i in {lo, hi - 1}:
-                    self._cache[(f.rank, f.frag.key, i)] = bytes(part[(i - lo) * BLOCK_BYTES:(i - lo + 1) * BLOCK_BYTES])
+                    self._cache[(f.rank, f.frag.key, i)] = bytes(part[(i - lo) * bb:(i - lo + 1) * bb])
                 while len(self._cache) > CACHE_BLOCKS:
                     self._cache.popitem(last=False)
         return out

@@ -33,6 +33,7 @@ from ucp.core._errors import ChecksumError, CorruptCheckpointError, UcpError, Uc
 from ucp.core._fingerprint import ALGORITHM, fingerprint, fingerprint_box, to_hex
 from ucp.ops._inspect import (SCHEMA_VERSION, INDEX, Opened, SafetensorsFiles, detect_format,
                        display_url, open_checkpoint)
+from ucp.native._catalog import index_from_doc
 from ucp.native._meta import MAX_JSON_BYTES, Manifest, RankIndex, TensorFragment, loads, rank_stem, step_dir
 from ucp.core._topology import Topology
 from ucp.engines._open import layout_spec, spec_of
@@ -381,7 +382,7 @@ class _NativeVerifier:
             if not self._file_ok(name, len(raw), _crc32c.crc32c(raw)):
                 continue
             try:
-                out[rank] = RankIndex.from_dict(loads(raw, what=name), what=name)
+                out[rank] = index_from_doc(loads(raw, what=name), what=name, rep=lambda r: _rep(out, r, name))
             except UcpError as e:
                 kind = "checksum" if isinstance(e, ChecksumError) else "structure"
                 self.report.add(kind, self._where(name), _one_line(e))
@@ -616,3 +617,12 @@ def _tiles(where: str, held: list[_Held], report: VerifyReport) -> None:
     if volume != math.prod(gshape):
         report.add("coverage", where, f"its fragments cover {volume} of {math.prod(gshape)} "
                    f"elements of {list(gshape)}; a rank's piece is missing")
+
+
+def _rep(indexes: Mapping[int, RankIndex], rank: int, what: str) -> RankIndex:
+    """The index of the representative rank a member index names (a lower rank, read first)."""
+    try:
+        return indexes[rank]
+    except KeyError:
+        raise CorruptCheckpointError(f"{what}: describes its rank by rank {rank}'s index, which is "
+                                     "missing or damaged (see above)") from None
