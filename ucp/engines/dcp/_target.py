@@ -4,11 +4,12 @@ Writes a checkpoint that ``torch.distributed.checkpoint.load`` reads into any mo
 DTensor TP, plain) and ``dcp_to_torch_save`` turns into one file. The state dict is the one
 ``get_state_dict(model, optimizer)`` gives::
 
-    {"model": {fqn: weight or buffer},
+    {"model": {fqn: weight (the fp32 masters where the source has them) or buffer},
      "optim": {"state": {fqn: {"step": 0-d float32, "exp_avg": ..., ...}},
                "param_groups": [{...hyper-parameters..., "params": [fqn, ...]}]}}
 
-Each tensor is stored whole (one DCP chunk): a DCP checkpoint is read onto any sharding by
+A tied weight is stored under both of its names (as the model's state dict has it). Each tensor is
+stored whole (one DCP chunk): a DCP checkpoint is read onto any sharding by
 ``dcp.load`` itself, so the target topology only decides which layouts are refused (checked
 before any byte is written). torch's own writer writes the files (``.metadata``, ``__0_0.distcp``);
 tensors are read from the source one at a time as the writer asks for them, so memory holds one
@@ -28,11 +29,14 @@ from ucp.core._errors import CheckpointExistsError
 from ucp.core._topology import Topology
 from ucp.grammar import Spec
 from ucp.resharder import ArraySource, ReadStats, ReshardReport, check_recorded, plan_ranks, register_target
+from ucp.resharder._source import aliases_of
 from ucp.storage import Storage, read_counter
 
 __all__ = ["DcpTarget"]
 
 METADATA = ".metadata"
+#: Where a per-parameter step comes from when the source records only its own step.
+STEP = "#step"
 
 
 def state_dict_of(source: ArraySource) -> tuple[dict[str, Any], dict[str, tuple[str, str | None]]]:
@@ -43,14 +47,24 @@ def state_dict_of(source: ArraySource) -> tuple[dict[str, Any], dict[str, tuple[
     where: dict[str, tuple[str, str | None]] = {}
     for name in source.names():
         info = source.info(name)
-        model[name] = torch.empty(info.shape, dtype=info.dtype, device="meta")
-        where[f"model.{name}"] = (name, "param")
+        masters = "fp32" in info.states  # the fp32 masters are the weights training goes on from
+        model[name] = torch.empty(info.shape, dtype=torch.float32 if masters else info.dtype, device="meta")
+        where[f"model.{name}"] = (name, "fp32" if masters else "param")
         for state in info.states:
             if state in ("param", "fp32"):
                 continue
             shape = () if state == "step" else info.shape
             states.setdefault(name, {})[state] = torch.empty(shape, dtype=torch.float32, device="meta")
             where[f"optim.state.{name}.{state}"] = (name, state)
+        if name in states and "step" not in states[name] and source.step is not None:
+            # engines that count steps per group (DeepSpeed) record no per-parameter step: torch's
+            # optimizers keep one per parameter, the number of steps taken, the source's step
+            states[name]["step"] = torch.empty((), dtype=torch.float32, device="meta")
+            where[f"optim.state.{name}.step"] = (name, STEP)
+    for alias, name in aliases_of(source).items():  # tied weights: the model's state dict has both
+        if name in model and alias not in model:
+            model[alias] = model[name]
+            where[f"model.{alias}"] = where[f"model.{name}"]
     for name in source.buffer_names():
         a = source.array(name, None)
         model[name] = torch.empty(a.shape or (), dtype=a.dtype, device="meta")
@@ -79,6 +93,8 @@ def _planner(source: ArraySource, where: Mapping[str, tuple[str, str | None]], d
             if key not in where:
                 return super().resolve_data(write_item)
             name, state = where[key]
+            if state == STEP:
+                return torch.tensor(float(source.step))
             t = source.read(name, state, None)
             if state == "step":
                 t = t.to(torch.float32).reshape(())

@@ -1,0 +1,64 @@
+"""Migration: a real DeepSpeed ZeRO checkpoint -> ``ucp reshard --engine dcp`` -> torch's own
+``dcp.load`` into the same model under FSDP2 (no ucp code in the load)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ucp
+
+pytestmark = pytest.mark.slow
+
+
+def fsdp2_job(rank, world, dcp_dir, universal, args, train_path):
+    """Builds the DeepSpeed run's model under FSDP2, loads the DCP checkpoint with dcp.load and
+    returns the names whose weights or moments differ from the converted DeepSpeed checkpoint."""
+    import importlib.util
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    spec = importlib.util.spec_from_file_location("ds_train", train_path)
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    model = train.build_model(args)
+    for block in model.blocks:
+        fully_shard(block, mesh=init_device_mesh("cpu", (world,)))
+    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    opt = torch.optim.AdamW(train.param_groups(model, args.groups), lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+    msd, osd = get_state_dict(model, opt)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=dcp_dir)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    msd, osd = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
+    want = ucp.open(universal)
+    wrong = []
+    for name, t in msd.items():
+        if name in want.buffer_names():
+            ok = torch.equal(t, want.read_buffer(name).to(t.dtype))
+        else:
+            stored = want.aliases.get(name, name)
+            ok = torch.equal(t, want.read(stored, "param" if want.info(stored).frozen else "fp32"))
+        wrong += [] if ok else [name]
+    for name, states in osd["state"].items():
+        for s in ("exp_avg", "exp_avg_sq"):
+            wrong += [] if torch.equal(states[s], want.read(name, s)) else [f"{name}/{s}"]
+        wrong += [] if float(states["step"]) == args.steps else [f"{name}/step"]  # DeepSpeed counts per group
+    return wrong, [g["weight_decay"] for g in osd["param_groups"]], len(osd["state"])
+
+
+@pytest.mark.parametrize("key", ["z1_fp32_dp2", "z2_bf16_dp2"])
+def test_deepspeed_to_fsdp2_through_dcp(ds_checkpoint, ds_train_module, run_ranks, tmp_path, key):
+    src, args = ds_checkpoint(key)
+    ucp.convert(str(src), str(tmp_path / "u"), progress=False)  # the reference: proven equal to
+    # DeepSpeed's own zero_to_fp32 / ds_to_universal by test_convert_deepspeed.py
+    ucp.reshard(str(src), str(tmp_path / "dcp"), topology="dp=2", engine="dcp", progress=False)
+    results = run_ranks(fsdp2_job, 2, args=(str(tmp_path / "dcp"), str(tmp_path / "u"), args,
+                                            ds_train_module.__file__))
+    for r in results:
+        wrong, decay, states = r.value
+        assert wrong == []  # fp32 masters, frozen weight, buffers, both moments and step, bit for bit
+        assert decay == ([0.1] if args.groups == 1 else [0.1, 0.0]) and states > 0
