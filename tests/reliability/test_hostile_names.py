@@ -112,5 +112,5 @@ def test_universal_names_with_a_consistent_table(sandbox):
     ucp.save({"model": model}, str(sandbox / "n"), step=1).wait()
     ucp.convert(str(sandbox / "n"), str(sandbox / "u"), progress=False)
     ckpt = ucp.open(str(sandbox / "u"))
-    paths = {ckpt._params[n]["path"] for n in HOSTILE}
+    paths = {ckpt.meta.params[n].path for n in HOSTILE}
     assert len(paths) == len(HOSTILE) and all(p.startswith("params/") and ".." not in p.split("/") for p in paths)

@@ -41,6 +41,7 @@ from ucp.core._errors import (ChecksumError, CheckpointExistsError, CheckpointNo
 from ucp.core._fingerprint import fingerprint as fingerprint_of
 from ucp.core._fingerprint import combine, from_hex, to_hex
 from ucp.core._sealed import MAX_JSON_BYTES, load_sealed, seal
+from ucp.universal._meta import ArrayEntry, UniversalMeta
 from ucp.universal._shard import ChunkReader, Layout, ShardParts, layout_of, shard_shape, sharded_meta
 from ucp.core._stfile import dtype_from_name, dtype_name
 from ucp.core._topology import Topology
@@ -63,7 +64,6 @@ CHUNK_BYTES = 4 * 2**20
 MIN_CHUNK_BYTES = 64 * 2**10
 MIN_SPLITS = 8
 _SAFE = re.compile(r"[A-Za-z0-9._-]")
-_SAFE_STATE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 #: Largest array metadata file (``zarr.json``) read: a few hundred bytes in practice.
 MAX_ARRAY_META = 1 << 20
 _MAX_NAME = 160
@@ -307,9 +307,8 @@ class UniversalCheckpoint:
             raise CorruptCheckpointError(f"{url} is an incomplete universal checkpoint (its "
                                          "conversion did not finish); run `ucp convert` again")
         self._attrs = attrs
-        where = f"{url}/{GROUP_META}"
-        self._params = _checked_table(self.storage, attrs.get("params"), states=True, where=where)
-        self._buffers = _checked_table(self.storage, attrs.get("buffers"), states=False, where=where)
+        self.meta = UniversalMeta.from_attrs(attrs, where=f"{url}/{GROUP_META}", check_path=self.storage.path)
+        self._params, self._buffers = self.meta.params, self.meta.buffers
         self._store: Any = None
         self._arrays: dict[str, OpenedArray] = {}
         self._lock = threading.Lock()  # the resharder reads from several threads
@@ -317,29 +316,28 @@ class UniversalCheckpoint:
 
     @property
     def step(self) -> int | None:
-        return self._attrs.get("step")
+        return self.meta.step
 
     @property
     def engine(self) -> str | None:
-        return (self._attrs.get("source") or {}).get("engine")
+        return self.meta.engine
 
     @property
     def topology(self) -> Topology | None:
-        text = (self._attrs.get("source") or {}).get("topology")
-        return Topology.parse(text) if text else None
+        return Topology.parse(self.meta.topology) if self.meta.topology else None
 
     @property
     def spec(self) -> str | None:
-        return self._attrs.get("spec")
+        return self.meta.spec
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
-        return list(self._attrs.get("param_groups") or [])
+        return [dict(g) for g in self.meta.param_groups]
 
     @property
     def aliases(self) -> dict[str, str]:
         """Tied weights: other names the model uses for a parameter (alias -> name)."""
-        return dict(self._attrs.get("aliases") or {})
+        return dict(self.meta.aliases)
 
     @property
     def extras(self) -> dict[str, Any]:
@@ -360,8 +358,8 @@ class UniversalCheckpoint:
 
     def info(self, name: str) -> ParamInfo:
         e = self._entry(name)
-        return ParamInfo(shape=tuple(e["shape"]), dtype=dtype_from_name(e["dtype"]),
-                         states=tuple(e["states"]), frozen=bool(e.get("frozen")), group=e.get("group"))
+        return ParamInfo(shape=e.shape, dtype=dtype_from_name(e.dtype), states=e.states, frozen=e.frozen,
+                         group=e.group)
 
     def read(self, name: str, state: str = "fp32", region: Sequence[slice] | None = None) -> torch.Tensor:
         """One state of a parameter, or only ``region`` of it (reads only the chunks needed)."""
@@ -377,27 +375,25 @@ class UniversalCheckpoint:
             if name not in self._buffers:
                 raise KeyError(f"no buffer {name!r} in {self.url}")
             e = self._buffers[name]
-            return self.open_array(e["path"], tuple(e["shape"]), _meta_crc(e, None)), None
+            return self.open_array(e.path, e.shape, e.meta_crc(None)), None
         e = self._entry(name)
         stored, cast = state, None
-        if state == "param" and "param" not in e["states"] and "fp32" in e["states"]:
-            stored, cast = "fp32", dtype_from_name(e["dtype"])
-        if stored not in e["states"]:
-            raise KeyError(f"parameter {name!r} has no state {state!r} in {self.url}; it has {e['states']}")
-        a = self.open_array(f"{e['path']}/{stored}", None if stored == "step" else tuple(e["shape"]),
-                            _meta_crc(e, stored))
+        if state == "param" and "param" not in e.states and "fp32" in e.states:
+            stored, cast = "fp32", dtype_from_name(e.dtype)
+        if stored not in e.states:
+            raise KeyError(f"parameter {name!r} has no state {state!r} in {self.url}; it has {list(e.states)}")
+        a = self.open_array(f"{e.path}/{stored}", None if stored == "step" else e.shape, e.meta_crc(stored))
         return a, cast if cast not in (None, a.dtype) else None
 
     def recorded_fingerprint(self, name: str, state: str | None) -> int | None:
         """The fingerprint recorded for a parameter state (``state=None``: a buffer) when it was
         written, or None (converted with ``--no-verify``, or by an older ucp)."""
-        e = self._buffers.get(name, {}) if state is None else self._entry(name)
-        if state is None:
-            value = e.get("fingerprint")
-        else:
-            if state == "param" and "param" not in e["states"] and e["dtype"] == "float32":
-                state = "fp32"  # an fp32 model's weights are stored once, as fp32: the same bits
-            value = (e.get("fingerprints") or {}).get(state)
+        e = self._buffers.get(name) if state is None else self._entry(name)
+        if e is None:
+            return None
+        if state == "param" and "param" not in e.states and e.dtype == "float32":
+            state = "fp32"  # an fp32 model's weights are stored once, as fp32: the same bits
+        value = e.fingerprint(state)
         try:
             return from_hex(value) if value is not None else None
         except ValueError as err:
@@ -407,7 +403,7 @@ class UniversalCheckpoint:
     def read_buffer(self, name: str) -> torch.Tensor:
         return self.read_array(self.state_array(name, None)[0], None)
 
-    def _entry(self, name: str) -> dict[str, Any]:
+    def _entry(self, name: str) -> ArrayEntry:
         try:
             return self._params[name]
         except KeyError:
@@ -507,44 +503,6 @@ def read_array_meta(storage: Storage, url: str, path: str, meta_crc: int | None)
         raise ChecksumError(f"{where}: CRC32C does not match the one the group metadata records "
                             "(the array metadata is damaged); convert the checkpoint again")
     return bytes(raw)
-
-
-def _meta_crc(entry: Mapping[str, Any], state: str | None) -> int | None:
-    """The CRC32C of an array's ``zarr.json`` recorded in its table entry (None: not recorded)."""
-    crcs = entry.get("meta_crc32c")
-    if state is not None and isinstance(crcs, dict):
-        crcs = crcs.get(state)
-    return crcs if type(crcs) is int else None
-
-
-def _checked_table(storage: Storage, table: Any, *, states: bool, where: str) -> dict[str, dict[str, Any]]:
-    """The ``params`` or ``buffers`` table of the group metadata, each entry checked: a path that
-    stays below the root, a shape, a known dtype and plain state names."""
-    if table is None:
-        return {}
-    if not isinstance(table, dict):
-        raise CorruptCheckpointError(f"{where}: the parameter table is a {type(table).__name__}")
-    folded: dict[str, str] = {}
-    for name, e in table.items():
-        ok = isinstance(e, dict) and isinstance(e.get("path"), str) and isinstance(e.get("shape"), list) \
-            and all(type(n) is int and n >= 0 for n in e["shape"]) and isinstance(e.get("dtype"), str)
-        if ok and states:
-            ok = isinstance(e.get("states"), list) and all(
-                isinstance(s, str) and _SAFE_STATE.fullmatch(s) for s in e["states"])
-        if not ok:
-            raise CorruptCheckpointError(f"{where}: malformed entry for {name[:200]!r}; the group "
-                                         "metadata is damaged, convert the checkpoint again")
-        storage.path(e["path"])  # raises UnsafeInputError for a path that leaves the root
-        other = folded.setdefault(e["path"].lower(), name)
-        if other != name:  # on a case-insensitive filesystem both would read one directory
-            raise CorruptCheckpointError(f"{where}: {other[:200]!r} and {name[:200]!r} are stored at "
-                                         "paths that differ only in case; the checkpoint cannot hold "
-                                         "both (convert it again with this ucp, which refuses such names)")
-        try:
-            dtype_from_name(e["dtype"])
-        except CorruptCheckpointError as err:
-            raise CorruptCheckpointError(f"{where}: {name[:200]!r}: {err}") from None
-    return dict(table)
 
 
 def _region_chunks(a: OpenedArray, region: Sequence[slice] | None) -> tuple[list[int], list[int]]:
