@@ -291,7 +291,7 @@ def test_pickle_payload_is_refused_without_running(fake_zero, tmp_path, form):
     assert not marker.exists()
 
 
-def test_payload_through_an_allowed_name_is_refused(fake_zero, tmp_path):
+def test_payload_through_an_allowed_name_is_refused(fake_zero, tmp_path, monkeypatch):
     """A pickle that calls an allowed stand-in with hostile arguments still runs nothing."""
     fake = fake_zero(stage=2, dp=2, groups=SMALL_GROUPS)
     victim = fake.tag_dir / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"
@@ -304,12 +304,11 @@ def test_payload_through_an_allowed_name_is_refused(fake_zero, tmp_path):
     import sys
     import types
     for mod in ("deepspeed", "deepspeed.runtime", "deepspeed.runtime.zero", "deepspeed.runtime.zero.config"):
-        sys.modules.setdefault(mod, types.ModuleType(mod))
-    sys.modules["deepspeed.runtime.zero.config"].ZeroStageEnum = Stage
-    try:
-        torch.save({"optimizer_state_dict": {"zero_stage": Stage(), "partition_count": [2, 2]}}, victim)
-    finally:
-        del sys.modules["deepspeed.runtime.zero.config"].ZeroStageEnum
+        if mod not in sys.modules:  # stand-ins only while pickling (restored after the test: a
+            monkeypatch.setitem(sys.modules, mod, types.ModuleType(mod))  # spec-less module breaks find_spec)
+    monkeypatch.setattr(sys.modules["deepspeed.runtime.zero.config"], "ZeroStageEnum", Stage, raising=False)
+    torch.save({"optimizer_state_dict": {"zero_stage": Stage(), "partition_count": [2, 2]}}, victim)
+    monkeypatch.undo()
     with pytest.raises((UnsafeInputError, CorruptCheckpointError), match=str(victim)):
         DeepSpeedCheckpoint(fake.root)
 
