@@ -16,7 +16,7 @@ import torch
 
 from ucp.core._errors import TopologyError, UcpSpecError
 from ucp.core._topology import Topology
-from ucp.engines._base import ParamInfo
+from ucp.core._params import ParamInfo
 from ucp.grammar import ParamLayout, Piece, Spec, load_spec
 
 from ._zero import Region, flat_boxes, group_partition, param_partition

@@ -10,38 +10,14 @@ of its checkpoints, which auto-detection reports when no engine accepts the path
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Mapping, Protocol, runtime_checkable
 
 import torch
 
+from ucp.core._params import ParamInfo, Region
 from ucp.core._topology import Topology
 
 __all__ = ["ParamInfo", "SourceCheckpoint", "Engine", "Region", "cut"]
-
-#: A box of a global tensor: ``(start, stop)`` per dimension.
-Region = tuple[tuple[int, int], ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class ParamInfo:
-    """A consolidated parameter as a source checkpoint describes it.
-
-    Attributes:
-        shape: global shape.
-        dtype: the model dtype (of state ``param``).
-        states: the states it has: ``param`` (model dtype), ``fp32`` (master weights) and
-            optimizer states such as ``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``.
-        frozen: True for parameters without gradients (no optimizer states).
-        group: index of its optimizer param group, or None.
-    """
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    states: tuple[str, ...]
-    frozen: bool = False
-    group: int | None = None
-
 
 def cut(t: torch.Tensor, region: Region | None) -> torch.Tensor:
     """``region`` of a whole tensor (how readers that read whole tensors answer region reads)."""

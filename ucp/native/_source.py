@@ -32,7 +32,7 @@ from ucp.core._stfile import dtype_from_name, dtype_name, from_bytes, header_len
 from ucp.core._topology import Topology
 from ucp.storage import Storage, checksum
 
-from ucp.engines._base import ParamInfo, Region
+from ucp.core._params import ParamInfo, Region
 from ucp.resharder._read import runs
 from ucp.engines._near import native_near_miss
 

@@ -29,7 +29,7 @@ from ucp.native._meta import MAX_JSON_BYTES, parse_step_dir
 from ucp.native._steps import SCHEMA_VERSION, StepRow, display_url, human_bytes, list_steps, parse_size
 from ucp.core._stfile import dtype_name
 from ucp.core._topology import Topology
-from ucp.engines._base import ParamInfo, Region
+from ucp.core._params import ParamInfo, Region
 from ucp.engines._open import spec_of
 from ucp.engines.hf._files import INDEX, SafetensorsFiles
 

@@ -46,7 +46,7 @@ from ucp.universal._shard import ChunkReader, Layout, ShardParts, layout_of, sha
 from ucp.core._stfile import dtype_from_name, dtype_name
 from ucp.core._topology import Topology
 from ucp.universal._tiles import RowBuffer, TiledShard, tiles_fit
-from ucp.engines._base import ParamInfo
+from ucp.core._params import ParamInfo
 
 __all__ = ["UniversalCheckpoint", "UniversalWriter", "OpenedArray", "escape_name", "chunk_shape", "open_universal"]
 

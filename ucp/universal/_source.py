@@ -10,7 +10,7 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from ucp.core._sealed import MAX_JSON_BYTES
-from ucp.engines._base import ParamInfo
+from ucp.core._params import ParamInfo
 from ucp.resharder._source import ArrayInfo, ArraySource
 from ucp.resharder._zero import Region
 from ucp.storage import Storage
