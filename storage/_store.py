@@ -173,7 +173,7 @@ class Storage:
             _remove_quietly(target)
         value, size = 0, 0
         try:
-            with _create(tmp, directory) as f:
+            with _create(tmp, directory, replace=not atomic) as f:
                 for chunk in chunks:
                     view = memoryview(chunk).cast("B")
                     if crc:
@@ -443,14 +443,23 @@ def _link_exclusive(tmp: str, target: str) -> None:
     _remove_quietly(tmp)
 
 
-def _create(path: str, directory: str) -> BinaryIO:
+def _create(path: str, directory: str, *, replace: bool = False) -> BinaryIO:
     """A new file opened for writing (unbuffered); ``directory`` is made only when missing, so
-    writing many files into one directory costs no ``mkdir`` and ``stat`` per file."""
-    try:
-        return open(path, "xb", buffering=0)
-    except FileNotFoundError:
-        os.makedirs(directory, exist_ok=True)
-        return open(path, "xb", buffering=0)
+    writing many files into one directory costs no ``mkdir`` and ``stat`` per file. ``replace``:
+    a file another process created there meanwhile (the same node written by two converting
+    workers) is removed and the new one created in its place, a few times at most."""
+    for attempt in range(3):
+        try:
+            try:
+                return open(path, "xb", buffering=0)
+            except FileNotFoundError:
+                os.makedirs(directory, exist_ok=True)
+                return open(path, "xb", buffering=0)
+        except FileExistsError:
+            if not replace or attempt == 2:
+                raise
+            _remove_quietly(path)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _remove_quietly(path: str) -> None:

@@ -165,3 +165,23 @@ def test_concurrent_writers_of_one_file_never_expose_a_mix(tmp_path):
     for t in threads:
         t.join()
     assert s.read("same") in payloads
+
+
+def test_a_non_atomic_write_replaces_a_file_another_writer_just_made(tmp_path, monkeypatch):
+    """Two converting workers write the same group node: the one whose create finds the other's
+    file removes it and writes its own (was: FileExistsError, the conversion failed)."""
+    from ucp.storage import _store
+
+    (tmp_path / "g").mkdir()
+    real, raced = _store._remove_quietly, []
+
+    def racing(path):
+        real(path)
+        if not raced:  # the other worker creates the file between our remove and our create
+            raced.append(path)
+            with open(path, "wb") as f:
+                f.write(b"theirs")
+
+    monkeypatch.setattr(_store, "_remove_quietly", racing)
+    Storage(str(tmp_path)).write("g/zarr.json", b"ours", atomic=False, fsync=False)
+    assert raced and (tmp_path / "g" / "zarr.json").read_bytes() == b"ours"
