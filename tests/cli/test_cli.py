@@ -219,8 +219,11 @@ def test_sigint_while_a_command_imports_torch_is_one_line_and_130(tmp_path):
 
     code = ("import sys; from ucp.cli import main; print('ready', flush=True); "
             "main(sys.argv[1:], prog_name='ucp')")
+    # as from a terminal: SIGINT at its default (a disposition an earlier test left ignored in
+    # this process would be inherited, and the child would never see the Ctrl-C)
     p = subprocess.Popen([sys.executable, "-c", code, "inspect", str(tmp_path)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert p.stdout.readline() == "ready\n"
     time.sleep(0.2)  # inside the command: importing torch and the readers takes seconds
     p.send_signal(signal.SIGINT)
