@@ -442,6 +442,11 @@ def test_megatron_target_refuses_foreign_names_and_an_existing_save(hf_llama: Pa
     with pytest.raises(ucp.CheckpointExistsError, match="iter_0000000"):
         ucp.reshard(str(hf_llama), str(tmp_path / "out"), topology="tp=1", engine="megatron")
     ucp.reshard(str(hf_llama), str(tmp_path / "out"), topology="tp=1", engine="megatron", overwrite=True)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(ucp.UcpError, match="notes.txt"):
+        ucp.reshard(str(hf_llama), str(tmp_path / "busy"), topology="tp=1", engine="megatron")
+    assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == ["notes.txt"]
 
 
 @pytest.mark.slow
