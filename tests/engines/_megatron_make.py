@@ -159,6 +159,8 @@ def _run_values(iteration: int) -> dict[str, Any]:
     from megatron.core.transformer.enums import AttnBackend
 
     args = argparse.Namespace(tensor_model_parallel_size=2, attention_backend=AttnBackend.auto,
+                              num_attention_heads=MODEL["num_attention_heads"], group_query_attention=True,
+                              num_query_groups=MODEL["num_query_groups"],
                               optimizer_config=OptimizerConfig(lr=1e-2), params_dtype=torch.bfloat16)
     return {"args": args, "iteration": iteration, "checkpoint_version": 3.0}
 

@@ -366,6 +366,15 @@ def test_megatron_loads_what_ucp_wrote_at_tp_pp(megatron_ckpt: Reference, tmp_pa
     assert MegatronCheckpoint(str(again)).step == 2  # the iteration Megatron loaded from common_state
 
 
+@pytest.mark.slow
+def test_megatron_target_refuses_what_megatron_lm_args_rule_out(megatron_ckpt: Reference, tmp_path):
+    """The head counts of a Megatron source come from Megatron-LM's args in its common state: tp=4
+    divides every tensor's rows but not the 2 query groups, and is refused before any byte is written."""
+    with pytest.raises(ucp.TopologyError, match="tp=4 does not divide num_query_groups .* = 2"):
+        ucp.reshard(str(megatron_ckpt.ckpt), str(tmp_path / "out"), topology="tp=4", engine="megatron")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.fixture(scope="session")
 def hf_llama(tmp_path_factory) -> Path:
     """A tiny transformers Llama (the Megatron test model's shapes), saved with save_pretrained in bf16."""

@@ -156,8 +156,12 @@ def _megatron_args(source: Any) -> Any:
     common = getattr(inner, "_common", None)
     if not callable(common):
         return None
-    for value in common():
-        if isinstance(value, dict) and value.get("args") is not None:
+    values = list(common())
+    while values:
+        value = values.pop(0)
+        if isinstance(value, list):  # Megatron stores its common state as [value]
+            values[:0] = value
+        elif isinstance(value, dict) and value.get("args") is not None:
             return value["args"]
     return None
 
