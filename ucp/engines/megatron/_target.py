@@ -125,17 +125,17 @@ class ModelShape:
                   ("tp", tp, self.vocab, "the vocabulary (rows of embedding.word_embeddings.weight)"),
                   ("tp", tp, self.qkv_rows, "the rows of decoder.layers.*.self_attention.linear_qkv.weight"),
                   ("pp", pp, self.layers, "num_layers (decoder.layers.*)")]
+        share = {"tp": "tensor-parallel rank an equal share", "pp": "pipeline stage an equal number of layers"}
         for axis, size, value, what in checks:
             if value is not None and value % size:
                 raise TopologyError(f"{axis}={size} does not divide {what} = {value}: Megatron gives every "
-                                    f"{'tensor-parallel rank an equal share' if axis == 'tp' else 'pipeline stage an equal number of layers'}; "
-                                    f"pick a {axis} that divides {value}")
-        if topology.ep > 1 and not self.experts:
+                                    f"{share[axis]}; pick a {axis} that divides {value}")
+        if self.experts:
+            raise ConvertError("the model has mixture-of-experts layers (decoder.layers.*.mlp.experts.*); "
+                               "the megatron target writes dense models only")
+        if topology.ep > 1:
             raise TopologyError(f"ep={topology.ep}: the model has no experts (no decoder.layers.*.mlp.experts.*) "
                                 "to share out; use ep=1")
-        if self.experts:
-            raise TopologyError("the model has mixture-of-experts layers (decoder.layers.*.mlp.experts.*); "
-                                "the megatron target writes dense models only")
 
 
 def _head_counts(source: Any) -> tuple[int | None, int | None]:
