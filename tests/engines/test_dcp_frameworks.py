@@ -131,19 +131,22 @@ def _hf_logits(folder: Path, tokens: torch.Tensor) -> torch.Tensor:
 @pytest.mark.slow
 def test_torchtitan_export_to_hugging_face_gives_torchtitans_logits(titan_run: Path, tmp_path: Path) -> None:
     """A real torchtitan Llama (GQA, fused wqkv) -> ``ucp export --map torchtitan-llama``, from the
-    universal checkpoint of step 4 and straight from the torchtitan root (its newest step, 5):
+    universal checkpoint of step 4 and straight from the torchtitan root (steps 4 and 5):
     transformers' logits on the job's batch equal torchtitan's own model's within fp32 rounding."""
     from safetensors.torch import load_file, save_file
+    from torchtitan.models.llama3.state_dict_adapter import Llama3StateDictAdapter
 
     (tmp_path / "wrong").mkdir()
     root = titan_run / "checkpoint"
-    for step, src in ((4, tmp_path / "u"), (5, root)):
+    # step 4 (a full save: fused wqkv moments) from its universal checkpoint and straight from the
+    # root with no head_dim (an export reads weights only); step 5, the root's newest
+    for step, src, pick in ((4, tmp_path / "u", []), (4, root, ["--step", "4"]), (5, root, [])):
         ref = torch.load(titan_run / f"full-{step}.pt", weights_only=True)
-        config, out = _titan_hf_config(tmp_path / "config.json", ref), tmp_path / f"hf-{step}"
+        config, out = _titan_hf_config(tmp_path / "config.json", ref), tmp_path / f"hf-{step}-{len(pick)}"
         if src != root:
             ucp.convert(str(root), str(src), spec=f"head_dim = {ref['head_dim']}", tag=str(step))
         r = CliRunner().invoke(main, ["export", str(src), str(out), "--map", "torchtitan-llama",
-                                      "--config", str(config), "-q"])
+                                      "--config", str(config), "-q", *pick])
         assert r.exit_code == 0, r.output
         # the same fp32 weights: the two models differ only in the order of their float sums (fused
         # wqkv matmul vs three projections, complex vs rotate-half RoPE). Measured: 2.4e-7 at most
@@ -155,23 +158,17 @@ def test_torchtitan_export_to_hugging_face_gives_torchtitans_logits(titan_run: P
         assert (logits - want).abs().max().item() <= tol, step
         assert torch.equal(logits.argmax(-1), want.argmax(-1))
         hf, model = load_file(out / "model.safetensors"), ref["model"]
-        if step == 4:  # the check can fail: q/k rows left in torchtitan's order
+        if pick:  # the check can fail: q/k rows left in torchtitan's order
             wrong = {**hf, **{f"model.layers.{i}.self_attn.{p}_proj.weight":
                               model[f"layers.{i}.attention.qkv_linear.w{p}.weight"] for i in range(2) for p in "qk"}}
             save_file(wrong, str(tmp_path / "wrong" / "model.safetensors"), metadata={"format": "pt"})
             shutil.copy(config, tmp_path / "wrong" / "config.json")
             assert (_hf_logits(tmp_path / "wrong", ref["tokens"]) - want).abs().max().item() > 10 * tol
-        for titan_name, hf_name in (("tok_embeddings.weight", "model.embed_tokens.weight"),
-                                    ("lm_head.weight", "lm_head.weight"), ("norm.weight", "model.norm.weight"),
-                                    ("layers.1.attention.qkv_linear.wv.weight", "model.layers.1.self_attn.v_proj.weight"),
-                                    ("layers.1.attention.wo.weight", "model.layers.1.self_attn.o_proj.weight"),
-                                    ("layers.0.feed_forward.w1.weight", "model.layers.0.mlp.gate_proj.weight"),
-                                    ("layers.0.feed_forward.w2.weight", "model.layers.0.mlp.down_proj.weight"),
-                                    ("layers.0.feed_forward.w3.weight", "model.layers.0.mlp.up_proj.weight"),
-                                    ("layers.0.attention_norm.weight", "model.layers.0.input_layernorm.weight"),
-                                    ("layers.0.ffn_norm.weight", "model.layers.0.post_attention_layernorm.weight")):
-            _same(hf[hf_name], model[titan_name], hf_name)  # what needs no permutation: bit for bit
-        assert len(hf) == len(model)
+        # every weight bit for bit as torchtitan's own adapter gives it (q/k permuted, the rest as is)
+        adapted = Llama3StateDictAdapter(titan.tiny_llama_config(), None).to_hf(dict(model))
+        assert sorted(hf) == sorted(adapted) and len(hf) == len(model)
+        for name, t in adapted.items():
+            _same(hf[name], t, name)
 
 
 def _titan_state() -> dict[str, torch.Tensor]:

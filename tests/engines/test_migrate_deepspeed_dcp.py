@@ -16,13 +16,13 @@ pytestmark = pytest.mark.slow
 TRAIN = Path(__file__).resolve().parent / "_ds_train.py"
 
 
-def fsdp2_job(rank, world, dcp_dir, universal, args, train_path):
-    """Builds the DeepSpeed run's model under FSDP2, loads the DCP checkpoint with dcp.load and
-    returns the names whose weights or moments differ from the converted DeepSpeed checkpoint."""
+def fsdp2_loaded(world, dcp_dir, args, train_path):
+    """The DeepSpeed run's model under FSDP2 and torch AdamW with its hyper-parameters, loaded from
+    ``dcp_dir`` by torch's ``dcp.load`` alone; returns ``(the _ds_train module, model, optimizer)``."""
     import importlib.util
 
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -38,6 +38,15 @@ def fsdp2_job(rank, world, dcp_dir, universal, args, train_path):
     state = {"model": msd, "optim": osd}
     dcp.load(state, checkpoint_id=dcp_dir)
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return train, model, opt
+
+
+def fsdp2_job(rank, world, dcp_dir, universal, args, train_path):
+    """Loads the DCP checkpoint into FSDP2 (:func:`fsdp2_loaded`) and returns the names whose weights
+    or moments differ from the converted DeepSpeed checkpoint."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    _, model, opt = fsdp2_loaded(world, dcp_dir, args, train_path)
     msd, osd = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
     want = ucp.open(universal)
     wrong = []
@@ -70,29 +79,13 @@ def test_deepspeed_to_fsdp2_through_dcp(ds_checkpoint, ds_train_module, run_rank
 
 
 def fsdp2_continue(rank, world, dcp_dir, args, train_path):
-    """Torch alone (no ucp import): the DeepSpeed run's model under FSDP2 and AdamW with the same
-    hyper-parameters (and DeepSpeed's gradient clipping, global norm 1.0), loaded by ``dcp.load``, trains on from step ``args.save_at`` to ``args.steps``
-    on the DeepSpeed run's data; returns each step's loss averaged over the ranks."""
-    import importlib.util
-
-    import torch.distributed.checkpoint as dcp
+    """Torch alone (no ucp call): the DeepSpeed run's model under FSDP2 and AdamW, loaded by
+    ``dcp.load`` (:func:`fsdp2_loaded`), trains on from step ``args.save_at`` to ``args.steps`` on the
+    DeepSpeed run's data, clipping gradients as DeepSpeed does (global norm 1.0); returns each
+    step's loss averaged over the ranks."""
     import torch.nn.functional as F
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
-    spec = importlib.util.spec_from_file_location("ds_train", train_path)
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
-    model = train.build_model(args)
-    for block in model.blocks:
-        fully_shard(block, mesh=init_device_mesh("cpu", (world,)))
-    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
-    opt = torch.optim.AdamW(train.param_groups(model, args.groups), lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
-    msd, osd = get_state_dict(model, opt)
-    state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=dcp_dir)
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    train, model, opt = fsdp2_loaded(world, dcp_dir, args, train_path)
     gen = torch.Generator().manual_seed(args.seed + 1000 + rank)  # each rank's DeepSpeed data stream
     losses = []
     for step in range(1, args.steps + 1):
