@@ -61,7 +61,8 @@ def reshard(src: str, dst: str, *, topology: Topology | str, engine: str = "ucp"
         >>> ucp.load("ckpt_tp1/", rank=3)["optim"]["flat"][0]["exp_avg"]
     """
     from ucp.engines.dcp import _target as _dcp_target  # noqa: F401 - registers engine="dcp"
-    from ucp.engines.deepspeed import _target  # noqa: F401 - registers engine="deepspeed"
+    from ucp.engines.deepspeed import _native  # noqa: F401 - registers engine="deepspeed" (native files)
+    from ucp.engines.deepspeed import _target  # noqa: F401 - registers engine="deepspeed-universal"
     from ucp.resharder import get_target
     from ucp.resharder._api import resolve
 
