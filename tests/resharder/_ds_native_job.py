@@ -85,13 +85,16 @@ def main(argv: list[str]) -> None:
                 "frozen": {}, "buffers": {}, "lr_scheduler": sched.state_dict() if sched else None,
                 "groups": [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]}
         for name, prm in engine.module.named_parameters():
-            seen["module"][name] = prm.detach().clone()
-            if not prm.requires_grad:
-                seen["frozen"][name] = prm.detach().clone()
-                continue
-            seen["fp32"][name] = safe_get_full_fp32_param(prm).clone()
-            for state in ("exp_avg", "exp_avg_sq"):
-                seen[state][name] = safe_get_full_optimizer_state(prm, state).clone()
+            if prm.requires_grad:
+                seen["fp32"][name] = safe_get_full_fp32_param(prm).clone()
+                for state in ("exp_avg", "exp_avg_sq"):
+                    seen[state][name] = safe_get_full_optimizer_state(prm, state).clone()
+        # ZeRO-3 holds only a partition of each weight: gather them whole (a no-op for ZeRO-1/2)
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+            for name, prm in engine.module.named_parameters():
+                seen["module"][name] = prm.detach().clone()
+                if not prm.requires_grad:
+                    seen["frozen"][name] = prm.detach().clone()
         seen["buffers"] = {n: b.clone() for n, b in engine.module.named_buffers()}
         if rank == 0:
             torch.save(seen, own.record)

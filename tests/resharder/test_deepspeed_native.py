@@ -120,9 +120,59 @@ def test_zero1_and_fp32_layout(tmp_path):
     assert osd["zero_stage"] == 1
 
 
+@pytest.mark.parametrize("dp", [1, 3])
+def test_zero3_files_follow_deepspeed_partitioning(tmp_path, dp):
+    """ZeRO-3: per rank a model file (size-0 placeholders, buffers, the rank's padded fragment of
+    the frozen parameter) and an optimizer file whose flat groups hold each parameter's
+    ``ceil(numel / dp)`` share; ucp's DeepSpeed reader reads them back to the source's values."""
+    import ucp
+    from ucp.engines.deepspeed._reader import DeepSpeedCheckpoint
+
+    fake = _fake(tmp_path)
+    out = tmp_path / "out"
+    ucp.reshard(str(fake.root), str(out), topology=f"dp={dp},zero=3", engine="deepspeed", progress=False)
+    tag = out / "global_step3"
+    assert sorted(p.name for p in tag.iterdir()) == sorted(
+        [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(dp)]
+        + [f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(dp)])
+    q = -(-6 // dp)  # the frozen parameter's share
+    for r in range(dp):
+        model = torch.load(tag / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt", weights_only=True)
+        assert model["module"]["a.weight"].numel() == 0 and torch.equal(model["module"]["mask"], fake.buffers["mask"])
+        frag = model["frozen_param_fragments"]["f"]
+        want = fake.expected["f"]["param"].reshape(-1)[r * q:(r + 1) * q]
+        assert frag.numel() == q and torch.equal(frag[:want.numel()], want) and not frag[want.numel():].any()
+        osd = torch.load(tag / f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt",
+                         weights_only=False)["optimizer_state_dict"]  # holds DeepSpeed's LossScaler class
+        assert type(osd["loss_scaler"]).__name__ == "LossScaler" and osd["loss_scaler"].cur_scale == 1.0
+        assert [g["params"] for g in osd["optimizer_state_dict"]["param_groups"]] == [[0], [1]]
+        sizes = [sum(-(-n // dp) for n in g) for g in ([15, 7], [4])]
+        assert [t.numel() for t in osd["fp32_flat_groups"]] == sizes
+    with DeepSpeedCheckpoint(out) as back:
+        assert back.dp_size == dp and back.zero_stage == 3
+        for n in ("a.weight", "b", "c"):
+            for s in ("fp32", "exp_avg", "exp_avg_sq"):
+                assert torch.equal(back.read(n, s), fake.expected[n][s]), (n, s)
+        assert torch.equal(back.read("f", "param"), fake.expected["f"]["param"])
+
+
+def test_zero3_refuses_fp16(tmp_path, monkeypatch):
+    import ucp
+    from ucp.core._params import ParamInfo
+    from ucp.resharder._source import ConvertingSource
+
+    fake = _fake(tmp_path)
+    info = ConvertingSource.info
+    monkeypatch.setattr(ConvertingSource, "info", lambda self, n: ParamInfo(
+        *(lambda i: (i.shape, torch.float16, i.states, i.frozen, i.group))(info(self, n))))
+    with pytest.raises(ucp.TopologyError, match="zero=3 and an fp16 model"):
+        ucp.reshard(str(fake.root), str(tmp_path / "out"), topology="dp=2,zero=3", engine="deepspeed")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("topology, words", [
     ("dp=2,tp=2,zero=1", "'tp': 2"), ("dp=2,pp=2,zero=1", "'pp': 2"), ("dp=2,zero=0", "zero=0"),
-    ("dp=2,zero=3", "zero=3")])
+    ("dp=2,ep=2,zero=2", "'ep': 2")])
 def test_refuses_what_it_cannot_write_before_writing(tmp_path, topology, words):
     import ucp
 
@@ -235,19 +285,23 @@ def ds_saved(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ranks, flags", [
-    (3, FLAGS), (1, FLAGS),
-    (3, ["--stage", "1", "--dtype", "fp32", "--groups", "1", "--scheduler"]),
+@pytest.mark.parametrize("ranks, flags, stage", [
+    (3, FLAGS, 2), (1, FLAGS, 2), (3, FLAGS, 3), (1, FLAGS, 1),
+    (3, ["--stage", "1", "--dtype", "fp32", "--groups", "1", "--scheduler"], 1),
+    (3, ["--stage", "3", "--dtype", "bf16", "--groups", "2", "--scheduler"], 3),
 ])
-def test_stock_deepspeed_loads_what_ucp_wrote(ds_saved, tmp_path, ranks, flags):
+def test_stock_deepspeed_loads_what_ucp_wrote(ds_saved, tmp_path, ranks, flags, stage):
+    """Saved by DeepSpeed on 2 ranks at the stage in ``flags``, written by ucp for ``ranks`` ranks at
+    ``stage`` (ZeRO-2 -> ZeRO-3 and -> ZeRO-1 included), loaded by DeepSpeed at that stage."""
     import ucp
 
     src, truth = ds_saved(tuple(flags))
     assert truth["step"] == 3 and truth["lr_scheduler"]["last_batch_iteration"] == 2
     out = tmp_path / "ds"
-    stage = flags[flags.index("--stage") + 1]
     ucp.reshard(str(src), str(out), topology=f"dp={ranks},zero={stage}", engine="deepspeed", progress=False)
-    _job(ranks, "--load", str(out), "--record", str(tmp_path / "seen.pt"), *flags)
+    load_flags = list(flags)
+    load_flags[flags.index("--stage") + 1] = str(stage)
+    _job(ranks, "--load", str(out), "--record", str(tmp_path / "seen.pt"), *load_flags)
     seen = torch.load(tmp_path / "seen.pt", weights_only=True)
     _assert_same(truth, seen)
     assert truth["frozen"] and truth["exp_avg"] and truth["buffers"]

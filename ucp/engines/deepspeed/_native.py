@@ -39,19 +39,27 @@ from ucp.core._errors import CheckpointExistsError, TopologyError
 from ucp.core._topology import Topology
 from ucp.grammar import Spec
 from ucp.resharder import (ArraySource, ReadStats, ReshardReport, check_recorded, flat_boxes,
-                           group_partition, register_target)
+                           group_partition, param_partition, register_target)
 from ucp.resharder._source import aliases_of
 from ucp.storage import Storage
 
 from ._target import DS_FORMAT_VERSION, MODEL_FILE, _torch_bytes, tag_for
 
-__all__ = ["DeepSpeedNativeTarget", "LATEST", "optim_file", "plan_groups"]
+__all__ = ["DeepSpeedNativeTarget", "LATEST", "optim_file", "zero3_model_file", "plan_groups"]
 
 LATEST = "latest"
 #: DeepSpeed's ``nccl_start_alignment_factor``: flat groups are padded to a multiple of this times dp.
 ALIGN_FACTOR = 2
+#: DeepSpeed's default ``zero_optimization.sub_group_size``: ZeRO-3 splits a param group into flat
+#: sub-groups once their partitions reach this many elements.
+SUB_GROUP_SIZE = 1_000_000_000
 #: Per-parameter states that are not element-wise optimizer states.
 _NOT_FLAT = ("param", "fp32", "step")
+
+
+def zero3_model_file(dp_rank: int) -> str:
+    """ZeRO-3's per-rank model file (placeholders, buffers, this rank's frozen parameter fragments)."""
+    return f"zero_pp_rank_{dp_rank}_mp_rank_00_model_states.pt"
 
 
 def optim_file(dp_rank: int, bf16: bool) -> str:
@@ -60,7 +68,7 @@ def optim_file(dp_rank: int, bf16: bool) -> str:
 
 
 def check_topology(topology: Topology) -> None:
-    """What this target writes: ZeRO stage 1 or 2, data parallelism only.
+    """What this target writes: ZeRO stage 1, 2 or 3, data parallelism only.
 
     Raises:
         TopologyError: names the axis or stage and what to use instead.
@@ -70,10 +78,10 @@ def check_topology(topology: Topology) -> None:
         raise TopologyError(f"engine='deepspeed' writes DeepSpeed's native data-parallel ZeRO files, but the "
                             f"target topology {topology} has {others}; use tp=pp=ep=sp=1 (tensor, pipeline "
                             "and expert parallel DeepSpeed layouts are not written yet)")
-    if topology.zero not in (1, 2):
-        raise TopologyError(f"engine='deepspeed' writes ZeRO stage 1 or 2 files (the target is {topology}, "
-                            f"zero={topology.zero}); use zero=1 or zero=2, or engine='deepspeed-universal' "
-                            "for DeepSpeed's universal layout")
+    if topology.zero not in (1, 2, 3):
+        raise TopologyError(f"engine='deepspeed' writes ZeRO stage 1, 2 or 3 files (the target is {topology}, "
+                            f"zero={topology.zero}); use zero=1, 2 or 3 (without ZeRO, DeepSpeed saves the "
+                            "torch optimizer whole, a layout this target does not write)")
 
 
 def plan_groups(source: ArraySource) -> tuple[list[list[str]], torch.dtype, tuple[str, ...]]:
@@ -138,31 +146,45 @@ class DeepSpeedNativeTarget:
             raise TopologyError(f"alignment={alignment}: DeepSpeed ZeRO-1/2 pads flat groups to "
                                 f"{ALIGN_FACTOR} x dp elements; leave --alignment unset")
         groups, dtype, states = plan_groups(source)
+        if topology.zero == 3 and dtype == torch.float16:
+            raise TopologyError("engine='deepspeed' with zero=3 and an fp16 model: DeepSpeed's ZeRO-3 files hold "
+                                "the dynamic loss scaler's state, which ucp does not carry; use zero=1/2 or "
+                                "a bf16/fp32 model")
         hyper = _hyper_groups(source)
         scheduler = (_extras(source).get("deepspeed") or {}).get("lr_scheduler")
         storage, tag = Storage(dst, storage_options=storage_options), tag_for(step)
         coord = get_coordinator(600.0)
-        if storage.exists(f"{tag}/{MODEL_FILE}"):
+        if storage.exists(f"{tag}/{MODEL_FILE}") or storage.exists(f"{tag}/{zero3_model_file(0)}"):
             if not overwrite:
                 raise CheckpointExistsError(f"{dst} already holds DeepSpeed tag {tag}; pass overwrite=True "
                                             "(--overwrite) to replace it")
             if coord.rank == 0:  # uncommitted while its files are replaced
                 storage.delete(LATEST)
-                storage.delete(f"{tag}/{MODEL_FILE}")
+                for name in (MODEL_FILE, zero3_model_file(0)):
+                    if storage.exists(f"{tag}/{name}"):
+                        storage.delete(f"{tag}/{name}")
         coord.all_gather_json(None, what="starting to reshard for DeepSpeed")
         dp, bf16 = topology.dp, dtype == torch.bfloat16
         mine = list(range(dp))[coord.rank::coord.world_size]
         stats = ReadStats()
         check = _Checker(source, f"{storage.url}/{tag}") if verify else None
+        model = (_model_state(source, groups, dtype, topology, step, scheduler)
+                 if coord.rank == 0 or (topology.zero == 3 and mine) else None)
         for r in mine:
-            osd, s = _rank_optimizer(source, groups, states, hyper, dp, r, topology.zero, step, check)
-            storage.write(f"{tag}/{optim_file(r, bf16)}",
-                          _torch_bytes({"optimizer_state_dict": osd, "ds_version": DS_FORMAT_VERSION}))
+            if topology.zero == 3:
+                osd, s, frags, subs = _rank_zero3(source, groups, states, hyper, dp, r, step, check)
+                storage.write(f"{tag}/{zero3_model_file(r)}", _torch_bytes(_zero3_model(model, frags, subs)))
+                storage.write(f"{tag}/{optim_file(r, bf16)}", _ds_bytes(
+                    {"optimizer_state_dict": osd, "ds_version": DS_FORMAT_VERSION}))
+            else:
+                osd, s = _rank_optimizer(source, groups, states, hyper, dp, r, topology.zero, step, check)
+                storage.write(f"{tag}/{optim_file(r, bf16)}",
+                              _torch_bytes({"optimizer_state_dict": osd, "ds_version": DS_FORMAT_VERSION}))
             stats = stats + s
         coord.all_gather_json(None, what="gathering DeepSpeed optimizer files")
         if coord.rank == 0:
-            model = _model_state(source, groups, dtype, topology, step, scheduler)
-            storage.write(f"{tag}/{MODEL_FILE}", _torch_bytes(model))
+            if topology.zero != 3:
+                storage.write(f"{tag}/{MODEL_FILE}", _torch_bytes(model))
             storage.write(LATEST, tag.encode())
         coord.all_gather_json(None, what="committing the DeepSpeed checkpoint")
         return ReshardReport(dst, self.name, topology, step, tuple(mine), stats,
@@ -237,6 +259,119 @@ def _rank_optimizer(source: ArraySource, groups: list[list[str]], states: tuple[
         "ds_version": DS_FORMAT_VERSION,
     }
     return osd, ReadStats(nbytes, nbytes, 0, reads, time.perf_counter() - t0)
+
+
+def _sub_groups(groups: list[list[str]], parts: Mapping[str, int]) -> list[tuple[int, list[str]]]:
+    """ZeRO-3's flat sub-groups: ``(param group, names)``, split as ``_create_fp16_sub_groups`` does."""
+    out = []
+    for g, names in enumerate(groups):
+        if sum(parts[n] for n in names) <= SUB_GROUP_SIZE:
+            out.append((g, list(names)))
+            continue
+        current, size = [], 0
+        for n in names:
+            current.append(n)
+            size += parts[n]
+            if size >= SUB_GROUP_SIZE or n == names[-1]:
+                out.append((g, current))
+                current, size = [], 0
+    return out
+
+
+def _rank_zero3(source: ArraySource, groups: list[list[str]], states: tuple[str, ...],
+                hyper: list[dict[str, Any]], dp: int, rank: int, step: int,
+                check: "_Checker | None") -> tuple[dict[str, Any], ReadStats, dict[str, torch.Tensor],
+                                                   list[list[str]]]:
+    """dp rank ``rank``'s ZeRO-3 optimizer state dict (``DeepSpeedZeroOptimizer_Stage3._rigid_state_dict``)
+    and its frozen parameter fragments: every parameter is cut alone into ``dp`` parts of
+    ``ceil(numel / dp)`` elements (the last one zero-padded), a sub-group's parts laid end to end."""
+    t0, nbytes, reads = time.perf_counter(), 0, 0
+    parts = {n: param_partition(math.prod(source.info(n).shape), dp, rank) for g in groups for n in g}
+    fp32_flat, base_state, members = [], {}, [[] for _ in groups]
+    subs = _sub_groups(groups, {n: p[2] for n, p in parts.items()})
+    for sg, (g, names) in enumerate(subs):
+        flats = {s: torch.zeros(sum(parts[n][2] for n in names), dtype=torch.float32) for s in ("fp32", *states)}
+        at = 0
+        for name in names:
+            info, (lo, hi, part) = source.info(name), parts[name]
+            master = "fp32" if "fp32" in info.states else "param"
+            for box, first in flat_boxes(tuple(info.shape), lo, hi):
+                n = math.prod(b - a for a, b in box)
+                for s, flat in flats.items():
+                    values = source.read(name, master if s == "fp32" else s, box)
+                    flat[at + first - lo:at + first - lo + n].copy_(values.reshape(-1))
+                    nbytes, reads = nbytes + n * 4, reads + 1
+            if check is not None and hi > lo:
+                for s, flat in flats.items():
+                    check.add(name, s, tuple(info.shape), lo, flat[at:at + hi - lo])
+            at += part
+        fp32_flat.append(flats.pop("fp32"))
+        st = {"step": torch.tensor(_step_of(source, names[0], step), dtype=torch.float32)} if states else {}
+        base_state[sg] = {**st, **flats}
+        members[g].append(sg)
+    frags = {}
+    for name in source.names():
+        info = source.info(name)
+        if info.frozen:
+            lo, hi, part = param_partition(math.prod(info.shape), dp, rank)
+            frag = torch.zeros(part, dtype=info.dtype or torch.float32)
+            state = "param" if "param" in info.states else "fp32"
+            if hi > lo:
+                frag[:hi - lo].copy_(source.read(name, state, None).reshape(-1)[lo:hi])
+            frags[name] = frag
+    osd = {
+        "zero_stage": 3, "loss_scaler": _StaticLossScaler(), "dynamic_loss_scale": False, "overflow": False,
+        "partition_count": dp,
+        "optimizer_state_dict": {"state": base_state,
+                                 "param_groups": [{**h, "params": members[g]} for g, h in enumerate(hyper)]},
+        "fp32_flat_groups": fp32_flat,
+    }
+    return osd, ReadStats(nbytes, nbytes, 0, reads, time.perf_counter() - t0), frags, [n for _, n in subs]
+
+
+def _zero3_model(model: Mapping[str, Any], frags: Mapping[str, torch.Tensor],
+                 subs: list[list[str]]) -> dict[str, Any]:
+    """A ZeRO-3 rank's model file: ``model`` with empty placeholders for every parameter (ZeRO-3
+    saves its partitioned parameters as size-0 tensors), buffers whole, ``param_shapes`` per flat
+    sub-group, and this rank's frozen fragments."""
+    buffers = set(model["buffer_names"])
+    module = OrderedDict((k, v if k in buffers else torch.empty(0, dtype=v.dtype))
+                         for k, v in model["module"].items())
+    frozen = OrderedDict((n, model["module"][n].shape) for n in frags)
+    shapes = [OrderedDict((n, model["module"][n].shape) for n in names) for names in subs]
+    return {**model, "module": module, "param_shapes": shapes, "frozen_param_shapes": frozen,
+            "frozen_param_fragments": OrderedDict(frags)}
+
+
+class _StaticLossScaler:
+    """Pickled as DeepSpeed's ``LossScaler`` at scale 1 (what a bf16/fp32 ZeRO-3 engine keeps, and
+    its loader requires), by name, without importing DeepSpeed."""
+
+    def __reduce_ex__(self, protocol: int) -> tuple:
+        import copyreg
+
+        return copyreg.__newobj__, (_StaticLossScaler,), {"cur_scale": 1.0, "dynamic": False}
+
+
+def _ds_bytes(obj: Any) -> bytes:
+    """``torch.save`` bytes of ``obj``, with :class:`_StaticLossScaler` named as DeepSpeed's class."""
+    import io
+    import pickle
+    import types
+
+    class Pickler(pickle._Pickler):  # noqa: SLF001 - the Python pickler lets one global be renamed
+        def save_global(self, obj: Any, name: str | None = None) -> None:
+            if obj is _StaticLossScaler:
+                self.write(pickle.GLOBAL + b"deepspeed.runtime.fp16.loss_scaler\nLossScaler\n")
+                self.memoize(obj)
+                return
+            super().save_global(obj, name)
+
+    module = types.SimpleNamespace(__name__="pickle", Pickler=Pickler, Unpickler=pickle.Unpickler,
+                                   HIGHEST_PROTOCOL=pickle.HIGHEST_PROTOCOL, dump=pickle.dump)
+    buf = io.BytesIO()
+    torch.save(obj, buf, pickle_module=module)
+    return buf.getvalue()
 
 
 class _Checker:
