@@ -72,7 +72,7 @@ def main(argv: list[str]) -> None:
     config = train.ds_config(args)
     if own.scheduler:
         config["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": args.lr,
-                                                              "warmup_num_steps": 20}}
+                                                              "warmup_num_steps": 3}}
     engine, _, _, sched = deepspeed.initialize(model=model, optimizer=opt, config=config)
     if own.load:
         path, _client = engine.load_checkpoint(own.load)
@@ -83,7 +83,8 @@ def main(argv: list[str]) -> None:
         getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", lambda: None)()
         seen = {"step": engine.global_steps, "fp32": {}, "exp_avg": {}, "exp_avg_sq": {}, "module": {},
                 "frozen": {}, "buffers": {}, "lr_scheduler": sched.state_dict() if sched else None,
-                "groups": [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]}
+                "groups": [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups],
+                "opt_steps": [float(st["step"]) for st in engine.optimizer.optimizer.state.values() if "step" in st]}
         for name, prm in engine.module.named_parameters():
             if prm.requires_grad:
                 seen["fp32"][name] = safe_get_full_fp32_param(prm).clone()
