@@ -228,6 +228,40 @@ def test_verify_checks_each_state_put_back_together(tmp_path, monkeypatch):
     assert not (tmp_path / "bad" / "latest").exists()
 
 
+def native_on_ranks(rank, world, src, dst, topology):
+    import ucp
+
+    return list(ucp.reshard(src, dst, topology=topology, engine="deepspeed", progress=False).ranks)
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_split_over_torchrun_processes(tmp_path, run_ranks, zero):
+    """Two writing processes share the dp ranks' files out; the files equal one process's."""
+    fake = _fake(tmp_path)
+    topology = f"dp=3,zero={zero}"
+    results = run_ranks(native_on_ranks, 2, args=(str(fake.root), str(tmp_path / "two"), topology))
+    assert [r.value for r in results] == [[0, 2], [1]]
+    import ucp
+
+    ucp.reshard(str(fake.root), str(tmp_path / "one"), topology=topology, engine="deepspeed", progress=False)
+    files = sorted(p.name for p in (tmp_path / "one" / "global_step3").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "two" / "global_step3").iterdir())
+    for name in files:
+        a, b = (torch.load(tmp_path / d / "global_step3" / name, weights_only=False) for d in ("one", "two"))
+        a.pop("ucp", None), b.pop("ucp", None)  # records its source's url
+        _assert_same(_plain(a), _plain(b), name)
+    assert (tmp_path / "two" / "latest").read_text() == "global_step3"
+
+
+def _plain(obj):
+    """``obj`` with DeepSpeed's loss scaler as its attributes (objects compare by identity)."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if type(obj).__name__ == "LossScaler":
+        return dict(vars(obj))
+    return obj
+
+
 def test_cli_engine_choice(tmp_path):
     from click.testing import CliRunner
 
