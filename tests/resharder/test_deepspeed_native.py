@@ -208,6 +208,11 @@ def test_existing_tag_needs_overwrite(tmp_path):
     with pytest.raises(ucp.CheckpointExistsError):
         ucp.reshard(str(fake.root), str(tmp_path / "out"), topology="dp=1,zero=2", engine="deepspeed")
     ucp.reshard(str(fake.root), str(tmp_path / "out"), topology="dp=1,zero=2", engine="deepspeed", overwrite=True)
+    ucp.reshard(str(fake.root), str(tmp_path / "out"), topology="dp=2,zero=3", engine="deepspeed", overwrite=True)
+    ucp.reshard(str(fake.root), str(tmp_path / "out"), topology="dp=1,zero=1", engine="deepspeed", overwrite=True)
+    # no file of the earlier ZeRO-3 / dp=2 writes is left beside the last one
+    assert sorted(p.name for p in (tmp_path / "out" / "global_step3").iterdir()) == [
+        "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "mp_rank_00_model_states.pt"]
 
 
 def test_verify_checks_each_state_put_back_together(tmp_path, monkeypatch):
@@ -319,18 +324,23 @@ def ds_saved(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ranks, flags, stage", [
-    (3, FLAGS, 2), (1, FLAGS, 2), (3, FLAGS, 3), (1, FLAGS, 1),
-    (3, ["--stage", "1", "--dtype", "fp32", "--groups", "1", "--scheduler"], 1),
-    (3, ["--stage", "3", "--dtype", "bf16", "--groups", "2", "--scheduler"], 3),
+@pytest.mark.parametrize("ranks, flags, stage, via_universal", [
+    (3, FLAGS, 2, False), (1, FLAGS, 2, False), (3, FLAGS, 3, False), (1, FLAGS, 1, False),
+    (3, FLAGS, 2, True),
+    (3, ["--stage", "1", "--dtype", "fp32", "--groups", "1", "--scheduler"], 1, False),
+    (3, ["--stage", "3", "--dtype", "bf16", "--groups", "2", "--scheduler"], 3, False),
 ])
-def test_stock_deepspeed_loads_what_ucp_wrote(ds_saved, tmp_path, ranks, flags, stage):
+def test_stock_deepspeed_loads_what_ucp_wrote(ds_saved, tmp_path, ranks, flags, stage, via_universal):
     """Saved by DeepSpeed on 2 ranks at the stage in ``flags``, written by ucp for ``ranks`` ranks at
-    ``stage`` (ZeRO-2 -> ZeRO-3 and -> ZeRO-1 included), loaded by DeepSpeed at that stage."""
+    ``stage`` (ZeRO-2 -> ZeRO-3 and -> ZeRO-1 included; straight from DeepSpeed's files, or from
+    the universal checkpoint ``ucp convert`` makes of them), loaded by DeepSpeed at that stage."""
     import ucp
 
     src, truth = ds_saved(tuple(flags))
     assert truth["step"] == 3 and truth["lr_scheduler"]["last_batch_iteration"] == 2
+    if via_universal:
+        ucp.convert(str(src), str(tmp_path / "u"), progress=False)
+        src = tmp_path / "u"
     out = tmp_path / "ds"
     ucp.reshard(str(src), str(out), topology=f"dp={ranks},zero={stage}", engine="deepspeed", progress=False)
     load_flags = list(flags)

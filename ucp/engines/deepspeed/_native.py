@@ -1,4 +1,4 @@
-"""Reshard target ``"deepspeed"``: DeepSpeed's own (native) ZeRO-1/2 checkpoint files for any dp.
+"""Reshard target ``"deepspeed"``: DeepSpeed's own (native) ZeRO-1/2/3 checkpoint files for any dp.
 
 What ``engine.save_checkpoint`` of a ZeRO-1/2 engine on ``dp`` ranks writes, so that an unmodified
 DeepSpeed job of that size loads it with plain ``engine.load_checkpoint(dir)``::
@@ -10,7 +10,11 @@ DeepSpeed job of that size loads it with plain ``engine.load_checkpoint(dir)``::
     DST/<tag>/[bf16_]zero_pp_rank_R_mp_rank_00_optim_states.pt
                                                         dp rank R's ZeRO partition: fp32 masters and
                                                         the base optimizer's state, one flat tensor
-                                                        per param group
+                                                        per param group (ZeRO-3: per sub-group)
+    DST/<tag>/zero_pp_rank_R_mp_rank_00_model_states.pt
+                                                        ZeRO-3, instead of the model file above: per
+                                                        rank, size-0 parameter placeholders, buffers,
+                                                        the rank's fragment of each frozen parameter
 
 The partitioning is DeepSpeed's (``stage_1_and_2.py``, checked against 0.19.8), computed here with
 :func:`ucp.resharder.group_partition`: a group's trainable parameters, in the optimizer's order, are
@@ -19,10 +23,17 @@ is padded with zeros to a multiple of ``2 * dp`` and cut into ``dp`` equal parti
 partition is stored without the group's trailing padding (``group_paddings``), the optimizer's
 states with it (a "rigid" base optimizer state dict, as DeepSpeed saves by default).
 
+ZeRO-3 (``stage3.py``) cuts every parameter alone into ``dp`` shares of ``ceil(numel / dp)``
+elements (the last zero-padded) and lays a param group's shares end to end, split into sub-groups
+past DeepSpeed's default ``sub_group_size``.
+
 The files are DeepSpeed's pickled format, not ucp's; they hold only tensors, dicts, lists, numbers,
-strings and ``torch.Size``. ZeRO-3, tensor/pipeline/expert parallelism, parameter alignment and
-DeepSpeed's BF16_Optimizer (ZeRO-0/1 with fp32 gradient accumulation) are refused before any
-byte is written.
+strings and ``torch.Size``, and for ZeRO-3 DeepSpeed's static ``LossScaler`` (its loader requires
+one), named in the pickle without importing DeepSpeed. Tensor/pipeline/expert parallelism, ZeRO-0
+and fp16 under ZeRO-3 are refused before any byte is written. The loading job must use DeepSpeed's
+defaults for ``parameter_alignment``, ``round_robin_gradients`` and ``sub_group_size``, and ZeRO-1
+with bf16 must not ask for fp32 gradient accumulation (DeepSpeed then uses its BF16_Optimizer,
+whose files differ).
 """
 
 from __future__ import annotations
@@ -122,7 +133,7 @@ def plan_groups(source: ArraySource) -> tuple[list[list[str]], torch.dtype, tupl
 
 
 class DeepSpeedNativeTarget:
-    """Writes DeepSpeed's native ZeRO-1/2 files (see the module docstring) for ``dp`` ranks.
+    """Writes DeepSpeed's native ZeRO-1/2/3 files (see the module docstring) for ``dp`` ranks.
 
     Called by one process, or by every process of a torchrun job: dp ranks' optimizer files are
     shared out round-robin; process 0 writes the model file and ``latest`` (the commit) once every
@@ -158,10 +169,11 @@ class DeepSpeedNativeTarget:
             if not overwrite:
                 raise CheckpointExistsError(f"{dst} already holds DeepSpeed tag {tag}; pass overwrite=True "
                                             "(--overwrite) to replace it")
-            if coord.rank == 0:  # uncommitted while its files are replaced
-                storage.delete(LATEST)
-                for name in (MODEL_FILE, zero3_model_file(0)):
-                    if storage.exists(f"{tag}/{name}"):
+            if coord.rank == 0:  # uncommitted while its files are replaced; none of another dp or stage stays
+                if storage.exists(LATEST):
+                    storage.delete(LATEST)
+                for name in storage.list(tag):
+                    if name.endswith(("_model_states.pt", "_optim_states.pt")):
                         storage.delete(f"{tag}/{name}")
         coord.all_gather_json(None, what="starting to reshard for DeepSpeed")
         dp, bf16 = topology.dp, dtype == torch.bfloat16
