@@ -27,6 +27,7 @@ import torch
 
 from ucp.core import ConvertError
 from .._base import ParamInfo, Region, cut
+from ..dcp._hf import titan_llama_rules
 
 __all__ = ["MAPS", "HfView"]
 
@@ -86,12 +87,12 @@ def llama_rules(config: Mapping[str, Any]) -> list[tuple[re.Pattern[str], list[t
     ]
 
 
-#: Bundled maps for ``ucp export --map``.
-MAPS = {"megatron-llama": llama_rules}
+#: Bundled maps for ``ucp export --map`` (``torchtitan-llama``: ``ucp.engines.dcp._hf``).
+MAPS = {"megatron-llama": llama_rules, "torchtitan-llama": titan_llama_rules}
 
 
 class HfView:
-    """A checkpoint's parameters under Hugging Face names, each read from its Megatron tensor.
+    """A checkpoint's parameters under Hugging Face names, each read from its engine tensor.
 
     Args:
         source: what ``ucp export`` opened (``names``, ``info``, ``read``, ``buffer_names``,
@@ -112,7 +113,7 @@ class HfView:
             found = next(((m, pieces) for pattern, pieces in rules if (m := pattern.fullmatch(name))), None)
             if found is None:
                 raise ConvertError(f"{name!r} has no Hugging Face name in this map; export without "
-                                   "--map to keep Megatron's names")
+                                   "--map to keep the checkpoint's names")
             m, pieces = found
             info = source.info(name)
             empty = torch.empty(info.shape, dtype=info.dtype, device="meta")  # shapes without data
