@@ -115,3 +115,29 @@ def test_dtensor_shards_over_two_ranks_add_up(tmp_path):
     assert src.recorded_fingerprint("w", "exp_avg") == fingerprint(w.float() * 3)
     assert src.recorded_fingerprint("b", "param") == fingerprint(b)
     _verify(str(root), "--deep", code=0)
+
+
+def test_diff_across_layouts_names_a_planted_bug(tmp_path, monkeypatch):
+    """A DTensor save over two ranks (rows cut, columns cut) against its universal conversion:
+    equal; against a conversion whose reader swapped two rows of one state, that state is named."""
+    from ucp.testing import run_ranks
+
+    from ._ranks import fingerprint_ranks
+
+    run_ranks(fingerprint_ranks, 2, args=(str(tmp_path),))
+    src = str(tmp_path / "dtensor")
+    ucp.convert(src, str(tmp_path / "u"))
+    result = CliRunner().invoke(main, ["diff", src, str(tmp_path / "u"), "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["equal"], result.stdout
+    assemble = NativeCheckpoint._assemble
+    monkeypatch.setattr(NativeCheckpoint, "_assemble", lambda self, name, state, frags: (
+        lambda t: t[[1, 0, *range(2, t.shape[0])]] if (name, state) == ("w", "exp_avg") else t)(
+            assemble(self, name, state, frags)))
+    with pytest.raises(ucp.VerificationError, match=r"^w: state 'exp_avg' as written"):
+        ucp.convert(src, str(tmp_path / "checked"))
+    ucp.convert(src, str(tmp_path / "bad"), verify=False)
+    monkeypatch.undo()
+    result = CliRunner().invoke(main, ["diff", src, str(tmp_path / "bad"), "--json"])
+    assert result.exit_code == 1
+    assert [(e["name"], e["state"]) for e in json.loads(result.stdout)["entries"]
+            if e["status"] == "different"] == [("w", "exp_avg")]
