@@ -141,3 +141,17 @@ def test_diff_across_layouts_names_a_planted_bug(tmp_path, monkeypatch):
     assert result.exit_code == 1
     assert [(e["name"], e["state"]) for e in json.loads(result.stdout)["entries"]
             if e["status"] == "different"] == [("w", "exp_avg")]
+
+
+def test_export_from_a_native_step_checks_against_the_fragments(source, tmp_path, monkeypatch):
+    from ucp.ops import _export
+
+    result = CliRunner().invoke(main, ["export", str(source), str(tmp_path / "hf")])
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    read = _export._read
+    monkeypatch.setattr(_export, "_read", lambda opened, item: swap_gate_up(read(opened, item))
+                        if item.src == GATE_UP else read(opened, item))
+    result = CliRunner().invoke(main, ["export", str(source), str(tmp_path / "hf2")])
+    assert result.exit_code == 1
+    assert f"Error: {GATE_UP}: state 'param' as exported to " in result.stderr
+    assert not (tmp_path / "hf2" / "model.safetensors").exists()

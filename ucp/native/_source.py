@@ -296,11 +296,14 @@ class NativeCheckpoint:
                 t[tuple(slice(a - r0, b - r0) for (a, b), (r0, _) in zip(sub, region))] = piece
         return t.float() if stored != state else t
 
-    def recorded_fingerprint(self, name: str, state: str) -> int | None:
+    def recorded_fingerprint(self, name: str, state: str | None) -> int | None:
         """The fingerprint of ``read(name, state)``'s values from the partial fingerprints its
         fragments recorded when saved (:mod:`ucp.core._fingerprint`), or None: a fragment records
         none (saved by an older ucp) or another algorithm's, the fragments are not regions of the
-        global tensor (plain tensors that a spec cuts), or the read casts the stored values."""
+        global tensor (plain tensors that a spec cuts), or the read casts the stored values
+        (``state=None``, a buffer: None)."""
+        if state is None:
+            return None
         try:
             stored, frags = self._frags(name, state)
         except KeyError:
