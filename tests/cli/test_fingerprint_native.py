@@ -30,6 +30,18 @@ def source(tmp_path_factory):
     return root / "src"
 
 
+@pytest.fixture(scope="module")
+def dtensor_root(tmp_path_factory):
+    """A DTensor save over two ranks on gloo (``_ranks.fingerprint_ranks``)."""
+    from ucp.testing import run_ranks
+
+    from ._ranks import fingerprint_ranks
+
+    root = tmp_path_factory.mktemp("fpn-dtensor")
+    run_ranks(fingerprint_ranks, 2, args=(str(root),))
+    return root / "dtensor"
+
+
 def _fragments(root) -> list[dict]:
     return [f for p in sorted(root.glob("step-*/rank-*.json")) for f in json.loads(p.read_text())["fragments"]]
 
@@ -99,13 +111,8 @@ def _verify(*args: str, code: int) -> dict:
     return json.loads(result.stdout)
 
 
-def test_dtensor_shards_over_two_ranks_add_up(tmp_path):
-    from ucp.testing import run_ranks
-
-    from ._ranks import fingerprint_ranks
-
-    run_ranks(fingerprint_ranks, 2, args=(str(tmp_path),))  # two spawned ranks on gloo
-    root = tmp_path / "dtensor"
+def test_dtensor_shards_over_two_ranks_add_up(dtensor_root):
+    root = dtensor_root
     docs = [json.loads(p.read_text()) for p in sorted(root.glob("step-*/rank-*.json"))]
     assert "like" in docs[1] and len(docs[1]["fingerprints"]) == len(docs[0]["fragments"])  # a member index
     src, _ = open_source(str(root))
@@ -117,15 +124,10 @@ def test_dtensor_shards_over_two_ranks_add_up(tmp_path):
     _verify(str(root), "--deep", code=0)
 
 
-def test_diff_across_layouts_names_a_planted_bug(tmp_path, monkeypatch):
+def test_diff_across_layouts_names_a_planted_bug(dtensor_root, tmp_path, monkeypatch):
     """A DTensor save over two ranks (rows cut, columns cut) against its universal conversion:
     equal; against a conversion whose reader swapped two rows of one state, that state is named."""
-    from ucp.testing import run_ranks
-
-    from ._ranks import fingerprint_ranks
-
-    run_ranks(fingerprint_ranks, 2, args=(str(tmp_path),))
-    src = str(tmp_path / "dtensor")
+    src = str(dtensor_root)
     ucp.convert(src, str(tmp_path / "u"))
     result = CliRunner().invoke(main, ["diff", src, str(tmp_path / "u"), "--json"])
     assert result.exit_code == 0 and json.loads(result.stdout)["equal"], result.stdout
