@@ -96,8 +96,54 @@ def test_stock_pipeline_job_loads_what_ucp_wrote(pipe_saved, tmp_path, pp, dp):
         f"bf16_zero_pp_rank_{r}_mp_rank_{s:02d}_optim_states.pt" for s in range(pp) for r in range(dp))
     assert sorted(n for n in names if n.startswith("layer_")) == sorted(
         p.name for p in (src / (src / "latest").read_text()).iterdir() if p.name.startswith("layer_"))
+    _read_back_equal(src, out)
     seen = _merged(_job(pp * dp, tmp_path / "seen", "--pp", str(pp), "--steps", "0", "--load", str(out)))
     _assert_same(truth, seen)
+
+
+def _read_back_equal(src: Path, out: Path) -> None:
+    """ucp's own DeepSpeed reader finds in ``out`` every state and buffer of ``src``, stage by stage."""
+    from ucp.engines.deepspeed._reader import DeepSpeedCheckpoint
+
+    with DeepSpeedCheckpoint(src) as a, DeepSpeedCheckpoint(out) as b:
+        first = {}
+        for s in range(a.pp_size):
+            for n in a.names(mp_rank=s):
+                first.setdefault(n, s)
+        held = [n for s in range(b.pp_size) for n in b.names(mp_rank=s)]
+        assert set(held) == set(first)
+        for s in range(b.pp_size):
+            for n in b.names(mp_rank=s):
+                for state in ("fp32", "exp_avg", "exp_avg_sq", "param"):
+                    _assert_same(a.read(n, state, mp_rank=first[n]), b.read(n, state, mp_rank=s), f"{s}:{n}:{state}")
+        _assert_same(a.buffers(mp_rank=0), b.buffers(mp_rank=0), "buffers")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("topology, words", [
+    ("pp=3,dp=1,zero=1", "saved with pp=2, and which stage a layer goes to at another pp"),
+    ("pp=2,dp=1,zero=3", "ZeRO stage 1 or 2 only"),
+    ("pp=2,dp=1,tp=2,zero=1", "'tp': 2"),
+])
+def test_refuses_what_a_pipeline_source_cannot_give(pipe_saved, tmp_path, topology, words):
+    import ucp
+
+    src, _truth = pipe_saved
+    with pytest.raises(ucp.TopologyError, match=words):
+        ucp.reshard(str(src), str(tmp_path / "out"), topology=topology, engine="deepspeed")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_refuses_a_universal_pipeline_checkpoint(pipe_saved, tmp_path):
+    """A universal checkpoint does not record which stage held each layer: pp=2 is refused."""
+    import ucp
+
+    src, _truth = pipe_saved
+    ucp.convert(str(src), str(tmp_path / "u"), progress=False)
+    with pytest.raises(ucp.TopologyError, match="not a DeepSpeed PipelineModule checkpoint"):
+        ucp.reshard(str(tmp_path / "u"), str(tmp_path / "out"), topology="pp=2,dp=1,zero=1", engine="deepspeed")
+    assert not (tmp_path / "out").exists()
 
 
 # --- fast: refusals before any byte is written ------------------------------------------------------

@@ -93,7 +93,7 @@ def _stages(source: ArraySource, ckpt: DeepSpeedCheckpoint | None, pp: int) -> l
     if ckpt.tp_size != 1:
         raise TopologyError(f"engine='deepspeed' with pp={pp}: {ckpt.tag_dir} was saved with tp={ckpt.tp_size}; "
                             "a pipeline target is written from tp=1 PipelineModule checkpoints only")
-    src = [ckpt.names(mp_rank=s) for s in range(ckpt.pp_size)]
+    src = [_stage_order(ckpt, s) for s in range(ckpt.pp_size)]
     if pp == ckpt.pp_size:
         return src
     if pp == 1:
@@ -102,6 +102,14 @@ def _stages(source: ArraySource, ckpt: DeepSpeedCheckpoint | None, pp: int) -> l
     raise TopologyError(f"engine='deepspeed' with pp={pp}: {ckpt.tag_dir} was saved with pp={ckpt.pp_size}, and "
                         "which stage a layer goes to at another pp depends on the loading job's partition_method, "
                         f"which the checkpoint does not record; use pp={ckpt.pp_size} (any dp) or pp=1")
+
+
+def _stage_order(ckpt: DeepSpeedCheckpoint, stage: int) -> list[str]:
+    """A source stage's parameters in its optimizer's order (its ``param_shapes``: the reader lists
+    a tied module last), then any others it holds."""
+    path = ckpt._files.model[stage]  # noqa: SLF001 - the reader's file index and cached trees
+    ordered = [n for group in ckpt._load(path).get("param_shapes") or [] for n in group]  # noqa: SLF001
+    return list(dict.fromkeys(ordered + ckpt.names(mp_rank=stage)))
 
 
 def _layers(source: ArraySource, ckpt: DeepSpeedCheckpoint, dtype: torch.dtype) -> dict[int, OrderedDict]:
@@ -136,10 +144,13 @@ def _layers(source: ArraySource, ckpt: DeepSpeedCheckpoint, dtype: torch.dtype) 
 
 def _stage_model(source: ArraySource, groups: list[list[str]], topology: Topology, step: int,
                  scheduler: Any) -> dict[str, Any]:
-    """A stage's ``mp_rank_SS_model_states.pt``: the module lives in the layer files."""
+    """A stage's ``mp_rank_SS_model_states.pt``: the module lives in the layer files; ``buffer_names``
+    lists the buffers of the stage's numbered layers."""
     shapes = [OrderedDict((n, torch.Size(source.info(n).shape)) for n in names) for names in groups]
+    layers = {m[1] for n in source.names() if (m := _NUMBERED.fullmatch(n))}
+    buffers = [n for n in source.buffer_names() if (m := _NUMBERED.fullmatch(n)) and m[1] in layers]
     return {
-        "module": None, "buffer_names": [], "optimizer": None, "param_shapes": shapes,
+        "module": None, "buffer_names": buffers, "optimizer": None, "param_shapes": shapes,
         "frozen_param_shapes": None, "shared_params": {}, "frozen_param_fragments": None,
         "lr_scheduler": scheduler, "data_sampler": None, "random_ltd": None,
         "skipped_steps": 0, "global_steps": step, "dp_world_size": topology.dp, "mp_world_size": topology.pp,
