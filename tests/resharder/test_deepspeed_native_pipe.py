@@ -122,7 +122,7 @@ def _read_back_equal(src: Path, out: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("topology, words", [
     ("pp=3,dp=1,zero=1", "saved with pp=2, and which stage a layer goes to at another pp"),
-    ("pp=2,dp=1,zero=3", "ZeRO stage 1 or 2 only"),
+    ("pp=2,dp=1,zero=2", "ZeRO stage 0 or 1 only"),
     ("pp=2,dp=1,tp=2,zero=1", "'tp': 2"),
 ])
 def test_refuses_what_a_pipeline_source_cannot_give(pipe_saved, tmp_path, topology, words):
@@ -150,7 +150,8 @@ def test_refuses_a_universal_pipeline_checkpoint(pipe_saved, tmp_path):
 
 @pytest.mark.parametrize("topology, words", [
     ("pp=2,dp=2,zero=1", "not a DeepSpeed PipelineModule checkpoint"),
-    ("pp=2,dp=2,zero=3", "pipeline parallelism with ZeRO stage 1 or 2 only"),
+    ("pp=2,dp=2,zero=3", "PipelineEngine runs ZeRO stage 0 or 1 only"),
+    ("pp=2,dp=2,zero=2", "PipelineEngine runs ZeRO stage 0 or 1 only"),
 ])
 def test_refuses_a_pipeline_it_cannot_place(tmp_path, topology, words):
     """A source that does not record which stage holds each layer, and ZeRO-3 (DeepSpeed runs no

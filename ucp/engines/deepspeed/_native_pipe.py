@@ -1,4 +1,4 @@
-"""Reshard target ``"deepspeed"`` for a ``PipelineModule``: DeepSpeed's native pipeline ZeRO-1/2 files.
+"""Reshard target ``"deepspeed"`` for a ``PipelineModule``: DeepSpeed's native pipeline ZeRO-1 files.
 
 What ``engine.save_checkpoint`` of a ``PipelineEngine`` on ``pp`` stages x ``dp`` ranks writes, so that
 a stock DeepSpeed job with the same ``PipelineModule`` loads it with plain ``engine.load_checkpoint``::
@@ -10,15 +10,15 @@ a stock DeepSpeed job with the same ``PipelineModule`` loads it with plain ``eng
                                                           shapes per group, counters, LR scheduler
     DST/<tag>/[bf16_]zero_pp_rank_R_mp_rank_SS_optim_states.pt
                                                           dp rank R's ZeRO partition of stage SS's
-                                                          param groups (the rule of ``_native``)
+                                                          param groups (ZeRO-1, the rule of ``_native``)
 
 A tied module (``TiedLayerSpec``, parameters ``tied_modules.<key>.*``) is in the optimizer of every
 stage that uses it; its weights go to the layer file the source kept them in. Which stage owns which
 layer is decided by the loading job's ``PipelineModule`` (``partition_method``), which a checkpoint does
 not record: the stages are therefore taken from a DeepSpeed ``PipelineModule`` source, for the same
 ``pp`` (each stage keeps its layers) or for ``pp=1`` (one stage holds them all). Any other ``pp``, a
-source that does not record its stages (a universal checkpoint), tp > 1 sources and ZeRO-3 (which
-DeepSpeed does not run with pipeline parallelism) are refused before any byte is written.
+source that does not record its stages (a universal checkpoint), tp > 1 sources and ZeRO-2/3 (DeepSpeed's
+``PipelineEngine`` asserts ZeRO stage 0 or 1) are refused before any byte is written.
 """
 
 from __future__ import annotations
@@ -167,9 +167,10 @@ def write_pipe(name: str, source: ArraySource, dst: str, *, topology: Topology, 
     Called by one process or every process of a torchrun job: the (stage, dp rank) optimizer files
     are shared out round-robin; process 0 writes the layer and stage files, then ``latest``."""
     start = time.perf_counter()
-    if topology.zero not in (1, 2):
-        raise TopologyError(f"engine='deepspeed' with pp={topology.pp}, zero={topology.zero}: DeepSpeed runs "
-                            "pipeline parallelism with ZeRO stage 1 or 2 only; use zero=1 or zero=2")
+    if topology.zero != 1:
+        raise TopologyError(f"engine='deepspeed' with pp={topology.pp}, zero={topology.zero}: DeepSpeed's "
+                            "PipelineEngine runs ZeRO stage 0 or 1 only (it asserts so when it starts), and "
+                            "ucp writes ZeRO files: use zero=1")
     ckpt = pipe_checkpoint(source)
     stages = _stages(source, ckpt, topology.pp)
     views = [_Stage(source, names) for names in stages]
