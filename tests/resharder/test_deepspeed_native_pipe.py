@@ -62,6 +62,10 @@ def _assert_same(want, got, where=""):
         assert set(want) == set(got), (where, set(want) ^ set(got))
         for k in want:
             _assert_same(want[k], got[k], f"{where}.{k}")
+    elif isinstance(want, (list, tuple)) and not isinstance(want, torch.Size):
+        assert len(want) == len(got), where
+        for i, (a, b) in enumerate(zip(want, got)):
+            _assert_same(a, b, f"{where}[{i}]")
     elif isinstance(want, torch.Tensor):
         assert want.dtype == got.dtype and torch.equal(want, got), where
     else:
@@ -70,23 +74,30 @@ def _assert_same(want, got, where=""):
 
 @pytest.fixture(scope="module")
 def pipe_saved(tmp_path_factory):
-    """(a pp=2, dp=1 DeepSpeed PipelineModule checkpoint after 3 steps, what its engine held)."""
+    """``dp -> (a pp=2 x dp DeepSpeed PipelineModule checkpoint after 3 steps, what its engine held)``."""
     pytest.importorskip("deepspeed", reason="install DeepSpeed 0.19.8 to run the real-engine tests")
-    root = tmp_path_factory.mktemp("ds-pipe-src")
-    truth = _merged(_job(2, root / "ckpt", "--pp", "2", "--steps", "3"))
-    assert truth["step"] == {3} and truth["lr_scheduler"]["last_batch_iteration"] == 2
-    assert "tied_modules.embed.weight" in truth["params"] and truth["buffers"]
-    return root / "ckpt", truth
+    cache = {}
+
+    def get(dp: int = 1):
+        if dp not in cache:
+            root = tmp_path_factory.mktemp(f"ds-pipe-src-dp{dp}")
+            truth = _merged(_job(2 * dp, root / "ckpt", "--pp", "2", "--steps", "3"))
+            assert truth["step"] == {3} and truth["lr_scheduler"]["last_batch_iteration"] == 2
+            assert "tied_modules.embed.weight" in truth["params"] and truth["buffers"]
+            cache[dp] = root / "ckpt", truth
+        return cache[dp]
+
+    return get
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("pp, dp", [(2, 2), (1, 2)])
-def test_stock_pipeline_job_loads_what_ucp_wrote(pipe_saved, tmp_path, pp, dp):
-    """pp=2 x dp=1 -> pp x dp ZeRO-1: layer files global per layer, optimizer files per (dp rank,
-    stage); the loading job holds every state of the saving one bit for bit."""
+@pytest.mark.parametrize("src_dp, pp, dp", [(1, 2, 2), (2, 2, 1), (1, 1, 2)])
+def test_stock_pipeline_job_loads_what_ucp_wrote(pipe_saved, tmp_path, src_dp, pp, dp):
+    """pp=2 x ``src_dp`` -> pp x dp ZeRO-1: layer files global per layer, optimizer files per (dp
+    rank, stage); the loading job holds every state of the saving one bit for bit."""
     import ucp
 
-    src, truth = pipe_saved
+    src, truth = pipe_saved(src_dp)
     out = tmp_path / "ds"
     ucp.reshard(str(src), str(out), topology=f"pp={pp},dp={dp},zero=1", engine="deepspeed", progress=False)
     tag = out / (out / "latest").read_text()
@@ -128,7 +139,7 @@ def _read_back_equal(src: Path, out: Path) -> None:
 def test_refuses_what_a_pipeline_source_cannot_give(pipe_saved, tmp_path, topology, words):
     import ucp
 
-    src, _truth = pipe_saved
+    src, _truth = pipe_saved()
     with pytest.raises(ucp.TopologyError, match=words):
         ucp.reshard(str(src), str(tmp_path / "out"), topology=topology, engine="deepspeed")
     assert not (tmp_path / "out").exists()
@@ -139,7 +150,7 @@ def test_refuses_a_universal_pipeline_checkpoint(pipe_saved, tmp_path):
     """A universal checkpoint does not record which stage held each layer: pp=2 is refused."""
     import ucp
 
-    src, _truth = pipe_saved
+    src, _truth = pipe_saved()
     ucp.convert(str(src), str(tmp_path / "u"), progress=False)
     with pytest.raises(ucp.TopologyError, match="not a DeepSpeed PipelineModule checkpoint"):
         ucp.reshard(str(tmp_path / "u"), str(tmp_path / "out"), topology="pp=2,dp=1,zero=1", engine="deepspeed")
@@ -168,3 +179,30 @@ def test_refuses_a_pipeline_it_cannot_place(tmp_path, topology, words):
     with pytest.raises(ucp.TopologyError, match=words):
         ucp.reshard(str(fake.root), str(tmp_path / "out"), topology=topology, engine="deepspeed")
     assert not (tmp_path / "out").exists()
+
+
+def pipe_native_on_ranks(rank, world, src, dst, topology):
+    import ucp
+
+    return list(ucp.reshard(src, dst, topology=topology, engine="deepspeed", progress=False).ranks)
+
+
+@pytest.mark.slow
+def test_split_over_torchrun_processes(pipe_saved, tmp_path, run_ranks):
+    """Two writing processes share the (stage, dp rank) optimizer files out; every file equals
+    what one process writes."""
+    import ucp
+
+    src, _truth = pipe_saved()
+    results = run_ranks(pipe_native_on_ranks, 2, args=(str(src), str(tmp_path / "two"), "pp=2,dp=2,zero=1"))
+    assert [r.value for r in results] == [[0, 2], [1, 3]]
+    ucp.reshard(str(src), str(tmp_path / "one"), topology="pp=2,dp=2,zero=1", engine="deepspeed", progress=False)
+    files = sorted(p.name for p in (tmp_path / "one" / "global_step3").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "two" / "global_step3").iterdir())
+    for name in files:
+        a, b = (torch.load(tmp_path / d / "global_step3" / name, weights_only=True) for d in ("one", "two"))
+        for tree in (a, b):
+            if isinstance(tree, dict):
+                tree.pop("ucp", None)  # records its source's url
+        _assert_same(a, b, name)
+    assert (tmp_path / "two" / "latest").read_text() == "global_step3"
