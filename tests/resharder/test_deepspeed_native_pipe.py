@@ -2,7 +2,8 @@
 ZeRO files (``ucp/engines/deepspeed/_native_pipe.py``), loaded by stock DeepSpeed.
 
 The slow tests train a real ``PipelineModule`` (tied embedding / lm head, a buffer per block, two
-param groups, WarmupLR) with DeepSpeed on pp=2 and save it with ``save_checkpoint``; what that engine
+param groups, WarmupLR, bf16 ZeRO-1: DeepSpeed's PipelineEngine runs no ZeRO-2/3) with DeepSpeed on
+pp=2 x dp=1 or dp=2 and save it with ``save_checkpoint``; what that engine
 holds (DeepSpeed's own ``safe_get_full_fp32_param`` / ``safe_get_full_optimizer_state``, the weights,
 buffers, step, LR scheduler) is the truth. ucp reshards the checkpoint for another dp (and for pp=1);
 a stock pipeline job of that size loads ucp's files with plain ``engine.load_checkpoint``
