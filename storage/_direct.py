@@ -29,7 +29,7 @@ from collections.abc import Iterable
 
 import crc32c as _crc32c
 
-__all__ = ["ALIGN", "BLOCK", "DIRECT_FLAG", "write_blocks"]
+__all__ = ["ALIGN", "BLOCK", "DIRECT_FLAG", "direct_opener", "write_blocks"]
 
 #: Alignment of a direct write's address, length and file offset (the page size covers every
 #: logical block size in use).
@@ -60,6 +60,17 @@ def _blocks() -> list[mmap.mmap]:
     if bufs is None:
         bufs = _tls.bufs = [mmap.mmap(-1, BLOCK) for _ in range(NBUF)]
     return bufs
+
+
+def direct_opener(path: str, flags: int) -> int:
+    """An ``opener`` for :func:`open`: ``O_DIRECT`` added where the filesystem takes it."""
+    if DIRECT_FLAG:
+        try:
+            return os.open(path, flags | DIRECT_FLAG, 0o666)
+        except OSError as e:
+            if e.errno != errno.EINVAL:  # EINVAL: this filesystem has no O_DIRECT (tmpfs)
+                raise
+    return os.open(path, flags, 0o666)
 
 
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
@@ -103,6 +114,7 @@ def write_blocks(fd: int, chunks: Iterable[bytes | bytearray | memoryview], *, c
                     offset, fill, cur = offset + BLOCK, 0, (cur + 1) % NBUF
                     if len(inflight) == NBUF - 1:  # the next block to fill may still be in flight
                         inflight.pop(0).result()
+            del chunk, view  # copied: let the caller free it before it makes the next
         for fut in inflight:
             fut.result()
         inflight = []

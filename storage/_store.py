@@ -9,7 +9,6 @@ commit of a whole checkpoint is the manifest, which callers write last.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import errno
 import os
 import posixpath
 import shutil
@@ -24,7 +23,7 @@ from ucp.core._errors import CheckpointExistsError, ChecksumError, CorruptCheckp
     UnsafeInputError, UnsupportedProtocolError
 from ucp.core._records import FileRecord
 
-from ._direct import DIRECT_FLAG, write_blocks
+from ._direct import direct_opener, write_blocks
 from ._retry import RetryPolicy, retry_call
 from ._stats import count_read
 
@@ -459,7 +458,7 @@ def _create(path: str, directory: str, *, replace: bool = False, direct: bool = 
     a file another process created there meanwhile (the same node written by two converting
     workers) is removed and the new one created in its place, a few times at most. ``direct``:
     opened with ``O_DIRECT`` where the filesystem takes it (else without)."""
-    opener = _direct_opener if direct and DIRECT_FLAG else None
+    opener = direct_opener if direct else None
     for attempt in range(3):
         try:
             try:
@@ -472,15 +471,6 @@ def _create(path: str, directory: str, *, replace: bool = False, direct: bool = 
                 raise
             _remove_quietly(path)
     raise AssertionError("unreachable")  # pragma: no cover
-
-
-def _direct_opener(path: str, flags: int) -> int:
-    try:
-        return os.open(path, flags | DIRECT_FLAG, 0o666)
-    except OSError as e:
-        if e.errno != errno.EINVAL:  # EINVAL: this filesystem has no O_DIRECT (tmpfs)
-            raise
-    return os.open(path, flags, 0o666)
 
 
 def _remove_quietly(path: str) -> None:

@@ -19,7 +19,7 @@ from crc32c import crc32c
 import ucp
 from ucp import StorageError
 from ucp.storage import Storage
-from ucp.storage import _direct, _store
+from ucp.storage import _direct
 from ucp.universal import _checkpoint
 
 BLOCK, PAGE = _direct.BLOCK, _direct.ALIGN
@@ -78,7 +78,7 @@ def test_a_filesystem_refusing_o_direct_at_open_gets_a_buffered_write(tmp_path, 
         if flags & _direct.DIRECT_FLAG:
             raise OSError(errno.EINVAL, "Invalid argument", path)
         return real_open(path, flags, *args)
-    monkeypatch.setattr(_store.os, "open", no_direct)
+    monkeypatch.setattr(_direct.os, "open", no_direct)
     data = os.urandom(BLOCK + 3)
     rec = Storage(str(tmp_path)).write("d", data, direct=True)
     assert (tmp_path / "d").read_bytes() == data and rec.crc32c == crc32c(data)
