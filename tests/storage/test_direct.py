@@ -145,3 +145,35 @@ def test_large_shards_are_written_direct_and_read_back_by_ucp_and_zarr(tmp_path,
         want = t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
         assert np.array_equal(arr[...].view(want.dtype), want), name
     assert _checkpoint.DIRECT_BYTES <= 3 << 20
+
+
+def test_reshard_and_export_write_their_data_files_direct(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from ucp.ops._export import export_hf
+    from ucp.ops._reshard import reshard
+
+    flags: list[tuple[int, int]] = []
+    real = _direct._pwrite_all
+    monkeypatch.setattr(_direct, "_pwrite_all", lambda fd, view, off: (
+        flags.append((len(view), fcntl.fcntl(fd, fcntl.F_GETFL))), real(fd, view, off)))
+    g = torch.Generator().manual_seed(2)
+    state = {"w": torch.randn(1024, 1500, generator=g), "b": torch.randn(1500, generator=g)}
+    ucp.save({"model": state}, str(tmp_path / "n"), step=1).wait()
+    ucp.convert(str(tmp_path / "n"), str(tmp_path / "u"), progress=False)
+    want = _direct_supported(tmp_path)
+
+    flags.clear()
+    reshard(str(tmp_path / "u"), str(tmp_path / "r"), topology="dp=2,zero=1", progress=False)
+    assert sum(n for n, _ in flags) >= 2 * 1024 * 1500 * 4  # each rank's data file went this way
+    assert all(bool(f & _direct.DIRECT_FLAG) == want for _, f in flags)
+    for rank in range(2):
+        got = ucp.resharder.load_rank_state(str(tmp_path / "r"), "dp=2,zero=1", rank)["model"]
+        assert torch.equal(got["w"], state["w"]) and torch.equal(got["b"], state["b"])
+
+    flags.clear()
+    export_hf(str(tmp_path / "u"), str(tmp_path / "hf"), progress=False)
+    assert sum(n for n, _ in flags) >= 1024 * 1500 * 4
+    assert all(bool(f & _direct.DIRECT_FLAG) == want for _, f in flags)
+    out = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert torch.equal(out["w"], state["w"]) and torch.equal(out["b"], state["b"])
