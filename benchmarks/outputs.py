@@ -5,8 +5,8 @@
 Uses (and makes once, under --dir) the real DeepSpeed ZeRO-2 bf16 checkpoint of
 ``benchmarks/convert.py`` and its universal checkpoint (``ucp convert``), then, side by side in
 one run, medians of --repeats:
-  * ``ucp reshard U OUT --to dp=4,zero=2`` (native per-rank files) and ``--engine deepspeed``
-    (DeepSpeed's own ZeRO-2 files for 4 ranks);
+  * ``ucp reshard U OUT --to dp=4,zero=2`` (native per-rank files) and ``--engine
+    deepspeed-universal`` (DeepSpeed's universal layout);
   * ``ucp export U HF --dtype bf16`` (Hugging Face safetensors);
   * each one's durable floor: a process reading what the command must read (every array for
     the reshards, the bf16 weights for the export) and writing as many bytes as it wrote to one
@@ -29,8 +29,8 @@ UCP = str(Path(sys.executable).with_name("ucp"))
 #: name -> (command after ``ucp``, with {u} and {out}; what the floor reads below the universal checkpoint)
 COMMANDS = {
     "reshard dp=4,zero=2 (ucp)": (["reshard", "{u}", "{out}", "--to", "dp=4,zero=2"], "*"),
-    "reshard dp=4,zero=2 (deepspeed)": (["reshard", "{u}", "{out}", "--to", "dp=4,zero=2", "--engine",
-                                         "deepspeed"], "*"),
+    "reshard dp=4,zero=2 (deepspeed-universal)": (["reshard", "{u}", "{out}", "--to", "dp=4,zero=2",
+                                                   "--engine", "deepspeed-universal"], "*"),
     "export --dtype bf16": (["export", "{u}", "{out}", "--dtype", "bf16"], "param/c*"),
 }
 

@@ -10,7 +10,7 @@ Example::
     ckpt.close()
 
 ``load_universal(engine, dir)`` loads a DeepSpeed universal folder written by
-``ucp reshard --engine deepspeed`` (frozen parameters and buffers included, which DeepSpeed's own
+``ucp reshard --engine deepspeed-universal`` (frozen parameters and buffers included, which DeepSpeed's own
 universal load leaves out); ``restore_extras`` copies only those. The top-level names
 ``ucp.DeepSpeedCheckpointer``, ``ucp.load_deepspeed`` and ``ucp.restore_deepspeed_extras`` are
 deprecated aliases of these, kept for one release.

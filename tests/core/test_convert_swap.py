@@ -63,3 +63,13 @@ def test_convert_refuses_a_directory_of_other_files(tmp_path):
     with pytest.raises(ucp.CheckpointExistsError, match="notes.txt.*new or empty directory"):
         ucp.convert(_native(tmp_path / "a", 1.0), str(dst))
     assert (dst / "notes.txt").read_text() == "keep me"
+
+
+def test_publish_syncs_the_parent_directory_after_the_rename(tmp_path, monkeypatch):
+    import ucp.ops._beside as beside
+
+    synced = []
+    monkeypatch.setattr(beside, "fsync_dir", lambda d: synced.append((d, os.path.isdir(tmp_path / "universal"))))
+    ucp.convert(_native(tmp_path / "a", 1.0), str(tmp_path / "universal"))
+    # the parent is synced once the output has its final name (a power cut keeps the rename)
+    assert synced == [(str(tmp_path), True)]

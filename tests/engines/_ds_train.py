@@ -6,7 +6,8 @@ Run it under a distributed launcher, one process per rank, for example::
         --master_port 29512 tests/engines/_ds_train.py OUT --stage 2 --dtype bf16
 
 Every rank writes only its share of the DeepSpeed checkpoint under ``OUT`` (DeepSpeed's own
-``save_checkpoint``: ``OUT/latest`` and ``OUT/global_stepN/*``); nothing else is written. The model is
+``save_checkpoint``: ``OUT/latest`` and ``OUT/global_stepN/*``, after the last step or ``--save-at``);
+with ``--loss-log`` rank 0 also writes ``OUT.losses.json`` beside it, nothing else. The model is
 built from ``--seed`` before DeepSpeed sees it, so a test can rebuild the same initial model with
 :func:`build_model` and compare what never changes during training (the frozen parameter, buffers).
 
@@ -18,6 +19,7 @@ tied to the embedding, and the optimizer may have two parameter groups with diff
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -75,6 +77,13 @@ class TinyGPT(nn.Module):
         return self.head(self.ln_f(x))
 
 
+def mean_over_ranks(loss: torch.Tensor) -> float:
+    """The step's loss averaged over the data-parallel ranks (a sum, then a division)."""
+    total = loss.detach().float().clone()
+    torch.distributed.all_reduce(total)
+    return total.item() / torch.distributed.get_world_size()
+
+
 def build_model(args: argparse.Namespace) -> TinyGPT:
     """The model exactly as every rank builds it before DeepSpeed takes over (fp32)."""
     torch.manual_seed(args.seed)
@@ -97,6 +106,8 @@ def ds_config(args: argparse.Namespace) -> dict:
         "gradient_accumulation_steps": 1,
         "steps_per_print": 1_000_000,
         "zero_optimization": {"stage": args.stage},
+        # DeepSpeed's default, stated: a job continuing this run (another engine) must clip alike
+        "gradient_clipping": 1.0,
         "bf16": {"enabled": args.dtype == "bf16"},
         "fp16": {"enabled": args.dtype == "fp16", "initial_scale_power": 8},
         "zero_allow_untested_optimizer": True,
@@ -122,6 +133,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=9)
     p.add_argument("--batch", type=int, default=2, help="micro batch per rank")
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--save-at", type=int, default=None,
+                   help="save after this step, then train on to --steps (default: save after the last)")
+    p.add_argument("--loss-log", action="store_true",
+                   help="write each step's loss, averaged over the ranks, to OUT.losses.json (rank 0)")
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--seed", type=int, default=1234)
     return p.parse_args(argv)
@@ -147,13 +162,20 @@ def main(argv: list[str] | None = None) -> None:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(args))
     rank = engine.global_rank
     gen = torch.Generator().manual_seed(args.seed + 1000 + rank)
-    for _ in range(args.steps):
+    losses = []
+    for step in range(1, args.steps + 1):
         idx = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=gen)
         logits = engine(idx[:, :-1])
         loss = F.cross_entropy(logits.float().reshape(-1, args.vocab), idx[:, 1:].reshape(-1))
         engine.backward(loss)
         engine.step()
-    engine.save_checkpoint(args.out, client_state={"universal_checkpoint_info": {}})
+        if args.loss_log:
+            losses.append(mean_over_ranks(loss))
+        if step == (args.save_at or args.steps):
+            engine.save_checkpoint(args.out, client_state={"universal_checkpoint_info": {}})
+    if args.loss_log and rank == 0:
+        with open(f"{args.out}.losses.json", "w") as f:
+            json.dump(losses, f)
     if rank == 0:
         print(f"saved {args.out} stage={args.stage} dtype={args.dtype} loss={loss.item():.4f} "
               f"in {time.perf_counter() - t0:.1f}s", flush=True)

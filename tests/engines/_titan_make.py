@@ -11,7 +11,8 @@ optimizer state is keyed by the fused parameter ``wqkv``.
 
 Rank 0 also writes ``OUT/full-<N>.pt`` at steps 4 and 5: what torch itself gathers after that save
 (``get_model_state_dict`` / ``get_optimizer_state_dict`` with ``full_state_dict=True``), the learning
-rate scheduler's and the train state's ``state_dict()``, and the attention sizes.
+rate scheduler's and the train state's ``state_dict()``, the attention sizes, and torchtitan's own
+model's logits on a fixed batch (``tokens``, ``logits``: the reference of the Hugging Face export).
 """
 
 from __future__ import annotations
@@ -135,6 +136,10 @@ def _write_reference(model: Any, optimizers: Any, schedulers: Any, state: TrainS
            "optim": full({k: v for o in optimizers.optimizers for k, v in get_flat_optim_state_dict(o).items()}),
            "lr_scheduler": schedulers.state_dict(), "train_state": state.state_dict(),
            "head_dim": DIM // HEADS, "heads": HEADS, "kv_heads": KV_HEADS}
+    ref["tokens"] = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():  # every rank runs the same batch (FSDP2 gathers the weights)
+        logits = model(ref["tokens"])
+    ref["logits"] = logits.full_tensor() if isinstance(logits, DTensor) else logits
     if rank == 0:
         torch.save(ref, out)
     dist.barrier()

@@ -38,6 +38,9 @@ DS_CONFIGS: dict[str, tuple[int, list[str]]] = {
     "z1_bf16opt_dp2": (2, ["--stage", "1", "--dtype", "bf16", "--grad-accum-dtype", "fp32", "--tie"]),
     "z3_fp16_dp3": (3, ["--stage", "3", "--dtype", "fp16", "--groups", "2"]),
     "z0_fp32_dp2": (2, ["--stage", "0", "--dtype", "fp32"]),
+    # trains 6 steps, saving after step 3, and logs every step's loss (the cross-engine continuity test)
+    "z2_fp32_dp2_losses": (2, ["--stage", "2", "--dtype", "fp32", "--groups", "2", "--steps", "6",
+                               "--save-at", "3", "--loss-log"]),
 }
 
 

@@ -1,4 +1,4 @@
-"""``ucp.reshard(..., engine="deepspeed")``: DeepSpeed's universal layout, loaded by a real engine.
+"""``ucp.reshard(..., engine="deepspeed-universal")``: DeepSpeed's universal layout, loaded by a real engine.
 
 The slow tests take a real ZeRO-2 bf16 checkpoint saved on 2 ranks, convert it to ucp's universal
 format, reshard it for 1 and 3 ranks, and launch a real DeepSpeed engine on each (this file, run as
@@ -57,7 +57,7 @@ def test_files_hold_whole_fp32_states(tmp_path):
     import ucp
 
     fake, uni = _tiny_universal(tmp_path)
-    report = ucp.reshard(str(uni), str(tmp_path / "out"), topology="dp=3,zero=2", engine="deepspeed",
+    report = ucp.reshard(str(uni), str(tmp_path / "out"), topology="dp=3,zero=2", engine="deepspeed-universal",
                          progress=False)
     out = tmp_path / "out"
     tag = (out / "latest_universal").read_text()
@@ -82,8 +82,8 @@ def test_straight_from_a_deepspeed_checkpoint(tmp_path):
     import ucp
 
     fake, uni = _tiny_universal(tmp_path)
-    ucp.reshard(str(uni), str(tmp_path / "a"), topology="dp=1", engine="deepspeed")
-    ucp.reshard(str(fake.root), str(tmp_path / "b"), topology="dp=1", engine="deepspeed")
+    ucp.reshard(str(uni), str(tmp_path / "a"), topology="dp=1", engine="deepspeed-universal")
+    ucp.reshard(str(fake.root), str(tmp_path / "b"), topology="dp=1", engine="deepspeed-universal")
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.pt"))
     assert files == sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*.pt"))
     for rel in files:
@@ -100,7 +100,7 @@ def test_refuses_topologies_deepspeed_cannot_repartition(tmp_path, topology):
 
     _, uni = _tiny_universal(tmp_path)
     with pytest.raises(ucp.TopologyError, match="deepspeed"):
-        ucp.reshard(str(uni), str(tmp_path / "out"), topology=topology, engine="deepspeed")
+        ucp.reshard(str(uni), str(tmp_path / "out"), topology=topology, engine="deepspeed-universal")
     assert not (tmp_path / "out").exists()  # refused before any I/O
 
 
@@ -108,10 +108,10 @@ def test_existing_tag_needs_overwrite(tmp_path):
     import ucp
 
     _, uni = _tiny_universal(tmp_path)
-    ucp.reshard(str(uni), str(tmp_path / "out"), topology="dp=1", engine="deepspeed")
+    ucp.reshard(str(uni), str(tmp_path / "out"), topology="dp=1", engine="deepspeed-universal")
     with pytest.raises(ucp.CheckpointExistsError):
-        ucp.reshard(str(uni), str(tmp_path / "out"), topology="dp=1", engine="deepspeed")
-    ucp.reshard(str(uni), str(tmp_path / "out"), topology="dp=1", engine="deepspeed", overwrite=True)
+        ucp.reshard(str(uni), str(tmp_path / "out"), topology="dp=1", engine="deepspeed-universal")
+    ucp.reshard(str(uni), str(tmp_path / "out"), topology="dp=1", engine="deepspeed-universal", overwrite=True)
 
 
 # --- slow: a real DeepSpeed engine loads it --------------------------------------------------------
@@ -139,7 +139,7 @@ def test_real_engine_loads_on_another_dp_size(ds_checkpoint, tmp_path_factory, t
     if not (uni / "zarr.json").exists():
         ucp.convert(str(src), str(uni), progress=False)
     out = tmp_path / "ds"
-    ucp.reshard(str(uni), str(out), topology=f"dp={ranks},zero=2", engine="deepspeed", progress=False)
+    ucp.reshard(str(uni), str(out), topology=f"dp={ranks},zero=2", engine="deepspeed-universal", progress=False)
     flags = ["--stage", "2", "--dtype", "bf16", "--groups", "2", "--tie"]
     _launch(ranks, str(out), str(tmp_path / "seen.pt"), *flags)
     seen = torch.load(tmp_path / "seen.pt", weights_only=True)

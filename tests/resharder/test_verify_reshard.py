@@ -74,11 +74,11 @@ def test_the_deepspeed_target_checks_each_state_against_the_recorded_one(llama, 
     check = _deepspeed.check_recorded
     monkeypatch.setattr(_deepspeed, "check_recorded", lambda src, n, s, t, d: (checked.append((n, s)),
                                                                                 check(src, n, s, t, d)))
-    ucp.reshard(llama[1], str(tmp_path / "ok"), topology="dp=2", engine="deepspeed")
+    ucp.reshard(llama[1], str(tmp_path / "ok"), topology="dp=2", engine="deepspeed-universal")
     assert (QKV, "exp_avg_sq") in checked and len(checked) > 60
     read = UniversalSource.read
     monkeypatch.setattr(UniversalSource, "read", lambda self, n, s, r: torch.zeros_like(read(self, n, s, r))
                         if (n, s) == (QKV, "exp_avg_sq") else read(self, n, s, r))
     with pytest.raises(ucp.VerificationError, match=rf"^{QKV}: state 'exp_avg_sq' as resharded to .*zero/{QKV} "
                                                     r"differs from the source"):
-        ucp.reshard(llama[1], str(tmp_path / "bad"), topology="dp=2", engine="deepspeed")
+        ucp.reshard(llama[1], str(tmp_path / "bad"), topology="dp=2", engine="deepspeed-universal")

@@ -133,7 +133,8 @@ def verify(path: str, as_json: bool, engine: str, tag: str | None, spec: str | N
 @click.option("--no-verify", is_flag=True, help="Skip the check of each tensor written against "
               "the fingerprint a universal SRC records.")
 @click.option("--map", "hf_map", default=None, metavar="NAME",
-              help="A bundled map to Hugging Face names and layouts (megatron-llama); needs --config.")
+              help="A bundled map to Hugging Face names and layouts (megatron-llama, torchtitan-llama); "
+              "needs --config.")
 @storage_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @ucp_command

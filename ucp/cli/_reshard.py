@@ -19,7 +19,8 @@ __all__ = ["reshard"]
 @click.option("--to", "topology", required=True, type=TopologyType(),
               help="Target topology, e.g. dp=2,tp=2,pp=1,zero=1 (omitted axes are 1, zero 0).")
 @click.option("--engine", default="ucp", show_default=True,
-              help="Target layout: ucp (native per-rank files), or an engine with a reshard target.")
+              help="Target layout: ucp (native per-rank files), dcp, deepspeed (DeepSpeed's native ZeRO "
+                   "files), deepspeed-universal, or an engine with a reshard target.")
 @click.option("--spec", default=None,
               help="UCL spec for tp/pp cuts (a bundled name, a file, or UCL text); default: the "
                    "one SRC stores.")
@@ -51,6 +52,7 @@ def reshard(src: str, dst: str, topology: Topology, engine: str, spec: str | Non
     Example:
       ucp reshard ./universal ./ckpt_dp4 --to dp=4,tp=1,pp=1,zero=1
       ucp reshard ./megatron_tp2pp2 ./ckpt_tp4 --to tp=4,zero=0 --spec llama_megatron
+      ucp reshard ./hf_llama ./megatron_run --to tp=2 --engine megatron
     """
     from ucp.ops._reshard import reshard as _reshard
 

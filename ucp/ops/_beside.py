@@ -18,7 +18,7 @@ import shutil
 import uuid
 from typing import Any, Mapping
 
-from ucp.storage import Storage
+from ucp.storage import Storage, fsync_dir
 
 from ucp.core._errors import StorageError
 
@@ -41,8 +41,8 @@ class Beside:
         self.url = f"{self.final}.partial-{uuid.uuid4().hex[:12]}" if self._local else dst
 
     def publish(self) -> None:
-        """Puts the complete output in place of ``dst`` (local: two renames, then the old
-        output is deleted)."""
+        """Puts the complete output in place of ``dst`` (local: two renames, made durable by
+        syncing the parent directory, then the old output is deleted)."""
         if not self._local:
             return
         old = None
@@ -51,6 +51,7 @@ class Beside:
                 old = f"{self.final}.old-{uuid.uuid4().hex[:12]}"
                 os.rename(self.final, old)
             os.rename(self.url, self.final)
+            fsync_dir(os.path.dirname(os.path.abspath(self.final)))  # the renames survive a power cut
         except OSError as e:
             if old is not None and not os.path.lexists(self.final):
                 os.rename(old, self.final)  # the old output back in place

@@ -109,7 +109,8 @@ def export_hf(src: str, dst: str, *, dtype: str | torch.dtype | None = None,
         storage_options / dst_storage_options: fsspec options of ``src`` / ``dst``; never shown.
         progress: progress bar on stderr (default: when stderr is a terminal).
         hf_map: a bundled map to Hugging Face names and layouts (``megatron-llama``: one Megatron
-            tensor may give several); needs ``config`` (the head counts). Default: names as stored.
+            tensor may give several; ``torchtitan-llama``: query and key rows reordered per head);
+            needs ``config`` (the head counts). Default: names as stored.
 
     Returns:
         An :class:`ExportResult`.
@@ -185,7 +186,7 @@ def _mapped(opened: Opened, name: str, config: str | os.PathLike[str] | None) ->
         raise ConvertError(f"no Hugging Face map {name!r}; the bundled maps are {', '.join(sorted(MAPS))}")
     if config is None:
         raise ConvertError(f"--map {name} needs --config: the Hugging Face config.json gives the head "
-                           "counts that split the fused tensors")
+                           "counts that split the fused tensors and order the rotary rows")
     try:
         with open(config, "rb") as f:
             settings = json.loads(f.read())

@@ -5,6 +5,8 @@
 - ``_layout``: which saved keys are model parameters, optimizer states, groups and buffers.
 - ``_reader``, ``_engine``: the ``dcp`` engine plugin.
 - ``_files``: entries by key, for plugins with their own key layout (Megatron-core).
+- ``_hf``: torchtitan Llama -> Hugging Face Llama names and rotary row order (``ucp export --map
+  torchtitan-llama``; one of the bundled maps in ``ucp.engines.megatron.MAPS``).
 """
 
 from ._engine import ENGINE, DcpEngine

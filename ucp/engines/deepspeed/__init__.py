@@ -6,7 +6,8 @@ and a live engine saved through ucp and resumed on any data-parallel size.
 - ``_snapshot``: ``DeepSpeedCheckpointer``'s saves (ucp native files of ZeRO partitions), read lazily.
 - ``_live``: loading any source into a live ZeRO-1/2 engine's flat partitions.
 - ``_hook``: ``DeepSpeedCheckpointer`` (public as ``ucp.deepspeed.Checkpointer``).
-- ``_target``: ``ucp reshard --engine deepspeed`` (DeepSpeed's universal layout).
+- ``_native``: ``ucp reshard --engine deepspeed`` (DeepSpeed's native ZeRO-1/2 files).
+- ``_target``: ``ucp reshard --engine deepspeed-universal`` (DeepSpeed's universal layout).
 """
 
 from ._engine import ENGINE, DeepSpeedEngine

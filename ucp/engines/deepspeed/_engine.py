@@ -126,6 +126,12 @@ class DeepSpeedSource:
     def param_groups(self) -> list[dict[str, Any]]:
         return self.ckpt.param_groups()
 
+    def extras(self) -> dict[str, Any]:
+        """DeepSpeed's LR scheduler state, under ``deepspeed.lr_scheduler`` (when JSON holds it): the
+        native DeepSpeed reshard target writes it back."""
+        sched = self.ckpt.lr_scheduler()
+        return {} if sched is None else {"deepspeed": {"lr_scheduler": sched}}
+
     def _held(self, name: str) -> dict[int, str]:
         try:
             return self._local[name]

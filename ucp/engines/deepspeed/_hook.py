@@ -87,7 +87,7 @@ def _read_tag(load_dir: str) -> str:
 
 
 def load_deepspeed(engine: Any, load_dir: str, *, tag: str | None = None) -> int:
-    """Loads a DeepSpeed universal checkpoint (``ucp.reshard(..., engine="deepspeed")``) into a
+    """Loads a DeepSpeed universal checkpoint (``ucp.reshard(..., engine="deepspeed-universal")``) into a
     live engine of any dp size, frozen parameters and buffers included; returns its step.
 
     Every rank calls it (``engine.load_checkpoint`` is collective). The engine's config need not

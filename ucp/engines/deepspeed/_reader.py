@@ -294,6 +294,16 @@ class DeepSpeedCheckpoint:
         with _structure(f"{self.tag_dir}: optimizer param groups"):
             return [{k: v for k, v in g.items() if k != "params"} for g in plan.param_groups]
 
+    def lr_scheduler(self) -> Any:
+        """The engine's LR scheduler state as saved (``lr_scheduler``), when JSON holds it; else None."""
+        from ucp.core._tree import jsonable
+
+        value = self._load(self._first_model_file()).get("lr_scheduler")
+        try:
+            return None if value is None or isinstance(value, TensorRef) else jsonable(value)
+        except (TypeError, ValueError, AttributeError):  # tensors or objects inside: not carried
+            return None
+
     def _step(self, plan: MpPlan) -> int:
         values = []
         for s in plan.steps:

@@ -1,4 +1,6 @@
-"""Reshard target ``"deepspeed"``: DeepSpeed's own universal-checkpoint layout.
+"""Reshard target ``"deepspeed-universal"``: DeepSpeed's own universal-checkpoint layout.
+
+(``engine="deepspeed"`` writes DeepSpeed's native ZeRO files instead: see ``_native``.)
 
 DeepSpeed (>= 0.10) loads a *universal* checkpoint onto any data-parallel size when its config
 says ``"checkpoint": {"load_universal": true}``: each rank cuts its ZeRO partition out of whole
@@ -70,11 +72,11 @@ def check_topology(topology: Topology) -> None:
     """
     others = {ax: getattr(topology, ax) for ax in ("tp", "pp", "ep", "sp") if getattr(topology, ax, 1) != 1}
     if others:
-        raise TopologyError(f"engine='deepspeed' writes a data-parallel universal checkpoint, but the "
+        raise TopologyError(f"engine='deepspeed-universal' writes a data-parallel universal checkpoint, but the "
                             f"target topology {topology} has {others}; use tp=pp=1 (Megatron-style "
                             "tp/pp under DeepSpeed is not supported yet)")
     if topology.zero == 3:
-        raise TopologyError(f"engine='deepspeed' supports ZeRO stages 0-2 (the target is {topology}); "
+        raise TopologyError(f"engine='deepspeed-universal' supports ZeRO stages 0-2 (the target is {topology}); "
                             "ZeRO-3's universal load is not supported yet: reshard with zero=2 and "
                             "load it into a stage 1/2 engine, or use engine='ucp'")
 
@@ -87,7 +89,7 @@ class DeepSpeedTarget:
     (the commit) once every process finished its parameters.
     """
 
-    name = "deepspeed"
+    name = "deepspeed-universal"
     default_alignment = 1  # DeepSpeed partitions (and aligns) at load time, not on disk
 
     def write(self, source: ArraySource, dst: str, *, topology: Topology, spec: Spec | None,
