@@ -26,6 +26,7 @@ import mmap
 import os
 import threading
 from collections.abc import Iterable
+from typing import BinaryIO
 
 import crc32c as _crc32c
 
@@ -73,25 +74,27 @@ def direct_opener(path: str, flags: int) -> int:
     return os.open(path, flags, 0o666)
 
 
-def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
-    """Writes all of ``view`` at ``offset``; a filesystem that takes the ``O_DIRECT`` open but
-    not the write (EINVAL) gets it, and the rest of the file, through the page cache."""
+def _write_all(f: BinaryIO, view: memoryview) -> None:
+    """Writes all of ``view`` at ``f``'s position; a filesystem that takes the ``O_DIRECT`` open
+    but not the write (EINVAL) gets it, and the rest of the file, through the page cache."""
+    fd = f.fileno()
     while view:
         try:
-            n = os.pwrite(fd, view, offset)
+            n = f.write(view)
         except OSError as e:
             if e.errno != errno.EINVAL or not fcntl.fcntl(fd, fcntl.F_GETFL) & DIRECT_FLAG:
                 raise
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~DIRECT_FLAG)
             continue
-        if n <= 0:
-            raise OSError(errno.EIO, "short write", str(fd))
-        view, offset = view[n:], offset + n
+        if not n:
+            raise OSError(errno.EIO, "short write", getattr(f, "name", str(fd)))
+        view = view[n:]
 
 
-def write_blocks(fd: int, chunks: Iterable[bytes | bytearray | memoryview], *, crc: bool) -> tuple[int, int]:
-    """Writes ``chunks`` in order from offset 0 of the new, empty file ``fd`` (opened with
-    ``O_DIRECT`` or not); returns (bytes written, their CRC32C; 0 without ``crc``).
+def write_blocks(f: BinaryIO, chunks: Iterable[bytes | bytearray | memoryview], *, crc: bool) -> tuple[int, int]:
+    """Writes ``chunks`` in order from the start of the new, empty, unbuffered file ``f``
+    (opened with ``O_DIRECT`` or not: :func:`direct_opener`); returns (bytes written, their
+    CRC32C; 0 without ``crc``). Writes go through ``f.write``, in order, one at a time.
 
     Full blocks are written on a background thread while the next is filled; at most
     ``NBUF - 1`` writes are in flight, and none when this returns (or raises).
@@ -110,7 +113,7 @@ def write_blocks(fd: int, chunks: Iterable[bytes | bytearray | memoryview], *, c
                 views[cur][fill:fill + n] = view[:n]
                 fill, view = fill + n, view[n:]
                 if fill == BLOCK:
-                    inflight.append(pool.submit(_pwrite_all, fd, views[cur], offset))
+                    inflight.append(pool.submit(_write_all, f, views[cur]))
                     offset, fill, cur = offset + BLOCK, 0, (cur + 1) % NBUF
                     if len(inflight) == NBUF - 1:  # the next block to fill may still be in flight
                         inflight.pop(0).result()
@@ -121,9 +124,9 @@ def write_blocks(fd: int, chunks: Iterable[bytes | bytearray | memoryview], *, c
         if fill:
             padded = -(-fill // ALIGN) * ALIGN
             views[cur][fill:padded] = bytes(padded - fill)
-            _pwrite_all(fd, views[cur][:padded], offset)
+            _write_all(f, views[cur][:padded])
             if padded != fill:
-                os.ftruncate(fd, offset + fill)
+                os.ftruncate(f.fileno(), offset + fill)
         return offset + fill, value
     finally:
         for fut in inflight:  # an error: let every write end before the blocks are reused

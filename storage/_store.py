@@ -181,7 +181,7 @@ class Storage:
         try:
             with _create(tmp, directory, replace=not atomic, direct=direct) as f:
                 if direct:
-                    size, value = write_blocks(f.fileno(), chunks, crc=crc)
+                    size, value = write_blocks(f, chunks, crc=crc)
                     chunks = ()
                 for chunk in chunks:
                     view = memoryview(chunk).cast("B")

@@ -19,7 +19,7 @@ from crc32c import crc32c
 import ucp
 from ucp import StorageError
 from ucp.storage import Storage
-from ucp.storage import _direct
+from ucp.storage import _direct, _store
 from ucp.universal import _checkpoint
 
 BLOCK, PAGE = _direct.BLOCK, _direct.ALIGN
@@ -60,9 +60,9 @@ def test_same_bytes_and_crc_as_a_buffered_write(tmp_path, size):
 
 def test_writes_go_around_the_page_cache_where_the_filesystem_allows(tmp_path, monkeypatch):
     flags = []
-    real = _direct._pwrite_all
-    monkeypatch.setattr(_direct, "_pwrite_all",
-                        lambda fd, view, off: (flags.append(fcntl.fcntl(fd, fcntl.F_GETFL)), real(fd, view, off)))
+    real = _direct._write_all
+    monkeypatch.setattr(_direct, "_write_all",
+                        lambda f, view: (flags.append(fcntl.fcntl(f.fileno(), fcntl.F_GETFL)), real(f, view)))
     data = os.urandom(2 * BLOCK + 100)
     Storage(str(tmp_path)).write("d", data, direct=True, atomic=False, fsync=False)
     assert len(flags) == 3  # two full blocks, then the padded tail
@@ -84,37 +84,44 @@ def test_a_filesystem_refusing_o_direct_at_open_gets_a_buffered_write(tmp_path, 
     assert (tmp_path / "d").read_bytes() == data and rec.crc32c == crc32c(data)
 
 
-def test_a_filesystem_refusing_the_direct_write_gets_the_rest_buffered(tmp_path, monkeypatch):
-    real = os.pwrite
-    seen = []
+class _Picky:
+    """A file whose filesystem refuses direct writes (EINVAL), recording each attempt."""
 
-    def picky(fd, view, off):
-        direct = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & _direct.DIRECT_FLAG)
-        seen.append(direct)
+    def __init__(self, f, seen):
+        self.f, self.seen = f, seen
+
+    def fileno(self):
+        return self.f.fileno()
+
+    def write(self, view):
+        direct = bool(fcntl.fcntl(self.f.fileno(), fcntl.F_GETFL) & _direct.DIRECT_FLAG)
+        self.seen.append(direct)
         if direct:
             raise OSError(errno.EINVAL, "Invalid argument")
-        return real(fd, view, off)
-    monkeypatch.setattr(_direct.os, "pwrite", picky)
+        return self.f.write(view)
+
+
+def test_a_filesystem_refusing_the_direct_write_gets_the_rest_buffered(tmp_path, monkeypatch):
+    seen = []
+    real = _direct.write_blocks
+    monkeypatch.setattr(_store, "write_blocks", lambda f, chunks, crc: real(_Picky(f, seen), chunks, crc=crc))
     data = os.urandom(3 * BLOCK + 1)
     Storage(str(tmp_path)).write("d", data, direct=True, atomic=False, fsync=False)
     assert (tmp_path / "d").read_bytes() == data
     assert seen.count(True) <= 1 and seen[-1] is False  # refused once at most, then buffered
 
 
-def test_a_failed_block_write_surfaces_and_leaves_no_file(tmp_path, monkeypatch):
-    real, calls = os.pwrite, []
+def test_a_full_disk_surfaces_and_leaves_no_file(tmp_path):
+    from ucp.testing_faults import disk_full
 
-    def full(fd, view, off):
-        calls.append(off)
-        if off >= BLOCK:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(fd, view, off)
-    monkeypatch.setattr(_direct.os, "pwrite", full)
     storage = Storage(str(tmp_path))
-    with pytest.raises((StorageError, OSError), match="No space left"):
+    with disk_full(tmp_path, free_bytes=BLOCK + 1000), \
+            pytest.raises((StorageError, OSError), match="No space left"):
         storage.write("d", [os.urandom(BLOCK)] * 4, direct=True, atomic=False, fsync=False)
     assert not (tmp_path / "d").exists()
-    monkeypatch.setattr(_direct.os, "pwrite", real)  # the blocks are reusable afterwards
+    data = os.urandom(2 * BLOCK + 9)  # the blocks are reusable afterwards
+    storage.write("d", data, direct=True, atomic=False, fsync=False)
+    assert (tmp_path / "d").read_bytes() == data
     data = os.urandom(2 * BLOCK + 9)
     storage.write("d", data, direct=True, atomic=False, fsync=False)
     assert (tmp_path / "d").read_bytes() == data
@@ -154,9 +161,9 @@ def test_reshard_and_export_write_their_data_files_direct(tmp_path, monkeypatch)
     from ucp.ops._reshard import reshard
 
     flags: list[tuple[int, int]] = []
-    real = _direct._pwrite_all
-    monkeypatch.setattr(_direct, "_pwrite_all", lambda fd, view, off: (
-        flags.append((len(view), fcntl.fcntl(fd, fcntl.F_GETFL))), real(fd, view, off)))
+    real = _direct._write_all
+    monkeypatch.setattr(_direct, "_write_all", lambda f, view: (
+        flags.append((len(view), fcntl.fcntl(f.fileno(), fcntl.F_GETFL))), real(f, view)))
     g = torch.Generator().manual_seed(2)
     state = {"w": torch.randn(1024, 1500, generator=g), "b": torch.randn(1500, generator=g)}
     ucp.save({"model": state}, str(tmp_path / "n"), step=1).wait()

@@ -351,7 +351,7 @@ def _write_shard(out: Storage, name: str, shard: list[_Item], opened: Opened, ba
     try:
         with _new_file(out, tmp) as f:
             if out.is_local:  # around the page cache, the next tensor read while a block is written
-                write_blocks(f.fileno(), pieces(), crc=False)
+                write_blocks(f, pieces(), crc=False)
             else:
                 for piece in pieces():
                     f.write(piece)
