@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import errno
-import fcntl
 import mmap
 import os
 import threading
@@ -29,6 +28,11 @@ from collections.abc import Iterable
 from typing import BinaryIO
 
 import crc32c as _crc32c
+
+try:
+    import fcntl
+except ImportError:  # Windows: no O_DIRECT either
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = ["ALIGN", "BLOCK", "DIRECT_FLAG", "direct_opener", "write_blocks"]
 
@@ -82,7 +86,7 @@ def _write_all(f: BinaryIO, view: memoryview) -> None:
         try:
             n = f.write(view)
         except OSError as e:
-            if e.errno != errno.EINVAL or not fcntl.fcntl(fd, fcntl.F_GETFL) & DIRECT_FLAG:
+            if e.errno != errno.EINVAL or fcntl is None or not fcntl.fcntl(fd, fcntl.F_GETFL) & DIRECT_FLAG:
                 raise
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~DIRECT_FLAG)
             continue
