@@ -1,6 +1,6 @@
 """Conversion benchmark: `ucp convert` vs DeepSpeed's `ds_to_universal` on a real ZeRO-2 bf16 checkpoint.
 
-    .venv/bin/python benchmarks/convert.py [--dir /work/bench] [--repeats 3] [--workers 1] [--sizes small,large]
+    .venv/bin/python benchmarks/convert.py [--dir /work/bench] [--out DIR] [--repeats 3] [--workers 1] [--sizes small,large]
 
 Makes (once, cached under --dir) real DeepSpeed ZeRO-2 bf16 checkpoints on 2 ranks with
 ``make_deepspeed_ckpt.py`` at two model sizes (--small/--large as hidden,layers,vocab), then, side
@@ -8,7 +8,8 @@ by side in one run (each run: ucp, ds_to_universal, floor, in turn), medians of 
   * ``ucp convert SRC DST --workers W``;
   * ``python -m deepspeed.checkpoint.ds_to_universal --num_extract_workers W --num_merge_workers W``;
   * the durable I/O floor: a process that reads every input byte and writes as many bytes as ucp
-    wrote to one file, then fsyncs it.
+    wrote to one file, then fsyncs it; once through the page cache, once around it (O_DIRECT,
+    as ucp writes its large files), ratios given against both.
 Durable against durable: every command's time includes a ``sync`` after it (ucp fsyncs only its
 commit record; ds_to_universal and the floor's page cache would otherwise hide their write-back);
 each command starts after an untimed ``sync``. Reported per command: durable wall time (and the
@@ -45,22 +46,28 @@ HERE = Path(__file__).resolve().parent
 
 #: The floor as a process of its own (interpreter start included, like the others): read every
 #: input file (below a directory, matching a pattern), write ``out_bytes`` to one new file in
-#: 16 MiB blocks, fsync it.
+#: 16 MiB blocks, fsync it. Mode ``buffered`` writes through the page cache (what a plain copy
+#: does); ``direct`` around it (``O_DIRECT``, page-aligned blocks, the file cut to its size at the
+#: end: what ucp's large files do, so the floor a command is held to uses the same kind of write).
 FLOOR = """
-import os, sys
+import mmap, os, sys
 from pathlib import Path
-src, out, left = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-pattern = sys.argv[4] if len(sys.argv) > 4 else "*"
+src, out, left, pattern, mode = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
 for f in sorted(p for p in src.rglob(pattern) if p.is_file()):
     with open(f, "rb", buffering=0) as fh:
         while fh.read(16 << 20):
             pass
-block = memoryview(bytearray(16 << 20))
-with open(out, "wb", buffering=0) as fh:
-    while left > 0:
-        left -= fh.write(block[:min(left, len(block))])
-    os.fsync(fh.fileno())
+block = memoryview(mmap.mmap(-1, 16 << 20))
+size = left
+fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | (os.O_DIRECT if mode == "direct" else 0), 0o644)
+while left > 0:
+    n = min(left, len(block))
+    left -= os.write(fd, block[:-(-n // 4096) * 4096 if mode == "direct" else n])
+os.ftruncate(fd, size)
+os.fsync(fd)
+os.close(fd)
 """
+FLOOR_MODES = ("buffered", "direct")
 
 
 @dataclasses.dataclass
@@ -119,11 +126,12 @@ def tree_counts(path: Path) -> tuple[int, int, int]:
     return nbytes, files, dirs
 
 
-def io_floor(src: Path, out_bytes: int, scratch: Path, pattern: str = "*") -> Run:
+def io_floor(src: Path, out_bytes: int, scratch: Path, pattern: str = "*", mode: str = "buffered") -> Run:
     """The durable I/O floor (see :data:`FLOOR`: the files below ``src`` matching ``pattern``
-    read, ``out_bytes`` written), measured like the commands."""
+    read, ``out_bytes`` written, ``mode`` buffered or direct), measured like the commands."""
     scratch.mkdir(parents=True, exist_ok=True)
-    run = run_measured([sys.executable, "-c", FLOOR, str(src), str(scratch / "floor.bin"), str(out_bytes), pattern])
+    run = run_measured([sys.executable, "-c", FLOOR, str(src), str(scratch / "floor.bin"), str(out_bytes), pattern,
+                        mode])
     shutil.rmtree(scratch)
     return run
 
@@ -138,11 +146,12 @@ def make_ckpt(root: Path, label: str, shape: str) -> Path:
 
 
 def bench_size(root: Path, src: Path, repeats: int, workers: int) -> dict[str, list]:
-    """``repeats`` rounds of ucp, ds_to_universal and the floor, in turn; per kind a list of
-    :class:`Run` (and ``"ucp_out"``/``"ds_out"``/``"in"``: bytes, files, directories)."""
+    """``repeats`` rounds of ucp, ds_to_universal and the two floors, in turn; per kind a list
+    of :class:`Run` (and ``"ucp_out"``/``"ds_out"``/``"in"``: bytes, files, directories). The
+    outputs go below ``root``."""
     tag = (src / "latest").read_text().strip()
     ucp_bin = str(Path(sys.executable).with_name("ucp"))
-    res: dict[str, list] = {k: [] for k in ("ucp", "ds", "floor", "ucp_out", "ds_out", "in")}
+    res: dict[str, list] = {k: [] for k in ("ucp", "ds", "floor", "floor_direct", "ucp_out", "ds_out", "in")}
     for i in range(repeats):
         dst, ds_out = root / f"u-{i}", root / f"dsu-{i}"
         res["ucp"].append(run_measured([ucp_bin, "convert", str(src), str(dst), "--workers", str(workers), "-q"]))
@@ -153,6 +162,7 @@ def bench_size(root: Path, src: Path, repeats: int, workers: int) -> dict[str, l
         res["ds_out"].append(tree_counts(ds_out))
         res["in"].append(tree_counts(src / tag))
         res["floor"].append(io_floor(src / tag, res["ucp_out"][-1][0], root / "floor"))
+        res["floor_direct"].append(io_floor(src / tag, res["ucp_out"][-1][0], root / "floor", mode="direct"))
         shutil.rmtree(dst)
         shutil.rmtree(ds_out)
     return res
@@ -167,20 +177,27 @@ def report(label: str, res: dict[str, list]) -> None:
     print(f"{label}: input {res['in'][0][0] / 1e9:.2f} GB in {res['in'][0][1]} files")
     print(f"  {'command':16s} {'wall s':>7s} {'sync s':>7s} {'user s':>7s} {'sys s':>7s} {'RSS GB':>7s}"
           f" {'out GB':>7s} {'files':>6s} {'dirs':>6s}")
-    for kind, out in (("ucp", "ucp_out"), ("ds", "ds_out"), ("floor", None)):
+    for kind, out in (("ucp", "ucp_out"), ("ds", "ds_out"), ("floor", None), ("floor_direct", None)):
         m = _median_run(res[kind])
         b, f, d = res[out][0] if out else (res["ucp_out"][0][0], 1, 0)
-        name = {"ucp": "ucp convert", "ds": "ds_to_universal", "floor": "durable floor"}[kind]
+        name = {"ucp": "ucp convert", "ds": "ds_to_universal", "floor": "floor, buffered",
+                "floor_direct": "floor, O_DIRECT"}[kind]
         print(f"  {name:16s} {m.wall:7.2f} {m.sync:7.2f} {m.user:7.2f} {m.system:7.2f} {m.rss / 1e9:7.2f}"
               f" {b / 1e9:7.2f} {f:6d} {d:6d}")
-    trips = ", ".join(f"{u.wall:.2f}/{d.wall:.2f}/{f.wall:.2f}" for u, d, f in
-                      zip(res["ucp"], res["ds"], res["floor"]))
+    trips = ", ".join(f"{u.wall:.2f}/{d.wall:.2f}/{f.wall:.2f}/{g.wall:.2f}" for u, d, f, g in
+                      zip(res["ucp"], res["ds"], res["floor"], res["floor_direct"]))
+    cpu = ", ".join(f"{u.user + u.system:.2f}/{d.user + d.system:.2f}/{f.user + f.system:.2f}/"
+                    f"{g.user + g.system:.2f}" for u, d, f, g in
+                    zip(res["ucp"], res["ds"], res["floor"], res["floor_direct"]))
     speed = statistics.median(d.wall / u.wall for u, d in zip(res["ucp"], res["ds"]))
+    cpu_speed = statistics.median((d.user + d.system) / (u.user + u.system) for u, d in zip(res["ucp"], res["ds"]))
     floor = statistics.median(u.wall / f.wall for u, f in zip(res["ucp"], res["floor"]))
+    floor_direct = statistics.median(u.wall / f.wall for u, f in zip(res["ucp"], res["floor_direct"]))
     rss = statistics.median(u.rss / d.rss for u, d in zip(res["ucp"], res["ds"]))
-    print(f"  per run (ucp / ds / floor s, durable): {trips}")
-    print(f"  medians of per-run ratios: speedup vs ds_to_universal {speed:.2f}x, ucp / floor {floor:.2f}, "
-          f"RSS ucp / ds {rss:.2f}")
+    print(f"  per run, wall s (ucp / ds / floor buffered / floor O_DIRECT, durable): {trips}")
+    print(f"  per run, CPU s user+sys (same order): {cpu}")
+    print(f"  medians of per-run ratios: speedup vs ds_to_universal {speed:.2f}x (CPU {cpu_speed:.2f}x), "
+          f"ucp / buffered floor {floor:.2f}, ucp / O_DIRECT floor {floor_direct:.2f}, RSS ucp / ds {rss:.2f}")
 
 
 def verify_cost(root: Path, src: Path, repeats: int, workers: int) -> None:
@@ -217,7 +234,9 @@ def _cpu(run: Run) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dir", type=Path, default=Path("/tmp/ucp-bench-convert"))
+    p.add_argument("--dir", type=Path, default=Path("/tmp/ucp-bench-convert"),
+                   help="where the DeepSpeed checkpoints are made (once) and kept")
+    p.add_argument("--out", type=Path, default=None, help="where the outputs go (default: --dir)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--sizes", default="small,large", help="which sizes to run (comma-separated)")
@@ -226,15 +245,17 @@ def main() -> None:
     p.add_argument("--verify-cost", action="store_true",
                    help="only measure convert with vs without fingerprint verification (large size)")
     args = p.parse_args()
-    args.dir.mkdir(parents=True, exist_ok=True)
+    out = args.out or args.dir
+    for d in (args.dir, out):
+        d.mkdir(parents=True, exist_ok=True)
     if args.verify_cost:
-        verify_cost(args.dir, make_ckpt(args.dir, "large", args.large), args.repeats, args.workers)
+        verify_cost(out, make_ckpt(args.dir, "large", args.large), args.repeats, args.workers)
         return
     print(f"ZeRO-2 bf16, 2 ranks; workers={args.workers}; durable (sync included); medians of {args.repeats} runs")
     walls = {}
     for label in args.sizes.split(","):
         src = make_ckpt(args.dir, label, getattr(args, label))
-        res = bench_size(args.dir, src, args.repeats, args.workers)
+        res = bench_size(out, src, args.repeats, args.workers)
         report(label, res)
         walls[label] = (res["in"][0][0], _median_run(res["ucp"]))
     if {"small", "large"} <= walls.keys():

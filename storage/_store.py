@@ -23,6 +23,7 @@ from ucp.core._errors import CheckpointExistsError, ChecksumError, CorruptCheckp
     UnsafeInputError, UnsupportedProtocolError
 from ucp.core._records import FileRecord
 
+from ._direct import direct_opener, write_blocks
 from ._retry import RetryPolicy, retry_call
 from ._stats import count_read
 
@@ -133,7 +134,8 @@ class Storage:
 
     # -- writes --------------------------------------------------------------------------------
     def write(self, rel: str, data: Buffer | Sequence[Buffer], *, fsync: bool = True,
-              atomic: bool = True, crc: bool = True, exclusive: bool = False) -> FileRecord:
+              atomic: bool = True, crc: bool = True, exclusive: bool = False,
+              direct: bool = False) -> FileRecord:
         """Writes ``data`` (bytes, or a sequence of buffers written in order) atomically.
 
         Readers see either the previous object or the complete new one, never a prefix. With
@@ -146,6 +148,10 @@ class Storage:
         (create-if-absent: a hard link on local disk, a conditional put on S3; other object
         stores check first, which is not atomic: callers hold a lease there).
 
+        With ``direct=True`` a local file is written around the page cache (``O_DIRECT``, in
+        large aligned blocks written while the next is filled, :mod:`ucp.storage._direct`;
+        through the page cache where the filesystem refuses it): for large files written once.
+
         Returns:
             The file's size and CRC32C (0 with ``crc=False``: for data that carries its own).
 
@@ -156,7 +162,7 @@ class Storage:
         target = self.path(rel)
         if self.is_local:
             fn = lambda: self._write_local(target, chunks, fsync=fsync, atomic=atomic or exclusive,  # noqa: E731
-                                           crc=crc, exclusive=exclusive)
+                                           crc=crc, exclusive=exclusive, direct=direct)
         else:
             fn = lambda: self._write_remote(target, chunks, crc=crc, exclusive=exclusive)  # noqa: E731
         try:
@@ -166,14 +172,17 @@ class Storage:
                                         "created it first)") from e.__cause__
 
     def _write_local(self, target: str, chunks: Sequence[Buffer], *, fsync: bool, atomic: bool,
-                     crc: bool = True, exclusive: bool = False) -> FileRecord:
+                     crc: bool = True, exclusive: bool = False, direct: bool = False) -> FileRecord:
         directory = os.path.dirname(target)
         tmp = f"{target}{_PARTIAL}{uuid.uuid4().hex[:12]}" if atomic else target
         if not atomic:  # a new inode: never rewrite the bytes a hard link elsewhere shares
             _remove_quietly(target)
         value, size = 0, 0
         try:
-            with _create(tmp, directory, replace=not atomic) as f:
+            with _create(tmp, directory, replace=not atomic, direct=direct) as f:
+                if direct:
+                    size, value = write_blocks(f, chunks, crc=crc)
+                    chunks = ()
                 for chunk in chunks:
                     view = memoryview(chunk).cast("B")
                     if crc:
@@ -443,18 +452,20 @@ def _link_exclusive(tmp: str, target: str) -> None:
     _remove_quietly(tmp)
 
 
-def _create(path: str, directory: str, *, replace: bool = False) -> BinaryIO:
+def _create(path: str, directory: str, *, replace: bool = False, direct: bool = False) -> BinaryIO:
     """A new file opened for writing (unbuffered); ``directory`` is made only when missing, so
     writing many files into one directory costs no ``mkdir`` and ``stat`` per file. ``replace``:
     a file another process created there meanwhile (the same node written by two converting
-    workers) is removed and the new one created in its place, a few times at most."""
+    workers) is removed and the new one created in its place, a few times at most. ``direct``:
+    opened with ``O_DIRECT`` where the filesystem takes it (else without)."""
+    opener = direct_opener if direct else None
     for attempt in range(3):
         try:
             try:
-                return open(path, "xb", buffering=0)
+                return open(path, "xb", buffering=0, opener=opener)
             except FileNotFoundError:
                 os.makedirs(directory, exist_ok=True)
-                return open(path, "xb", buffering=0)
+                return open(path, "xb", buffering=0, opener=opener)
         except FileExistsError:
             if not replace or attempt == 2:
                 raise

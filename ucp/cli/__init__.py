@@ -23,6 +23,7 @@ from ucp.cli._diff import diff
 from ucp.cli._inspect import export, inspect, ls, verify
 from ucp.cli._reshard import reshard
 from ucp.cli._spec import spec
+from ucp.storage import keep_freed_memory
 
 __all__ = ["main", "ucp_command", "progress_enabled", "add_secrets", "redact", "cli_terms"]
 
@@ -86,6 +87,7 @@ def main(verbose: bool, quiet: bool) -> None:
       ucp export ./universal ./hf --dtype bf16       # Hugging Face safetensors
       ucp COMMAND --help                             # each command's options
     """
+    keep_freed_memory()  # this process moves gigabytes through short-lived tensors
     log = logging.getLogger("ucp")
     if not any(isinstance(h, StderrHandler) for h in log.handlers):
         log.addHandler(StderrHandler())

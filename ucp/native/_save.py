@@ -278,18 +278,19 @@ def _drain_at_exit() -> None:
 def write_rank_files(storage: Storage, *, step: int, rank: int, world_size: int, tree: Any,
                      staged: dict[str, torch.Tensor], fragments: Sequence[TensorFragment],
                      meshes: Sequence[MeshInfo] = (), job: str | None = None,
-                     like: Representative | None = None) -> dict[str, dict[str, int]]:
+                     like: Representative | None = None, direct: bool = False) -> dict[str, dict[str, int]]:
     """Writes ``rank-RRRRR.safetensors`` and ``rank-RRRRR.json`` of ``step``; returns their
     file records (as dicts), for the manifest. Empties ``staged`` once its bytes are written.
     ``job`` (the writing job's id) is recorded in the rank index; ``like``: see
-    :func:`write_rank_index`.
+    :func:`write_rank_index`. ``direct``: the data file is written around the page cache
+    (:mod:`ucp.storage._direct`; ``ucp reshard`` writes gigabytes nobody reads back soon).
 
     Called by each rank's save worker, or by one process writing many ranks (``ucp.reshard``).
     """
     sd, stem = step_dir(step), rank_stem(rank)
     fragments = tuple(_checksummed(f, staged[f.key]) for f in fragments)
     data = storage.write(f"{sd}/{stem}.safetensors",
-                         _stfile.encode(staged, {"format": "pt", "ucp.step": str(step)}))
+                         _stfile.encode(staged, {"format": "pt", "ucp.step": str(step)}), direct=direct)
     staged.clear()
     failpoint("save.index", rank=rank)
     index = write_rank_index(storage, step=step, rank=rank, world_size=world_size, tree=tree,

@@ -85,7 +85,7 @@ def _write_rank(storage: Storage, state: Any, *, step: int, rank: int, world_siz
                                 global_shape=tuple(t.shape), offsets=(0,) * t.dim())
                  for k, t in staged.items()]
     return write_rank_files(storage, step=step, rank=rank, world_size=world_size, tree=tree,
-                            staged=staged, fragments=fragments)
+                            staged=staged, fragments=fragments, direct=True)
 
 
 def spec_text(spec: Spec) -> str:

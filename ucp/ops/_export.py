@@ -34,7 +34,7 @@ from typing import Any, BinaryIO, Iterator, Mapping
 
 import torch
 
-from ucp.storage import Storage
+from ucp.storage import Storage, direct_opener, write_blocks
 
 from ucp.ops._dest import check_destination, refuse_foreign
 from ucp.core._errors import CheckpointExistsError, ConvertError, StorageError, UcpSpecError, VerificationError
@@ -338,16 +338,23 @@ def _write_shard(out: Storage, name: str, shard: list[_Item], opened: Opened, ba
     """
     head, order = _header(shard)
     tmp = f"{out.path(name)}.partial-{uuid.uuid4().hex[:12]}"
+
+    def pieces() -> Iterator[bytes | memoryview]:
+        yield head
+        for item in order:
+            t = _read(opened, item)
+            if verify:  # ``t`` is what is written: tensor_bytes is a view of its memory
+                _check(opened, item, t, f"{display_url(out.url)}/{name}")
+            yield tensor_bytes(t) if t.numel() else b""
+            bar.update(item.nbytes)
+            del t
     try:
         with _new_file(out, tmp) as f:
-            f.write(head)
-            for item in order:
-                t = _read(opened, item)
-                if verify:  # ``t`` is what is written: tensor_bytes is a view of its memory
-                    _check(opened, item, t, f"{display_url(out.url)}/{name}")
-                f.write(tensor_bytes(t) if t.numel() else b"")
-                bar.update(item.nbytes)
-                del t
+            if out.is_local:  # around the page cache, the next tensor read while a block is written
+                write_blocks(f, pieces(), crc=False)
+            else:
+                for piece in pieces():
+                    f.write(piece)
     except OSError as e:
         raise StorageError(f"writing {display_url(url)}/{name} failed: {e}; free space (the shard "
                            f"needs {sum(i.nbytes for i in shard)} bytes) or export elsewhere") from e
@@ -384,9 +391,8 @@ def _new_file(out: Storage, tmp: str) -> Iterator[BinaryIO]:
     try:
         if out.is_local:
             os.makedirs(os.path.dirname(tmp), exist_ok=True)
-            with open(tmp, "xb") as f:
+            with open(tmp, "xb", buffering=0, opener=direct_opener) as f:
                 yield f
-                f.flush()
                 os.fsync(f.fileno())
         else:
             with out.fs.open(tmp, "wb") as f:

@@ -62,6 +62,9 @@ READS = (1, 2)
 CHUNK_BYTES = 4 * 2**20
 #: Smallest chunk the split below makes, and how many chunks a leading dim gets when it can.
 MIN_CHUNK_BYTES = 64 * 2**10
+#: Shard files from this size on are written around the page cache (:mod:`ucp.storage._direct`);
+#: smaller ones through it, their write-back started at once (:class:`ucp.storage.Flusher`).
+DIRECT_BYTES = 1 << 20
 MIN_SPLITS = 8
 _SAFE = re.compile(r"[A-Za-z0-9._-]")
 #: Largest array metadata file (``zarr.json``) read: a few hundred bytes in practice.
@@ -221,13 +224,15 @@ class UniversalWriter:
         def write(idx: tuple[int, ...]) -> None:
             key = f"{path}/{'.'.join(('c', *map(str, idx)))}"  # no directory per dim
             shard = parts(idx)
+            direct = shard.total() >= DIRECT_BYTES  # around the page cache, written while encoding
             try:
-                self.storage.write(key, shard, fsync=False, atomic=False,
+                self.storage.write(key, shard, fsync=False, atomic=False, direct=direct,
                                    crc=False)  # every inner chunk and the index carry their own CRC32C
             finally:
                 if isinstance(shard, TiledShard):
                     shard.settle()  # its last row's fingerprint (before the row buffer is re-used)
-            self._flusher.add(key)  # its write-back starts now, while the next array is encoded
+            if not direct:
+                self._flusher.add(key)  # its write-back starts now, while the next array is encoded
         if local:
             for idx in cells:
                 write(idx)
