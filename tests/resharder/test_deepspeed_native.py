@@ -492,3 +492,76 @@ def test_loss_continues_from_fsdp2_under_stock_deepspeed(tmp_path):
         assert abs(got[step] - ref[step]) <= 1e-5 * abs(ref[step]), (step, got[step], ref[step])
     # the check can fail: one step of training moves the loss by far more than the tolerance
     assert min(abs(ref[s + 1] - ref[s]) for s in (4, 5)) > 1e-3 * abs(ref[4]), ref
+
+
+@pytest.fixture
+def hf_llama(tmp_path):
+    """A tiny transformers Llama saved by ``save_pretrained`` (weights only, two shards + index)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(tmp_path / "hf", max_shard_size="60KB")
+    return tmp_path / "hf", model
+
+
+def test_weights_only_source_writes_masters_and_no_optimizer_state(hf_llama, tmp_path):
+    """A Hugging Face model (no optimizer state): one param group of every weight, fp32 masters
+    equal to the weights, no base optimizer state and no param group to restore."""
+    import ucp
+    from ucp.resharder import group_partition
+
+    path, model = hf_llama
+    ucp.reshard(str(path), str(tmp_path / "ds"), topology="dp=2,zero=2", engine="deepspeed", progress=False)
+    tag = tmp_path / "ds" / (tmp_path / "ds" / "latest").read_text()
+    meta = torch.load(tag / "mp_rank_00_model_states.pt", weights_only=True)
+    want = model.state_dict()
+    order = [list(g) for g in meta["param_shapes"]]  # the source's order (a safetensors folder has no other)
+    assert len(order) == 1 and sorted(order[0]) == sorted(want)
+    _assert_same(dict(want), dict(meta["module"]))
+    masters = []
+    for r in range(2):
+        osd = torch.load(tag / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt",
+                         weights_only=True)["optimizer_state_dict"]
+        assert osd["base_optimizer_state"] == {"state": {}, "param_groups": []}
+        masters.append(osd["single_partition_of_fp32_groups"][0])
+    numel = sum(t.numel() for t in want.values())
+    assert group_partition([numel], 2, 0, 2).partition_numel == masters[0].numel()
+    assert torch.equal(torch.cat(masters), torch.cat([want[n].reshape(-1) for n in order[0]]))
+
+
+@pytest.mark.slow
+def test_hugging_face_to_stock_deepspeed(hf_llama, tmp_path):
+    """Hugging Face (save_pretrained folder) -> ``ucp reshard --engine deepspeed`` -> a stock DeepSpeed
+    ZeRO-2 job on 2 ranks (transformers' LlamaForCausalLM, torch AdamW) loading with
+    ``load_optimizer_states=False``: weights and fp32 masters equal the folder's bit for bit, the
+    logits equal transformers' on the folder, and the job's own new optimizer trains a step."""
+    pytest.importorskip("deepspeed", reason="install DeepSpeed 0.19.8 to run the real-engine tests")
+    from click.testing import CliRunner
+    from transformers import LlamaForCausalLM
+
+    from ucp.cli import main
+
+    path, _ = hf_llama
+    result = CliRunner().invoke(main, ["reshard", str(path), str(tmp_path / "ds"), "--to", "dp=2,zero=2",
+                                       "--engine", "deepspeed", "-q"])
+    assert result.exit_code == 0, result.output
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_engines.free_port()), str(HERE / "_ds_hf_job.py"), str(path),
+           str(tmp_path / "ds"), str(tmp_path / "seen.pt")]
+    run_command(cmd, what="DeepSpeed job starting from a Hugging Face model", timeout=scaled_timeout(300))
+    seen = torch.load(tmp_path / "seen.pt", weights_only=True)
+    hf = LlamaForCausalLM.from_pretrained(path).eval()
+    want = hf.state_dict()
+    assert set(seen["module"]) == set(want)
+    for name, t in seen["module"].items():
+        _assert_same(want[name], t, name)
+        _assert_same(want[name].float(), seen["fp32"][name], f"{name}/fp32")
+    with torch.no_grad():
+        logits = hf(seen["tokens"]).logits
+    _assert_same(logits, seen["logits"], "logits")
+    assert seen["step"] == 0 and seen["opt_states"] == 0 and seen["opt_states_after_step"] > 0
+    assert [(g["lr"], g["weight_decay"]) for g in seen["groups"]] == [(1e-3, 0.1)]  # the job's own
+    assert math.isfinite(seen["loss"])
