@@ -565,3 +565,42 @@ def test_hugging_face_to_stock_deepspeed(hf_llama, tmp_path):
     assert seen["step"] == 0 and seen["opt_states"] == 0 and seen["opt_states_after_step"] > 0
     assert [(g["lr"], g["weight_decay"]) for g in seen["groups"]] == [(1e-3, 0.1)]  # the job's own
     assert math.isfinite(seen["loss"])
+
+
+@pytest.mark.slow
+def test_torchtitan_to_stock_deepspeed(tmp_path):
+    """torchtitan (its real Llama 3 job, FSDP2 on 2 ranks, fused ``wqkv``, two AdamW groups) ->
+    ``ucp reshard ROOT --to dp=2,zero=2 --engine deepspeed --spec 'head_dim = 16'`` (its full step 4)
+    -> a stock DeepSpeed ZeRO-2 job holding torchtitan's own model class (same sizes, ``wq``/``wk``/``wv``
+    unfused) loads it with ``engine.load_checkpoint``: fp32 masters, both moments, optimizer steps,
+    weights and hyper-parameters equal torchtitan's own gathered state at step 4 bit for bit (the
+    fused moments cut as torchtitan's own save hook cuts them)."""
+    pytest.importorskip("deepspeed", reason="install DeepSpeed 0.19.8 to run the real-engine tests")
+    pytest.importorskip("torchtitan", reason="install the test extra (torchtitan; see the Makefile)")
+    import ucp
+    from ucp.testing import run_ranks
+
+    make = _engines.load_helper("_titan_make")
+    frameworks = importlib.util.spec_from_file_location("ucp_tests_dcp_frameworks",
+                                                        HERE.parent / "engines" / "test_dcp_frameworks.py")
+    fw = importlib.util.module_from_spec(frameworks)
+    frameworks.loader.exec_module(fw)
+    root = tmp_path / "titan"
+    run_ranks(make.make_titan, 2, args=(str(root),), timeout=600)
+    ref = torch.load(root / "full-4.pt", weights_only=True)
+    ucp.reshard(str(root), str(tmp_path / "ds"), topology="dp=2,zero=2", engine="deepspeed",
+                spec=f"head_dim = {ref['head_dim']}", tag="4", progress=False)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_engines.free_port()), str(HERE / "_ds_titan_job.py"), str(tmp_path / "ds"),
+           str(tmp_path / "seen.pt")]
+    run_command(cmd, what="DeepSpeed job holding torchtitan's model", timeout=scaled_timeout(300))
+    seen = torch.load(tmp_path / "seen.pt", weights_only=True)
+    model = ref["model"]
+    assert set(seen["module"]) == set(seen["fp32"]) and set(seen["module"]) | set(seen["buffers"]) >= set(model)
+    for name, t in seen["module"].items():
+        _assert_same(model[name], t, name)
+        _assert_same(model[name], seen["fp32"][name], f"{name}/fp32")
+        for s in ("exp_avg", "exp_avg_sq"):
+            _assert_same(fw._titan_moment(ref, name, s), seen[s][name], f"{name}/{s}")
+    assert seen["step"] == ref["train_state"]["step"] == 4 and seen["opt_steps"] == [4.0, 4.0]
+    assert [g["weight_decay"] for g in seen["groups"]] == [0.1, 0.0]
