@@ -184,27 +184,35 @@ def report(label: str, res: dict[str, list]) -> None:
 
 
 def verify_cost(root: Path, src: Path, repeats: int, workers: int) -> None:
-    """Side by side: convert without and with fingerprint verification (durable); per-run ratios."""
+    """Side by side: convert without and with fingerprint verification (durable); per-run ratios
+    of wall time and of CPU seconds (user + system of the process tree: on a machine loaded by
+    other work, the CPU time is the steadier figure of what the fingerprints add)."""
     ucp_bin = str(Path(sys.executable).with_name("ucp"))
 
-    def once(flag: list[str]) -> float:
+    def once(flag: list[str]) -> Run:
         dst = root / "u-verify"
         run = run_measured([ucp_bin, "convert", str(src), str(dst), "--workers", str(workers), "-q", *flag])
         shutil.rmtree(dst)
-        return run.wall
+        return run
     once(["--no-verify"])  # warm-up (page cache), not counted
     pairs = []
     for i in range(repeats):  # the order alternates, so neither side always runs second
         order = ("plain", "verify") if i % 2 == 0 else ("verify", "plain")
         t = {k: once([] if k == "verify" else ["--no-verify"]) for k in order}
-        times = (t["plain"], t["verify"])
-        pairs.append(times)
-        print(f"run {i}: --no-verify {times[0]:.2f}s, verify {times[1]:.2f}s, ratio {times[1] / times[0]:.3f}",
-              flush=True)
-    ratio = statistics.median(v / n for n, v in pairs)
-    print(f"median --no-verify {statistics.median(n for n, _ in pairs):.2f}s, verify "
-          f"{statistics.median(v for _, v in pairs):.2f}s; median of per-run ratios {ratio:.3f} "
-          f"(+{(ratio - 1) * 100:.1f}%)")
+        plain, checked = t["plain"], t["verify"]
+        pairs.append((plain, checked))
+        print(f"run {i}: --no-verify {plain.wall:.2f}s ({plain.user + plain.system:.2f} CPU s), verify "
+              f"{checked.wall:.2f}s ({checked.user + checked.system:.2f} CPU s), ratio wall "
+              f"{checked.wall / plain.wall:.3f}, CPU {_cpu(checked) / _cpu(plain):.3f}", flush=True)
+    wall = statistics.median(v.wall / n.wall for n, v in pairs)
+    cpu = statistics.median(_cpu(v) / _cpu(n) for n, v in pairs)
+    print(f"median --no-verify {statistics.median(n.wall for n, _ in pairs):.2f}s, verify "
+          f"{statistics.median(v.wall for _, v in pairs):.2f}s; median of per-run ratios: wall {wall:.3f} "
+          f"(+{(wall - 1) * 100:.1f}%), CPU {cpu:.3f} (+{(cpu - 1) * 100:.1f}%)")
+
+
+def _cpu(run: Run) -> float:
+    return run.user + run.system
 
 
 def main() -> None:

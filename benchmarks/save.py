@@ -9,11 +9,14 @@ in one run, medians of ``--repeats``:
   * background throughput: ``ucp.save`` until committed (fsync included) vs a raw sequential
     write + fsync of the same bytes by every rank at once.
 Targets (issue 2): blocking <= 1.3x clone and <= DCP async_save; throughput >= 70% of raw.
+Also, in turn with it, ``ucp.save`` with the per-fragment fingerprints (issue 16) turned off in
+the ranks: what they cost the save (blocking, and until committed).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
@@ -50,14 +53,28 @@ def _raw_write(path: str, state: dict[str, torch.Tensor]) -> None:
         os.fsync(f.fileno())
 
 
+@contextlib.contextmanager
+def _fingerprints(on: bool):
+    """Per-fragment fingerprints of the save on (ucp's default) or off, in this rank."""
+    from ucp.native import _save
+
+    real = _save._fingerprint
+    if not on:
+        _save._fingerprint = lambda frag, tensor: None
+    try:
+        yield
+    finally:
+        _save._fingerprint = real
+
+
 def bench(rank: int, world: int, mb_per_rank: int, repeats: int, root: str) -> dict[str, list[float]]:
     import torch.distributed.checkpoint as dcp
 
     state = _state(mb_per_rank, rank)
     out: dict[str, list[float]] = {k: [] for k in
-                                   ("clone", "ucp_block", "ucp_total", "torch_save", "dcp_block", "raw")}
+                                   ("clone", "ucp_block", "ucp_total", "torch_save", "dcp_block", "raw",
+                                    "nofp_block", "nofp_total")}
     for i in range(repeats):
-        url = os.path.join(root, f"ucp-{i}")
         handle = None
 
         def ucp_save():
@@ -67,10 +84,14 @@ def bench(rank: int, world: int, mb_per_rank: int, repeats: int, root: str) -> d
         clone = lambda: out["clone"].append(_timed(lambda: [t.clone() for t in state.values()]))  # noqa: E731
         if i % 2:
             clone()
-        out["ucp_block"].append(_timed(ucp_save))
-        t0 = time.perf_counter()
-        handle.wait()
-        out["ucp_total"].append(out["ucp_block"][-1] + time.perf_counter() - t0)
+        for fp in ((True, False) if i % 2 else (False, True)):  # with and without fingerprints, in turn
+            block, total = ("ucp_block", "ucp_total") if fp else ("nofp_block", "nofp_total")
+            url = os.path.join(root, f"ucp-{i}-{int(fp)}")
+            with _fingerprints(fp):
+                out[block].append(_timed(ucp_save))
+                t0 = time.perf_counter()
+                handle.wait()
+            out[total].append(out[block][-1] + time.perf_counter() - t0)
         if not i % 2:
             clone()
         out["torch_save"].append(_timed(lambda: torch.save(state, os.path.join(root, f"ts-{i}-{rank}.pt"))))
@@ -116,6 +137,13 @@ def main() -> None:
     ratio_dcp = statistics.median(u / d for u, d in zip(per["ucp_block"], per["dcp_block"]))
     thr_ucp = total_mb / med["ucp_total"]
     thr_raw = total_mb / med["raw"]
+    fp_block = statistics.median(u / n for u, n in zip(per["ucp_block"], per["nofp_block"]))
+    fp_total = statistics.median(u / n for u, n in zip(per["ucp_total"], per["nofp_total"]))
+    print(f"{'ucp.save blocking, no fingerprints':34s} {med['nofp_block']:9.3f}  "
+          f"{' '.join(f'{x:.3f}' for x in per['nofp_block'])}")
+    print(f"{'until committed, no fingerprints':34s} {med['nofp_total']:9.3f}  "
+          f"{' '.join(f'{x:.3f}' for x in per['nofp_total'])}")
+    print(f"fingerprints: blocking x{fp_block:.2f}, until committed x{fp_total:.2f} (medians of per-run ratios)")
     print(f"ucp blocking / clone          = {ratio_block:.2f}   (target <= 1.3)")
     print(f"ucp blocking / dcp async_save = {ratio_dcp:.2f}   (target <= 1.0)")
     print(f"ucp throughput {thr_ucp:.0f} MB/s vs raw {thr_raw:.0f} MB/s = {thr_ucp / thr_raw:.0%}   (target >= 70%)")

@@ -38,3 +38,17 @@ def save_ranks(rank, world, root):
         local["transformer.h.0.mlp.c_fc.weight"] = torch.zeros(HIDDEN, 2 * HIDDEN + 1)
     ucp.save({"model": local}, f"{root}/badshape", step=1, topology=str(topo), spec=text).wait()
     return True
+
+
+def fingerprint_ranks(rank, world, root):
+    """test_fingerprint_native: a bf16 weight cut by rows, its moment by columns, a replicated bias."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(10, 6, generator=g).bfloat16(), torch.randn(6, generator=g)
+    model = {"w": distribute_tensor(w, mesh, [Shard(0)]), "b": distribute_tensor(b, mesh, [Replicate()])}
+    optim = {"state": {"w": {"exp_avg": distribute_tensor(w.float() * 3, mesh, [Shard(1)])}}}
+    ucp.save({"model": model, "optim": optim}, f"{root}/dtensor", step=1, topology="tp=2").wait()
+    return True

@@ -11,6 +11,11 @@ Modes (one per run, under torchrun, CPU + gloo):
 After training, every rank writes what DeepSpeed itself gathers for each of its parameters
 (``safe_get_full_fp32_param``, ``safe_get_full_optimizer_state``) to ``OUT.gathered/rank-R.pt`` (a
 test's reference; ucp never reads it), then the DeepSpeed checkpoint goes to ``OUT``.
+
+``--load DIR`` (with ``--steps 0``): instead of saving, a stock job loads ``DIR`` with plain
+``engine.load_checkpoint`` (after scrambling the buffers, so restored values must come from the
+files) and writes what its engine holds to ``OUT.gathered/rank-R.pt``. Every record also holds the
+engine's global step and LR scheduler state (``--scheduler``: a WarmupLR schedule).
 """
 
 from __future__ import annotations
@@ -101,6 +106,9 @@ def config(args) -> dict:
         cfg["tensor_parallel"] = {"autotp_size": args.tp}
     if args.data_before_expert:
         cfg["use_data_before_expert_parallelism"] = True
+    if args.scheduler:
+        cfg["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-2,
+                                                           "warmup_num_steps": 5}}
     return cfg
 
 
@@ -118,6 +126,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--scheduler", action="store_true", help="a WarmupLR scheduler in the config")
+    p.add_argument("--load", help="load this checkpoint with engine.load_checkpoint instead of saving")
     return p.parse_args(argv)
 
 
@@ -154,7 +164,9 @@ def _gathered(engine) -> dict:
     frozen = {n: p.detach().clone() for n, p in engine.module.named_parameters() if not p.requires_grad}
     saved = set(engine.module.state_dict())  # persistent buffers only (not Llama's rotary inv_freq)
     buffers = {n: b.detach().clone() for n, b in engine.module.named_buffers() if n in saved}
-    return {"params": out, "frozen": frozen, "buffers": buffers}
+    sched = engine.lr_scheduler
+    return {"params": out, "frozen": frozen, "buffers": buffers, "step": engine.global_steps,
+            "lr_scheduler": sched.state_dict() if sched is not None else None}
 
 
 def main(argv=None) -> None:
@@ -165,8 +177,15 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     model = {"pipe": build_pipe, "autotp": build_llama, "moe": MoeNet}[args.mode](args)
     optimizer = torch.optim.AdamW(_param_groups(model, args), lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+    if args.load:
+        with torch.no_grad():  # restored buffers must come from the checkpoint, not the seed
+            for buf in model.buffers():
+                buf.add_(1.0)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config(args))
     rank = engine.global_rank
+    if args.load:
+        path, _client = engine.load_checkpoint(args.load)
+        assert path is not None, f"nothing loaded from {args.load}"
     gen = torch.Generator().manual_seed(args.seed + 7)  # the same batches on every rank (TP needs it)
     for _ in range(args.steps):
         idx = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=gen)
@@ -179,7 +198,8 @@ def main(argv=None) -> None:
             loss = _loss(engine(idx[:, :-1]), idx[:, 1:])
         engine.backward(loss)
         engine.step()
-    engine.save_checkpoint(args.out)
+    if not args.load:
+        engine.save_checkpoint(args.out)
     os.makedirs(args.out + ".gathered", exist_ok=True)
     torch.save(_gathered(engine), os.path.join(args.out + ".gathered", f"rank-{rank}.pt"))
     if args.mode == "autotp" and rank == 0:  # what `ucp export --config` needs for from_pretrained

@@ -159,6 +159,8 @@ def _run_values(iteration: int) -> dict[str, Any]:
     from megatron.core.transformer.enums import AttnBackend
 
     args = argparse.Namespace(tensor_model_parallel_size=2, attention_backend=AttnBackend.auto,
+                              num_attention_heads=MODEL["num_attention_heads"], group_query_attention=True,
+                              num_query_groups=MODEL["num_query_groups"],
                               optimizer_config=OptimizerConfig(lr=1e-2), params_dtype=torch.bfloat16)
     return {"args": args, "iteration": iteration, "checkpoint_version": 3.0}
 
@@ -243,3 +245,74 @@ def _forward(model: Any, model_state: dict[str, Any]) -> dict[str, torch.Tensor]
     with torch.no_grad():
         logits = model.module(tokens, position_ids, None)
     return {"tokens": tokens, "logits": logits.float().contiguous()}
+
+
+def load_and_resave(rank: int, world_size: int, src: str, out: str, tp: int, pp: int, bf16: bool) -> None:
+    """Every rank of a tp x pp job: Megatron's ``dist_checkpointing.load`` of ``src`` (model and
+    distributed optimizer, ``fully_reshardable``) into a fresh model and optimizer, both loaded with
+    their own ``load_state_dict``, then saved again with ``dist_checkpointing.save`` at ``out``:
+    what this job holds, in Megatron's own words (no ucp code runs here)."""
+    _setup(tp, pp, seed=77)  # another seed: nothing may survive from initialisation
+    from megatron.core import dist_checkpointing
+
+    model, optimizer = _build(tp, pp, bf16)
+    optimizer.chained_optimizers[0]._init_optimizer_states_with_dummy_values()
+    meta = {"distrib_optim_sharding_type": "fully_reshardable"}
+    model_sd = model.module.sharded_state_dict(prefix="")
+    state = {**model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=meta)}
+    loaded = dist_checkpointing.load(state, src)
+    model.module.load_state_dict({k: loaded[k] for k in model_sd})
+    _skip_missing_step()
+    optimizer.load_state_dict(loaded["optimizer"])
+    model_sd = model.module.sharded_state_dict(prefix="")
+    again = {**model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, metadata=meta),
+             "iteration": loaded.get("iteration")}
+    if rank == 0:
+        os.makedirs(out, exist_ok=True)
+    torch.distributed.barrier()
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    filesystem_async._results_queue = queue.Queue()  # as in train_and_save
+    dist_checkpointing.save(again, out)
+
+
+def _skip_missing_step() -> None:
+    """Megatron-core 0.19 without Apex/TE: ``load_state_dict`` gives every parameter's torch Adam
+    state a ``step`` tensor (from the param groups), then copies each state tensor from the loaded
+    ones, which never hold ``step`` (``load_parameter_state_from_fully_reshardable`` skips it): a
+    KeyError whatever the checkpoint. The copy is told to skip ``step`` (already set)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    copy = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def skipping(self: Any, model_param: Any, tensors: dict[str, Any]) -> None:
+        copy(self, model_param, {"step": None, **tensors})
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = skipping
+
+
+def load_model_and_run(rank: int, world_size: int, src: str, out: str, tp: int, bf16: bool) -> None:
+    """Every rank of a tp-way job (pp=1): Megatron's ``dist_checkpointing.load`` of the model alone
+    (a pretrained start: no optimizer state) into a fresh model, loaded with its ``load_state_dict``;
+    writes ``out.forward`` (rank 0: the logits on fixed tokens, gathered over tp by Megatron) and saves
+    the model again with ``dist_checkpointing.save`` at ``out`` (no ucp code runs here)."""
+    _setup(tp, 1, seed=77)
+    from megatron.core import dist_checkpointing
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    model, _ = _build(tp, 1, bf16)
+    model_sd = model.module.sharded_state_dict(prefix="")
+    loaded = dist_checkpointing.load(model_sd, src)
+    model.module.load_state_dict({k: loaded[k] for k in model_sd})
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(7))
+    position_ids = torch.arange(SEQ).unsqueeze(0).expand(BATCH, SEQ)
+    with torch.no_grad():
+        logits = gather_from_tensor_model_parallel_region(model.module(tokens, position_ids, None))
+    if rank == 0:
+        os.makedirs(out, exist_ok=True)
+        save_file({"tokens": tokens, "logits": logits.float().contiguous()}, out + ".forward")
+    torch.distributed.barrier()
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    filesystem_async._results_queue = queue.Queue()  # as in train_and_save
+    dist_checkpointing.save(model.module.sharded_state_dict(prefix=""), out)

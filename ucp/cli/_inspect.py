@@ -79,8 +79,8 @@ def inspect(path: str, as_json: bool, engine: str, tag: str | None, spec: str | 
 @_step_option
 @spec_option
 @storage_option
-@click.option("--deep", is_flag=True, help="Also recompute every array's fingerprint from its "
-              "data and compare it with the one recorded at conversion.")
+@click.option("--deep", is_flag=True, help="Also recompute every array's (native: fragment's) "
+              "fingerprint from its data and compare it with the one recorded at conversion (save).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @ucp_command
 def verify(path: str, as_json: bool, engine: str, tag: str | None, spec: str | None,
@@ -131,7 +131,7 @@ def verify(path: str, as_json: bool, engine: str, tag: str | None, spec: str | N
               help="A config.json to copy into DST, for transformers' from_pretrained.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier export in DST.")
 @click.option("--no-verify", is_flag=True, help="Skip the check of each tensor written against "
-              "the fingerprint a universal SRC records.")
+              "the fingerprint a universal SRC (or a native SRC's fragments) records.")
 @click.option("--map", "hf_map", default=None, metavar="NAME",
               help="A bundled map to Hugging Face names and layouts (megatron-llama, torchtitan-llama); "
               "needs --config.")

@@ -52,6 +52,7 @@ def reshard(src: str, dst: str, topology: Topology, engine: str, spec: str | Non
     Example:
       ucp reshard ./universal ./ckpt_dp4 --to dp=4,tp=1,pp=1,zero=1
       ucp reshard ./megatron_tp2pp2 ./ckpt_tp4 --to tp=4,zero=0 --spec llama_megatron
+      ucp reshard ./hf_llama ./megatron_run --to tp=2 --engine megatron
     """
     from ucp.ops._reshard import reshard as _reshard
 

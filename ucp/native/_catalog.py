@@ -148,6 +148,8 @@ def member_doc(index: RankIndex, like: Representative) -> dict[str, Any]:
                          "crc32c": pack_crcs([f.crc32c or 0 for f in index.fragments]),
                          "blocks": {"bytes": BLOCK_BYTES, "small": SMALL_BLOCK_BYTES,
                                     "small_tensors": SMALL_TENSOR_BYTES, "crc32c": pack_crcs(blocks)}}
+    if all(f.fingerprint is not None for f in index.fragments) and index.fragments:
+        d["fingerprints"] = [f.fingerprint for f in index.fragments]
     if not like.same_tree:
         d["tree"] = index.tree
     return d if index.job is None else {**d, "job": index.job}
@@ -175,8 +177,13 @@ def index_from_doc(doc: Mapping[str, Any], *, what: str, rep: Callable[[int], Ra
     if len(crcs) != len(base.fragments) or not all(type(n) is int and n >= 4096 for n in sizes):
         raise CorruptCheckpointError(f"{what}: {len(crcs)} checksums for the {len(base.fragments)} "
                                      f"tensors of rank {like}, or bad block sizes {sizes}")
+    prints = doc.get("fingerprints", [None] * len(crcs))
+    if not (isinstance(prints, list) and len(prints) == len(crcs)
+            and all(p is None or isinstance(p, str) and ":" in p for p in prints)):
+        raise CorruptCheckpointError(f"{what}: its fingerprints are not one '<algorithm>:<hex>' per tensor "
+                                     f"of rank {like}")
     frags, used = [], 0
-    for f, crc in zip(base.fragments, crcs):
+    for f, crc, fp in zip(base.fragments, crcs, prints):
         offsets, shape = f.offsets, f.shape
         if f.placements is not None:
             offsets, shape = _member_region(f, base.meshes[f.mesh], rank, what)
@@ -184,7 +191,7 @@ def index_from_doc(doc: Mapping[str, Any], *, what: str, rep: Callable[[int], Ra
         size = sizes[1] if nbytes <= sizes[2] else sizes[0]
         n = -(-nbytes // size)
         n = n if n > 1 else 0
-        frags.append(dataclasses.replace(f, offsets=offsets, shape=shape, crc32c=crc,
+        frags.append(dataclasses.replace(f, offsets=offsets, shape=shape, crc32c=crc, fingerprint=fp,
                                          block_bytes=size, block_crc32c=blocks[used:used + n] if n else None))
         used += n
     if used != len(blocks):

@@ -86,7 +86,11 @@ class TensorFragment:
     that fetches one tensor by byte range can verify it without reading the whole file;
     ``block_crc32c`` (tensors larger than one block) holds the checksum of each ``BLOCK_BYTES``
     block of them, so a reader that needs only part of the tensor reads and verifies only the
-    blocks that hold that part.
+    blocks that hold that part. ``fingerprint`` (``"<algorithm>:<16 hex digits>"``) is the
+    partial fingerprint of the tensor's values at its region of the global tensor
+    (:mod:`ucp.core._fingerprint`): the fingerprints of fragments that tile a tensor add up to
+    the tensor's, whatever the layout, so a conversion checks its output against them without
+    fingerprinting the source again.
     """
 
     key: str
@@ -99,6 +103,7 @@ class TensorFragment:
     crc32c: int | None = None
     block_crc32c: tuple[int, ...] | None = None
     block_bytes: int = BLOCK_BYTES
+    fingerprint: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"key": self.key, "dtype": self.dtype, "shape": list(self.shape),
@@ -109,6 +114,8 @@ class TensorFragment:
             d["blocks"] = {"bytes": self.block_bytes, "crc32c": pack_crcs(self.block_crc32c)}
         if self.placements is not None:
             d["placements"], d["mesh"] = list(self.placements), self.mesh
+        if self.fingerprint is not None:
+            d["fingerprint"] = self.fingerprint
         return d
 
     @classmethod
@@ -130,10 +137,13 @@ class TensorFragment:
         if crc is not None and (not isinstance(crc, int) or isinstance(crc, bool)):
             raise CorruptCheckpointError(f"{what}: crc32c must be an integer")
         size, blocks = _blocks(d.get("blocks"), what)
+        fp = d.get("fingerprint")
+        if fp is not None and not (isinstance(fp, str) and ":" in fp):
+            raise CorruptCheckpointError(f"{what}: fingerprint must be a string '<algorithm>:<hex>'")
         return cls(key=_field(d, "key", str, what), dtype=_field(d, "dtype", str, what), shape=shape,
                    global_shape=gshape, offsets=offsets, placements=placements,
                    mesh=d.get("mesh") if placements is not None else None, crc32c=crc,
-                   block_crc32c=blocks, block_bytes=size)
+                   block_crc32c=blocks, block_bytes=size, fingerprint=fp)
 
 
 def pack_crcs(crcs: Sequence[int]) -> str:

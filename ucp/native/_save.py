@@ -23,6 +23,7 @@ from ucp.storage import Storage, checksum
 
 from ucp.resharder import _dtensor
 from ucp.core import _stfile
+from ucp.core._fingerprint import ALGORITHM, fingerprint, fingerprint_box, to_hex
 from ucp.native._catalog import (Representative, group_ranks, layout_digest, member_doc, representative,
                                  tree_digest)
 from ucp.native._claim import claim_step, holds_claim, job_id, lease, release_claim
@@ -286,7 +287,7 @@ def write_rank_files(storage: Storage, *, step: int, rank: int, world_size: int,
     Called by each rank's save worker, or by one process writing many ranks (``ucp.reshard``).
     """
     sd, stem = step_dir(step), rank_stem(rank)
-    fragments = tuple(_checksummed(f, _stfile.tensor_bytes(staged[f.key])) for f in fragments)
+    fragments = tuple(_checksummed(f, staged[f.key]) for f in fragments)
     data = storage.write(f"{sd}/{stem}.safetensors",
                          _stfile.encode(staged, {"format": "pt", "ucp.step": str(step)}))
     staged.clear()
@@ -315,10 +316,22 @@ def write_rank_index(storage: Storage, *, step: int, rank: int, world_size: int,
     return storage.write(f"{step_dir(step)}/{rank_stem(rank)}.json", dumps(doc, indent=None))
 
 
-def _checksummed(frag: TensorFragment, data: memoryview) -> TensorFragment:
-    """``frag`` with the checksum of its bytes, and of each block of them (partial reads)."""
+def _checksummed(frag: TensorFragment, tensor: torch.Tensor) -> TensorFragment:
+    """``frag`` with the checksum of its bytes, of each block of them (partial reads), and the
+    partial fingerprint of its values at its region (:mod:`ucp.core._fingerprint`)."""
+    data = _stfile.tensor_bytes(tensor)
     return dataclasses.replace(frag, crc32c=checksum([data])[0], block_crc32c=block_checksums(data),
-                               block_bytes=block_size(data.nbytes))
+                               block_bytes=block_size(data.nbytes), fingerprint=_fingerprint(frag, tensor))
+
+
+def _fingerprint(frag: TensorFragment, tensor: torch.Tensor) -> str | None:
+    if tuple(tensor.shape) != tuple(frag.shape):  # not the region it claims: left to the readers' checks
+        return None
+    try:
+        value = fingerprint_box(tensor, frag.offsets, frag.global_shape) if tensor.dim() else fingerprint(tensor)
+    except TypeError:  # a dtype with no fingerprint (complex)
+        return None
+    return f"{ALGORITHM}:{to_hex(value)}"
 
 
 def write_manifest(storage: Storage, *, step: int, world_size: int, topology: Topology | None,

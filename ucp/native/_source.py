@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 
 from ucp.core._errors import CheckpointNotFoundError, ChecksumError, ConvertError, CorruptCheckpointError, UcpSpecError
+from ucp.core._fingerprint import ALGORITHM, combine, from_hex
 from ucp.native._catalog import shard_owners
 from ucp.native._layout import MANIFEST, newest_step, read_manifest
 from ucp.native._load import read_rank_index
@@ -294,6 +295,34 @@ class NativeCheckpoint:
             for sub, piece in self.iter_region(name, state, region):
                 t[tuple(slice(a - r0, b - r0) for (a, b), (r0, _) in zip(sub, region))] = piece
         return t.float() if stored != state else t
+
+    def recorded_fingerprint(self, name: str, state: str | None) -> int | None:
+        """The fingerprint of ``read(name, state)``'s values from the partial fingerprints its
+        fragments recorded when saved (:mod:`ucp.core._fingerprint`), or None: a fragment records
+        none (saved by an older ucp) or another algorithm's, the fragments are not regions of the
+        global tensor (plain tensors that a spec cuts), or the read casts the stored values
+        (``state=None``, a buffer: None)."""
+        if state is None:
+            return None
+        try:
+            stored, frags = self._frags(name, state)
+        except KeyError:
+            return None
+        first = frags[0].frag
+        if stored != state and first.dtype != "float32":  # read() casts to fp32
+            return None
+        if first.placements is None:
+            if (self.spec is not None and first.shape != ()) or first.shape != first.global_shape:
+                return None
+            owners = [frags[0]]  # what read() reads (replicas are checked equal there)
+        elif any(p.startswith("P(") for p in first.placements):
+            return None
+        else:
+            owners = self._owners(name, stored, frags)
+        prints = [f.frag.fingerprint for f in owners]
+        if not all(p is not None and p.startswith(f"{ALGORITHM}:") for p in prints):
+            return None
+        return combine(from_hex(p.partition(":")[2]) for p in prints)  # type: ignore[union-attr]
 
     def iter_region(self, name: str, state: str, region: Region) -> Iterator[tuple[Region, torch.Tensor]]:
         """``region`` of a state in pieces ``(global sub-box, values)`` that tile it, each read

@@ -189,7 +189,8 @@ def convert_stream(source: SourceCheckpoint, writer: UniversalWriter, names: Seq
     """Writes every state of every parameter in ``names``; yields ``(name, table entry)`` as
     each parameter is done. A reader thread reads the next state while this one writes the
     current (memory: at most ``READ_AHEAD + 2`` states alive); with ``verify``, the reader
-    fingerprints each state as the source gives it, and the writer checks the array it wrote
+    takes each state's fingerprint from the source's records (native fragments, universal
+    arrays) or computes it from the values read, and the writer checks the array it wrote
     against that."""
     items: queue.Queue[Any] = queue.Queue(maxsize=READ_AHEAD)
     stop = threading.Event()
@@ -203,6 +204,16 @@ def convert_stream(source: SourceCheckpoint, writer: UniversalWriter, names: Seq
                 continue
         return False
 
+    recorded = getattr(source, "recorded_fingerprint", None) if verify else None
+
+    def source_print(name: str, state: str, t: torch.Tensor) -> int | None:
+        """The source's fingerprint of a state: the one it recorded when written (its fragments'
+        at save, a universal array's at conversion), else computed from the values read."""
+        if not verify:
+            return None
+        value = recorded(name, state) if recorded is not None else None
+        return fingerprint(t) if value is None else value
+
     def read() -> None:
         try:
             for name in names:
@@ -215,7 +226,7 @@ def convert_stream(source: SourceCheckpoint, writer: UniversalWriter, names: Seq
                     if state != "step" and tuple(t.shape) != tuple(info.shape):
                         raise ConvertError(f"{name}: state {state!r} has shape {list(t.shape)}, but the "
                                            f"parameter's shape is {list(info.shape)}")
-                    if not put((name, info, state, t, fingerprint(t) if verify else None)):
+                    if not put((name, info, state, t, source_print(name, state, t))):
                         return
                     del t
                 if not put((name, info, None, states, None)):

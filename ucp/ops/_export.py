@@ -356,8 +356,9 @@ def _write_shard(out: Storage, name: str, shard: list[_Item], opened: Opened, ba
 
 def _check(opened: Opened, item: _Item, t: torch.Tensor, where: str) -> None:
     """The tensor about to be written, fingerprinted, against the fingerprint a universal source
-    recorded for them (only a tensor exported as stored: same name, layout and dtype)."""
-    if opened.format != "universal" or item.renamed:
+    recorded for it, or a native one's fragments did (only a tensor exported as stored: same
+    name, layout and dtype)."""
+    if opened.format not in ("universal", "ucp") or item.renamed:
         return
     state = _state(opened, item)
     stored = opened.info(item.src).dtype if state == "param" else torch.float32
@@ -365,7 +366,8 @@ def _check(opened: Opened, item: _Item, t: torch.Tensor, where: str) -> None:
         return
     if state is None and opened.buffer_info(item.src)[1] != item.dtype:
         return
-    want = opened.source.recorded_fingerprint(item.src, state)
+    recorded = getattr(opened.source, "recorded_fingerprint", None)
+    want = None if recorded is None else recorded(item.src, state)
     if want is None:
         return
     got = fingerprint(t)

@@ -35,7 +35,9 @@ def reshard(src: str, dst: str, *, topology: Topology | str, engine: str = "ucp"
             ``ucp.load(dst, rank=r)``), ``"dcp"`` (a torch DCP checkpoint that ``dcp.load``
             reads onto any sharding), ``"deepspeed"`` (DeepSpeed's native ZeRO-1/2/3 files,
             loaded by ``engine.load_checkpoint``), ``"deepspeed-universal"`` (DeepSpeed's
-            universal layout), or an engine plugin that provides a reshard target.
+            universal layout), ``"megatron"`` (a torch_dist save root that Megatron-core's
+            ``dist_checkpointing.load`` reads at ``topology``'s tp/pp), or an engine plugin that
+            provides a reshard target.
         spec: UCL spec (Spec, bundled name, path or text) for tp/pp/ep cuts; default: the one
             stored in the universal checkpoint.
         alignment: ZeRO partitions hold a multiple of this many elements (default: the target
@@ -74,6 +76,9 @@ def reshard(src: str, dst: str, *, topology: Topology | str, engine: str = "ucp"
     elif engine == "dcp":  # its files: .metadata and the .distcp data files
         refuse_foreign(dst, ours=lambda n: n == ".metadata" or n.endswith(".distcp"),
                        what="a DCP checkpoint", storage_options=dst_storage_options)
+    elif engine == "megatron":  # a Megatron-LM save root: iter_NNNNNNN/ and the latest marker
+        refuse_foreign(dst, ours=lambda n: n == "latest_checkpointed_iteration.txt" or n.startswith("iter_"),
+                       what="a Megatron-LM save root", storage_options=dst_storage_options)
     target = get_target(engine)
     source, topo, spec_ = resolve(src, topology, spec=spec, engine=src_engine, tag=tag,
                                   storage_options=storage_options)

@@ -103,7 +103,8 @@ def verify_checkpoint(url: str, *, engine: str = "auto", spec: Any = None, tag: 
         storage_options: fsspec options (credentials, endpoint); never shown.
         progress: a progress bar on stderr (default: when stderr is a terminal).
         deep: also recompute each array's fingerprint from its data and compare it with the one
-            recorded at conversion (universal checkpoints; see :mod:`ucp.core._fingerprint`).
+            recorded at conversion (universal checkpoints) or, per fragment, at save (native
+            ones); see :mod:`ucp.core._fingerprint`.
 
     Returns:
         A :class:`VerifyReport`; ``.ok`` is True when nothing is wrong.
@@ -116,7 +117,10 @@ def verify_checkpoint(url: str, *, engine: str = "auto", spec: Any = None, tag: 
     report = VerifyReport(url=url, format=fmt)
     if fmt == "ucp":
         _NativeVerifier(url, report, spec=spec, tag=tag, storage_options=storage_options,
-                        progress=progress).run()
+                        progress=progress, deep=deep).run()
+        if deep:
+            report.notes.append(f"--deep: every fragment's fingerprint ({ALGORITHM}) that its save "
+                                "recorded was recomputed from its data")
     elif fmt == "safetensors":
         _verify_safetensors(url, report, storage_options)
     else:
@@ -128,7 +132,7 @@ def verify_checkpoint(url: str, *, engine: str = "auto", spec: Any = None, tag: 
         else:
             _verify_by_reading(opened, report, progress)
         _check_spec(opened.spec, _shapes(opened), opened.topology, report)
-    if deep and fmt != "universal":
+    if deep and fmt not in ("universal", "ucp"):
         report.notes.append(f"--deep: a {fmt} checkpoint records no fingerprints to recompute; "
                             "`ucp diff` compares it with its conversion value by value")
     return report
@@ -332,10 +336,10 @@ class _NativeVerifier:
     """Checks one committed step of a native checkpoint (see the module docstring)."""
 
     def __init__(self, url: str, report: VerifyReport, *, spec: Any, tag: str | None,
-                 storage_options: Mapping[str, Any] | None, progress: bool) -> None:
+                 storage_options: Mapping[str, Any] | None, progress: bool, deep: bool = False) -> None:
         from ucp.native._source import _resolve_root
 
-        self.report, self.progress = report, progress
+        self.report, self.progress, self.deep = report, progress, deep
         self.root, step = _resolve_root(url, storage_options, tag)
         from ucp.native._layout import read_manifest
 
@@ -440,6 +444,33 @@ class _NativeVerifier:
         if index is None or crcs is None:
             return
         self._compare_fragments(name, index, entries, crcs)
+        if self.deep:
+            self._compare_fingerprints(name, index, entries, ranges)
+
+    def _compare_fingerprints(self, name: str, index: RankIndex, entries: Mapping[str, Any],
+                              ranges: Mapping[str, tuple[int, int]]) -> None:
+        """``--deep``: each fragment's fingerprint, recomputed from its bytes, against the one
+        recorded when it was saved."""
+        from ucp.core._stfile import from_bytes
+
+        rel = f"{self.sd}/{name}"
+        for f in index.fragments:
+            if f.fingerprint is None or f.key not in ranges:
+                continue
+            algorithm, _, recorded = f.fingerprint.partition(":")
+            if algorithm != ALGORITHM:
+                self.report.notes.append(f"{rel}[{f.key}]: fingerprint of another algorithm "
+                                         f"({algorithm}) not recomputed")
+                continue
+            dtype, shape, _, _ = entries[f.key]
+            if tuple(shape) != f.shape:
+                continue  # reported by _compare_fragments
+            t = from_bytes(bytearray(self.root.read_range(rel, *ranges[f.key])), dtype, shape)
+            got = to_hex(fingerprint_box(t, f.offsets, f.global_shape) if t.dim() else fingerprint(t))
+            if got != recorded:
+                self.report.add("fingerprint", f"{rel}[{f.key}]", f"the data's fingerprint {got} differs "
+                                f"from the one recorded when it was saved, {recorded}: the values changed "
+                                "after the checksum was taken; do not use this step")
 
     def _stream_file(self, name: str, ranges: Mapping[str, tuple[int, int]],
                      bar: Any) -> dict[str, int] | None:

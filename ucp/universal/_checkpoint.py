@@ -220,8 +220,13 @@ class UniversalWriter:
 
         def write(idx: tuple[int, ...]) -> None:
             key = f"{path}/{'.'.join(('c', *map(str, idx)))}"  # no directory per dim
-            self.storage.write(key, parts(idx), fsync=False, atomic=False,
-                               crc=False)  # every inner chunk and the index carry their own CRC32C
+            shard = parts(idx)
+            try:
+                self.storage.write(key, shard, fsync=False, atomic=False,
+                                   crc=False)  # every inner chunk and the index carry their own CRC32C
+            finally:
+                if isinstance(shard, TiledShard):
+                    shard.settle()  # its last row's fingerprint (before the row buffer is re-used)
             self._flusher.add(key)  # its write-back starts now, while the next array is encoded
         if local:
             for idx in cells:

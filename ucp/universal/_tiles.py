@@ -7,7 +7,9 @@ inner chunks (all that share a dim-0 index) is ``rows r .. r + r`` of the array,
 tile. Here each such row is re-laid with one strided copy into a buffer that is reused from row
 to row and array to array (fresh memory costs more in page faults than the copy itself), its
 chunks' CRC32Cs are computed on the buffer, and so, with ``prints``, is its fingerprint, in two
-vectorised passes (:func:`ucp.core._fingerprint.fingerprint_tiles`) instead of one call per chunk.
+vectorised passes (:func:`ucp.core._fingerprint.fingerprint_tiles`) instead of one call per chunk;
+the fingerprint runs on a helper thread while the row is written (numpy lets go of the GIL), and
+is waited for before the buffer is re-used.
 The buffers handed out are views of that buffer: a writer must consume them in order (a local
 write does; a remote one copies each as it goes).
 """
@@ -16,7 +18,9 @@ from __future__ import annotations
 
 import math
 import struct
+import threading
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -27,6 +31,18 @@ from ucp.core._fingerprint import fingerprint_tiles
 from ._shard import EMPTY
 
 __all__ = ["RowBuffer", "TiledShard", "tiles_fit"]
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    """The helper thread that fingerprints rows of tiles while they are written (one per process)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ucp-fingerprint")
+        return _POOL
 
 
 def tiles_fit(shape: Sequence[int], inner: Sequence[int]) -> bool:
@@ -61,8 +77,10 @@ class TiledShard(Sequence):  # type: ignore[type-arg]
     only), made one row of inner chunks at a time into ``rows``'s buffer.
 
     With ``prints`` (a dict), the partial fingerprint of each row, as encoded, goes into it
-    under the row's global index; the rows of all shards add up to the array's fingerprint.
-    Iterating again (a retried write) makes the same bytes and the same fingerprints.
+    under the row's global index (computed on a helper thread: call :meth:`settle` once the
+    shard is written, before reading ``prints`` or re-using the row buffer); the rows of all
+    shards add up to the array's fingerprint. Iterating again (a retried write) makes the same
+    bytes and the same fingerprints.
     """
 
     def __init__(self, data: np.ndarray, inner: Sequence[int], shard: Sequence[int], idx: Sequence[int], *,
@@ -85,6 +103,7 @@ class TiledShard(Sequence):  # type: ignore[type-arg]
         raw = index.tobytes()
         self.index = raw + struct.pack("<I", crc32c(raw))
         self._row: tuple[int, np.ndarray, list[bytes]] | None = None
+        self._pending: tuple[int, Future[int]] | None = None
 
     def __len__(self) -> int:
         return 2 * self.nrow * self.ncol + 1
@@ -106,6 +125,7 @@ class TiledShard(Sequence):  # type: ignore[type-arg]
         """Row ``grow`` (global) of inner chunks: the tiles ``(ncol, r, c, rest)``, padded with
         zeros past the array's edge, and each tile's CRC32C as stored."""
         r, c, rest, n = self.r, self.c, self.rest, self.ncol
+        self.settle()  # the buffer is about to be overwritten
         block = self.view[grow * r:(grow + 1) * r]  # (valid rows, cols, rest)
         valid, cols = block.shape[0], block.shape[1]
         tiles = self.buffer.take((n, r, c, rest), self.data.dtype)
@@ -120,8 +140,17 @@ class TiledShard(Sequence):  # type: ignore[type-arg]
             lay[valid:] = 0
         crcs = [struct.pack("<I", crc32c(memoryview(t.reshape(-1).view(np.uint8)))) for t in tiles]
         if self.prints is not None:
-            self.prints[grow] = fingerprint_tiles(torch.from_numpy(tiles), grow * r, self.view.shape)
+            self._pending = grow, _pool().submit(fingerprint_tiles, torch.from_numpy(tiles), grow * r,
+                                                 self.view.shape)
         return tiles, crcs
+
+    def settle(self) -> None:
+        """Waits for the fingerprint of the last row encoded, and stores it in ``prints``."""
+        if self._pending is not None:
+            grow, future = self._pending
+            self._pending = None
+            assert self.prints is not None
+            self.prints[grow] = future.result()
 
     def total(self) -> int:
         return len(self.index) + self.nrow * self.ncol * (self.nbytes + 4)

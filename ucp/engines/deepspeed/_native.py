@@ -29,7 +29,8 @@ past DeepSpeed's default ``sub_group_size``.
 
 The files are DeepSpeed's pickled format, not ucp's; they hold only tensors, dicts, lists, numbers,
 strings and ``torch.Size``, and for ZeRO-3 DeepSpeed's static ``LossScaler`` (its loader requires
-one), named in the pickle without importing DeepSpeed. Tensor/pipeline/expert parallelism, ZeRO-0
+one), named in the pickle without importing DeepSpeed. A PipelineModule (pp > 1, or a pipeline source)
+is written by ``_native_pipe``. Tensor/expert parallelism, ZeRO-0
 and fp16 under ZeRO-3 are refused before any byte is written. The loading job must use DeepSpeed's
 defaults for ``parameter_alignment``, ``round_robin_gradients`` and ``sub_group_size``, and ZeRO-1
 with bf16 must not ask for fp32 gradient accumulation (DeepSpeed then uses its BF16_Optimizer,
@@ -74,9 +75,26 @@ def zero3_model_file(dp_rank: int) -> str:
     return f"zero_pp_rank_{dp_rank}_mp_rank_00_model_states.pt"
 
 
-def optim_file(dp_rank: int, bf16: bool) -> str:
-    """The optimizer file name DeepSpeed gives dp rank ``dp_rank`` (``bf16_`` prefix in bf16 runs)."""
-    return f"{'bf16_' if bf16 else ''}zero_pp_rank_{dp_rank}_mp_rank_00_optim_states.pt"
+def optim_file(dp_rank: int, bf16: bool, mp_rank: int = 0) -> str:
+    """The optimizer file name DeepSpeed gives dp rank ``dp_rank`` of model-parallel rank ``mp_rank``
+    (``bf16_`` prefix in bf16 runs)."""
+    return f"{'bf16_' if bf16 else ''}zero_pp_rank_{dp_rank}_mp_rank_{mp_rank:02d}_optim_states.pt"
+
+
+def clear_tag(storage: Storage, tag: str, dst: str, overwrite: bool, coord: Any) -> None:
+    """Refuses an existing tag unless ``overwrite``; then (process 0) uncommits it and removes every
+    model, layer and optimizer file in it, so none of another dp or stage stays beside the new ones."""
+    if not any(storage.exists(f"{tag}/{f}") for f in (MODEL_FILE, zero3_model_file(0))):
+        return
+    if not overwrite:
+        raise CheckpointExistsError(f"{dst} already holds DeepSpeed tag {tag}; pass overwrite=True "
+                                    "(--overwrite) to replace it")
+    if coord.rank == 0:
+        if storage.exists(LATEST):
+            storage.delete(LATEST)
+        for name in storage.list(tag):
+            if name.endswith(("_model_states.pt", "_optim_states.pt")):
+                storage.delete(f"{tag}/{name}")
 
 
 def check_topology(topology: Topology) -> None:
@@ -85,10 +103,10 @@ def check_topology(topology: Topology) -> None:
     Raises:
         TopologyError: names the axis or stage and what to use instead.
     """
-    others = {ax: getattr(topology, ax) for ax in ("tp", "pp", "ep", "sp") if getattr(topology, ax, 1) != 1}
+    others = {ax: getattr(topology, ax) for ax in ("tp", "ep", "sp") if getattr(topology, ax, 1) != 1}
     if others:
-        raise TopologyError(f"engine='deepspeed' writes DeepSpeed's native data-parallel ZeRO files, but the "
-                            f"target topology {topology} has {others}; use tp=pp=ep=sp=1 (tensor, pipeline "
+        raise TopologyError(f"engine='deepspeed' writes DeepSpeed's native data-parallel and pipeline ZeRO "
+                            f"files, but the target topology {topology} has {others}; use tp=ep=sp=1 (tensor "
                             "and expert parallel DeepSpeed layouts are not written yet)")
     if topology.zero not in (1, 2, 3):
         raise TopologyError(f"engine='deepspeed' writes ZeRO stage 1, 2 or 3 files (the target is {topology}, "
@@ -181,6 +199,11 @@ class DeepSpeedNativeTarget:
         if alignment != ALIGN_FACTOR:
             raise TopologyError(f"alignment={alignment}: DeepSpeed ZeRO-1/2 pads flat groups to "
                                 f"{ALIGN_FACTOR} x dp elements; leave --alignment unset")
+        from ._native_pipe import pipe_checkpoint, write_pipe
+
+        if topology.pp != 1 or pipe_checkpoint(source) is not None:  # a PipelineModule: per-layer files
+            return write_pipe(self.name, source, dst, topology=topology, step=step, overwrite=overwrite,
+                              storage_options=storage_options, verify=verify)
         groups, dtype, states = plan_groups(source)
         if topology.zero == 3 and dtype == torch.float16:
             raise TopologyError("engine='deepspeed' with zero=3 and an fp16 model: DeepSpeed's ZeRO-3 files hold "
@@ -190,16 +213,7 @@ class DeepSpeedNativeTarget:
         scheduler = (_extras(source).get("deepspeed") or {}).get("lr_scheduler")
         storage, tag = Storage(dst, storage_options=storage_options), tag_for(step)
         coord = get_coordinator(600.0)
-        if storage.exists(f"{tag}/{MODEL_FILE}") or storage.exists(f"{tag}/{zero3_model_file(0)}"):
-            if not overwrite:
-                raise CheckpointExistsError(f"{dst} already holds DeepSpeed tag {tag}; pass overwrite=True "
-                                            "(--overwrite) to replace it")
-            if coord.rank == 0:  # uncommitted while its files are replaced; none of another dp or stage stays
-                if storage.exists(LATEST):
-                    storage.delete(LATEST)
-                for name in storage.list(tag):
-                    if name.endswith(("_model_states.pt", "_optim_states.pt")):
-                        storage.delete(f"{tag}/{name}")
+        clear_tag(storage, tag, dst, overwrite, coord)
         coord.all_gather_json(None, what="starting to reshard for DeepSpeed")
         dp, bf16 = topology.dp, dtype == torch.bfloat16
         mine = list(range(dp))[coord.rank::coord.world_size]

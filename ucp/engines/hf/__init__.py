@@ -1,6 +1,6 @@
 """Hugging Face models as a source engine (``hf``): a safetensors model starts a distributed run.
 
-``ucp reshard hf_model/ out --to tp=2,dp=2 --engine dcp|ucp`` lays a pretrained model out for any
+``ucp reshard hf_model/ out --to tp=2,dp=2 --engine dcp|ucp|megatron`` lays a pretrained model out for any
 topology (with a spec for tp/pp cuts); ``ucp convert hf_model/ universal/`` makes it a universal
 checkpoint. Weights only: the optimizer starts empty.
 """

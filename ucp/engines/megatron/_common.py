@@ -42,7 +42,10 @@ _STDLIB = [argparse.Namespace, types.SimpleNamespace, pathlib.PosixPath, signal.
 
 class Record:
     """Stands in for a Megatron class: keeps the arguments (an enum's value) and the state it was
-    unpickled with; its class name is the original's."""
+    unpickled with; its class name is the original's. An object unpickled by ``__setstate__``
+    alone (a dataclass such as ``OptimizerConfig``) never runs ``__init__``: it has no arguments."""
+
+    args: tuple = ()
 
     def __init__(self, *args: Any) -> None:
         self.args = args
@@ -51,7 +54,9 @@ class Record:
         self.__dict__.update(state if isinstance(state, dict) else {"state": state})
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(map(repr, self.args))})"
+        fields = [repr(a) for a in self.args]
+        fields += [f"{k}={v!r}" for k, v in self.__dict__.items() if k != "args"]
+        return f"{type(self).__name__}({', '.join(fields)})"
 
 
 _STAND_INS = [(type(name.rsplit(".", 1)[1], (Record,), {}), name) for name in MEGATRON_CLASSES]

@@ -85,6 +85,13 @@ class MegatronEngine:
 
     name = "megatron"
 
+    @property
+    def reshard_target(self) -> Any:
+        """``ucp reshard --engine megatron``: a torch_dist checkpoint Megatron loads (``_target``)."""
+        from ._target import MegatronTarget
+
+        return MegatronTarget()
+
     def detect(self, url: str, *, storage_options: Mapping[str, Any] | None = None) -> str | None:
         return detect(url, storage_options=storage_options)
 

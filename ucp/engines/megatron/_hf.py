@@ -139,3 +139,107 @@ class HfView:
 
     def param_groups(self) -> list[dict[str, Any]]:
         return self.source.param_groups()
+
+
+# -- the map read in reverse: Hugging Face Llama -> Megatron tp=1 (``ucp reshard --engine megatron``) --
+
+#: HF name (per layer, after ``model.layers.{i}.``) -> the Megatron name (after ``decoder.layers.{i}.``)
+#: of a tensor both keep whole.
+_HF_WHOLE = {
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "self_attn.o_proj.weight": "self_attention.linear_proj.weight",
+    "post_attention_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+    "mlp.down_proj.weight": "mlp.linear_fc2.weight",
+}
+_HF_TOP = {"model.embed_tokens.weight": "embedding.word_embeddings.weight",
+           "model.norm.weight": "decoder.final_layernorm.weight", "lm_head.weight": "output_layer.weight"}
+_HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int) -> torch.Tensor:
+    """Megatron's fused QKV rows from Hugging Face's q/k/v: per query group ``[q.., k, v]``
+    (the inverse of the export map's split)."""
+    parts = [t.reshape(groups, t.shape[0] // groups, *t.shape[1:]) for t in (q, k, v)]
+    return torch.cat(parts, dim=1).reshape(-1, *q.shape[1:])
+
+
+class MegatronFromHf:
+    """A Hugging Face Llama model's tensors under Megatron's tp=1 names and fused layouts, each read
+    from its Hugging Face tensors (``megatron-llama`` read in reverse; weights only).
+
+    Args:
+        source: an array source over the safetensors model (``names``, ``info``, ``read``).
+        config: the model's ``config.json`` (the query-group count orders the fused QKV rows).
+
+    Raises:
+        ConvertError: a tensor the map has no Megatron name for, or a layer missing one of q/k/v or
+            gate/up (nothing is dropped or made up).
+    """
+
+    def __init__(self, source: Any, config: Mapping[str, Any]) -> None:
+        missing = [k for k in ("num_attention_heads", "hidden_size") if not isinstance(config.get(k), int)]
+        if missing:
+            raise ConvertError(f"{source.url}/config.json has no {' or '.join(missing)} (an integer); "
+                               "fusing q/k/v into Megatron's QKV needs the head counts")
+        self.source, self.url, self.step, self.config = source, source.url, None, dict(config)
+        self.topology = None
+        self.groups = int(config.get("num_key_value_heads") or config["num_attention_heads"])
+        self._parts: dict[str, tuple[str, ...]] = {}
+        for name in source.names():
+            self._place(name)
+        for name, parts in self._parts.items():
+            if "" in parts:
+                raise ConvertError(f"{source.url}: Megatron's {name!r} fuses {len(parts)} Hugging Face "
+                                   f"tensors and only {sum(1 for p in parts if p)} are in the model")
+        infos = {n: source.info(n) for n in source.names()}
+        self._infos = {}
+        for name, parts in self._parts.items():
+            first = infos[parts[0]]
+            rows = sum(infos[p].shape[0] for p in parts)
+            self._infos[name] = ParamInfo((rows, *first.shape[1:]), first.dtype, ("param",), False, None)
+
+    def _place(self, hf: str) -> None:
+        if hf in _HF_TOP:
+            self._parts[_HF_TOP[hf]] = (hf,)
+            return
+        m = _HF_LAYER.fullmatch(hf)
+        rest = m.group(2) if m else ""
+        pre = f"decoder.layers.{m.group(1)}." if m else ""
+        attn = re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", rest)
+        mlp = re.fullmatch(r"mlp\.(gate|up)_proj\.weight", rest)
+        if m and rest in _HF_WHOLE:
+            self._parts[pre + _HF_WHOLE[rest]] = (hf,)
+        elif attn:
+            name = pre + f"self_attention.linear_qkv.{attn.group(2)}"
+            parts = list(self._parts.get(name, ("", "", "")))
+            parts["qkv".index(attn.group(1))] = hf
+            self._parts[name] = tuple(parts)
+        elif mlp:
+            name = pre + "mlp.linear_fc1.weight"
+            parts = list(self._parts.get(name, ("", "")))
+            parts[("gate", "up").index(mlp.group(1))] = hf
+            self._parts[name] = tuple(parts)
+        else:
+            raise ConvertError(f"{self.source.url}: {hf!r} has no Megatron name in the megatron-llama map "
+                               "(it places Llama's embeddings, attention, MLP and norms only)")
+
+    def names(self) -> list[str]:
+        return list(self._parts)
+
+    def info(self, name: str) -> ParamInfo:
+        return self._infos[name]
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return []
+
+    def buffer_names(self) -> list[str]:
+        return []
+
+    def read(self, name: str, state: str | None = "param", region: Region | None = None) -> torch.Tensor:
+        parts = [self.source.read(p, "param", None) for p in self._parts[name]]
+        if len(parts) == 3:
+            whole = fuse_qkv(*parts, groups=self.groups)
+        else:
+            whole = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return cut(whole, region).contiguous()

@@ -1,0 +1,209 @@
+"""``ucp.reshard(..., engine="deepspeed")`` for a ``PipelineModule``: DeepSpeed's per-layer and per-stage
+ZeRO files (``ucp/engines/deepspeed/_native_pipe.py``), loaded by stock DeepSpeed.
+
+The slow tests train a real ``PipelineModule`` (tied embedding / lm head, a buffer per block, two
+param groups, WarmupLR, bf16 ZeRO-1: DeepSpeed's PipelineEngine runs no ZeRO-2/3) with DeepSpeed on
+pp=2 x dp=1 or dp=2 and save it with ``save_checkpoint``; what that engine
+holds (DeepSpeed's own ``safe_get_full_fp32_param`` / ``safe_get_full_optimizer_state``, the weights,
+buffers, step, LR scheduler) is the truth. ucp reshards the checkpoint for another dp (and for pp=1);
+a stock pipeline job of that size loads ucp's files with plain ``engine.load_checkpoint``
+(``tests/engines/_ds_train_mp.py --load``: no ucp import; its buffers scrambled first) and must hold
+every state bit for bit.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ucp.testing import run_command, scaled_timeout
+
+HERE = Path(__file__).resolve().parent
+JOB = HERE.parent / "engines" / "_ds_train_mp.py"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _job(ranks: int, out: Path, *flags: str) -> list[dict]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr",
+           "127.0.0.1", "--master_port", str(_free_port()), str(JOB), str(out), "--mode", "pipe", "--scheduler",
+           *flags]
+    run_command(cmd, what=f"DeepSpeed pipeline job on {ranks} ranks", timeout=scaled_timeout(400))
+    gathered = out.with_name(out.name + ".gathered")
+    return [torch.load(gathered / f"rank-{r}.pt", weights_only=True) for r in range(ranks)]
+
+
+def _merged(records: list[dict]) -> dict:
+    """Every rank's record by name; a tied parameter held by several stages must agree bit for bit."""
+    out = {"params": {}, "buffers": {}, "frozen": {}}
+    for rec in records:
+        for kind in out:
+            for name, value in rec[kind].items():
+                if name in out[kind]:
+                    _assert_same(out[kind][name], value, f"{kind}.{name} (another rank)")
+                else:
+                    out[kind][name] = value
+    out["step"] = {rec["step"] for rec in records}
+    out["lr_scheduler"] = records[0]["lr_scheduler"]
+    assert all(rec["lr_scheduler"] == out["lr_scheduler"] for rec in records)
+    return out
+
+
+def _assert_same(want, got, where=""):
+    if isinstance(want, dict):
+        assert set(want) == set(got), (where, set(want) ^ set(got))
+        for k in want:
+            _assert_same(want[k], got[k], f"{where}.{k}")
+    elif isinstance(want, (list, tuple)) and not isinstance(want, torch.Size):
+        assert len(want) == len(got), where
+        for i, (a, b) in enumerate(zip(want, got)):
+            _assert_same(a, b, f"{where}[{i}]")
+    elif isinstance(want, torch.Tensor):
+        assert want.dtype == got.dtype and torch.equal(want, got), where
+    else:
+        assert want == got, (where, want, got)
+
+
+@pytest.fixture(scope="module")
+def pipe_saved(tmp_path_factory):
+    """``dp -> (a pp=2 x dp DeepSpeed PipelineModule checkpoint after 3 steps, what its engine held)``."""
+    pytest.importorskip("deepspeed", reason="install DeepSpeed 0.19.8 to run the real-engine tests")
+    cache = {}
+
+    def get(dp: int = 1):
+        if dp not in cache:
+            root = tmp_path_factory.mktemp(f"ds-pipe-src-dp{dp}")
+            truth = _merged(_job(2 * dp, root / "ckpt", "--pp", "2", "--steps", "3"))
+            assert truth["step"] == {3} and truth["lr_scheduler"]["last_batch_iteration"] == 2
+            assert "tied_modules.embed.weight" in truth["params"] and truth["buffers"]
+            cache[dp] = root / "ckpt", truth
+        return cache[dp]
+
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("src_dp, pp, dp", [(1, 2, 2), (2, 2, 1), (1, 1, 2)])
+def test_stock_pipeline_job_loads_what_ucp_wrote(pipe_saved, tmp_path, src_dp, pp, dp):
+    """pp=2 x ``src_dp`` -> pp x dp ZeRO-1: layer files global per layer, optimizer files per (dp
+    rank, stage); the loading job holds every state of the saving one bit for bit."""
+    import ucp
+
+    src, truth = pipe_saved(src_dp)
+    out = tmp_path / "ds"
+    ucp.reshard(str(src), str(out), topology=f"pp={pp},dp={dp},zero=1", engine="deepspeed", progress=False)
+    tag = out / (out / "latest").read_text()
+    names = sorted(p.name for p in tag.iterdir())
+    assert [n for n in names if n.startswith("mp_rank")] == [f"mp_rank_{s:02d}_model_states.pt" for s in range(pp)]
+    assert sorted(n for n in names if "optim" in n) == sorted(
+        f"bf16_zero_pp_rank_{r}_mp_rank_{s:02d}_optim_states.pt" for s in range(pp) for r in range(dp))
+    assert sorted(n for n in names if n.startswith("layer_")) == sorted(
+        p.name for p in (src / (src / "latest").read_text()).iterdir() if p.name.startswith("layer_"))
+    _read_back_equal(src, out)
+    seen = _merged(_job(pp * dp, tmp_path / "seen", "--pp", str(pp), "--steps", "0", "--load", str(out)))
+    _assert_same(truth, seen)
+
+
+def _read_back_equal(src: Path, out: Path) -> None:
+    """ucp's own DeepSpeed reader finds in ``out`` every state and buffer of ``src``, stage by stage."""
+    from ucp.engines.deepspeed._reader import DeepSpeedCheckpoint
+
+    with DeepSpeedCheckpoint(src) as a, DeepSpeedCheckpoint(out) as b:
+        first = {}
+        for s in range(a.pp_size):
+            for n in a.names(mp_rank=s):
+                first.setdefault(n, s)
+        held = [n for s in range(b.pp_size) for n in b.names(mp_rank=s)]
+        assert set(held) == set(first)
+        for s in range(b.pp_size):
+            for n in b.names(mp_rank=s):
+                for state in ("fp32", "exp_avg", "exp_avg_sq", "param"):
+                    _assert_same(a.read(n, state, mp_rank=first[n]), b.read(n, state, mp_rank=s), f"{s}:{n}:{state}")
+        _assert_same(a.buffers(mp_rank=0), b.buffers(mp_rank=0), "buffers")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("topology, words", [
+    ("pp=3,dp=1,zero=1", "saved with pp=2, and which stage a layer goes to at another pp"),
+    ("pp=2,dp=1,zero=2", "ZeRO stage 0 or 1 only"),
+    ("pp=2,dp=1,tp=2,zero=1", "'tp': 2"),
+])
+def test_refuses_what_a_pipeline_source_cannot_give(pipe_saved, tmp_path, topology, words):
+    import ucp
+
+    src, _truth = pipe_saved()
+    with pytest.raises(ucp.TopologyError, match=words):
+        ucp.reshard(str(src), str(tmp_path / "out"), topology=topology, engine="deepspeed")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_refuses_a_universal_pipeline_checkpoint(pipe_saved, tmp_path):
+    """A universal checkpoint does not record which stage held each layer: pp=2 is refused."""
+    import ucp
+
+    src, _truth = pipe_saved()
+    ucp.convert(str(src), str(tmp_path / "u"), progress=False)
+    with pytest.raises(ucp.TopologyError, match="not a DeepSpeed PipelineModule checkpoint"):
+        ucp.reshard(str(tmp_path / "u"), str(tmp_path / "out"), topology="pp=2,dp=1,zero=1", engine="deepspeed")
+    assert not (tmp_path / "out").exists()
+
+
+# --- fast: refusals before any byte is written ------------------------------------------------------
+
+@pytest.mark.parametrize("topology, words", [
+    ("pp=2,dp=2,zero=1", "not a DeepSpeed PipelineModule checkpoint"),
+    ("pp=2,dp=2,zero=3", "PipelineEngine runs ZeRO stage 0 or 1 only"),
+    ("pp=2,dp=2,zero=2", "PipelineEngine runs ZeRO stage 0 or 1 only"),
+])
+def test_refuses_a_pipeline_it_cannot_place(tmp_path, topology, words):
+    """A source that does not record which stage holds each layer, and ZeRO-3 (DeepSpeed runs no
+    pipeline with it), are refused, naming the constraint, before the destination exists."""
+    import ucp
+
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ucp_tests_engines_conftest_pipe", HERE.parent / "engines"
+                                                  / "conftest.py")
+    engines = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(engines)
+    fake = engines.write_fake_zero(tmp_path / "ds", stage=2, dp=2, groups=[[("a.weight", (3, 5))]], frozen=[])
+    with pytest.raises(ucp.TopologyError, match=words):
+        ucp.reshard(str(fake.root), str(tmp_path / "out"), topology=topology, engine="deepspeed")
+    assert not (tmp_path / "out").exists()
+
+
+def pipe_native_on_ranks(rank, world, src, dst, topology):
+    import ucp
+
+    return list(ucp.reshard(src, dst, topology=topology, engine="deepspeed", progress=False).ranks)
+
+
+@pytest.mark.slow
+def test_split_over_torchrun_processes(pipe_saved, tmp_path, run_ranks):
+    """Two writing processes share the (stage, dp rank) optimizer files out; every file equals
+    what one process writes."""
+    import ucp
+
+    src, _truth = pipe_saved()
+    results = run_ranks(pipe_native_on_ranks, 2, args=(str(src), str(tmp_path / "two"), "pp=2,dp=2,zero=1"))
+    assert [r.value for r in results] == [[0, 2], [1, 3]]
+    ucp.reshard(str(src), str(tmp_path / "one"), topology="pp=2,dp=2,zero=1", engine="deepspeed", progress=False)
+    files = sorted(p.name for p in (tmp_path / "one" / "global_step3").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "two" / "global_step3").iterdir())
+    for name in files:
+        a, b = (torch.load(tmp_path / d / "global_step3" / name, weights_only=True) for d in ("one", "two"))
+        for tree in (a, b):
+            if isinstance(tree, dict):
+                tree.pop("ucp", None)  # records its source's url
+        _assert_same(a, b, name)
+    assert (tmp_path / "two" / "latest").read_text() == "global_step3"
