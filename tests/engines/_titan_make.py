@@ -40,8 +40,9 @@ class TrainState:
         self.step, self.ntokens_seen = sd["step"], sd["ntokens_seen"]
 
 
-def tiny_llama_config() -> Any:
-    """torchtitan's Llama 3 config (as its ``debugmodel`` flavor builds it), smaller, SDPA attention."""
+def tiny_llama_config(fuse_qkv: bool = True) -> Any:
+    """torchtitan's Llama 3 config (as its ``debugmodel`` flavor builds it), smaller, SDPA attention;
+    ``fuse_qkv=False``: separate ``wq``/``wk``/``wv`` parameters (the names torchtitan saves under)."""
     from torchtitan.models import llama3
     from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm, compute_ffn_hidden_dim
     from torchtitan.models.common.attention import ScaledDotProductAttention
@@ -50,7 +51,7 @@ def tiny_llama_config() -> Any:
         n_layers=LAYERS, dim=DIM, n_heads=HEADS, n_kv_heads=KV_HEADS,
         hidden_dim=compute_ffn_hidden_dim(DIM, multiple_of=32),
         rope=ComplexRoPE.Config(dim=DIM // HEADS, max_seq_len=SEQ * 2, theta=500000, scaling="llama"),
-        attn_backend="flex", fuse_qkv=True)
+        attn_backend="flex", fuse_qkv=fuse_qkv)
     for layer in layers:  # flex attention needs a compiler on CPU; SDPA runs in eager mode
         layer.attention.inner_attention = ScaledDotProductAttention.Config()
     return llama3.Llama3Model.Config(

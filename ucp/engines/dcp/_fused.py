@@ -18,7 +18,7 @@ import dataclasses
 import re
 import threading
 from collections import OrderedDict
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -85,7 +85,7 @@ def unfuse(states: dict[str, dict], per_param: dict[str, dict], fused: dict[str,
                                          f"{list(q.shape)}, {list(k.shape)}, {list(v.shape)}; they are not "
                                          f"the parts of one fused {name!r}")
         shape = (q.shape[0] + 2 * k.shape[0], *tail)
-        saved = states.pop(name, {})
+        saved, moved = states.get(name, {}), {}
         for index, part in enumerate(parts):
             entries = {}
             for state, e in saved.items():
@@ -98,11 +98,26 @@ def unfuse(states: dict[str, dict], per_param: dict[str, dict], fused: dict[str,
                 else:
                     entries[state] = e
             if entries:
-                states[part] = entries
-        hyper = per_param.pop(name, None)
-        if hyper is not None:
-            for part in parts:
-                per_param[part] = dict(hyper)
+                moved[part] = entries
+        _replace(states, name, moved)
+        hyper = per_param.get(name)
+        _replace(per_param, name, {part: dict(hyper) for part in parts} if hyper is not None else {})
+
+
+def _replace(entries: dict[str, Any], name: str, parts: dict[str, Any]) -> None:
+    """``entries`` with ``name`` replaced by ``parts`` where it stood, in place: the parts keep the
+    fused parameter's place in the optimizer's order (a DeepSpeed ZeRO target lays parameters end
+    to end in that order, as the model holds ``wq``/``wk``/``wv`` unfused)."""
+    if name not in entries:
+        entries.update(parts)
+        return
+    items = list(entries.items())
+    entries.clear()
+    for key, value in items:
+        if key == name:
+            entries.update(parts)
+        else:
+            entries[key] = value
 
 
 def split_part(fused: torch.Tensor, part: FusedPart, head_dim: int) -> torch.Tensor:

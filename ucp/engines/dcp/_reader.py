@@ -335,6 +335,10 @@ class DcpCheckpoint:
                                           states=base + tuple(sorted(states)),
                                           frozen=lay.optim_key is not None and not states,
                                           group=group_of.get(fqn))
+        if lay.fused:  # the model section lists wq/wk/wv last: the optimizer's
+            # order has them where the fused parameter stood (a DeepSpeed ZeRO target follows it)
+            trained = [fqn for fqn in lay.states if fqn in self._params]
+            self._params = {**{fqn: self._params[fqn] for fqn in trained}, **self._params}
         orphans = sorted(set(lay.states) - set(self._params))
         if orphans:
             raise CorruptCheckpointError(f"{self.url}: optimizer state for {orphans[0]!r}, which the model "

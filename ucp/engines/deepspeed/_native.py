@@ -48,6 +48,7 @@ import torch
 
 from ucp.core._coord import get_coordinator
 from ucp.core._errors import CheckpointExistsError, TopologyError
+from ucp.core._params import ParamInfo
 from ucp.core._topology import Topology
 from ucp.grammar import Spec
 from ucp.resharder import (ArraySource, ReadStats, ReshardReport, check_recorded, flat_boxes,
@@ -117,15 +118,22 @@ def plan_groups(source: ArraySource) -> tuple[list[list[str]], torch.dtype, tupl
     """The flat groups (trainable names per optimizer param group, in the source's order), the
     model dtype, and the element-wise optimizer states every trainable parameter carries.
 
+    A weights-only source (no param groups and no optimizer state: a Hugging Face model) becomes one
+    group of every parameter with no optimizer state: its files hold fp32 masters equal to the
+    weights and no base optimizer state or param group (see :func:`weights_only`).
+
     Raises:
         TopologyError: a parameter DeepSpeed's ZeRO-1/2 layout cannot hold (names it and why).
     """
-    groups: list[list[str]] = [[] for _ in source.param_groups]
+    fresh = weights_only(source)
+    groups: list[list[str]] = [[]] if fresh else [[] for _ in source.param_groups]
     dtype, states = None, None
     for name in source.names():
         info = source.info(name)
         if info.frozen:
             continue
+        if fresh:
+            info = ParamInfo(info.shape, info.dtype, info.states, info.frozen, 0)
         if info.group is None or not 0 <= info.group < len(groups):
             raise TopologyError(f"parameter {name!r} is trainable but belongs to optimizer param group "
                                 f"{info.group} (the source has {len(groups)}); DeepSpeed's ZeRO files need "
@@ -148,6 +156,23 @@ def plan_groups(source: ArraySource) -> tuple[list[list[str]], torch.dtype, tupl
             raise TopologyError(f"optimizer param group {g} holds no trainable parameter; DeepSpeed ZeRO "
                                 "drops empty groups, so its files would not line up: remove the group")
     return groups, dtype or torch.float32, tuple(states or ())
+
+
+def weights_only(source: ArraySource) -> bool:
+    """True for a source without optimizer: no param groups, no state besides the weights.
+
+    Its DeepSpeed files start training afresh: the job loads them with
+    ``engine.load_checkpoint(dir, load_optimizer_states=False)`` (plus
+    ``load_lr_scheduler_states=False`` if it has a scheduler): DeepSpeed loads the module by name,
+    sets its fp32 masters from those weights (for ZeRO-3 from the files' masters, read by their
+    ``param_shapes``) and keeps its own new optimizer with the job's hyper-parameters. The flat
+    masters follow the source's name order (a safetensors folder records no other), not
+    necessarily the model's, so they are not to be copied flat. A plain ``load_checkpoint`` stops
+    before copying them, with torch's "different number of parameter groups" error: the files hold
+    no param group to restore.
+    """
+    return not source.param_groups and all(set(source.info(n).states) <= {"param", "fp32"}
+                                           for n in source.names())
 
 
 class DeepSpeedNativeTarget:
@@ -273,7 +298,8 @@ def _rank_optimizer(source: ArraySource, groups: list[list[str]], states: tuple[
         fp32_parts.append(flats.pop("fp32")[:part.partition_numel - pad].clone())
         group_pads.append(pad)
         st = {"step": torch.tensor(_step_of(source, names[0], step), dtype=torch.float32)} if states else {}
-        base_state[g] = {**st, **flats}
+        if states:
+            base_state[g] = {**st, **flats}
     base = {"state": base_state, "param_groups": [{**h, "params": [g]} for g, h in enumerate(hyper)]}
     osd = {
         "base_optimizer_state": base,
