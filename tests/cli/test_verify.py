@@ -258,3 +258,16 @@ def test_a_huge_shape_in_tiny_chunks_is_reported_not_walked(tmp_path):
     problems = json.loads(doc)["problems"]
     assert code == "1" and len(problems) == 1 and problems[0]["kind"] == "structure", problems
     assert "chunks of 12 bytes is not how ucp chunks an array" in problems[0]["message"]
+
+
+def test_deep_verify_of_an_array_over_64_mib(tmp_path):
+    """An array large enough for the missing-last-file check (over 64 MiB) spans several shard
+    files: the check looked for the file of its last *inner chunk* index (``c.31.7``) and reported a
+    healthy checkpoint as damaged."""
+    import ucp
+
+    w = torch.arange(4200 * 4096, dtype=torch.float32).reshape(4200, 4096)  # 68.8 MB
+    ucp.save({"model": {"w": w}}, str(tmp_path / "native"), step=1).wait()
+    ucp.convert(str(tmp_path / "native"), str(tmp_path / "u"), progress=False)
+    doc = verify(str(tmp_path / "u"), "--deep", code=0)
+    assert doc["problems"] == [] and doc["checked"]["bytes"] >= w.numel() * 4

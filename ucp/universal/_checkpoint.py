@@ -529,6 +529,9 @@ def _region_chunks(a: OpenedArray, region: Sequence[slice] | None) -> tuple[list
 def _chunk_key(a: OpenedArray, arr: Any, idx: Sequence[int]) -> str:
     if a.layout is not None:
         return f"{a.path}/{a.layout.locate(idx)[0]}"
+    shards = getattr(arr, "shards", None)
+    if shards:  # a sharded zarr array: ``idx`` counts inner chunks, the file is their shard's
+        idx = [i * c // s for i, c, s in zip(idx, arr.chunks, shards)]
     return f"{a.path}/{arr.metadata.chunk_key_encoding.encode_chunk_key(tuple(idx))}"
 
 
