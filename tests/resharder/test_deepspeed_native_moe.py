@@ -34,6 +34,9 @@ if __name__ != "__main__":  # the fake-checkpoint writer lives with the engine r
     _engines = importlib.util.module_from_spec(_spec)
     sys.modules[_spec.name] = _engines
     _spec.loader.exec_module(_engines)
+    _spec = importlib.util.spec_from_file_location("ucp_tests_resharder_native_for_moe", HERE / "test_deepspeed_native.py")
+    _native_tests = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_native_tests)
 
 
 def _fake_moe(tmp_path, experts=4):
@@ -110,6 +113,35 @@ def test_refuses_a_bad_moe_target_before_writing(tmp_path, topology, words):
     assert not (tmp_path / "out").exists()
 
 
+def moe_on_ranks(rank, world, src, dst, topology):
+    import ucp
+
+    return list(ucp.reshard(src, dst, topology=topology, engine="deepspeed", progress=False).ranks)
+
+
+def _assert_same_files(one: Path, two: Path) -> None:
+    files = sorted(p.name for p in one.iterdir())
+    assert files == sorted(p.name for p in two.iterdir())
+    for name in files:
+        a, b = (torch.load(d / name, weights_only=True) for d in (one, two))
+        a.pop("ucp", None), b.pop("ucp", None)  # records its source's url
+        _native_tests._assert_same(a, b, name)
+
+
+def test_moe_split_over_torchrun_processes(tmp_path, run_ranks):
+    """Two writing processes share the dp ranks' files out (process 0 also writes the expert and
+    model files); the files equal one process's."""
+    import ucp
+
+    fake = _fake_moe(tmp_path)
+    topology = "dp=4,ep=2,zero=2"
+    results = run_ranks(moe_on_ranks, 2, args=(str(fake.root), str(tmp_path / "two"), topology))
+    assert [r.value for r in results] == [[0, 2], [1, 3]]
+    ucp.reshard(str(fake.root), str(tmp_path / "one"), topology=topology, engine="deepspeed", progress=False)
+    _assert_same_files(tmp_path / "one" / "global_step3", tmp_path / "two" / "global_step3")
+    assert (tmp_path / "two" / "latest").read_text() == "global_step3"
+
+
 # --- slow: stock DeepSpeed MoE jobs save and load ---------------------------------------------------
 
 def _job(ranks: int, *args: str) -> None:
@@ -170,3 +202,8 @@ def test_stock_deepspeed_moe_loads_what_ucp_wrote(moe_saved, tmp_path, ep, dp, z
             assert all(torch.equal(rec[key][n], want_recs[0][key][n]) for n in rec[key]), key
         assert rec["step"] == want_recs[0]["step"] == 3
         assert rec["lr_scheduler"] == want_recs[0]["lr_scheduler"] and rec["lr_scheduler"]["last_batch_iteration"] == 2
+    if ep == 2:  # through ucp convert's universal checkpoint: the same files
+        ucp.convert(str(src), str(tmp_path / "u"), progress=False)
+        ucp.reshard(str(tmp_path / "u"), str(tmp_path / "via"), topology=f"dp={dp},ep={ep},zero={zero}",
+                    engine="deepspeed", progress=False)
+        _assert_same_files(out / "global_step3", tmp_path / "via" / "global_step3")
