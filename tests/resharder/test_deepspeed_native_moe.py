@@ -150,16 +150,18 @@ def _job(ranks: int, *args: str) -> None:
     run_command(cmd, what=f"DeepSpeed MoE job on {ranks} ranks", timeout=scaled_timeout(300))
 
 
-def _by_global(gathered: Path, ep: int) -> tuple[dict, list[dict]]:
+def _by_global(gathered: Path, ep: int, data_first: bool = False) -> tuple[dict, list[dict]]:
     """Every trainable parameter's gathered states under its global name (local expert l of
-    expert-parallel rank r % ep is global expert (r % ep) * n + l), and the per-rank records."""
+    expert-parallel rank e is global expert e * n + l; rank r is in e = r % ep, or r // (dp / ep)
+    in DeepSpeed's data-before-expert order), and the per-rank records."""
     recs = [torch.load(gathered / f"rank-{r}.pt", weights_only=True)
             for r in range(len(list(gathered.glob("rank-*.pt"))))]
     out: dict[str, dict] = {}
     for r, rec in enumerate(recs):
+        e = r // (len(recs) // ep) if data_first else r % ep
         for local, states in rec["params"].items():
             m = EXPERT.fullmatch(local)
-            name = f"{m[1]}{(r % ep) * (4 // ep) + int(m[2])}{m[3]}" if m else local
+            name = f"{m[1]}{e * (4 // ep) + int(m[2])}{m[3]}" if m else local
             if name in out:  # held by several ranks: DeepSpeed gathers the same values on each
                 for s, t in states.items():
                     assert torch.equal(out[name][s], t), (name, s, r)
@@ -169,23 +171,34 @@ def _by_global(gathered: Path, ep: int) -> tuple[dict, list[dict]]:
 
 @pytest.fixture(scope="module")
 def moe_saved(tmp_path_factory):
-    """A DeepSpeed MoE checkpoint (ep=2, dp=2, ZeRO-2) and what the job held when it saved it."""
+    """``dp, data_first -> (checkpoint, gathered)``: a DeepSpeed MoE checkpoint (4 experts, ep=2,
+    ZeRO-2) on ``dp`` ranks and what the job held when it saved it, made once."""
     pytest.importorskip("deepspeed", reason="install DeepSpeed 0.19.8 to run the real-engine tests")
-    root = tmp_path_factory.mktemp("ds-moe-src")
-    _job(2, str(root / "ckpt"), "--mode", "moe", "--experts", "4", "--ep", "2", "--scheduler")
-    return root / "ckpt", root / "ckpt.gathered"
+    cache = {}
+
+    def get(dp: int, data_first: bool):
+        if (dp, data_first) not in cache:
+            root = tmp_path_factory.mktemp("ds-moe-src")
+            _job(dp, str(root / "ckpt"), "--mode", "moe", "--experts", "4", "--ep", "2", "--scheduler",
+                 *(["--data-before-expert"] if data_first else []))
+            cache[(dp, data_first)] = root / "ckpt", root / "ckpt.gathered"
+        return cache[(dp, data_first)]
+
+    return get
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ep, dp, zero", [(2, 4, 2), (1, 2, 2), (4, 4, 1)])
-def test_stock_deepspeed_moe_loads_what_ucp_wrote(moe_saved, tmp_path, ep, dp, zero):
+@pytest.mark.parametrize("src_dp, data_first, ep, dp, zero", [
+    (2, False, 2, 4, 2), (2, False, 1, 2, 2), (2, False, 4, 4, 1), (4, True, 2, 2, 2)])
+def test_stock_deepspeed_moe_loads_what_ucp_wrote(moe_saved, tmp_path, src_dp, data_first, ep, dp, zero):
     """ep=2 dp=2 -> ep=2 dp=4 (expert groups cut over 2 ranks instead of 1), ep=1 (every rank holds
-    all 4 experts) and ep=4 under ZeRO-1: the loading job's gathered masters, moments, weights,
-    frozen parameter, buffers, step and scheduler equal the saving job's, bit for bit."""
+    all 4 experts), ep=4 under ZeRO-1, and ep=2 dp=4 saved in DeepSpeed's data-before-expert order ->
+    ep=2 dp=2 (default order): the loading job's gathered masters, moments, weights, frozen
+    parameter, buffers, step and scheduler equal the saving job's, bit for bit."""
     import ucp
 
-    src, gathered = moe_saved
-    want, want_recs = _by_global(gathered, 2)
+    src, gathered = moe_saved(src_dp, data_first)
+    want, want_recs = _by_global(gathered, 2, data_first)
     out = tmp_path / "ds"
     ucp.reshard(str(src), str(out), topology=f"dp={dp},ep={ep},zero={zero}", engine="deepspeed", progress=False)
     _job(dp, str(tmp_path / "load"), "--mode", "moe", "--experts", "4", "--ep", str(ep), "--scheduler",
@@ -202,7 +215,7 @@ def test_stock_deepspeed_moe_loads_what_ucp_wrote(moe_saved, tmp_path, ep, dp, z
             assert all(torch.equal(rec[key][n], want_recs[0][key][n]) for n in rec[key]), key
         assert rec["step"] == want_recs[0]["step"] == 3
         assert rec["lr_scheduler"] == want_recs[0]["lr_scheduler"] and rec["lr_scheduler"]["last_batch_iteration"] == 2
-    if ep == 2:  # through ucp convert's universal checkpoint: the same files
+    if ep == 2 and dp == 4:  # through ucp convert's universal checkpoint: the same files
         ucp.convert(str(src), str(tmp_path / "u"), progress=False)
         ucp.reshard(str(tmp_path / "u"), str(tmp_path / "via"), topology=f"dp={dp},ep={ep},zero={zero}",
                     engine="deepspeed", progress=False)
