@@ -163,6 +163,20 @@ def _cut(record: dict, maps: dict | None, tp_rank: int) -> dict:
             "frozen": {n: cut(n, v) for n, v in record["frozen"].items()}}
 
 
+def _join(records: list[dict], maps: dict) -> dict:
+    """Per-tp-rank records joined into full tensors by DeepSpeed's maps (``rebuild``)."""
+
+    def join(name, pick):
+        if name not in maps:
+            return pick(records[0])
+        return maps[name].rebuild({r: pick(rec) for r, rec in enumerate(records)})
+
+    first = records[0]
+    return {**first, "params": {n: {s: join(n, lambda rec: rec["params"][n][s]) for s in st}
+                                for n, st in first["params"].items()},
+            "frozen": {n: join(n, lambda rec: rec["frozen"][n]) for n in first["frozen"]}}
+
+
 def _assert_same(want, got, where=""):
     if isinstance(want, dict):
         assert set(want) == set(got), (where, set(want) ^ set(got))
@@ -175,13 +189,17 @@ def _assert_same(want, got, where=""):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("src_tp, tp, dp, via_universal", [(2, 2, 2, False), (1, 2, 2, False), (2, 2, 2, True)])
+@pytest.mark.parametrize("src_tp, tp, dp, via_universal", [(2, 2, 2, False), (1, 2, 2, False), (2, 2, 2, True),
+                                                           (2, 1, 2, False)])
 def test_stock_autotp_job_loads_what_ucp_wrote(autotp_saved, tmp_path, src_tp, tp, dp, via_universal):
     """Saved by AutoTP at ``src_tp`` (dp=1), written by ucp for tp x dp, loaded by a stock AutoTP job of
-    tp x dp ranks: each rank holds what the source held for its shard (tp rank = rank % tp)."""
+    tp x dp ranks: each rank holds what the source held for its shard (tp rank = rank % tp); at tp=1
+    every rank holds the source's shards joined."""
     import ucp
 
     src, truth = autotp_saved(src_tp)
+    if src_tp > tp == 1:  # the plain job holds whole tensors: the source's shards joined
+        truth = [_join(truth, _affine(src))]
     assert truth[0]["step"] == 3 and truth[0]["lr_scheduler"]["last_batch_iteration"] == 2
     assert truth[0]["frozen"] and all("exp_avg" in s for s in truth[0]["params"].values())
     if via_universal:
@@ -190,7 +208,7 @@ def test_stock_autotp_job_loads_what_ucp_wrote(autotp_saved, tmp_path, src_tp, t
     out = tmp_path / "ds"
     ucp.reshard(str(src), str(out), topology=f"tp={tp},dp={dp},zero=1", engine="deepspeed", progress=False)
     seen = _records(_job(tp * dp, tmp_path / "load", "--tp", str(tp), "--load", str(out), "--steps", "0"))
-    maps = _affine(autotp_saved(tp)[0]) if src_tp != tp else None
+    maps = _affine(autotp_saved(tp)[0]) if src_tp < tp else None
     for rank, got in enumerate(seen):
-        want = truth[rank % tp] if src_tp == tp else _cut(truth[0], maps, rank % tp)
+        want = truth[rank % tp] if src_tp >= tp else _cut(truth[0], maps, rank % tp)
         _assert_same(want, got, f"rank {rank}")
