@@ -62,7 +62,7 @@ def test_each_tp_rank_holds_its_shard(tmp_path, tp, dp):
                                     for g in LLAMA]
     fake = _fake(tmp_path, groups)
     out = tmp_path / "out"
-    ucp.reshard(str(fake.root), str(out), topology=f"tp={tp},dp={dp},zero=1", engine="deepspeed", progress=False)
+    ucp.reshard(str(fake.root), str(out), topology=f"tp={tp},dp={dp},zero={zero}", engine="deepspeed", progress=False)
     tag = out / (out / "latest").read_text()
     for t in range(tp):
         model = torch.load(tag / f"mp_rank_{t:02d}_model_states.pt", weights_only=True)
@@ -189,12 +189,12 @@ def _assert_same(want, got, where=""):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("src_tp, tp, dp, via_universal", [(2, 2, 2, False), (1, 2, 2, False), (2, 2, 2, True),
-                                                           (2, 1, 2, False)])
-def test_stock_autotp_job_loads_what_ucp_wrote(autotp_saved, tmp_path, src_tp, tp, dp, via_universal):
-    """Saved by AutoTP at ``src_tp`` (dp=1), written by ucp for tp x dp, loaded by a stock AutoTP job of
-    tp x dp ranks: each rank holds what the source held for its shard (tp rank = rank % tp); at tp=1
-    every rank holds the source's shards joined."""
+@pytest.mark.parametrize("src_tp, tp, dp, zero, via_universal", [
+    (2, 2, 2, 1, False), (1, 2, 2, 1, False), (2, 2, 2, 1, True), (2, 1, 2, 1, False), (2, 2, 2, 2, False)])
+def test_stock_autotp_job_loads_what_ucp_wrote(autotp_saved, tmp_path, src_tp, tp, dp, zero, via_universal):
+    """Saved by AutoTP at ``src_tp`` (dp=1, ZeRO-1), written by ucp for tp x dp at ``zero``, loaded by
+    a stock AutoTP job of tp x dp ranks: each rank holds what the source held for its shard (tp rank =
+    rank % tp); at tp=1 every rank holds the source's shards joined."""
     import ucp
 
     src, truth = autotp_saved(src_tp)
@@ -206,8 +206,9 @@ def test_stock_autotp_job_loads_what_ucp_wrote(autotp_saved, tmp_path, src_tp, t
         ucp.convert(str(src), str(tmp_path / "u"), progress=False)
         src = tmp_path / "u"
     out = tmp_path / "ds"
-    ucp.reshard(str(src), str(out), topology=f"tp={tp},dp={dp},zero=1", engine="deepspeed", progress=False)
-    seen = _records(_job(tp * dp, tmp_path / "load", "--tp", str(tp), "--load", str(out), "--steps", "0"))
+    ucp.reshard(str(src), str(out), topology=f"tp={tp},dp={dp},zero={zero}", engine="deepspeed", progress=False)
+    seen = _records(_job(tp * dp, tmp_path / "load", "--tp", str(tp), "--stage", str(zero), "--load", str(out),
+                      "--steps", "0"))
     maps = _affine(autotp_saved(tp)[0]) if src_tp < tp else None
     for rank, got in enumerate(seen):
         want = truth[rank % tp] if src_tp >= tp else _cut(truth[0], maps, rank % tp)
