@@ -62,7 +62,7 @@ def test_each_tp_rank_holds_its_shard(tmp_path, tp, dp):
                                     for g in LLAMA]
     fake = _fake(tmp_path, groups)
     out = tmp_path / "out"
-    ucp.reshard(str(fake.root), str(out), topology=f"tp={tp},dp={dp},zero={zero}", engine="deepspeed", progress=False)
+    ucp.reshard(str(fake.root), str(out), topology=f"tp={tp},dp={dp},zero=1", engine="deepspeed", progress=False)
     tag = out / (out / "latest").read_text()
     for t in range(tp):
         model = torch.load(tag / f"mp_rank_{t:02d}_model_states.pt", weights_only=True)
