@@ -58,7 +58,7 @@ def test_each_tp_rank_holds_its_shard(tmp_path, tp, dp):
     shards' fp32 masters and moments, in the optimizer's order."""
     import ucp
 
-    groups = LLAMA if tp == 2 else [[(n, s) for n, s in g if "k_proj" not in n and "q_proj" not in n]
+    groups = LLAMA if tp == 2 else [[(n, s) for n, s in g if not re.search(r"[qko]_proj", n)]
                                     for g in LLAMA]
     fake = _fake(tmp_path, groups)
     out = tmp_path / "out"
@@ -96,7 +96,7 @@ def test_each_tp_rank_holds_its_shard(tmp_path, tp, dp):
 @pytest.mark.parametrize("groups, topology, words", [
     (None, "tp=2,dp=1,zero=3", "zero=1 or 2"),
     (None, "tp=2,pp=2,dp=1,zero=1", "zero=1 or 2 and pp=1"),
-    (None, "tp=3,dp=1,zero=1", "'model.layers.0.self_attn.q_proj.weight' has 8 rows, not a multiple of tp=3"),
+    (None, "tp=3,dp=1,zero=1", "'model.layers.0.self_attn.q_proj.weight' has 8 along dim 0, not a multiple of tp=3"),
     ([[("model.layers.0.mlp.fc.weight", (4, 4))]], "tp=2,dp=1,zero=1", "'model.layers.0.mlp.fc.weight'"),
     ([[(L0 + "self_attn.o_proj.bias", (4,))]], "tp=2,dp=1,zero=1", "'model.layers.0.self_attn.o_proj.bias' is a bias"),
     ([[("lm_head.weight", (1, 4))]], "tp=2,dp=1,zero=1", "'lm_head.weight' has 1 along dim 0, fewer than tp=2"),
@@ -112,10 +112,10 @@ def test_refuses_what_it_cannot_place_before_writing(tmp_path, groups, topology,
 
 # --- slow: stock AutoTP DeepSpeed jobs save and load ------------------------------------------------
 
-def _job(ranks: int, out: Path, *args: str) -> Path:
+def _job(ranks: int, out: Path, *args: str, heads: tuple[int, int] = (4, 2)) -> Path:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr",
            "127.0.0.1", "--master_port", str(_engines.free_port()), str(TRAIN), str(out), "--mode", "autotp",
-           "--heads", "4", "--kv-heads", "2", "--scheduler", *args]
+           "--heads", str(heads[0]), "--kv-heads", str(heads[1]), "--scheduler", *args]
     run_command(cmd, what=f"AutoTP DeepSpeed job on {ranks} ranks", timeout=scaled_timeout(300))
     return out.with_name(out.name + ".gathered")
 
@@ -127,16 +127,16 @@ def _records(gathered: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def autotp_saved(tmp_path_factory):
-    """``tp -> (save dir, per-rank records)`` of a real AutoTP job on tp ranks (dp=1), made once."""
+    """``(tp, heads) -> (save dir, per-rank records)`` of a real AutoTP job on tp ranks (dp=1), made once."""
     pytest.importorskip("deepspeed", reason="install DeepSpeed 0.19.8 to run the real-engine tests")
     pytest.importorskip("transformers", reason="AutoTP shards a transformers Llama")
     cache = {}
 
-    def get(tp: int):
-        if tp not in cache:
-            out = tmp_path_factory.mktemp(f"autotp-tp{tp}") / "ckpt"
-            cache[tp] = out, _records(_job(tp, out, "--tp", str(tp)))
-        return cache[tp]
+    def get(tp: int, heads: tuple[int, int] = (4, 2)):
+        if (tp, heads) not in cache:
+            out = tmp_path_factory.mktemp(f"autotp-tp{tp}-h{heads[0]}-{heads[1]}") / "ckpt"
+            cache[tp, heads] = out, _records(_job(tp, out, "--tp", str(tp), heads=heads))
+        return cache[tp, heads]
 
     return get
 
@@ -213,3 +213,24 @@ def test_stock_autotp_job_loads_what_ucp_wrote(autotp_saved, tmp_path, src_tp, t
     for rank, got in enumerate(seen):
         want = truth[rank % tp] if src_tp >= tp else _cut(truth[0], maps, rank % tp)
         _assert_same(want, got, f"rank {rank}")
+
+
+@pytest.mark.slow
+def test_uneven_kv_heads_follow_the_sources_split(autotp_saved, tmp_path):
+    """6 heads, 3 kv heads at tp=2: DeepSpeed gives tp rank 0 two kv heads and rank 1 one. ucp reads the
+    head count off the source's shards, writes tp=2 x dp=2 by the same rule, and a stock job loads it
+    bit for bit; tp=4 (more ranks than kv heads) is refused before writing, naming the parameter."""
+    import ucp
+
+    src, truth = autotp_saved(2, (6, 3))
+    with pytest.raises(ucp.TopologyError, match=r"attention parameter 'model\.layers\.0\.self_attn\.q_proj\.weight' "
+                                                 r"is cut by the source's 3 kv heads, fewer than tp=4"):
+        ucp.reshard(str(src), str(tmp_path / "tp4"), topology="tp=4,dp=1,zero=1", engine="deepspeed", progress=False)
+    assert not (tmp_path / "tp4").exists()
+    out = tmp_path / "ds"
+    ucp.reshard(str(src), str(out), topology="tp=2,dp=2,zero=1", engine="deepspeed", progress=False)
+    shard = torch.load(out / "global_step3" / "mp_rank_01_model_states.pt", weights_only=True)["module"]
+    assert shard["model.layers.0.self_attn.k_proj.weight"].shape[0] == 4  # one kv head of 4 rows
+    seen = _records(_job(4, tmp_path / "load", "--tp", "2", "--load", str(out), "--steps", "0", heads=(6, 3)))
+    for rank, got in enumerate(seen):
+        _assert_same(truth[rank % 2], got, f"rank {rank}")

@@ -19,13 +19,16 @@ DeepSpeed, for Llama-style decoder names:
 
 - ``q_proj`` / ``k_proj`` / ``v_proj`` / ``gate_proj`` / ``up_proj`` / ``lm_head`` weights are
   column-parallel (``LinearLayer``): cut along dim 0;
-- ``o_proj`` / ``down_proj`` weights are row-parallel (``LinearAllreduce``): cut along dim 1;
+- ``o_proj`` / ``down_proj`` weights are row-parallel (``LinearAllreduce``): cut along dim 1
+  (``o_proj`` by kv heads, like q/k/v);
 - ``embed_tokens`` and every ``*norm.weight`` are replicated whole on each tp rank.
 
 MLP and ``lm_head`` rows are shared out near-evenly (``tp_grain_size`` 1: the first
 ``rows % tp`` ranks get one more). Attention projections are cut by kv heads, which a checkpoint
-does not record: ucp writes them only when their rows divide evenly by tp, and the loading model's
-``num_key_value_heads`` must be a multiple of tp (uneven GQA heads are not written). Biases of sliced
+does not record: from an AutoTP source whose kv heads were split unevenly, the head count follows
+from its shards and they are cut by DeepSpeed's rule (``kv // tp`` heads, one more on the first
+``kv % tp`` ranks); otherwise ucp writes them only when their rows divide evenly by tp, and the
+loading model's ``num_key_value_heads`` must be a multiple of tp. Biases of sliced
 modules (a row-parallel bias is stored divided by tp), fused qkv, any other parameter name, pipeline
 stages and ZeRO-3 are refused before any byte is written, naming the parameter and the
 constraint. ``verify`` checks the replicated parameters only (a shard has no recorded fingerprint).
@@ -64,7 +67,29 @@ def tp_model_file(tp_rank: int) -> str:
     return f"mp_rank_{tp_rank:02d}_model_states.pt"
 
 
-def _cut(name: str, shape: tuple[int, ...], tp: int) -> tuple[int, list[int]] | None:
+def _kv_heads(source: ArraySource) -> int | None:
+    """The kv head count an AutoTP source reveals by its uneven attention split, else None.
+
+    DeepSpeed gives tp rank r ``kv // tp + (r < kv % tp)`` kv heads of a ``k_proj``; when the
+    recorded shards differ, the difference is one head's rows, so ``kv = rows / (max - min)``
+    (checked by recomputing every recorded shard)."""
+    derived = getattr(getattr(source, "source", None), "_derived", None)  # DeepSpeedSource's MpLayout
+    maps = getattr(derived, "maps", None) or {}
+    for name, amap in maps.items():
+        if not name.endswith("k_proj.weight") or len(amap.shape) != 2:
+            continue
+        rows = [amap.shards[r][0] for r in sorted(amap.shards)]
+        if max(rows) == min(rows):
+            return None
+        head = max(rows) - min(rows)
+        kv, tp = amap.shape[0] // head, len(rows)
+        if kv * head == amap.shape[0] and rows == [head * (kv // tp + (r < kv % tp)) for r in range(tp)]:
+            return kv
+        return None
+    return None
+
+
+def _cut(name: str, shape: tuple[int, ...], tp: int, kv: int | None = None) -> tuple[int, list[int]] | None:
     """``(dim, rows per tp rank)`` for a sliced parameter, None for a replicated one.
 
     Raises:
@@ -79,10 +104,16 @@ def _cut(name: str, shape: tuple[int, ...], tp: int) -> tuple[int, list[int]] | 
                             "lm_head weights, embed_tokens and *norm weights replicated); reshard it at tp=1")
     dim = 0 if column else 1
     total = shape[dim]
-    if column and column[2] in _ATTENTION:
+    if (column and column[2] in _ATTENTION) or (row and row[2] == "o_proj"):
+        if kv is not None and total % kv == 0 and kv >= tp:  # DeepSpeed's get_shard_size by kv heads
+            return dim, [total * (kv // tp + (1 if r < kv % tp else 0)) // kv for r in range(tp)]
+        if kv is not None:
+            raise TopologyError(f"engine='deepspeed' with tp={tp}: attention parameter {name!r} is cut by the "
+                                f"source's {kv} kv heads, fewer than tp={tp} or not dividing its {total} rows; "
+                                "use a tp of at most the kv head count")
         if total % tp:
-            raise TopologyError(f"engine='deepspeed' with tp={tp}: attention parameter {name!r} has {total} rows, "
-                                f"not a multiple of tp={tp}; DeepSpeed cuts it by kv heads, and uneven head "
+            raise TopologyError(f"engine='deepspeed' with tp={tp}: attention parameter {name!r} has {total} along dim "
+                                f"{dim}, not a multiple of tp={tp}; DeepSpeed cuts it by kv heads, and uneven head "
                                 "splits are not written: pick a tp that divides num_key_value_heads")
         return dim, [total // tp] * tp
     if total < tp:
@@ -93,14 +124,14 @@ def _cut(name: str, shape: tuple[int, ...], tp: int) -> tuple[int, list[int]] | 
 
 def tp_plan(source: ArraySource, tp: int) -> dict[str, tuple[int, list[int]]]:
     """Every sliced parameter's ``(dim, rows per tp rank)``; refuses what it cannot place."""
-    plan = {}
+    plan, kv = {}, _kv_heads(source)
     for name in source.names():
         info = source.info(name)
         if name.endswith(".bias") and _REPLICATED.fullmatch(name) is None:
             raise TopologyError(f"engine='deepspeed' with tp={tp}: parameter {name!r} is a bias; DeepSpeed's "
                                 "AutoTP stores a row-parallel bias divided by tp and ucp does not write tp "
                                 "biases yet: reshard at tp=1")
-        cut = _cut(name, tuple(info.shape), tp)
+        cut = _cut(name, tuple(info.shape), tp, kv)
         if cut is not None:
             plan[name] = cut
     for name in source.buffer_names():
