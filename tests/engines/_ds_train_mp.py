@@ -101,7 +101,7 @@ class MoeNet(nn.Module):
 def config(args) -> dict:
     cfg = {"train_micro_batch_size_per_gpu": BATCH, "gradient_accumulation_steps": 1,
            "steps_per_print": 1_000_000, "zero_allow_untested_optimizer": True, "bf16": {"enabled": True},
-           "zero_optimization": {"stage": args.stage or (2 if args.mode == "moe" else 1)}}
+           "zero_optimization": {"stage": args.zero or (2 if args.mode == "moe" else 1)}}
     if args.mode == "autotp":
         cfg["tensor_parallel"] = {"autotp_size": args.tp}
     if args.data_before_expert:
@@ -123,7 +123,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--experts", type=int, default=4)
     p.add_argument("--ep", type=int, default=2)
     p.add_argument("--data-before-expert", action="store_true", help="DeepSpeed's D + E rank order")
-    p.add_argument("--stage", type=int, help="ZeRO stage (default: 2 for moe, else 1)")
+    p.add_argument("--zero", type=int, help="ZeRO stage (default: 2 for moe, else 1)")
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--seed", type=int, default=1234)

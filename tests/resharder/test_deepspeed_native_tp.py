@@ -207,7 +207,7 @@ def test_stock_autotp_job_loads_what_ucp_wrote(autotp_saved, tmp_path, src_tp, t
         src = tmp_path / "u"
     out = tmp_path / "ds"
     ucp.reshard(str(src), str(out), topology=f"tp={tp},dp={dp},zero={zero}", engine="deepspeed", progress=False)
-    seen = _records(_job(tp * dp, tmp_path / "load", "--tp", str(tp), "--stage", str(zero), "--load", str(out),
+    seen = _records(_job(tp * dp, tmp_path / "load", "--tp", str(tp), "--zero", str(zero), "--load", str(out),
                       "--steps", "0"))
     maps = _affine(autotp_saved(tp)[0]) if src_tp < tp else None
     for rank, got in enumerate(seen):

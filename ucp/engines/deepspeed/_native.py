@@ -106,8 +106,8 @@ def check_topology(topology: Topology) -> None:
     others = {ax: getattr(topology, ax) for ax in ("ep", "sp") if getattr(topology, ax, 1) != 1}
     if others:
         raise TopologyError(f"engine='deepspeed' writes DeepSpeed's native data-parallel, AutoTP and pipeline "
-                            f"ZeRO files, but the target topology {topology} has {others}; use ep=sp=1 (expert "
-                            "parallel DeepSpeed layouts are not written yet)")
+                            f"ZeRO files, but the target topology {topology} has {others}; use ep=sp=1 (ep needs "
+                            "a MoE source)")
     if topology.zero not in (1, 2, 3):
         raise TopologyError(f"engine='deepspeed' writes ZeRO stage 1, 2 or 3 files (the target is {topology}, "
                             f"zero={topology.zero}); use zero=1, 2 or 3 (without ZeRO, DeepSpeed saves the "
@@ -195,6 +195,11 @@ class DeepSpeedNativeTarget:
         records for it (states stored in another dtype, sources without recorded fingerprints, and
         parameters whose partitions other processes of a torchrun job write are not checked)."""
         start = time.perf_counter()
+        from ._native_moe import moe_source, write_moe
+
+        if topology.ep != 1 or moe_source(source):  # MoE experts: expert files, expert groups
+            return write_moe(self.name, source, dst, topology=topology, step=step, overwrite=overwrite,
+                             storage_options=storage_options, verify=verify)
         check_topology(topology)  # before any I/O
         if alignment != ALIGN_FACTOR:
             raise TopologyError(f"alignment={alignment}: DeepSpeed ZeRO-1/2 pads flat groups to "
@@ -275,14 +280,18 @@ def _step_of(source: ArraySource, name: str, step: int) -> float:
 
 def _rank_optimizer(source: ArraySource, groups: list[list[str]], states: tuple[str, ...],
                     hyper: list[dict[str, Any]], dp: int, rank: int, stage: int,
-                    step: int, check: "_Checker | None") -> tuple[dict[str, Any], ReadStats]:
+                    step: int, check: "_Checker | None",
+                    split: list[tuple[int, int]] | None = None) -> tuple[dict[str, Any], ReadStats]:
     """dp rank ``rank``'s ``optimizer_state_dict`` (what ``DeepSpeedZeroOptimizer.state_dict`` gives);
-    ``check`` is handed every parameter's slice of each flat tensor built."""
+    ``check`` is handed every parameter's slice of each flat tensor built. ``split``: per group,
+    (partition count, this rank's index among them) when a group is not cut over all ``dp`` ranks
+    (MoE expert groups, see ``_native_moe``)."""
     t0, nbytes, reads = time.perf_counter(), 0, 0
     fp32_parts, group_pads, base_state = [], [], {}
+    split = split or [(dp, rank)] * len(groups)
     for g, names in enumerate(groups):
         shapes = [tuple(source.info(n).shape) for n in names]
-        part = group_partition([math.prod(s) for s in shapes], dp, rank, ALIGN_FACTOR)
+        part = group_partition([math.prod(s) for s in shapes], *split[g], ALIGN_FACTOR)
         flats = {s: torch.zeros(part.partition_numel, dtype=torch.float32) for s in ("fp32", *states)}
         for i, lo, hi in part.overlaps():
             name, info = names[i], source.info(names[i])
@@ -312,7 +321,7 @@ def _rank_optimizer(source: ArraySource, groups: list[list[str]], states: tuple[
         "zero_stage": stage,
         "group_paddings": group_pads,
         "param_alignment_paddings": [[0] * len(names) for names in groups],
-        "partition_count": [dp] * len(groups),
+        "partition_count": [count for count, _ in split],
         "ds_version": DS_FORMAT_VERSION,
     }
     return osd, ReadStats(nbytes, nbytes, 0, reads, time.perf_counter() - t0)
