@@ -24,14 +24,20 @@ from ucp.testing import run_command, scaled_timeout
 HERE = Path(__file__).resolve().parent
 TRAIN = HERE.parent / "engines" / "_ds_train_mp.py"
 
-if __name__ != "__main__":  # the fake-checkpoint writer lives with the engine readers' tests
+
+def _engines_conftest():
+    """tests/engines/conftest.py (the fake-checkpoint writer, free_port), under a name of its own."""
     import importlib.util
 
-    _spec = importlib.util.spec_from_file_location("ucp_tests_engines_conftest_native_tp", HERE.parent / "engines"
-                                                   / "conftest.py")
-    _engines = importlib.util.module_from_spec(_spec)
-    sys.modules[_spec.name] = _engines
-    _spec.loader.exec_module(_engines)
+    name = "ucp_tests_engines_conftest_native_tp"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, HERE.parent / "engines" / "conftest.py")
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
+_engines = _engines_conftest()
 
 L0 = "model.layers.0."
 LLAMA = [[("model.embed_tokens.weight", (10, 4)), (L0 + "self_attn.q_proj.weight", (8, 4)),
