@@ -30,8 +30,8 @@ past DeepSpeed's default ``sub_group_size``.
 The files are DeepSpeed's pickled format, not ucp's; they hold only tensors, dicts, lists, numbers,
 strings and ``torch.Size``, and for ZeRO-3 DeepSpeed's static ``LossScaler`` (its loader requires
 one), named in the pickle without importing DeepSpeed. A PipelineModule (pp > 1, or a pipeline source)
-is written by ``_native_pipe``, tp > 1 (AutoTP) by ``_native_tp``. Expert parallelism, ZeRO-0
-and fp16 under ZeRO-3 are refused before any byte is written. The loading job must use DeepSpeed's
+is written by ``_native_pipe``, tp > 1 (AutoTP) by ``_native_tp``, a MoE model by ``_native_moe``.
+ZeRO-0 and fp16 under ZeRO-3 are refused before any byte is written. The loading job must use DeepSpeed's
 defaults for ``parameter_alignment``, ``round_robin_gradients`` and ``sub_group_size``, and ZeRO-1
 with bf16 must not ask for fp32 gradient accumulation (DeepSpeed then uses its BF16_Optimizer,
 whose files differ).
