@@ -171,7 +171,7 @@ def test_zero3_refuses_fp16(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("topology, words", [
-    ("dp=2,tp=2,zero=1", "'tp': 2"), ("dp=2,pp=2,zero=1", "pp=2 writes a PipelineModule"), ("dp=2,zero=0", "zero=0"),
+    ("dp=2,tp=2,zero=1", "'a.weight'"), ("dp=2,pp=2,zero=1", "pp=2 writes a PipelineModule"), ("dp=2,zero=0", "zero=0"),
     ("dp=2,ep=2,zero=2", "holds no DeepSpeed MoE expert parameters")])
 def test_refuses_what_it_cannot_write_before_writing(tmp_path, topology, words):
     import ucp

@@ -135,7 +135,7 @@ def _read_back_equal(src: Path, out: Path) -> None:
 @pytest.mark.parametrize("topology, words", [
     ("pp=3,dp=1,zero=1", "saved with pp=2, and which stage a layer goes to at another pp"),
     ("pp=2,dp=1,zero=2", "ZeRO stage 0 or 1 only"),
-    ("pp=2,dp=1,tp=2,zero=1", "'tp': 2"),
+    ("pp=2,dp=1,tp=2,zero=1", "zero=1 or 2 and pp=1"),
 ])
 def test_refuses_what_a_pipeline_source_cannot_give(pipe_saved, tmp_path, topology, words):
     import ucp

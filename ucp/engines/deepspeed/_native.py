@@ -30,8 +30,8 @@ past DeepSpeed's default ``sub_group_size``.
 The files are DeepSpeed's pickled format, not ucp's; they hold only tensors, dicts, lists, numbers,
 strings and ``torch.Size``, and for ZeRO-3 DeepSpeed's static ``LossScaler`` (its loader requires
 one), named in the pickle without importing DeepSpeed. A PipelineModule (pp > 1, or a pipeline source)
-is written by ``_native_pipe``. Tensor/expert parallelism, ZeRO-0
-and fp16 under ZeRO-3 are refused before any byte is written. The loading job must use DeepSpeed's
+is written by ``_native_pipe``, tp > 1 (AutoTP) by ``_native_tp``, a MoE model by ``_native_moe``.
+ZeRO-0 and fp16 under ZeRO-3 are refused before any byte is written. The loading job must use DeepSpeed's
 defaults for ``parameter_alignment``, ``round_robin_gradients`` and ``sub_group_size``, and ZeRO-1
 with bf16 must not ask for fp32 gradient accumulation (DeepSpeed then uses its BF16_Optimizer,
 whose files differ).
@@ -103,11 +103,11 @@ def check_topology(topology: Topology) -> None:
     Raises:
         TopologyError: names the axis or stage and what to use instead.
     """
-    others = {ax: getattr(topology, ax) for ax in ("tp", "ep", "sp") if getattr(topology, ax, 1) != 1}
+    others = {ax: getattr(topology, ax) for ax in ("ep", "sp") if getattr(topology, ax, 1) != 1}
     if others:
-        raise TopologyError(f"engine='deepspeed' writes DeepSpeed's native data-parallel and pipeline ZeRO "
-                            f"files, but the target topology {topology} has {others}; use tp=ep=sp=1 (tensor "
-                            "parallel DeepSpeed layouts are not written yet; ep needs a MoE source)")
+        raise TopologyError(f"engine='deepspeed' writes DeepSpeed's native data-parallel, AutoTP and pipeline "
+                            f"ZeRO files, but the target topology {topology} has {others}; use ep=sp=1 (ep needs "
+                            "a MoE source)")
     if topology.zero not in (1, 2, 3):
         raise TopologyError(f"engine='deepspeed' writes ZeRO stage 1, 2 or 3 files (the target is {topology}, "
                             f"zero={topology.zero}); use zero=1, 2 or 3 (without ZeRO, DeepSpeed saves the "
@@ -206,6 +206,11 @@ class DeepSpeedNativeTarget:
                                 f"{ALIGN_FACTOR} x dp elements; leave --alignment unset")
         from ._native_pipe import pipe_checkpoint, write_pipe
 
+        if topology.tp != 1:  # AutoTP: per-tp-rank model files of shards
+            from ._native_tp import write_tp
+
+            return write_tp(self.name, source, dst, topology=topology, step=step, overwrite=overwrite,
+                            storage_options=storage_options, verify=verify)
         if topology.pp != 1 or pipe_checkpoint(source) is not None:  # a PipelineModule: per-layer files
             return write_pipe(self.name, source, dst, topology=topology, step=step, overwrite=overwrite,
                               storage_options=storage_options, verify=verify)

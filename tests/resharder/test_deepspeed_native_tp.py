@@ -1,0 +1,242 @@
+"""``ucp.reshard(..., topology="tp=T,dp=N,zero=K", engine="deepspeed")``: DeepSpeed's native AutoTP files.
+
+The slow tests save a real AutoTP DeepSpeed job (a tiny transformers Llama, ``tests/engines/_ds_train_mp.py``)
+and record what DeepSpeed itself gathers per parameter; ucp writes the checkpoint for another tp/dp; a
+stock AutoTP job of that size loads ucp's files with plain ``engine.load_checkpoint`` (the same script,
+``--load``: no ucp import) and must hold, on each rank, bit for bit what the source job held for that
+rank's shard: fp32 masters, Adam moments, weights, the frozen norm, step and LR scheduler state. Shards
+of a tp the source did not run at are cut from its full tensors by DeepSpeed's own affine maps
+(``ParamAffineMap.extract``, recorded by a real AutoTP job at that tp), not by ucp's rules.
+The fast tests check the files against the cutting rules and the refusals, without DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ucp.testing import run_command, scaled_timeout
+
+HERE = Path(__file__).resolve().parent
+TRAIN = HERE.parent / "engines" / "_ds_train_mp.py"
+
+
+def _engines_conftest():
+    """tests/engines/conftest.py (the fake-checkpoint writer, free_port), under a name of its own."""
+    import importlib.util
+
+    name = "ucp_tests_engines_conftest_native_tp"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, HERE.parent / "engines" / "conftest.py")
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
+_engines = _engines_conftest()
+
+L0 = "model.layers.0."
+LLAMA = [[("model.embed_tokens.weight", (10, 4)), (L0 + "self_attn.q_proj.weight", (8, 4)),
+          (L0 + "self_attn.k_proj.weight", (4, 4)), (L0 + "self_attn.o_proj.weight", (4, 8)),
+          (L0 + "mlp.gate_proj.weight", (5, 4)), (L0 + "mlp.down_proj.weight", (4, 5)), ("lm_head.weight", (7, 4))],
+         [(L0 + "input_layernorm.weight", (4,))]]
+
+
+def _fake(tmp_path, groups=LLAMA):
+    return _engines.write_fake_zero(tmp_path / "ds", stage=1, dp=1, groups=groups,
+                                    frozen=[("model.norm.weight", (4,))])
+
+
+def _rows(total: int, tp: int) -> list[int]:
+    return [total // tp + (1 if r < total % tp else 0) for r in range(tp)]
+
+
+# --- fast: the files, without DeepSpeed ------------------------------------------------------------
+
+@pytest.mark.parametrize("tp, dp", [(2, 1), (2, 3), (3, 2)])
+def test_each_tp_rank_holds_its_shard(tmp_path, tp, dp):
+    """Column weights cut along dim 0, row weights along dim 1 (near-evenly: the first ranks get one
+    more), embeddings and norms whole; each tp rank's dp partitions put back together are its
+    shards' fp32 masters and moments, in the optimizer's order."""
+    import ucp
+
+    groups = LLAMA if tp == 2 else [[(n, s) for n, s in g if not re.search(r"[qko]_proj", n)]
+                                    for g in LLAMA]
+    fake = _fake(tmp_path, groups)
+    out = tmp_path / "out"
+    ucp.reshard(str(fake.root), str(out), topology=f"tp={tp},dp={dp},zero=1", engine="deepspeed", progress=False)
+    tag = out / (out / "latest").read_text()
+    for t in range(tp):
+        model = torch.load(tag / f"mp_rank_{t:02d}_model_states.pt", weights_only=True)
+        assert model["mp_world_size"] == tp and model["checkpoint_parallel_dimensions"]["tp_degree"] == tp
+
+        def shard(name, state):
+            full = fake.expected[name][state]
+            module = name.rsplit(".", 2)[-2]
+            dim = 0 if module in ("q_proj", "k_proj", "gate_proj", "lm_head") else None
+            dim = 1 if module in ("o_proj", "down_proj") else dim
+            if dim is None:
+                return full
+            sizes = _rows(full.shape[dim], tp)
+            return full.narrow(dim, sum(sizes[:t]), sizes[t])
+
+        for name in fake.expected:
+            assert torch.equal(model["module"][name], shard(name, "param")), (t, name)
+        osds = [torch.load(tag / f"bf16_zero_pp_rank_{r}_mp_rank_{t:02d}_optim_states.pt",
+                           weights_only=True)["optimizer_state_dict"] for r in range(dp)]
+        for g, names in enumerate(fake.groups):
+            want = {s: torch.cat([shard(n, s).reshape(-1) for n in names]) for s in ("fp32", "exp_avg", "exp_avg_sq")}
+            fp32 = torch.cat([o["single_partition_of_fp32_groups"][g] for o in osds])
+            assert torch.equal(fp32[:want["fp32"].numel()], want["fp32"]), (t, g)
+            for s in ("exp_avg", "exp_avg_sq"):
+                got = torch.cat([o["base_optimizer_state"]["state"][g][s] for o in osds])
+                assert torch.equal(got[:want[s].numel()], want[s]) and not got[want[s].numel():].any(), (t, g, s)
+            assert [list(v) for v in model["param_shapes"][g].values()] == [list(shard(n, "param").shape)
+                                                                           for n in names]
+
+
+@pytest.mark.parametrize("groups, topology, words", [
+    (None, "tp=2,dp=1,zero=3", "zero=1 or 2"),
+    (None, "tp=2,pp=2,dp=1,zero=1", "zero=1 or 2 and pp=1"),
+    (None, "tp=3,dp=1,zero=1", "'model.layers.0.self_attn.q_proj.weight' has 8 along dim 0, not a multiple of tp=3"),
+    ([[("model.layers.0.mlp.fc.weight", (4, 4))]], "tp=2,dp=1,zero=1", "'model.layers.0.mlp.fc.weight'"),
+    ([[(L0 + "self_attn.o_proj.bias", (4,))]], "tp=2,dp=1,zero=1", "'model.layers.0.self_attn.o_proj.bias' is a bias"),
+    ([[("lm_head.weight", (1, 4))]], "tp=2,dp=1,zero=1", "'lm_head.weight' has 1 along dim 0, fewer than tp=2"),
+])
+def test_refuses_what_it_cannot_place_before_writing(tmp_path, groups, topology, words):
+    import ucp
+
+    fake = _fake(tmp_path, groups or LLAMA)
+    with pytest.raises(ucp.TopologyError, match=re.escape(words)):
+        ucp.reshard(str(fake.root), str(tmp_path / "out"), topology=topology, engine="deepspeed", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+# --- slow: stock AutoTP DeepSpeed jobs save and load ------------------------------------------------
+
+def _job(ranks: int, out: Path, *args: str, heads: tuple[int, int] = (4, 2)) -> Path:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr",
+           "127.0.0.1", "--master_port", str(_engines.free_port()), str(TRAIN), str(out), "--mode", "autotp",
+           "--heads", str(heads[0]), "--kv-heads", str(heads[1]), "--scheduler", *args]
+    run_command(cmd, what=f"AutoTP DeepSpeed job on {ranks} ranks", timeout=scaled_timeout(300))
+    return out.with_name(out.name + ".gathered")
+
+
+def _records(gathered: Path) -> list[dict]:
+    return [torch.load(gathered / f"rank-{r}.pt", weights_only=True)
+            for r in range(len(list(gathered.glob("rank-*.pt"))))]
+
+
+@pytest.fixture(scope="module")
+def autotp_saved(tmp_path_factory):
+    """``(tp, heads) -> (save dir, per-rank records)`` of a real AutoTP job on tp ranks (dp=1), made once."""
+    pytest.importorskip("deepspeed", reason="install DeepSpeed 0.19.8 to run the real-engine tests")
+    pytest.importorskip("transformers", reason="AutoTP shards a transformers Llama")
+    cache = {}
+
+    def get(tp: int, heads: tuple[int, int] = (4, 2)):
+        if (tp, heads) not in cache:
+            out = tmp_path_factory.mktemp(f"autotp-tp{tp}-h{heads[0]}-{heads[1]}") / "ckpt"
+            cache[tp, heads] = out, _records(_job(tp, out, "--tp", str(tp), heads=heads))
+        return cache[tp, heads]
+
+    return get
+
+
+def _affine(src: Path) -> dict:
+    """DeepSpeed's own affine maps, as a real AutoTP job at that tp recorded them."""
+    from deepspeed.checkpoint.affine import ParamAffineMap
+
+    tag = (src / "latest").read_text().strip()
+    info = torch.load(src / tag / "mp_rank_00_model_states.pt", weights_only=True)["universal_checkpoint_info"]
+    return {re.sub(r"\\(.)", r"\1", p.strip("^$")): ParamAffineMap.from_dict(e)
+            for p, e in info["affine_map"]["params"].items()}
+
+
+def _cut(record: dict, maps: dict | None, tp_rank: int) -> dict:
+    """A full-model record cut to tp rank ``tp_rank``'s shards by DeepSpeed's maps (None: as is)."""
+    if maps is None:
+        return record
+
+    def cut(name, t):
+        return maps[name].extract(t, tp_rank).contiguous() if name in maps else t
+
+    return {**record, "params": {n: {s: cut(n, v) for s, v in st.items()} for n, st in record["params"].items()},
+            "frozen": {n: cut(n, v) for n, v in record["frozen"].items()}}
+
+
+def _join(records: list[dict], maps: dict) -> dict:
+    """Per-tp-rank records joined into full tensors by DeepSpeed's maps (``rebuild``)."""
+
+    def join(name, pick):
+        if name not in maps:
+            return pick(records[0])
+        return maps[name].rebuild({r: pick(rec) for r, rec in enumerate(records)})
+
+    first = records[0]
+    return {**first, "params": {n: {s: join(n, lambda rec: rec["params"][n][s]) for s in st}
+                                for n, st in first["params"].items()},
+            "frozen": {n: join(n, lambda rec: rec["frozen"][n]) for n in first["frozen"]}}
+
+
+def _assert_same(want, got, where=""):
+    if isinstance(want, dict):
+        assert set(want) == set(got), (where, set(want) ^ set(got))
+        for k in want:
+            _assert_same(want[k], got[k], f"{where}.{k}")
+    elif isinstance(want, torch.Tensor):
+        assert want.dtype == got.dtype and want.shape == got.shape and torch.equal(want, got), where
+    else:
+        assert want == got, (where, want, got)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("src_tp, tp, dp, zero, via_universal", [
+    (2, 2, 2, 1, False), (1, 2, 2, 1, False), (2, 2, 2, 1, True), (2, 1, 2, 1, False), (2, 2, 2, 2, False)])
+def test_stock_autotp_job_loads_what_ucp_wrote(autotp_saved, tmp_path, src_tp, tp, dp, zero, via_universal):
+    """Saved by AutoTP at ``src_tp`` (dp=1, ZeRO-1), written by ucp for tp x dp at ``zero``, loaded by
+    a stock AutoTP job of tp x dp ranks: each rank holds what the source held for its shard (tp rank =
+    rank % tp); at tp=1 every rank holds the source's shards joined."""
+    import ucp
+
+    src, truth = autotp_saved(src_tp)
+    if src_tp > tp == 1:  # the plain job holds whole tensors: the source's shards joined
+        truth = [_join(truth, _affine(src))]
+    assert truth[0]["step"] == 3 and truth[0]["lr_scheduler"]["last_batch_iteration"] == 2
+    assert truth[0]["frozen"] and all("exp_avg" in s for s in truth[0]["params"].values())
+    if via_universal:
+        ucp.convert(str(src), str(tmp_path / "u"), progress=False)
+        src = tmp_path / "u"
+    out = tmp_path / "ds"
+    ucp.reshard(str(src), str(out), topology=f"tp={tp},dp={dp},zero={zero}", engine="deepspeed", progress=False)
+    seen = _records(_job(tp * dp, tmp_path / "load", "--tp", str(tp), "--zero", str(zero), "--load", str(out),
+                      "--steps", "0"))
+    maps = _affine(autotp_saved(tp)[0]) if src_tp < tp else None
+    for rank, got in enumerate(seen):
+        want = truth[rank % tp] if src_tp >= tp else _cut(truth[0], maps, rank % tp)
+        _assert_same(want, got, f"rank {rank}")
+
+
+@pytest.mark.slow
+def test_uneven_kv_heads_follow_the_sources_split(autotp_saved, tmp_path):
+    """6 heads, 3 kv heads at tp=2: DeepSpeed gives tp rank 0 two kv heads and rank 1 one. ucp reads the
+    head count off the source's shards, writes tp=2 x dp=2 by the same rule, and a stock job loads it
+    bit for bit; tp=4 (more ranks than kv heads) is refused before writing, naming the parameter."""
+    import ucp
+
+    src, truth = autotp_saved(2, (6, 3))
+    with pytest.raises(ucp.TopologyError, match=r"attention parameter 'model\.layers\.0\.self_attn\.q_proj\.weight' "
+                                                 r"is cut by the source's 3 kv heads, fewer than tp=4"):
+        ucp.reshard(str(src), str(tmp_path / "tp4"), topology="tp=4,dp=1,zero=1", engine="deepspeed", progress=False)
+    assert not (tmp_path / "tp4").exists()
+    out = tmp_path / "ds"
+    ucp.reshard(str(src), str(out), topology="tp=2,dp=2,zero=1", engine="deepspeed", progress=False)
+    shard = torch.load(out / "global_step3" / "mp_rank_01_model_states.pt", weights_only=True)["module"]
+    assert shard["model.layers.0.self_attn.k_proj.weight"].shape[0] == 4  # one kv head of 4 rows
+    seen = _records(_job(4, tmp_path / "load", "--tp", "2", "--load", str(out), "--steps", "0", heads=(6, 3)))
+    for rank, got in enumerate(seen):
+        _assert_same(truth[rank % 2], got, f"rank {rank}")
