@@ -31,7 +31,9 @@ def _faults(mode: str) -> int:
 
 def test_freed_blocks_are_reused_instead_of_faulted_in_again():
     plain, kept = _faults("plain"), _faults("keep")
-    assert plain > 5 * 40 * 1024 // 2  # 5 x 160 MiB of fresh 4 KiB pages (fewer with huge pages)
+    # 5 x 160 MiB of fresh pages: 204,800 faults of 4 KiB, fewer where the kernel backs some with
+    # transparent huge pages (81,835 seen in a CI run): the point is that they are refaulted at all
+    assert plain > 5 * 40 * 1024 // 8, plain
     assert kept < plain / 5, (plain, kept)
 
 
