@@ -143,3 +143,23 @@ def s3_ranks(rank, world, url, opts):
 def test_two_ranks_on_s3(run_ranks, s3_url):
     url, opts = s3_url
     assert [r.value for r in run_ranks(s3_ranks, 2, args=(url, opts))] == [True, True]
+
+
+def _rank_one_never_saves(rank, world, url):
+    if rank == 1:
+        return None  # gone before ucp's first save creates its coordination group
+    try:
+        ucp.save(_state(rank, 1), url, step=1, timeout=3.0).wait()
+    except ucp.SaveError as e:
+        return f"{type(e).__name__}: {e}"
+    return "saved"
+
+
+def test_a_rank_gone_before_the_first_save_is_a_save_error(run_ranks, tmp_path):
+    """A rank that dies before the first save (a SIGKILL during start-up on a loaded machine) left
+    the other with torch's bare ``RuntimeError: Wait timeout`` from creating the group."""
+    results = run_ranks(_rank_one_never_saves, 2, args=(str(tmp_path),), check=False, timeout=120)
+    msg = results[0].value
+    assert msg is not None, results[0].error
+    assert msg.startswith("CoordinationTimeoutError: creating ucp's coordination group") and "2 ranks" in msg
+    assert committed_steps(Storage(str(tmp_path))) == []

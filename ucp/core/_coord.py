@@ -116,7 +116,13 @@ def get_coordinator(timeout: float) -> Coordinator:
     with _LOCK:
         coord = _GROUPS.get(key)
         if coord is None:
-            group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout))
+            try:
+                group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout))
+            except RuntimeError as e:  # a rank died (or never got here) before the group existed
+                raise CoordinationTimeoutError(
+                    f"creating ucp's coordination group: not every one of the {dist.get_world_size()} "
+                    f"ranks joined within {timeout:.0f}s (one died, hung, or does not call ucp in the "
+                    f"same order). Cause: {str(e).splitlines()[0][:300]}") from e
             coord = Coordinator(group, dist.get_rank(), dist.get_world_size(), timeout,
                                 store=_default_store(dist))
             _GROUPS[key] = coord
