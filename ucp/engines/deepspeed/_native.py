@@ -81,6 +81,19 @@ def optim_file(dp_rank: int, bf16: bool, mp_rank: int = 0) -> str:
     return f"{'bf16_' if bf16 else ''}zero_pp_rank_{dp_rank}_mp_rank_{mp_rank:02d}_optim_states.pt"
 
 
+def start_tag(source: ArraySource, dst: str, step: int, overwrite: bool,
+              storage_options: Mapping[str, Any] | None, what: str) -> tuple[Any, Storage, str, Any]:
+    """What every DeepSpeed native writer does before its first byte: the source's LR scheduler
+    state, the destination and its tag, the coordination group; the tag cleared (see
+    :func:`clear_tag`) and every process past that point. Returns (scheduler, storage, tag, coord)."""
+    scheduler = (_extras(source).get("deepspeed") or {}).get("lr_scheduler")
+    storage, tag = Storage(dst, storage_options=storage_options), tag_for(step)
+    coord = get_coordinator(600.0)
+    clear_tag(storage, tag, dst, overwrite, coord)
+    coord.all_gather_json(None, what=f"starting to reshard for DeepSpeed{what}")
+    return scheduler, storage, tag, coord
+
+
 def clear_tag(storage: Storage, tag: str, dst: str, overwrite: bool, coord: Any) -> None:
     """Refuses an existing tag unless ``overwrite``; then (process 0) uncommits it and removes every
     model, layer and optimizer file in it, so none of another dp or stage stays beside the new ones."""
@@ -220,11 +233,7 @@ class DeepSpeedNativeTarget:
                                 "the dynamic loss scaler's state, which ucp does not carry; use zero=1/2 or "
                                 "a bf16/fp32 model")
         hyper = _hyper_groups(source)
-        scheduler = (_extras(source).get("deepspeed") or {}).get("lr_scheduler")
-        storage, tag = Storage(dst, storage_options=storage_options), tag_for(step)
-        coord = get_coordinator(600.0)
-        clear_tag(storage, tag, dst, overwrite, coord)
-        coord.all_gather_json(None, what="starting to reshard for DeepSpeed")
+        scheduler, storage, tag, coord = start_tag(source, dst, step, overwrite, storage_options, "")
         dp, bf16 = topology.dp, dtype == torch.bfloat16
         mine = list(range(dp))[coord.rank::coord.world_size]
         stats = ReadStats()

@@ -36,15 +36,14 @@ from typing import Any, Mapping
 
 import torch
 
-from ucp.core._coord import get_coordinator
 from ucp.core._errors import TopologyError
 from ucp.core._topology import Topology
 from ucp.resharder import ArraySource, ReadStats, ReshardReport
 from ucp.storage import Storage
 
-from ._native import (LATEST, _Checker, _extras, _hyper_groups, _model_state, _rank_optimizer, clear_tag,
-                      optim_file, plan_groups)
-from ._target import DS_FORMAT_VERSION, MODEL_FILE, _torch_bytes, tag_for
+from ._native import (LATEST, _Checker, _hyper_groups, _model_state, _rank_optimizer,
+                      optim_file, plan_groups, start_tag)
+from ._target import DS_FORMAT_VERSION, MODEL_FILE, _torch_bytes
 
 __all__ = ["moe_source", "write_moe", "expert_file"]
 
@@ -156,11 +155,7 @@ def write_moe(target: str, source: ArraySource, dst: str, *, topology: Topology,
     ep, dp = topology.ep, topology.dp
     hyper = [{**h, "name": f"ep_size_{ep}"} if moe[g] else h for g, h in enumerate(_hyper_groups(source))]
     per_rank = [_rank_groups(groups, moe, experts, ep, e) for e in range(ep)]
-    scheduler = (_extras(source).get("deepspeed") or {}).get("lr_scheduler")
-    storage, tag = Storage(dst, storage_options=storage_options), tag_for(step)
-    coord = get_coordinator(600.0)
-    clear_tag(storage, tag, dst, overwrite, coord)
-    coord.all_gather_json(None, what="starting to reshard for DeepSpeed")
+    scheduler, storage, tag, coord = start_tag(source, dst, step, overwrite, storage_options, " (MoE)")
     bf16 = dtype == torch.bfloat16
     mine = list(range(dp))[coord.rank::coord.world_size]
     stats = ReadStats()

@@ -30,17 +30,15 @@ from typing import Any, Mapping
 
 import torch
 
-from ucp.core._coord import get_coordinator
 from ucp.core._errors import TopologyError
 from ucp.core._topology import Topology
 from ucp.resharder import ArraySource, ReadStats, ReshardReport
-from ucp.storage import Storage
 
-from ._native import (LATEST, _Checker, _extras, _hyper_groups, _rank_optimizer, clear_tag, optim_file,
-                      plan_groups)
+from ._native import (LATEST, _Checker, _hyper_groups, _rank_optimizer, optim_file,
+                      plan_groups, start_tag)
 from ._pipe import _tied
 from ._reader import DeepSpeedCheckpoint
-from ._target import DS_FORMAT_VERSION, _torch_bytes, tag_for
+from ._target import DS_FORMAT_VERSION, _torch_bytes
 
 __all__ = ["pipe_checkpoint", "write_pipe", "layer_file", "stage_model_file"]
 
@@ -183,11 +181,7 @@ def write_pipe(name: str, source: ArraySource, dst: str, *, topology: Topology, 
     dtype = plans[0][1]
     layers = _layers(source, ckpt, dtype)  # reads weights only; refuses unplaceable names before writing
     hyper = _hyper_groups(source)
-    scheduler = (_extras(source).get("deepspeed") or {}).get("lr_scheduler")
-    storage, tag = Storage(dst, storage_options=storage_options), tag_for(step)
-    coord = get_coordinator(600.0)
-    clear_tag(storage, tag, dst, overwrite, coord)
-    coord.all_gather_json(None, what="starting to reshard for DeepSpeed (pipeline)")
+    scheduler, storage, tag, coord = start_tag(source, dst, step, overwrite, storage_options, " (pipeline)")
     dp, bf16 = topology.dp, dtype == torch.bfloat16
     jobs = [(s, r) for s in range(topology.pp) for r in range(dp)][coord.rank::coord.world_size]
     stats = ReadStats()

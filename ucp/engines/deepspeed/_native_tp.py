@@ -43,16 +43,14 @@ from typing import Any, Mapping
 
 import torch
 
-from ucp.core._coord import get_coordinator
 from ucp.core._errors import TopologyError
 from ucp.core._params import ParamInfo
 from ucp.core._topology import Topology
 from ucp.resharder import ArraySource, ReadStats, ReshardReport
-from ucp.storage import Storage
 
-from ._native import (LATEST, _Checker, _extras, _hyper_groups, _model_state, _rank_optimizer, clear_tag, optim_file,
-                      plan_groups)
-from ._target import DS_FORMAT_VERSION, _torch_bytes, tag_for
+from ._native import (LATEST, _Checker, _hyper_groups, _model_state, _rank_optimizer, optim_file,
+                      plan_groups, start_tag)
+from ._target import DS_FORMAT_VERSION, _torch_bytes
 
 __all__ = ["tp_plan", "write_tp", "tp_model_file"]
 
@@ -209,11 +207,7 @@ def write_tp(name: str, source: ArraySource, dst: str, *, topology: Topology, st
     views = [_TpView(source, plan, t) for t in range(tp)]
     groups, dtype, states = plan_groups(views[0])
     hyper = _hyper_groups(source)
-    scheduler = (_extras(source).get("deepspeed") or {}).get("lr_scheduler")
-    storage, tag = Storage(dst, storage_options=storage_options), tag_for(step)
-    coord = get_coordinator(600.0)
-    clear_tag(storage, tag, dst, overwrite, coord)
-    coord.all_gather_json(None, what="starting to reshard for DeepSpeed (AutoTP)")
+    scheduler, storage, tag, coord = start_tag(source, dst, step, overwrite, storage_options, " (AutoTP)")
     dp, bf16 = topology.dp, dtype == torch.bfloat16
     jobs = [(t, r) for t in range(tp) for r in range(dp)][coord.rank::coord.world_size]
     stats = ReadStats()
