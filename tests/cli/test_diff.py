@@ -53,12 +53,13 @@ def source(tmp_path_factory):
 
 
 def plant(monkeypatch, name: str, state: str, bug) -> None:
-    """Makes the conversion's writer apply ``bug`` to one parameter state."""
-    write = UniversalWriter.write
+    """Makes the conversion's writer apply ``bug`` to one parameter state (``write_later``: what
+    convert and ``write`` both call)."""
+    write = UniversalWriter.write_later
 
     def buggy(self, path, tensor, **kw):
         return write(self, path, bug(tensor) if path == f"params/{escape_name(name)}/{state}" else tensor, **kw)
-    monkeypatch.setattr(UniversalWriter, "write", buggy)
+    monkeypatch.setattr(UniversalWriter, "write_later", buggy)
 
 
 def run(*args: str, code: int = 0):

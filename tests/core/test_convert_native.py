@@ -114,7 +114,7 @@ def test_interrupted_conversion_never_looks_complete(tp_dp_checkpoint, monkeypat
     from ucp.native._source import NativeCheckpoint
 
     calls = {"n": 0}
-    cls, attr = (UniversalWriter, "write") if where == "write" else (NativeCheckpoint, "read")
+    cls, attr = (UniversalWriter, "write_later") if where == "write" else (NativeCheckpoint, "read")
     real = getattr(cls, attr)
 
     def failing(self, *args, **kwargs):

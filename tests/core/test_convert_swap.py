@@ -42,14 +42,14 @@ def test_overwrite_never_changes_a_hard_linked_snapshot(tmp_path):
 def test_overwrite_keeps_the_old_output_when_the_new_one_does_not_fit(tmp_path, monkeypatch):
     dst = tmp_path / "universal"
     ucp.convert(_native(tmp_path / "a", 1.0), str(dst))
-    real, calls = UniversalWriter.write, []
+    real, calls = UniversalWriter.write_later, []
 
     def disk_full(self, path, tensor, **kwargs):
         calls.append(path)
         if len(calls) == 2:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(self, path, tensor, **kwargs)
-    monkeypatch.setattr(UniversalWriter, "write", disk_full)
+    monkeypatch.setattr(UniversalWriter, "write_later", disk_full)
     with pytest.raises(OSError, match="No space left"):
         ucp.convert(_native(tmp_path / "b", 2.0), str(dst), overwrite=True)
     assert torch.equal(ucp.open(str(dst)).read("w", "param"), torch.full((64, 8), 1.0))

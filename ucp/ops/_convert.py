@@ -8,6 +8,7 @@ group metadata last, so an interrupted conversion never looks complete.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import logging
 import multiprocessing as mp
@@ -170,14 +171,20 @@ def _write_checked(writer: UniversalWriter, path: str, t: torch.Tensor, name: st
     (the source's; default: ``t``'s)."""
     written = writer.write(path, t, fingerprint=verify)
     if verify:
-        want_hex = to_hex(fingerprint(t) if want is None else want)
-        if written["fingerprint"] != want_hex:
-            what = f"state {state!r}" if state is not None else "buffer"
-            raise VerificationError(
-                f"{name}: {what} as written to {writer.url}/{path} differs from the source (fingerprint "
-                f"{written['fingerprint']}, the source's {want_hex}): the conversion changed its values "
-                "or their order; do not use this output, and report the bug with `ucp diff SRC DST`")
+        _check_written(writer, path, written, name, state, fingerprint(t) if want is None else want)
     return written
+
+
+def _check_written(writer: UniversalWriter, path: str, written: Mapping[str, Any], name: str,
+                   state: str | None, want: int) -> None:
+    """The written array's fingerprint must equal ``want`` (the source's)."""
+    want_hex = to_hex(want)
+    if written["fingerprint"] != want_hex:
+        what = f"state {state!r}" if state is not None else "buffer"
+        raise VerificationError(
+            f"{name}: {what} as written to {writer.url}/{path} differs from the source (fingerprint "
+            f"{written['fingerprint']}, the source's {want_hex}): the conversion changed its values "
+            "or their order; do not use this output, and report the bug with `ucp diff SRC DST`")
 
 
 #: States read ahead of the one being written (reading overlaps writing).
@@ -238,8 +245,33 @@ def convert_stream(source: SourceCheckpoint, writer: UniversalWriter, names: Seq
         return
     thread = threading.Thread(target=read, name="ucp-convert-read", daemon=True)
     thread.start()
+    # Parameters written whose row fingerprints may still run (they lag the writes; the writer's
+    # row buffers bound how far): each is checked, and yielded, once its arrays' fingerprints are
+    # done, in order; waited for only at the end.
+    pending: collections.deque[tuple[str, Any, tuple[str, ...], list[tuple[str, Any, int | None]]]] = \
+        collections.deque()
+    arrays: list[tuple[str, Any, int | None]] = []
+
+    def finished(wait: bool) -> Iterator[tuple[str, dict[str, Any]]]:
+        while pending and (wait or all(w.done() for _, w, _ in pending[0][3])):
+            name, info, states, written = pending.popleft()
+            nbytes, crcs, fps = 0, {}, {}
+            for state, later, want in written:
+                entry = later.result()
+                path = f"params/{escape_name(name)}/{state}"
+                if verify:
+                    assert want is not None
+                    _check_written(writer, path, entry, name, state, want)
+                    fps[state] = entry["fingerprint"]
+                nbytes += entry["nbytes"]
+                crcs[state] = entry["meta_crc32c"]
+            yield name, {"path": f"params/{escape_name(name)}", "shape": list(info.shape),
+                         "dtype": str(info.dtype).removeprefix("torch."), "states": list(states),
+                         "frozen": info.frozen, "group": info.group, "nbytes": nbytes,
+                         "meta_crc32c": crcs, **({"fingerprints": fps} if verify else {})}
+
     try:
-        nbytes, crcs, fps, done = 0, {}, {}, 0
+        done = 0
         while done < len(names):
             item = items.get()
             if isinstance(item, BaseException):
@@ -247,19 +279,14 @@ def convert_stream(source: SourceCheckpoint, writer: UniversalWriter, names: Seq
             name, info, state, t, want = item
             if state is None:  # every state of ``name`` is written
                 done += 1
-                yield name, {"path": f"params/{escape_name(name)}", "shape": list(info.shape),
-                             "dtype": str(info.dtype).removeprefix("torch."), "states": list(t),
-                             "frozen": info.frozen, "group": info.group, "nbytes": nbytes,
-                             "meta_crc32c": crcs, **({"fingerprints": fps} if verify else {})}
-                nbytes, crcs, fps = 0, {}, {}
+                pending.append((name, info, tuple(t), arrays))
+                arrays = []
+                yield from finished(wait=False)
                 continue
-            written = _write_checked(writer, f"params/{escape_name(name)}/{state}", t, name, state,
-                                     verify, want)
-            nbytes += written["nbytes"]
-            crcs[state] = written["meta_crc32c"]
-            if verify:
-                fps[state] = written["fingerprint"]
+            later = writer.write_later(f"params/{escape_name(name)}/{state}", t, fingerprint=verify)
+            arrays.append((state, later, want))
             del t, item
+        yield from finished(wait=True)
     finally:
         stop.set()
         thread.join()

@@ -37,7 +37,7 @@ from ucp.storage import Flusher, Storage, checksum
 from ucp.universal._zarr import zarr_store
 
 from ucp.core._errors import (ChecksumError, CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError,
-                              UcpError)
+                              UcpError, VerificationError)
 from ucp.core._fingerprint import fingerprint as fingerprint_of
 from ucp.core._fingerprint import combine, from_hex, to_hex
 from ucp.core._sealed import MAX_JSON_BYTES, load_sealed, seal
@@ -125,6 +125,32 @@ def from_numpy(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     return t.view(dtype) if t.dtype != dtype else t
 
 
+class WrittenArray:
+    """An array handed to storage by :meth:`UniversalWriter.write_later`: its table entry, whose
+    fingerprint is complete once the fingerprints of its rows of tiles are."""
+
+    def __init__(self, entry: dict[str, Any], tiled: list[TiledShard],
+                 parts: tuple[str, dict[Any, int], int] | None) -> None:
+        self._entry, self._tiled, self._parts = entry, tiled, parts
+
+    def done(self) -> bool:
+        """Whether :meth:`result` will return without waiting."""
+        return all(t.done() for t in self._tiled)
+
+    def result(self) -> dict[str, Any]:
+        """The table entry (waits for the row fingerprints still running)."""
+        if self._parts is not None:
+            for t in self._tiled:
+                t.settle()
+            where, prints, pieces = self._parts
+            self._parts, self._tiled = None, []
+            if len(prints) != pieces:  # every row of tiles is fingerprinted as encoded
+                raise VerificationError(f"{where}: {len(prints)} of its {pieces} rows of inner chunks were "
+                                        "fingerprinted as written; report this bug")
+            self._entry["fingerprint"] = to_hex(combine(prints.values()))
+        return self._entry
+
+
 class UniversalWriter:
     """Writes a universal checkpoint: arrays first (any order, any process), metadata last.
 
@@ -169,6 +195,14 @@ class UniversalWriter:
     def write(self, path: str, tensor: torch.Tensor, *, fingerprint: bool = False) -> dict[str, Any]:
         """Writes one array at ``path`` (relative); returns its table entry (with
         ``fingerprint``: the fingerprint of the bytes written, see :mod:`ucp.core._fingerprint`).
+        """
+        return self.write_later(path, tensor, fingerprint=fingerprint).result()
+
+    def write_later(self, path: str, tensor: torch.Tensor, *, fingerprint: bool = False) -> WrittenArray:
+        """:meth:`write`, returning as soon as the array's bytes are handed to storage: the
+        fingerprints of its last rows of tiles may still be running on the helper thread (they
+        lag the writes; the row buffers bound how far), so the next array is encoded meanwhile.
+        The entry comes from the result's :meth:`WrittenArray.result`.
 
         Shards are encoded here, as zarr v3's sharding codec specifies them (inner chunks of
         little-endian bytes, each followed by its CRC32C, edge chunks padded with the fill value;
@@ -188,9 +222,10 @@ class UniversalWriter:
                 "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
                 "attributes": {"ucp_dtype": dtype_name(tensor.dtype)}, "storage_transformers": []}
         prints: dict[Any, int] | None = {} if fingerprint and sharded else None
+        tiled: list[TiledShard] = []
         if sharded:
             meta.update(sharded_meta(chunks, shard))
-            self._write_shards(path, data, chunks, shard, prints)
+            tiled = self._write_shards(path, data, chunks, shard, prints)
         elif data.ndim == 0:  # a 0-d array: one plain chunk
             raw = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
             self.storage.write(f"{path}/c", [raw, struct.pack("<I", crc32c(raw))], fsync=False, atomic=False)
@@ -200,18 +235,21 @@ class UniversalWriter:
         self._write_parents(path)
         entry = {"shape": list(tensor.shape), "dtype": dtype_name(tensor.dtype), "nbytes": int(data.nbytes),
                  "meta_crc32c": crc32c(encoded)}
-        if fingerprint:  # of the chunks as encoded (bits of bf16 and friends), summed
-            pieces = -(-data.shape[0] // chunks[0]) if tiles_fit(data.shape, chunks) \
-                else math.prod(-(-n // c) for n, c in zip(data.shape, chunks))  # rows of chunks, or chunks
-            whole = prints is None or len(prints) != pieces
-            entry["fingerprint"] = to_hex(fingerprint_of(torch.from_numpy(data)) if whole
-                                          else combine(prints.values()))
-        return entry
+        if not fingerprint:
+            return WrittenArray(entry, [], None)
+        # of the chunks as encoded (bits of bf16 and friends), summed
+        pieces = -(-data.shape[0] // chunks[0]) if tiles_fit(data.shape, chunks) \
+            else math.prod(-(-n // c) for n, c in zip(data.shape, chunks))  # rows of chunks, or chunks
+        if prints is None or (not tiled and len(prints) != pieces):  # no parts: the whole array, now
+            entry["fingerprint"] = to_hex(fingerprint_of(torch.from_numpy(data)))
+            return WrittenArray(entry, [], None)
+        return WrittenArray(entry, tiled, (f"{self.url}/{path}", prints, pieces))
 
     def _write_shards(self, path: str, data: np.ndarray, chunks: tuple[int, ...], shard: tuple[int, ...],
-                      prints: dict[Any, int] | None) -> None:
+                      prints: dict[Any, int] | None) -> list[TiledShard]:
         """Writes the shard files of a non-empty array; with ``prints``, the partial fingerprint
-        of each row of inner chunks (or, for other chunkings, each chunk) goes into it."""
+        of each row of inner chunks (or, for other chunkings, each chunk) goes into it, a tiled
+        shard's once it is settled (returned: the tiled shards written)."""
         cells = list(itertools.product(*(range(-(-s // c)) for s, c in zip(data.shape, shard))))
         local = self.storage.is_local or len(cells) == 1  # the page cache absorbs writes best from one thread
 
@@ -221,16 +259,16 @@ class UniversalWriter:
                                   prints=prints)
             return ShardParts(data, chunks, shard, idx, prints)
 
+        tiled: list[TiledShard] = []
+
         def write(idx: tuple[int, ...]) -> None:
             key = f"{path}/{'.'.join(('c', *map(str, idx)))}"  # no directory per dim
             shard = parts(idx)
+            if isinstance(shard, TiledShard):
+                tiled.append(shard)  # settled by the caller: its rows' fingerprints may still run
             direct = shard.total() >= DIRECT_BYTES  # around the page cache, written while encoding
-            try:
-                self.storage.write(key, shard, fsync=False, atomic=False, direct=direct,
-                                   crc=False)  # every inner chunk and the index carry their own CRC32C
-            finally:
-                if isinstance(shard, TiledShard):
-                    shard.settle()  # its last row's fingerprint (before the row buffer is re-used)
+            self.storage.write(key, shard, fsync=False, atomic=False, direct=direct,
+                               crc=False)  # every inner chunk and the index carry their own CRC32C
             if not direct:
                 self._flusher.add(key)  # its write-back starts now, while the next array is encoded
         if local:
@@ -238,6 +276,7 @@ class UniversalWriter:
                 write(idx)
         else:  # object stores: latency-bound, so several requests in flight
             self.storage.map(write, cells)
+        return tiled
 
     def _write_parents(self, path: str) -> None:
         """Explicit group nodes for ``params/`` and ``params/<name>/`` (zarr v3 has no implicit groups)."""

@@ -8,8 +8,9 @@ tile. Here each such row is re-laid with one strided copy into a buffer that is 
 to row and array to array (fresh memory costs more in page faults than the copy itself), its
 chunks' CRC32Cs are computed on the buffer, and so, with ``prints``, is its fingerprint, in two
 vectorised passes (:func:`ucp.core._fingerprint.fingerprint_tiles`) instead of one call per chunk;
-the fingerprint runs on a helper thread while the row is written (numpy lets go of the GIL), and
-is waited for before the buffer is re-used.
+the fingerprint runs on a helper thread while the row and the next ones are written (numpy lets go
+of the GIL): a ring of :data:`ROWS_IN_FLIGHT` buffers lets it lag the writes, and a buffer is
+re-used only once the fingerprint reading it is done.
 The buffers handed out are views of that buffer: a writer must consume them in order (a local
 write does; a remote one copies each as it goes).
 """
@@ -21,6 +22,7 @@ import struct
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as cf_wait
 
 import numpy as np
 import torch
@@ -58,18 +60,38 @@ def as_3d(a: np.ndarray | Sequence[int]) -> tuple[int, int, int]:
     return (shape[0], 1, 1) if len(shape) == 1 else (shape[0], shape[1], math.prod(shape[2:]))
 
 
-class RowBuffer:
-    """A reusable byte buffer that grows to the largest row asked for (one per writer)."""
+#: Rows of tiles whose fingerprints may still be running while later rows are encoded (each holds
+#: its own buffer): the fingerprints lag the writes instead of holding them up.
+ROWS_IN_FLIGHT = 4
 
-    def __init__(self) -> None:
-        self._buf = np.empty(0, dtype=np.uint8)
+
+class RowBuffer:
+    """Reusable byte buffers that grow to the largest row asked for (one set per writer): a ring
+    of ``slots``, so a row's buffer is re-used only once ``slots - 1`` later rows were taken, and
+    then only after the fingerprint still reading it (:meth:`hold`) is done."""
+
+    def __init__(self, slots: int = ROWS_IN_FLIGHT) -> None:
+        self._bufs = [np.empty(0, dtype=np.uint8) for _ in range(max(1, slots))]
+        self._busy: list[Future[int] | None] = [None] * len(self._bufs)
+        self._next = 0
 
     def take(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:  # type: ignore[type-arg]
-        """A C-contiguous array of ``shape`` over the buffer (its old contents: overwrite them)."""
+        """A C-contiguous array of ``shape`` over the next buffer of the ring (its old contents:
+        overwrite them); waits for the fingerprint last held on that buffer."""
+        k = self._next
+        self._next = (k + 1) % len(self._bufs)
+        busy, self._busy[k] = self._busy[k], None
+        if busy is not None:
+            cf_wait([busy])  # its outcome is collected by the shard that submitted it
         n = math.prod(shape) * dtype.itemsize
-        if self._buf.nbytes < n:
-            self._buf = np.empty(n, dtype=np.uint8)
-        return self._buf[:n].view(dtype).reshape(shape)
+        if self._bufs[k].nbytes < n:
+            self._bufs[k] = np.empty(n, dtype=np.uint8)
+        self._last = k
+        return self._bufs[k][:n].view(dtype).reshape(shape)
+
+    def hold(self, future: Future[int]) -> None:
+        """The buffer last taken is read by ``future`` until it is done."""
+        self._busy[self._last] = future
 
 
 class TiledShard(Sequence):  # type: ignore[type-arg]
@@ -77,9 +99,9 @@ class TiledShard(Sequence):  # type: ignore[type-arg]
     only), made one row of inner chunks at a time into ``rows``'s buffer.
 
     With ``prints`` (a dict), the partial fingerprint of each row, as encoded, goes into it
-    under the row's global index (computed on a helper thread: call :meth:`settle` once the
-    shard is written, before reading ``prints`` or re-using the row buffer); the rows of all
-    shards add up to the array's fingerprint. Iterating again (a retried write) makes the same
+    under the row's global index (computed on a helper thread while later rows are encoded and
+    written: call :meth:`settle` before reading ``prints``); the rows of all shards add up to the
+    array's fingerprint. Iterating again (a retried write) makes the same
     bytes and the same fingerprints.
     """
 
@@ -103,7 +125,7 @@ class TiledShard(Sequence):  # type: ignore[type-arg]
         raw = index.tobytes()
         self.index = raw + struct.pack("<I", crc32c(raw))
         self._row: tuple[int, np.ndarray, list[bytes]] | None = None
-        self._pending: tuple[int, Future[int]] | None = None
+        self._pending: list[tuple[int, Future[int]]] = []
 
     def __len__(self) -> int:
         return 2 * self.nrow * self.ncol + 1
@@ -125,7 +147,6 @@ class TiledShard(Sequence):  # type: ignore[type-arg]
         """Row ``grow`` (global) of inner chunks: the tiles ``(ncol, r, c, rest)``, padded with
         zeros past the array's edge, and each tile's CRC32C as stored."""
         r, c, rest, n = self.r, self.c, self.rest, self.ncol
-        self.settle()  # the buffer is about to be overwritten
         block = self.view[grow * r:(grow + 1) * r]  # (valid rows, cols, rest)
         valid, cols = block.shape[0], block.shape[1]
         tiles = self.buffer.take((n, r, c, rest), self.data.dtype)
@@ -140,17 +161,21 @@ class TiledShard(Sequence):  # type: ignore[type-arg]
             lay[valid:] = 0
         crcs = [struct.pack("<I", crc32c(memoryview(t.reshape(-1).view(np.uint8)))) for t in tiles]
         if self.prints is not None:
-            self._pending = grow, _pool().submit(fingerprint_tiles, torch.from_numpy(tiles), grow * r,
-                                                 self.view.shape)
+            future = _pool().submit(fingerprint_tiles, torch.from_numpy(tiles), grow * r, self.view.shape)
+            self.buffer.hold(future)  # the ring re-uses this buffer once the fingerprint is done
+            self._pending.append((grow, future))
         return tiles, crcs
 
     def settle(self) -> None:
-        """Waits for the fingerprint of the last row encoded, and stores it in ``prints``."""
-        if self._pending is not None:
-            grow, future = self._pending
-            self._pending = None
+        """Waits for the fingerprints of the rows encoded so far, and stores them in ``prints``."""
+        while self._pending:
+            grow, future = self._pending.pop(0)
             assert self.prints is not None
             self.prints[grow] = future.result()
+
+    def done(self) -> bool:
+        """Whether every fingerprint submitted so far is done (:meth:`settle` will not wait)."""
+        return all(f.done() for _, f in self._pending)
 
     def total(self) -> int:
         return len(self.index) + self.nrow * self.ncol * (self.nbytes + 4)
