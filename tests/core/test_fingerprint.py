@@ -6,7 +6,11 @@ bugs (swapped halves, permuted heads, a zeroed moment, one changed element) chan
 from __future__ import annotations
 
 import itertools
+import logging
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,9 +18,22 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ucp.core import _fingerprint as F
+from ucp.core import _fpkernel
 from ucp.core._fingerprint import (combine, fingerprint, fingerprint_box, fingerprint_flat, fingerprint_tiles,
                                    from_hex, to_hex)
 from ucp.resharder._zero import flat_boxes, group_partition, param_partition
+
+@pytest.fixture(autouse=True, scope="module", params=["c", "numpy"])
+def kernel(request, tmp_path_factory):
+    """Every test runs with the compiled kernel (``c``: it must build here) and with numpy alone."""
+    old = {k: os.environ.get(k) for k in ("UCP_FINGERPRINT_KERNEL", "UCP_CACHE_DIR")}
+    os.environ.update(UCP_FINGERPRINT_KERNEL=request.param, UCP_CACHE_DIR=str(tmp_path_factory.mktemp("cache")))
+    _fpkernel.reset()
+    yield request.param
+    for k, v in old.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    _fpkernel.reset()
+
 
 SETTINGS = settings(max_examples=60, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -193,3 +210,59 @@ def test_hex_round_trip():
     assert from_hex(to_hex(value)) == value and len(to_hex(value)) == 16
     with pytest.raises(ValueError, match="16 hex digits"):
         from_hex("abc")
+
+
+def test_the_compiled_kernel_is_built_once_and_used(kernel, tmp_path, monkeypatch):
+    if kernel != "c":
+        assert _fpkernel.rows_function(4, F._numpy_row_sums) is None  # numpy alone when told so
+        return
+    monkeypatch.setenv("UCP_CACHE_DIR", str(tmp_path))
+    _fpkernel.reset()
+    t = random_tensor((3, 5), torch.float32, 1)
+    assert fingerprint(t) == reference(t)
+    assert _fpkernel.rows_function(4, F._numpy_row_sums) is not None
+    assert [p.suffix for p in tmp_path.iterdir()] == [".so"]
+    _fpkernel.reset()
+
+
+def test_without_a_compiler_numpy_gives_the_same_values(kernel, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("UCP_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("PATH", str(tmp_path))  # no cc, gcc or $CC to be found
+    monkeypatch.setenv("CC", "no-such-compiler")
+    monkeypatch.setenv("UCP_FINGERPRINT_KERNEL", "auto")
+    _fpkernel.reset()
+    t = random_tensor((4, 6), torch.bfloat16, 2)
+    with caplog.at_level(logging.INFO, logger="ucp.core._fpkernel"):
+        assert fingerprint(t) == reference(t)
+    assert "using numpy" in caplog.text and "no C compiler" in caplog.text
+    monkeypatch.setenv("UCP_FINGERPRINT_KERNEL", "c")
+    _fpkernel.reset()
+    with pytest.raises(_fpkernel.KernelUnavailable, match="UCP_FINGERPRINT_KERNEL=c"):
+        fingerprint(t)
+    _fpkernel.reset()
+
+
+def test_a_kernel_that_sums_otherwise_is_not_used(kernel, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("UCP_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("UCP_FINGERPRINT_KERNEL", "auto")
+    real = _fpkernel.call
+    monkeypatch.setattr(_fpkernel, "call", lambda *a: real(*a) + 1)  # a miscompiled build
+    _fpkernel.reset()
+    t = random_tensor((4, 6), torch.float32, 3)
+    with caplog.at_level(logging.INFO, logger="ucp.core._fpkernel"):
+        assert fingerprint(t) == reference(t)
+    assert "differ from numpy's" in caplog.text
+    _fpkernel.reset()
+
+
+def test_processes_building_the_kernel_at_once_share_one_file(kernel, tmp_path):
+    code = ("import torch; from ucp.core._fingerprint import fingerprint; "
+            "print(fingerprint(torch.arange(1000, dtype=torch.float32)))")
+    env = {**os.environ, "UCP_CACHE_DIR": str(tmp_path), "UCP_FINGERPRINT_KERNEL": kernel}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    outs = [p.communicate(timeout=300)[0].strip() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0]
+    assert set(outs) == {str(reference(torch.arange(1000, dtype=torch.float32)))}
+    built = [p.suffix for p in tmp_path.iterdir()]
+    assert built == ([".so"] if kernel == "c" else [])  # no temporary file left; none built for numpy

@@ -31,6 +31,13 @@ def test_every_folder_inside_a_package_is_a_listed_package():
     assert tool["package-data"]["ucp.grammar.specs"] == ["*.ucl"]
 
 
+def test_files_read_at_run_time_are_package_data():
+    """Non-Python files a module opens beside itself ship in the wheel (the fingerprint kernel's
+    C source is compiled on first use from the installed copy)."""
+    data = _pyproject()["tool"]["setuptools"]["package-data"]
+    assert "*.c" in data["ucp.core"] and (ROOT / "ucp" / "core" / "_fpkernel.c").is_file()
+
+
 def test_the_demo_extra_installs_what_the_demo_imports():
     extras = _pyproject()["project"]["optional-dependencies"]
     assert any(d.startswith("matplotlib") for d in extras["demo"])

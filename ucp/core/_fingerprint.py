@@ -36,6 +36,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from ucp.core import _fpkernel
+
 __all__ = ["ALGORITHM", "bit_view", "combine", "fingerprint", "fingerprint_box", "fingerprint_flat",
            "fingerprint_tiles", "from_hex", "to_hex"]
 
@@ -89,8 +91,8 @@ def _powers(base: int, n: int) -> torch.Tensor:
 def _weighted(values: torch.Tensor, rows: torch.Tensor, col_base: int) -> int:
     """``sum_ij rows[i] * col_base**j * (g(values[i, j]) + C)`` for a 2-D ``values`` (mod 2**64).
 
-    The per-element work runs in numpy, whose uint64 arithmetic wraps by definition (and is
-    faster here than torch's, and than a plain C loop without AVX-512). The ``C`` part is
+    The per-element work runs in compiled C (:mod:`ucp.core._fpkernel`) or numpy, whose uint64
+    arithmetic wraps by definition (and is faster here than torch's). The ``C`` part is
     ``C * sum(rows) * sum(col weights)``: no per-element work.
     """
     m, k = values.shape
@@ -106,9 +108,18 @@ def _weighted(values: torch.Tensor, rows: torch.Tensor, col_base: int) -> int:
 
 
 def _row_sums(bits: np.ndarray, cols: np.ndarray, rw: np.ndarray) -> int:
-    """``sum_i rw[i] * sum_j cols[j] * g(bits[i, j])`` (mod 2**64): a sign-extending
-    copy into a reused buffer, then ``matmul`` (its integer dot loop wraps, and runs 2-3x faster
-    than ``einsum`` here), a slab of rows at a time so temporaries stay in cache."""
+    """``sum_i rw[i] * sum_j cols[j] * g(bits[i, j])`` (mod 2**64): the compiled kernel of
+    :mod:`ucp.core._fpkernel` when it can be had, else :func:`_numpy_row_sums`."""
+    fn = _fpkernel.rows_function(bits.itemsize, _numpy_row_sums)
+    if fn is not None and _fpkernel.fits(bits, cols, rw):
+        return _fpkernel.call(fn, bits, cols, rw)
+    return _numpy_row_sums(bits, cols, rw)
+
+
+def _numpy_row_sums(bits: np.ndarray, cols: np.ndarray, rw: np.ndarray) -> int:
+    """:func:`_row_sums` in numpy: a sign-extending copy into a reused buffer, then ``matmul``
+    (its integer dot loop wraps, and runs 2-3x faster than ``einsum`` here), a slab of rows at a
+    time so temporaries stay in cache."""
     m, k = bits.shape
     step = max(1, SLAB // max(1, k))
     buf = np.empty(min(m, step) * k, dtype=np.int64)
