@@ -33,6 +33,8 @@ class ReshardReport:
         ranks: target ranks written by this process.
         stats: reads of this process (``stats.amplification``: bytes read / bytes needed).
         seconds: wall time.
+        world_size: the ranks of the job that loads it, where the engine counts them otherwise
+            than ``topology.world_size`` (DeepSpeed's experts: ep cuts dp, it does not multiply it).
     """
 
     url: str
@@ -42,6 +44,12 @@ class ReshardReport:
     ranks: tuple[int, ...]
     stats: ReadStats
     seconds: float
+    world_size: int | None = None
+
+    @property
+    def job_ranks(self) -> int:
+        """How many ranks the loading job has."""
+        return self.world_size if self.world_size is not None else self.topology.world_size
 
 
 class ReshardTarget(Protocol):

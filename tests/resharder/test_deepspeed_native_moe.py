@@ -61,7 +61,9 @@ def test_files_follow_deepspeeds_moe_layout(tmp_path, ep, dp):
 
     fake = _fake_moe(tmp_path)
     out = tmp_path / "out"
-    ucp.reshard(str(fake.root), str(out), topology=f"dp={dp},ep={ep},zero=2", engine="deepspeed", progress=False)
+    report = ucp.reshard(str(fake.root), str(out), topology=f"dp={dp},ep={ep},zero=2", engine="deepspeed",
+                         progress=False)
+    assert report.job_ranks == dp  # the experts' groups are cut out of the dp ranks (what `ucp reshard` prints)
     tag = out / (out / "latest").read_text()
     assert sorted(p.name for p in tag.iterdir()) == sorted(
         ["mp_rank_00_model_states.pt"] + [f"layer_0_expert_{e}_mp_rank_00_model_states.pt" for e in range(4)]

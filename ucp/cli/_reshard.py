@@ -67,7 +67,7 @@ def reshard(src: str, dst: str, topology: Topology, engine: str, spec: str | Non
                                "topology": str(report.topology), "ranks": len(report.ranks),
                                "seconds": report.seconds, "reads": stats.to_dict()}))
         return
-    click.echo(f"wrote {dst}: step {report.step}, {report.topology.world_size} ranks "
+    click.echo(f"wrote {dst}: step {report.step}, {report.job_ranks} ranks "
                f"({report.topology}), engine {report.engine}; read {stats.bytes_read / 2**20:.1f} MiB "
                f"for {stats.bytes_needed / 2**20:.1f} MiB needed (amplification "
                f"{stats.amplification:.3f}) in {report.seconds:.1f}s")

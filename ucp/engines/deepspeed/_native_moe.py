@@ -176,7 +176,8 @@ def write_moe(target: str, source: ArraySource, dst: str, *, topology: Topology,
         storage.write(f"{tag}/{MODEL_FILE}", _torch_bytes(_without_experts(model, experts, ep)))
         storage.write(LATEST, tag.encode())
     coord.all_gather_json(None, what="committing the DeepSpeed checkpoint")
-    return ReshardReport(dst, target, topology, step, tuple(mine), stats, time.perf_counter() - start)
+    return ReshardReport(dst, target, topology, step, tuple(mine), stats, time.perf_counter() - start,
+                         world_size=topology.dp)  # the ep groups are cut out of the dp ranks
 
 
 def _write_experts(storage: Storage, tag: str, source: ArraySource, experts: _Experts, dtype: torch.dtype) -> None:
