@@ -27,7 +27,7 @@ assert "ucp" not in sys.modules
 MAKE = Path(__file__).resolve().parent.parent / "engines" / "_titan_make.py"
 
 
-def main(load: str, record: str) -> None:
+def main(load: str, record: str, steps: str = "0", loss_log: str = "", batch: str = "0") -> None:
     spec = importlib.util.spec_from_file_location("ds_titan_job_make", MAKE)
     make = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make)
@@ -35,7 +35,7 @@ def main(load: str, record: str) -> None:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     deepspeed.init_distributed(dist_backend="gloo")
-    rank = torch.distributed.get_rank()
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     with torch.device("meta"):
         model = make.tiny_llama_config(fuse_qkv=False).build()
     model.to_empty(device="cpu")
@@ -49,6 +49,8 @@ def main(load: str, record: str) -> None:
                             **adamw)
     config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "steps_per_print": 10**6,
               "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True}
+    if int(steps):
+        return train(make, model, opt, config, load, int(steps), loss_log, int(batch), rank, world)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
     path, _ = engine.load_checkpoint(load, load_lr_scheduler_states=False)
     assert path is not None, f"nothing loaded from {load}"
@@ -64,6 +66,45 @@ def main(load: str, record: str) -> None:
             seen[state][name] = safe_get_full_optimizer_state(prm, state).clone()
     if rank == 0:
         torch.save(seen, record)
+    _exit()
+
+
+def train(make, model, opt, config, load: str, steps: int, loss_log: str, batch: int, rank: int,
+          world: int) -> None:
+    """Continues torchtitan's run: ``make.global_batch``'s samples (this rank's slice of ``batch``
+    rows), torchtitan's gradient clipping (``gradient_clipping``: its default ``max_norm`` 1.0) and
+    its LR schedule, the job's own ``LambdaLR`` with torchtitan's warmup/decay function (built by
+    torchtitan's ``LRSchedulersContainer`` from ``make``'s config), set to the step loaded: ucp
+    writes no scheduler state from a torchtitan source, so the job restores what torchtitan's own
+    ``load_state_dict`` restores, ``last_epoch``, from the engine's step. Trains the steps after
+    that to ``steps``; rank 0 appends each step's loss, averaged over the ranks, to ``loss_log``."""
+    import json
+
+    import deepspeed
+    import torch.nn.functional as F
+
+    schedulers = make.lr_schedulers([opt])
+    config = {**config, "train_micro_batch_size_per_gpu": batch // world, "gradient_clipping": 1.0}
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=schedulers.schedulers[0],
+                                           config=config)
+    path, _ = engine.load_checkpoint(load, load_lr_scheduler_states=False)
+    assert path is not None, f"nothing loaded from {load}"
+    schedulers.load_state_dict({"last_epoch": engine.global_steps})
+    for step in range(engine.global_steps + 1, steps + 1):
+        tokens = make.global_batch(step, batch).chunk(world)[rank]
+        lrs = [g["lr"] for g in engine.optimizer.param_groups]
+        loss = F.cross_entropy(engine(tokens[:, :-1]).float().flatten(0, 1), tokens[:, 1:].flatten(0, 1))
+        engine.backward(loss)
+        engine.step()
+        mean = loss.detach().clone()
+        torch.distributed.all_reduce(mean)
+        if rank == 0:
+            with open(loss_log, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, "loss": mean.item() / world, "lr": lrs}) + "\n")
+    _exit()
+
+
+def _exit() -> None:
     torch.distributed.barrier()
     sys.stdout.flush()
     sys.stderr.flush()
