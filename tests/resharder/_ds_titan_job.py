@@ -3,6 +3,8 @@
 Run under torchrun, one process per rank::
 
     python -m torch.distributed.run --nproc_per_node 2 ... tests/resharder/_ds_titan_job.py DS_DIR SEEN.pt
+    python -m torch.distributed.run --nproc_per_node 3 ... tests/resharder/_ds_titan_job.py DS_DIR - \
+        STEPS LOSS.jsonl BATCH MAX_NORM
 
 Builds ``tests/engines/_titan_make.py``'s model config (same sizes) with torchtitan's builder, with
 ``fuse_qkv=False`` (separate ``wq``/``wk``/``wv``: a fused ``wqkv`` parameter's flat layout, per KV
@@ -11,7 +13,8 @@ end to end), initialises it with a seed other than the training job's, wraps it 
 ``deepspeed.initialize`` (fp32, ZeRO-2, ``torch.optim.AdamW`` with torchtitan's two param groups
 in its order: the parameters its first pattern leaves, with weight decay, then the norms), loads ``DS_DIR`` with plain ``engine.load_checkpoint``
 and rank 0 records the gathered fp32 masters and Adam moments, module weights, buffers, the
-engine's step and the optimizer's steps and hyper-parameters.
+engine's step and the optimizer's steps and hyper-parameters. With ``STEPS`` it records nothing:
+it trains on to step ``STEPS`` as torchtitan's job of ``_titan_make.py`` does (see :func:`train`).
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ assert "ucp" not in sys.modules
 MAKE = Path(__file__).resolve().parent.parent / "engines" / "_titan_make.py"
 
 
-def main(load: str, record: str, steps: str = "0", loss_log: str = "", batch: str = "0") -> None:
+def main(load: str, record: str, steps: str = "0", loss_log: str = "", batch: str = "0",
+         max_norm: str = "1.0") -> None:
     spec = importlib.util.spec_from_file_location("ds_titan_job_make", MAKE)
     make = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make)
@@ -50,7 +54,8 @@ def main(load: str, record: str, steps: str = "0", loss_log: str = "", batch: st
     config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "steps_per_print": 10**6,
               "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True}
     if int(steps):
-        return train(make, model, opt, config, load, int(steps), loss_log, int(batch), rank, world)
+        return train(make, model, opt, config, load, int(steps), loss_log, int(batch), float(max_norm), rank,
+                     world)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
     path, _ = engine.load_checkpoint(load, load_lr_scheduler_states=False)
     assert path is not None, f"nothing loaded from {load}"
@@ -69,10 +74,10 @@ def main(load: str, record: str, steps: str = "0", loss_log: str = "", batch: st
     _exit()
 
 
-def train(make, model, opt, config, load: str, steps: int, loss_log: str, batch: int, rank: int,
-          world: int) -> None:
+def train(make, model, opt, config, load: str, steps: int, loss_log: str, batch: int, max_norm: float,
+          rank: int, world: int) -> None:
     """Continues torchtitan's run: ``make.global_batch``'s samples (this rank's slice of ``batch``
-    rows), torchtitan's gradient clipping (``gradient_clipping``: its default ``max_norm`` 1.0) and
+    rows), torchtitan's gradient clipping (DeepSpeed's ``gradient_clipping`` set to its ``max_norm``) and
     its LR schedule, the job's own ``LambdaLR`` with torchtitan's warmup/decay function (built by
     torchtitan's ``LRSchedulersContainer`` from ``make``'s config), set to the step loaded: ucp
     writes no scheduler state from a torchtitan source, so the job restores what torchtitan's own
@@ -84,7 +89,7 @@ def train(make, model, opt, config, load: str, steps: int, loss_log: str, batch:
     import torch.nn.functional as F
 
     schedulers = make.lr_schedulers([opt])
-    config = {**config, "train_micro_batch_size_per_gpu": batch // world, "gradient_clipping": 1.0}
+    config = {**config, "train_micro_batch_size_per_gpu": batch // world, "gradient_clipping": max_norm}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=schedulers.schedulers[0],
                                            config=config)
     path, _ = engine.load_checkpoint(load, load_lr_scheduler_states=False)
