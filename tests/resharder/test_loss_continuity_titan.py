@@ -5,7 +5,8 @@ torchtitan (``tests/engines/_titan_make.py``: its Llama 3 with the fused ``wqkv`
 two AdamW groups, its warmup/decay LR scheduler and ``CheckpointManager``) trains on fixed samples
 (``global_batch``: 6 rows a step, 3 per rank), normalising the loss as its Trainer does (summed
 cross-entropy over the global token count) and clipping gradients at a global norm of 0.5 (its
-``max_norm``; the gradient norm is about 0.86 there, so the clip acts); it saves at step ``K`` and trains on to step ``M``, logging each step's loss. ``ucp reshard`` turns
+``max_norm``; the gradient norm is about 0.86 there, so the clip acts); it saves at step ``K`` and
+trains on to step ``M``, logging each step's loss. ``ucp reshard`` turns
 its step ``K`` into DeepSpeed ZeRO-2 files for 3 ranks; ``_ds_titan_job.py`` (no ucp import:
 torchtitan's model built with ``fuse_qkv=False``, ``torch.optim.AdamW`` with the same groups,
 DeepSpeed's ``gradient_clipping`` 0.5, a ``LambdaLR`` with torchtitan's schedule set to the step
@@ -70,7 +71,6 @@ def test_loss_continues_from_torchtitan_under_stock_deepspeed(tmp_path):
     for step in got:
         assert got[step]["lr"] == ref[step]["lr"], (step, got[step]["lr"], ref[step]["lr"])
         rel[step] = abs(got[step]["loss"] - ref[step]["loss"]) / abs(ref[step]["loss"])
-    print("relative differences of the loss at steps", rel)
     assert all(r <= 1e-5 for r in rel.values()), rel
     # the check can fail: one step of training moves the loss by far more than the tolerance, and
     # the learning rate changes from step to step (torchtitan's decay)
