@@ -63,7 +63,7 @@ def tiny_llama_config(fuse_qkv: bool = True) -> Any:
 
 
 def _build(world_size: int, out: str) -> tuple[Any, Any, Any]:
-    from torchtitan.components.optimizer import LRSchedulersContainer, OptimizersContainer, ParamGroupConfig
+    from torchtitan.components.optimizer import OptimizersContainer, ParamGroupConfig
     from torchtitan.config import CompileConfig, ParallelismConfig, TrainingConfig
     from torchtitan.distributed import ParallelDims, parallel_dims
     from torchtitan.models.llama3 import parallelize_llama
@@ -91,12 +91,37 @@ def _build(world_size: int, out: str) -> tuple[Any, Any, Any]:
         ParamGroupConfig(pattern=r"norm", optimizer_name="AdamW", optimizer_kwargs={**adamw, "weight_decay": 0.0}),
         ParamGroupConfig(pattern=r".*", optimizer_name="AdamW", optimizer_kwargs={**adamw, "weight_decay": 0.1}),
     ]).build(model_parts=[model])
-    schedulers = LRSchedulersContainer.Config(warmup_steps=2).build(optimizers=optimizers, training_steps=10)
-    return model, optimizers, schedulers
+    return model, optimizers, lr_schedulers(optimizers)
 
 
-def make_titan(rank: int, world_size: int, out: str) -> None:
-    """Trains ``STEPS`` steps on every rank, saving ``out/checkpoint/step-N`` every ``INTERVAL``."""
+def lr_schedulers(optimizers: Any) -> Any:
+    """torchtitan's LR schedulers (its ``LRSchedulersContainer``: linear warmup over 2 steps, then
+    linear decay to step 10), one ``LambdaLR`` per optimizer of ``optimizers`` (torchtitan's
+    container, or a list of torch optimizers)."""
+    from torchtitan.components.optimizer import LRSchedulersContainer
+
+    return LRSchedulersContainer.Config(warmup_steps=2).build(optimizers=optimizers, training_steps=10)
+
+
+def global_batch(step: int, batch: int) -> torch.Tensor:
+    """The fixed samples of training step ``step``: ``batch`` rows of ``SEQ + 1`` tokens, the same
+    for any number of ranks (each data-parallel rank trains on its slice of consecutive rows)."""
+    return torch.randint(0, VOCAB, (batch, SEQ + 1), generator=torch.Generator().manual_seed(1000 + step))
+
+
+def make_titan(rank: int, world_size: int, out: str, steps: int = STEPS, batch: int | None = None,
+               max_norm: float | None = None, loss_log: str | None = None) -> None:
+    """Trains ``steps`` steps on every rank, saving ``out/checkpoint/step-N`` every ``INTERVAL``.
+
+    By default each rank draws its own samples and the loss is torch's mean over them. With
+    ``batch``, every step trains on :func:`global_batch` (this rank's slice) as torchtitan's Trainer
+    does: its summed cross-entropy (torchtitan's ``cross_entropy_loss``) divided by the global token
+    count (FSDP sums the gradients), gradients clipped to ``max_norm`` with torchtitan's
+    ``clip_grad_norm_`` when given; rank 0 appends each step's global mean loss to ``loss_log``
+    (JSON lines ``{"step", "loss", "lr"}``: ``lr`` the learning rate of each param group at that step)."""
+    import json
+
+    import torch.distributed as dist
     from torchtitan.components.checkpoint import CheckpointManager
 
     model, optimizers, schedulers = _build(world_size, out)
@@ -106,18 +131,42 @@ def make_titan(rank: int, world_size: int, out: str) -> None:
                              lr_schedulers=schedulers, states={"train_state": state}, sd_adapter=None,
                              base_folder=out)
     gen = torch.Generator().manual_seed(100 + rank)  # each rank its own data, as data parallelism does
-    for step in range(1, STEPS + 1):
-        tokens = torch.randint(0, VOCAB, (2, SEQ + 1), generator=gen)
-        logits = model(tokens[:, :-1])
-        F.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1)).backward()
+    for step in range(1, steps + 1):
+        if batch is None:
+            tokens = torch.randint(0, VOCAB, (2, SEQ + 1), generator=gen)
+            logits = model(tokens[:, :-1])
+            F.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1)).backward()
+        else:
+            tokens = global_batch(step, batch).chunk(world_size)[rank]
+            lrs = [g["lr"] for o in optimizers.optimizers for g in o.param_groups]
+            loss = _global_mean_step(model, tokens, batch, max_norm)
+            if loss_log is not None:
+                dist.all_reduce(loss)  # the local sums over the global token count add up to the mean
+                if rank == 0:
+                    with open(loss_log, "a", encoding="utf-8") as f:
+                        f.write(json.dumps({"step": step, "loss": loss.item(), "lr": lrs}) + "\n")
         optimizers.step()
         schedulers.step()
         optimizers.zero_grad()
         state.step, state.ntokens_seen = step, state.ntokens_seen + tokens.numel()
-        ckpt.save(step, last_step=step == STEPS)  # as torchtitan's Trainer calls it
+        ckpt.save(step, last_step=step == steps)  # as torchtitan's Trainer calls it
         if step in REFERENCE_STEPS:
             _write_reference(model, optimizers, schedulers, state, os.path.join(out, f"full-{step}.pt"), rank)
     ckpt.close()
+
+
+def _global_mean_step(model: Any, tokens: torch.Tensor, batch: int, max_norm: float | None) -> torch.Tensor:
+    """Forward and backward of this rank's ``tokens`` as torchtitan's Trainer normalises the loss
+    (local sum over the global token count ``batch * SEQ``), then its gradient clipping; returns
+    the detached local share of the loss."""
+    from torchtitan.components.loss import cross_entropy_loss
+    from torchtitan.distributed import utils as dist_utils
+
+    loss = cross_entropy_loss(model(tokens[:, :-1]), tokens[:, 1:]) / (batch * SEQ)
+    loss.backward()
+    if max_norm is not None:
+        dist_utils.clip_grad_norm_(list(model.parameters()), max_norm, foreach=True)
+    return loss.detach().clone()
 
 
 def _write_reference(model: Any, optimizers: Any, schedulers: Any, state: TrainState, out: str,

@@ -41,6 +41,8 @@ DS_CONFIGS: dict[str, tuple[int, list[str]]] = {
     # trains 6 steps, saving after step 3, and logs every step's loss (the cross-engine continuity test)
     "z2_fp32_dp2_losses": (2, ["--stage", "2", "--dtype", "fp32", "--groups", "2", "--steps", "6",
                                "--save-at", "3", "--loss-log"]),
+    "z2_bf16_dp2_losses": (2, ["--stage", "2", "--dtype", "bf16", "--groups", "2", "--steps", "6",
+                               "--save-at", "3", "--loss-log"]),
 }
 
 
