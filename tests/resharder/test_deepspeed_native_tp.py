@@ -220,17 +220,18 @@ def _records(gathered: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def autotp_saved(tmp_path_factory):
-    """``(tp, heads, bias) -> (save dir, per-rank records)`` of a real AutoTP job on tp ranks (dp=1), made
-    once; the model's Hugging Face config is ``<save dir>.gathered/config.json``."""
+    """``(tp, heads, bias, zero) -> (save dir, per-rank records)`` of a real AutoTP job on tp ranks (dp=1,
+    ZeRO-1 unless ``zero``), made once; the model's Hugging Face config is ``<save dir>.gathered/config.json``."""
     pytest.importorskip("deepspeed", reason="install DeepSpeed 0.19.8 to run the real-engine tests")
     pytest.importorskip("transformers", reason="AutoTP shards a transformers Llama")
     cache = {}
 
-    def get(tp: int, heads: tuple[int, int] = (4, 2), bias: bool = False):
-        if (tp, heads, bias) not in cache:
-            out = tmp_path_factory.mktemp(f"autotp-tp{tp}-h{heads[0]}-{heads[1]}{'-bias' * bias}") / "ckpt"
-            cache[tp, heads, bias] = out, _records(_job(tp, out, "--tp", str(tp), heads=heads, bias=bias))
-        return cache[tp, heads, bias]
+    def get(tp: int, heads: tuple[int, int] = (4, 2), bias: bool = False, zero: int = 1):
+        key = tp, heads, bias, zero
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"autotp-tp{tp}-h{heads[0]}-{heads[1]}{'-bias' * bias}-z{zero}") / "ckpt"
+            cache[key] = out, _records(_job(tp, out, "--tp", str(tp), "--zero", str(zero), heads=heads, bias=bias))
+        return cache[key]
 
     return get
 
@@ -322,6 +323,10 @@ def test_uneven_kv_heads_follow_the_sources_split(autotp_saved, tmp_path):
                                                  r"is cut by the source's 3 kv heads, fewer than tp=4"):
         ucp.reshard(str(src), str(tmp_path / "tp4"), topology="tp=4,dp=1,zero=1", engine="deepspeed", progress=False)
     assert not (tmp_path / "tp4").exists()
+    with pytest.raises(ucp.TopologyError, match=r"the spec's kv_heads = 2, but .* uneven AutoTP split shows 3 kv heads"):
+        ucp.reshard(str(src), str(tmp_path / "two"), topology="tp=2,dp=1,zero=1", engine="deepspeed",
+                    spec="kv_heads = 2", progress=False)
+    assert not (tmp_path / "two").exists()
     out = tmp_path / "ds"
     ucp.reshard(str(src), str(out), topology="tp=2,dp=2,zero=1", engine="deepspeed", progress=False)
     shard = torch.load(out / "global_step3" / "mp_rank_01_model_states.pt", weights_only=True)["module"]
@@ -369,5 +374,36 @@ def test_uneven_heads_and_biases_from_a_source_that_does_not_show_them(autotp_sa
     assert [t["params"][k0]["fp32"].shape[0] for t in truth] == [8, 4]  # DeepSpeed's split: 2 + 1 heads of 4
     seen = _records(_job(2 * dp, tmp_path / "load", "--tp", "2", "--zero", str(zero), "--load", str(out),
                          "--steps", "0", heads=heads, bias=True))
+    for rank, got in enumerate(seen):
+        _assert_same(truth[rank % 2], got, f"rank {rank}")
+
+
+@pytest.mark.slow
+def test_without_the_head_count_deepspeed_refuses_the_even_split(autotp_saved, tmp_path):
+    """What docs/resharding.md says happens without a head count when tp does not divide the kv heads:
+    the attention rows divide by tp (3 kv heads of 4 rows), so ucp cuts them evenly, and a stock
+    ZeRO-1 AutoTP job stops at load_checkpoint with torch's size mismatch (DeepSpeed wants 2 + 1 heads)."""
+    import ucp
+
+    src, _truth = autotp_saved(1, (6, 3), bias=True)
+    out = tmp_path / "ds"
+    ucp.reshard(str(src), str(out), topology="tp=2,dp=1,zero=1", engine="deepspeed", progress=False)
+    with pytest.raises(AssertionError, match=r"size mismatch for model\.layers\.\d\.self_attn\.[qkvo]_proj"):
+        _job(2, tmp_path / "load", "--tp", "2", "--load", str(out), "--steps", "0", heads=(6, 3), bias=True)
+
+
+@pytest.mark.slow
+def test_zero3_autotp_source_to_more_data_parallel_ranks(autotp_saved, tmp_path):
+    """DeepSpeed 0.19.8 trains AutoTP under ZeRO-3: ucp reads such a checkpoint (tp=2 x dp=1, biases,
+    6 heads / 3 kv heads split 2 + 1) and writes it for tp=2 x dp=2 at ZeRO-3; a stock job loads it and
+    holds, on each rank, what the saving job held for that tp rank, bit for bit."""
+    import ucp
+
+    src, truth = autotp_saved(2, (6, 3), bias=True, zero=3)
+    assert [t["params"]["model.layers.0.self_attn.k_proj.bias"]["fp32"].shape[0] for t in truth] == [8, 4]
+    out = tmp_path / "ds"
+    ucp.reshard(str(src), str(out), topology="tp=2,dp=2,zero=3", engine="deepspeed", progress=False)
+    seen = _records(_job(4, tmp_path / "load", "--tp", "2", "--zero", "3", "--load", str(out), "--steps", "0",
+                         heads=(6, 3), bias=True))
     for rank, got in enumerate(seen):
         _assert_same(truth[rank % 2], got, f"rank {rank}")
