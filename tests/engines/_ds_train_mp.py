@@ -5,7 +5,8 @@ Modes (one per run, under torchrun, CPU + gloo):
 - ``pipe``: a ``PipelineModule`` over all ranks' pipeline stages (``--pp``; dp = world / pp), with the
   embedding tied to the lm head through ``TiedLayerSpec``, ZeRO-1, bf16.
 - ``autotp``: a tiny ``transformers`` Llama sharded by AutoTP (``tensor_parallel.autotp_size`` =
-  world), ZeRO-1, bf16; ``--kv-heads`` picks even or uneven GQA heads.
+  world), ZeRO-1 (``--zero``: 1, 2 or 3), bf16; ``--kv-heads`` picks even or uneven GQA heads, ``--bias``
+  gives every projection a bias (``attention_bias``, ``mlp_bias``).
 - ``moe``: a model with a ``deepspeed.moe.layer.MoE`` block (``--experts``, ep = world), ZeRO-2, bf16.
 
 After training, every rank writes what DeepSpeed itself gathers for each of its parameters
@@ -73,7 +74,8 @@ def build_llama(args):
 
     cfg = LlamaConfig(vocab_size=VOCAB + 3, hidden_size=args.heads * 4, intermediate_size=40,
                       num_hidden_layers=2, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-                      max_position_embeddings=32, tie_word_embeddings=False)
+                      max_position_embeddings=32, tie_word_embeddings=False,
+                      attention_bias=args.bias, mlp_bias=args.bias)
     model = LlamaForCausalLM(cfg)
     model.model.norm.weight.requires_grad_(False)  # a frozen parameter the reader must keep
     return model
@@ -120,6 +122,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tp", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--bias", action="store_true", help="autotp: q/k/v/o and MLP projections with biases")
     p.add_argument("--experts", type=int, default=4)
     p.add_argument("--ep", type=int, default=2)
     p.add_argument("--data-before-expert", action="store_true", help="DeepSpeed's D + E rank order")

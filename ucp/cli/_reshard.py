@@ -24,6 +24,9 @@ __all__ = ["reshard"]
 @click.option("--spec", default=None,
               help="UCL spec for tp/pp cuts (a bundled name, a file, or UCL text); default: the "
                    "one SRC stores.")
+@click.option("--config", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="--engine deepspeed at tp > 1: the model's Hugging Face config.json, whose head counts "
+                   "say how AutoTP cuts attention (instead of a spec's heads/kv_heads).")
 @click.option("--src-engine", default="auto", show_default=True,
               help="Engine of SRC when it is not a universal checkpoint (converted on the fly).")
 @click.option("--alignment", default=None, type=click.IntRange(1),
@@ -38,7 +41,7 @@ __all__ = ["reshard"]
 @storage_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @ucp_command
-def reshard(src: str, dst: str, topology: Topology, engine: str, spec: str | None,
+def reshard(src: str, dst: str, topology: Topology, engine: str, spec: str | None, config: str | None,
             src_engine: str, alignment: int | None, tag: str | None, overwrite: bool,
             workers: int, no_verify: bool, as_json: bool, options: tuple[tuple[str, Any], ...],
             quiet: bool) -> None:
@@ -53,10 +56,19 @@ def reshard(src: str, dst: str, topology: Topology, engine: str, spec: str | Non
       ucp reshard ./universal ./ckpt_dp4 --to dp=4,tp=1,pp=1,zero=1
       ucp reshard ./megatron_tp2pp2 ./ckpt_tp4 --to tp=4,zero=0 --spec llama_megatron
       ucp reshard ./hf_llama ./megatron_run --to tp=2 --engine megatron
+      ucp reshard ./ds_tp1 ./ds_tp2 --to tp=2,dp=2,zero=1 --engine deepspeed --config config.json
     """
     from ucp.ops._reshard import reshard as _reshard
 
     so = storage_options(options)
+    if config is not None:
+        if engine != "deepspeed" or spec is not None:
+            raise click.UsageError("--config gives the head counts of --engine deepspeed's AutoTP files; it "
+                                   "goes with --engine deepspeed and without --spec (put heads = N and "
+                                   "kv_heads = M in the spec instead)")
+        from ucp.engines.deepspeed._native_tp import head_spec
+
+        spec = head_spec(_json_file(config), config)
     report = _reshard(src, dst, topology=topology, engine=engine, spec=spec, alignment=alignment,
                       src_engine=src_engine, tag=tag, overwrite=overwrite, workers=workers,
                       storage_options=so, dst_storage_options=so,
@@ -71,3 +83,17 @@ def reshard(src: str, dst: str, topology: Topology, engine: str, spec: str | Non
                f"({report.topology}), engine {report.engine}; read {stats.bytes_read / 2**20:.1f} MiB "
                f"for {stats.bytes_needed / 2**20:.1f} MiB needed (amplification "
                f"{stats.amplification:.3f}) in {report.seconds:.1f}s")
+
+
+def _json_file(path: str) -> dict[str, Any]:
+    """A JSON object from ``path``; a TopologyError naming the file otherwise."""
+    from ucp.core._errors import TopologyError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, ValueError) as e:
+        raise TopologyError(f"{path}: not a readable JSON config ({e}); pass the model's config.json") from e
+    if not isinstance(value, dict):
+        raise TopologyError(f"{path}: a JSON {type(value).__name__}, not an object; pass the model's config.json")
+    return value

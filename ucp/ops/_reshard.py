@@ -39,7 +39,9 @@ def reshard(src: str, dst: str, *, topology: Topology | str, engine: str = "ucp"
             ``dist_checkpointing.load`` reads at ``topology``'s tp/pp), or an engine plugin that
             provides a reshard target.
         spec: UCL spec (Spec, bundled name, path or text) for tp/pp/ep cuts; default: the one
-            stored in the universal checkpoint.
+            stored in the universal checkpoint. ``engine="deepspeed"`` at tp > 1 reads its
+            ``heads`` / ``kv_heads`` constants (``"heads = 32\nkv_heads = 8"``): how AutoTP cuts
+            attention.
         alignment: ZeRO partitions hold a multiple of this many elements (default: the target
             engine's; 1 for ``ucp``).
         src_engine / tag / storage_options: how to open ``src`` (as ``ucp.convert`` does).

@@ -17,6 +17,7 @@ from ucp.core._topology import Topology
 
 from .._base import ParamInfo, Region, cut
 from .._near import deepspeed_near_miss
+from .._open import layout_spec
 from ._mp import MpLayout
 from ._reader import DeepSpeedCheckpoint
 
@@ -51,7 +52,8 @@ class DeepSpeedEngine:
         if "://" in url and not url.startswith("file://"):
             raise ConvertError(f"{url}: the DeepSpeed reader reads local directories only; copy the "
                                "checkpoint to local disk first (e.g. with `aws s3 sync`)")
-        return DeepSpeedSource(DeepSpeedCheckpoint(url.removeprefix("file://"), tag=tag), spec)
+        # a spec of constants only (head counts for a target) lays nothing out: the recorded layout reads
+        return DeepSpeedSource(DeepSpeedCheckpoint(url.removeprefix("file://"), tag=tag), layout_spec(spec))
 
 
 def _looks_like_deepspeed(url: str) -> bool:

@@ -70,9 +70,9 @@ SUB_GROUP_SIZE = 1_000_000_000
 _NOT_FLAT = ("param", "fp32", "step")
 
 
-def zero3_model_file(dp_rank: int) -> str:
+def zero3_model_file(dp_rank: int, mp_rank: int = 0) -> str:
     """ZeRO-3's per-rank model file (placeholders, buffers, this rank's frozen parameter fragments)."""
-    return f"zero_pp_rank_{dp_rank}_mp_rank_00_model_states.pt"
+    return f"zero_pp_rank_{dp_rank}_mp_rank_{mp_rank:02d}_model_states.pt"
 
 
 def optim_file(dp_rank: int, bf16: bool, mp_rank: int = 0) -> str:
@@ -223,7 +223,7 @@ class DeepSpeedNativeTarget:
             from ._native_tp import write_tp
 
             return write_tp(self.name, source, dst, topology=topology, step=step, overwrite=overwrite,
-                            storage_options=storage_options, verify=verify)
+                            storage_options=storage_options, verify=verify, spec=spec)
         if topology.pp != 1 or pipe_checkpoint(source) is not None:  # a PipelineModule: per-layer files
             return write_pipe(self.name, source, dst, topology=topology, step=step, overwrite=overwrite,
                               storage_options=storage_options, verify=verify)
