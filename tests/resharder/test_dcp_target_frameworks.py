@@ -1,0 +1,145 @@
+"""``ucp reshard --engine torchtitan`` and ``--engine accelerate``: the frameworks' own loaders read it.
+
+The slow tests run the real making jobs of ``tests/engines/`` (``_titan_make.py``: torchtitan's
+Llama 3 under FSDP2 on 2 ranks, saved by its ``CheckpointManager``; ``_accel_make.py``: a Hugging
+Face Llama under accelerate's FSDP2 on 2 ranks, ``save_state``), reshard their saves for 1 or 3
+ranks, and let a stock job of that size (``_framework_resume_job.py``: no ucp import) load the
+result with the framework's own loader: torchtitan's ``CheckpointManager.load`` with
+``checkpoint.folder`` at ucp's output, accelerate's ``load_state``. The state the resumed job holds
+(gathered by torch, ``full_state_dict=True``) must equal the source job's bit for bit: weights,
+AdamW moments, optimizer steps, hyper-parameters, LR scheduler and train state.
+
+The fast tests check the layout against torch's own DCP reader and the refusals.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import ucp
+from ucp.cli import main
+from ucp.testing import run_command, scaled_timeout
+
+HERE = Path(__file__).resolve().parent
+JOB = HERE / "_framework_resume_job.py"
+
+
+def _engines_helper(name: str):
+    """A helper of tests/engines (its making jobs, its conftest's ``free_port``)."""
+    spec = importlib.util.spec_from_file_location(f"ucp_tests_dcpfw{name}", HERE.parent / "engines" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def _same(got: Any, want: Any, what: str) -> None:
+    """Equal bit for bit: tensors (dtype, shape, values), and containers of them, recursively."""
+    if isinstance(want, torch.Tensor):
+        assert isinstance(got, torch.Tensor), what
+        assert got.dtype == want.dtype and got.shape == want.shape, what
+        assert torch.equal(got, want), f"{what} differs"
+    elif isinstance(want, dict):
+        assert isinstance(got, dict) and sorted(got) == sorted(want), what
+        for k in want:
+            _same(got[k], want[k], f"{what}/{k}")
+    elif isinstance(want, (list, tuple)):
+        assert type(got) is type(want) and len(got) == len(want), what
+        for i, (g, w) in enumerate(zip(got, want)):
+            _same(g, w, f"{what}[{i}]")
+    else:
+        assert got == want and type(got) is type(want), f"{what}: {got!r} != {want!r}"
+
+
+def _resume(kind: str, ranks: int, folder: Path, record: Path) -> dict[str, Any]:
+    """What a stock ``kind`` job of ``ranks`` processes holds after loading ``folder``."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr",
+           "127.0.0.1", "--master_port", str(_engines_helper("conftest").free_port()), str(JOB), kind,
+           str(folder), str(record)]
+    run_command(cmd, what=f"stock {kind} job on {ranks} ranks loading {folder}", timeout=scaled_timeout(400))
+    return torch.load(record, weights_only=True)
+
+
+def _reshard(*args: str) -> None:
+    r = CliRunner().invoke(main, ["reshard", *args, "-q"])
+    assert r.exit_code == 0, r.output
+
+
+# -- torchtitan --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def titan_root(tmp_path_factory) -> Path:
+    """A torchtitan job's dump folder (2 ranks): ``checkpoint/step-{2,4,5}``, ``full-{4,5}.pt``."""
+    pytest.importorskip("torchtitan", reason="install the test extra (torchtitan; see the Makefile)")
+    from ucp.testing import run_ranks
+
+    out = tmp_path_factory.mktemp("titan")
+    run_ranks(_engines_helper("_titan_make").make_titan, 2, args=(str(out),), timeout=600)
+    return out
+
+
+def _check_titan(seen: dict[str, Any], ref: dict[str, Any]) -> None:
+    for key in ("model", "optim", "lr_scheduler", "train_state"):
+        _same(seen[key], ref[key], key)
+    # the fused wqkv moments and steps are among them, under torchtitan's own flattened keys
+    assert any(k.endswith(".wqkv.weight.exp_avg") for k in seen["optim"])
+    assert seen["train_state"]["step"] == 4 and seen["lr_scheduler"] == {"last_epoch": 4}
+    # the same weights on another number of ranks: the same logits, up to the order of float sums
+    assert (seen["logits"] - ref["logits"]).abs().max().item() <= 1e-6 * ref["logits"].abs().max().item()
+
+
+@pytest.mark.slow
+def test_torchtitan_resumes_on_3_ranks_from_its_2_rank_save(titan_root: Path, tmp_path: Path) -> None:
+    """torchtitan root (dp=2, step 4 of 2/4/5) -> ``ucp reshard ROOT DST --to dp=3 --engine torchtitan
+    --step 4 --spec 'head_dim = 16'`` -> torchtitan's CheckpointManager (folder DST) on 3 ranks."""
+    ref = torch.load(titan_root / "full-4.pt", weights_only=True)
+    dst = tmp_path / "titan-dp3"
+    _reshard(str(titan_root), str(dst), "--to", "dp=3", "--engine", "torchtitan", "--step", "4",
+             "--spec", f"head_dim = {ref['head_dim']}")
+    assert sorted(p.name for p in dst.iterdir()) == ["step-4"] and (dst / "step-4" / ".metadata").is_file()
+    _check_titan(_resume("torchtitan", 3, dst, tmp_path / "seen.pt"), ref)
+
+
+@pytest.mark.slow
+def test_torchtitan_resumes_on_1_rank_from_a_universal_checkpoint(titan_root: Path, tmp_path: Path) -> None:
+    """The same through a universal checkpoint (``ucp convert``, then ``reshard --to dp=1``)."""
+    ref = torch.load(titan_root / "full-4.pt", weights_only=True)
+    spec = f"head_dim = {ref['head_dim']}"
+    ucp.convert(str(titan_root / "checkpoint"), str(tmp_path / "u"), spec=spec, tag="4", progress=False)
+    dst = tmp_path / "titan-dp1"
+    _reshard(str(tmp_path / "u"), str(dst), "--to", "dp=1", "--engine", "torchtitan", "--spec", spec)
+    _check_titan(_resume("torchtitan", 1, dst, tmp_path / "seen.pt"), ref)
+
+
+# -- accelerate --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def accelerate_root(tmp_path_factory) -> Path:
+    """An accelerate FSDP2 job's output (2 ranks): ``state/`` (save_state) and ``full.pt``."""
+    pytest.importorskip("accelerate", reason="install the test extra (accelerate; see the Makefile)")
+    from ucp.testing import run_ranks
+
+    out = tmp_path_factory.mktemp("accelerate")
+    run_ranks(_engines_helper("_accel_make").make_accelerate, 2, args=(str(out),), timeout=600)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks", [3, 1])
+def test_accelerate_load_state_reads_it(accelerate_root: Path, tmp_path: Path, ranks: int) -> None:
+    """accelerate save_state (dp=2) -> ``ucp reshard STATE DST --to dp=N --engine accelerate`` ->
+    ``accelerator.load_state(DST)`` in an FSDP2 job on N ranks: model (the frozen norm and the
+    buffer too), optimizer and LR scheduler as the source job held them."""
+    ref = torch.load(accelerate_root / "full.pt", weights_only=True)
+    dst = tmp_path / f"accel-dp{ranks}"
+    _reshard(str(accelerate_root / "state"), str(dst), "--to", f"dp={ranks}", "--engine", "accelerate")
+    assert sorted(p.name for p in dst.iterdir()) == ["optimizer_0", "pytorch_model_fsdp_0", "scheduler.bin"]
+    seen = _resume("accelerate", ranks, dst, tmp_path / "seen.pt")
+    _same(seen, ref, "state")
+    # accelerate steps the scheduler once per process and step: 3 steps on 2 ranks
+    assert seen["scheduler"]["last_epoch"] == 6 and "model.norm.weight" not in seen["optim"]["state"]
