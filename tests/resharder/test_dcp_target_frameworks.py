@@ -143,3 +143,132 @@ def test_accelerate_load_state_reads_it(accelerate_root: Path, tmp_path: Path, r
     _same(seen, ref, "state")
     # accelerate steps the scheduler once per process and step: 3 steps on 2 ranks
     assert seen["scheduler"]["last_epoch"] == 6 and "model.norm.weight" not in seen["optim"]["state"]
+
+
+# -- fast: the layouts, read back by torch's own dcp_to_torch_save; the refusals ------------------
+HEAD_DIM, HEADS, KV_HEADS, DIM = 4, 4, 2, 8
+
+
+class _Attention(torch.nn.Module):
+    """torchtitan's attention projections unfused (``wq``/``wk``/``wv``), grouped-query."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wq = torch.nn.Linear(DIM, HEADS * HEAD_DIM, bias=False)
+        self.wk = torch.nn.Linear(DIM, KV_HEADS * HEAD_DIM, bias=False)
+        self.wv = torch.nn.Linear(DIM, KV_HEADS * HEAD_DIM, bias=False)
+
+
+class _Titanish(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList([torch.nn.Module()])
+        self.layers[0].attention = _Attention()
+        self.norm = torch.nn.LayerNorm(HEADS * HEAD_DIM)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.layers[0].attention
+        return self.norm(a.wq(x)).sum() + a.wk(x).square().sum() + a.wv(x).sum()
+
+
+@pytest.fixture(scope="module")
+def titanish(tmp_path_factory) -> tuple[Path, dict[str, dict[str, torch.Tensor]]]:
+    """The universal checkpoint of a ucp save (step 2) of a model under torchtitan's names, trained
+    2 AdamW steps; and the optimizer state by parameter name."""
+    root = tmp_path_factory.mktemp("titanish")
+    torch.manual_seed(0)
+    model = _Titanish()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(2):
+        model(torch.randn(3, DIM)).backward()
+        opt.step()
+        opt.zero_grad()
+    ckpt = ucp.Checkpointer(str(root / "native"), every=1)
+    ckpt.maybe_save(2, {"model": model, "optim": opt})
+    ckpt.close()
+    ucp.convert(str(root / "native"), str(root / "universal"), progress=False)
+    names = [n for n, _ in model.named_parameters()]
+    states = {names[i]: {k: v.clone() for k, v in st.items()} for i, st in opt.state_dict()["state"].items()}
+    return root / "universal", {**states, "model": {k: v.clone() for k, v in model.state_dict().items()}}
+
+
+def _torch_save_of(folder: Path, tmp_path: Path) -> dict[str, Any]:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(str(folder), str(tmp_path / "whole.pt"))
+    return torch.load(tmp_path / "whole.pt", weights_only=True)
+
+
+def test_torchtitan_target_fuses_the_moments_per_kv_group(titanish, tmp_path: Path) -> None:
+    src, want = titanish
+    ucp.reshard(str(src), str(tmp_path / "t"), topology="dp=2", engine="torchtitan", spec=f"head_dim = {HEAD_DIM}",
+                progress=False)
+    got = _torch_save_of(tmp_path / "t" / "step-2", tmp_path)
+    p = "layers.0.attention"
+    for name, t in want["model"].items():  # model keys flat at the top, wq/wk/wv unfused
+        _same(got[name], t, name)
+    optim = got["optimizer"]
+    assert not any(".wq." in k or ".wk." in k or ".wv." in k for k in optim)
+    for state in ("exp_avg", "exp_avg_sq"):
+        q, k, v = (want[f"{p}.{w}.weight"][state] for w in ("wq", "wk", "wv"))
+        fused = optim[f"state.{p}.wqkv.weight.{state}"]
+        per_group = HEADS // KV_HEADS * HEAD_DIM
+        for g in range(KV_HEADS):  # group g: its query heads, its key head, its value head
+            rows = fused[g * (per_group + 2 * HEAD_DIM):(g + 1) * (per_group + 2 * HEAD_DIM)]
+            _same(rows[:per_group], q[g * per_group:(g + 1) * per_group], f"{state} q{g}")
+            _same(rows[per_group:per_group + HEAD_DIM], k[g * HEAD_DIM:(g + 1) * HEAD_DIM], f"{state} k{g}")
+            _same(rows[per_group + HEAD_DIM:], v[g * HEAD_DIM:(g + 1) * HEAD_DIM], f"{state} v{g}")
+        _same(optim[f"state.norm.weight.{state}"], want["norm.weight"][state], f"norm {state}")
+    _same(optim[f"state.{p}.wqkv.weight.step"], want[f"{p}.wq.weight"]["step"], "step")
+    assert optim[f"param_groups.{p}.wqkv.weight.lr"] == 1e-2
+    assert optim["param_groups.norm.bias.betas"] == (0.9, 0.999)
+    assert "lr_scheduler" not in got and "train_state" not in got  # the source carries neither
+
+
+def test_torchtitan_target_unfused_with_fuse_qkv_0(titanish, tmp_path: Path) -> None:
+    src, want = titanish
+    ucp.reshard(str(src), str(tmp_path / "t"), topology="dp=1", engine="torchtitan", spec="fuse_qkv = 0",
+                progress=False)
+    optim = _torch_save_of(tmp_path / "t" / "step-2", tmp_path)["optimizer"]
+    for name in ("layers.0.attention.wk.weight", "norm.bias"):
+        for state in ("exp_avg", "exp_avg_sq", "step"):
+            _same(optim[f"state.{name}.{state}"], want[name][state], f"{name} {state}")
+    assert not any("wqkv" in k for k in optim)
+
+
+def test_torchtitan_target_refusals_come_before_any_byte(titanish, tmp_path: Path) -> None:
+    src, _ = titanish
+    out = tmp_path / "t"
+    with pytest.raises(ucp.UcpError, match=r"'layers.0.attention.wq.weight'.*fused 'layers.0.attention.wqkv.weight'"
+                       r".*--spec 'head_dim = 128'.*--spec 'fuse_qkv = 0'"):
+        ucp.reshard(str(src), str(out), topology="dp=2", engine="torchtitan", progress=False)
+    with pytest.raises(ucp.UcpError, match="head_dim = 3 does not fit 'layers.0.attention.wqkv.weight'"):
+        ucp.reshard(str(src), str(out), topology="dp=2", engine="torchtitan", spec="head_dim = 3", progress=False)
+    assert not out.exists()
+    (out / "notes.txt").parent.mkdir()
+    (out / "notes.txt").write_text("mine")
+    r = CliRunner().invoke(main, ["reshard", str(src), str(out), "--to", "dp=1", "--engine", "torchtitan",
+                                  "--spec", "fuse_qkv = 0"])
+    assert r.exit_code == 1 and "not a torchtitan checkpoint folder (notes.txt)" in r.output
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_accelerate_target_layout_and_refusals(titanish, tmp_path: Path) -> None:
+    src, want = titanish
+    out = tmp_path / "a"
+    ucp.reshard(str(src), str(out), topology="dp=2", engine="accelerate", progress=False)
+    # no scheduler in the source: no scheduler.bin (a job with a scheduler must not call load_state on it)
+    assert sorted(p.name for p in out.iterdir()) == ["optimizer_0", "pytorch_model_fsdp_0"]
+    model = _torch_save_of(out / "pytorch_model_fsdp_0", tmp_path)
+    _same(model, {"model": want["model"]}, "model")
+    optim = _torch_save_of(out / "optimizer_0", tmp_path)["optimizer"]
+    for name in want["model"]:
+        for state in ("exp_avg", "exp_avg_sq", "step"):
+            _same(optim["state"][name][state], want[name][state], f"{name} {state}")
+    assert [g["params"] for g in optim["param_groups"]] == [list(want["model"])]
+    with pytest.raises(ucp.CheckpointExistsError, match="pytorch_model_fsdp_0 already holds a DCP checkpoint"):
+        ucp.reshard(str(src), str(out), topology="dp=1", engine="accelerate", progress=False)
+    ucp.reshard(str(src), str(out), topology="dp=1", engine="accelerate", overwrite=True, progress=False)
+    (out / "pytorch_model_0.bin").write_bytes(b"x")
+    with pytest.raises(ucp.CheckpointExistsError, match=r"not an accelerate save_state folder \(pytorch_model_0.bin\)"):
+        ucp.reshard(str(src), str(out), topology="dp=1", engine="accelerate", overwrite=True, progress=False)
