@@ -2,14 +2,15 @@
 
 Run under torchrun, one process per rank::
 
-    python -m torch.distributed.run --nproc_per_node N ... _framework_resume_job.py torchtitan FOLDER RECORD
+    python -m torch.distributed.run --nproc_per_node N ... _framework_resume_job.py torchtitan FOLDER RECORD [unfused]
     python -m torch.distributed.run --nproc_per_node N ... _framework_resume_job.py accelerate DIR RECORD
 
 ``torchtitan``: builds the job of ``tests/engines/_titan_make.py`` (its Llama 3, FSDP2 over the N
 ranks, its ``OptimizersContainer`` and ``LRSchedulersContainer``) and lets torchtitan's own
 ``CheckpointManager``, with ``checkpoint.folder = FOLDER``, load the newest ``step-N`` as
 ``torchtitan.train`` does on start (``load(step=checkpoint.load_step)``, -1); the data loader is
-left out of the load (``exclude_from_loading``), as the job has none. ``accelerate``: builds the
+left out of the load (``exclude_from_loading``), as the job has none; ``unfused``: the model is
+built with ``fuse_qkv=False``. ``accelerate``: builds the
 job of ``tests/engines/_accel_make.py`` (FSDP2, sharded state dicts) and calls
 ``accelerator.load_state(DIR)``. Either way rank 0 then writes RECORD: the full state torch gathers
 from what the job holds, as the making job wrote its reference.
@@ -33,7 +34,7 @@ def _helper(name: str):
     return module
 
 
-def torchtitan(folder: str, record: str) -> None:
+def torchtitan(folder: str, record: str, unfused: str = "") -> None:
     import torch.distributed as dist
     from torchtitan.components.checkpoint import CheckpointManager
 
@@ -41,7 +42,7 @@ def torchtitan(folder: str, record: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     dump = os.path.dirname(record)
-    model, optimizers, schedulers = make._build(world, dump)
+    model, optimizers, schedulers = make._build(world, dump, fuse_qkv=unfused != "unfused")
     state = make.TrainState()
     config = CheckpointManager.Config(enable=True, folder=folder, exclude_from_loading=["dataloader"])
     ckpt = CheckpointManager(config, dataloader=None, model_parts=[model], optimizers=optimizers,

@@ -58,11 +58,11 @@ def _same(got: Any, want: Any, what: str) -> None:
         assert got == want and type(got) is type(want), f"{what}: {got!r} != {want!r}"
 
 
-def _resume(kind: str, ranks: int, folder: Path, record: Path) -> dict[str, Any]:
+def _resume(kind: str, ranks: int, folder: Path, record: Path, *flags: str) -> dict[str, Any]:
     """What a stock ``kind`` job of ``ranks`` processes holds after loading ``folder``."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr",
            "127.0.0.1", "--master_port", str(_engines_helper("conftest").free_port()), str(JOB), kind,
-           str(folder), str(record)]
+           str(folder), str(record), *flags]
     run_command(cmd, what=f"stock {kind} job on {ranks} ranks loading {folder}", timeout=scaled_timeout(400))
     return torch.load(record, weights_only=True)
 
@@ -115,6 +115,42 @@ def test_torchtitan_resumes_on_1_rank_from_a_universal_checkpoint(titan_root: Pa
     dst = tmp_path / "titan-dp1"
     _reshard(str(tmp_path / "u"), str(dst), "--to", "dp=1", "--engine", "torchtitan", "--spec", spec)
     _check_titan(_resume("torchtitan", 1, dst, tmp_path / "seen.pt"), ref)
+
+
+def _unfused(ref: dict[str, Any]) -> dict[str, Any]:
+    """``ref`` as a model built with ``fuse_qkv=False`` holds it: each fused ``wqkv`` optimizer entry
+    as ``wq``/``wk``/``wv`` ones, the moments cut by torchtitan's own save hook
+    (``test_dcp_frameworks._titan_moment``)."""
+    frameworks = _engines_helper("test_dcp_frameworks")
+    optim: dict[str, Any] = {}
+    for key, value in ref["optim"].items():
+        if ".wqkv." not in key:
+            optim[key] = value
+            continue
+        kind, rest = key.split(".", 1)  # state.<fqn>.<state> or param_groups.<fqn>.<hyper-parameter>
+        fqn, leaf = rest.rsplit(".", 1)
+        for part in ("wq", "wk", "wv"):
+            name = fqn.replace(".wqkv.", f".{part}.")
+            moment = kind == "state" and leaf in ("exp_avg", "exp_avg_sq")
+            optim[f"{kind}.{name}.{leaf}"] = frameworks._titan_moment(ref, name, leaf) if moment else value
+    return {**ref, "optim": optim}
+
+
+@pytest.mark.slow
+def test_torchtitan_unfused_model_resumes_with_fuse_qkv_0(titan_root: Path, tmp_path: Path) -> None:
+    """``--spec 'fuse_qkv = 0'``: a torchtitan job whose model is built with ``fuse_qkv=False`` (2
+    ranks) resumes from the fused job's step 4 with the moments cut as torchtitan's save hook cuts them."""
+    ref = torch.load(titan_root / "full-4.pt", weights_only=True)
+    ucp.convert(str(titan_root / "checkpoint"), str(tmp_path / "u"), spec=f"head_dim = {ref['head_dim']}",
+                tag="4", progress=False)
+    dst = tmp_path / "titan-unfused"
+    _reshard(str(tmp_path / "u"), str(dst), "--to", "dp=2", "--engine", "torchtitan", "--spec", "fuse_qkv = 0")
+    seen = _resume("torchtitan", 2, dst, tmp_path / "seen.pt", "unfused")
+    want = _unfused(ref)
+    for key in ("model", "optim", "lr_scheduler", "train_state"):
+        _same(seen[key], want[key], key)
+    assert any(k.endswith(".wk.weight.exp_avg_sq") for k in seen["optim"])
+    assert not any(".wqkv." in k for k in seen["optim"])
 
 
 # -- accelerate --------------------------------------------------------------------------------
