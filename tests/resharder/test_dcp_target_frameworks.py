@@ -259,6 +259,13 @@ def test_torchtitan_target_fuses_the_moments_per_kv_group(titanish, tmp_path: Pa
     assert optim[f"param_groups.{p}.wqkv.weight.lr"] == 1e-2
     assert optim["param_groups.norm.bias.betas"] == (0.9, 0.999)
     assert "lr_scheduler" not in got and "train_state" not in got  # the source carries neither
+    # ucp reads it back as a torchtitan root: the fused moments cut again give the source's
+    back = ucp.convert(str(tmp_path / "t"), str(tmp_path / "u"), spec=f"head_dim = {HEAD_DIM}", progress=False)
+    assert back.step == 2 and sorted(back.names()) == sorted(want["model"])
+    for name in back.names():
+        _same(back.read(name, "fp32"), want["model"][name], name)
+        for state in ("exp_avg", "exp_avg_sq"):
+            _same(back.read(name, state), want[name][state], f"{name} {state} read back")
 
 
 def test_torchtitan_target_unfused_with_fuse_qkv_0(titanish, tmp_path: Path) -> None:
@@ -302,6 +309,9 @@ def test_accelerate_target_layout_and_refusals(titanish, tmp_path: Path) -> None
         for state in ("exp_avg", "exp_avg_sq", "step"):
             _same(optim["state"][name][state], want[name][state], f"{name} {state}")
     assert [g["params"] for g in optim["param_groups"]] == [list(want["model"])]
+    back = ucp.convert(str(out), str(tmp_path / "u"), progress=False)  # an accelerate root to ucp's reader
+    for name in want["model"]:
+        _same(back.read(name, "exp_avg_sq"), want[name]["exp_avg_sq"], f"{name} read back")
     with pytest.raises(ucp.CheckpointExistsError, match="pytorch_model_fsdp_0 already holds a DCP checkpoint"):
         ucp.reshard(str(src), str(out), topology="dp=1", engine="accelerate", progress=False)
     ucp.reshard(str(src), str(out), topology="dp=1", engine="accelerate", overwrite=True, progress=False)
