@@ -19,7 +19,7 @@ from ucp.engines._base import ParamInfo, SourceCheckpoint, cut
 from ._zero import Region
 
 __all__ = ["ArrayInfo", "ArraySource", "ConvertingSource", "param_source", "open_array_source", "read_many",
-           "aliases_of"]
+           "aliases_of", "extras_of"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,3 +192,14 @@ def aliases_of(source: ArraySource) -> dict[str, str]:
         if callable(fn):
             return dict(fn())
     return {}
+
+
+def extras_of(source: ArraySource) -> dict[str, Any]:
+    """The source's other training state (a universal checkpoint's ``extras``, an engine reader's
+    ``extras()``: schedulers, train state), or {}."""
+    ckpt = getattr(source, "ckpt", None)
+    extras = getattr(ckpt, "extras", None) if ckpt is not None else None
+    if extras is None:
+        fn = getattr(getattr(source, "source", None), "extras", None)
+        extras = fn() if callable(fn) else None
+    return dict(extras or {})

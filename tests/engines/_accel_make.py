@@ -20,8 +20,9 @@ import torch
 VOCAB, HIDDEN, HEADS, KV_HEADS, LAYERS, SEQ = 80, 32, 4, 2, 2, 12
 
 
-def make_accelerate(rank: int, world_size: int, out: str) -> None:
-    """Trains 3 steps and saves with ``save_state``; collective (every rank)."""
+def build(rank: int, world_size: int):
+    """The job's ``Accelerator`` (FSDP2, sharded state dicts) and its prepared model, optimizer and
+    scheduler, before any training step (also what a job resuming from a ``save_state`` builds)."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -47,6 +48,15 @@ def make_accelerate(rank: int, world_size: int, out: str) -> None:
                               "weight_decay": 0.0, "lr": 2e-3}], lr=1e-3, weight_decay=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 2))
     model, opt, sched = accelerator.prepare(model, opt, sched)  # FSDP2 takes both at once
+    accelerator.state.distributed_type = DistributedType.FSDP  # prepare() re-derived it from the CPU
+    return accelerator, model, opt, sched
+
+
+def make_accelerate(rank: int, world_size: int, out: str) -> None:
+    """Trains 3 steps and saves with ``save_state``; collective (every rank)."""
+    from accelerate.utils import DistributedType
+
+    accelerator, model, opt, sched = build(rank, world_size)
     gen = torch.Generator().manual_seed(7 + rank)
     for _ in range(3):
         ids = torch.randint(0, VOCAB, (2, SEQ), generator=gen)
@@ -54,12 +64,14 @@ def make_accelerate(rank: int, world_size: int, out: str) -> None:
         opt.step()
         sched.step()
         opt.zero_grad()
-    accelerator.state.distributed_type = DistributedType.FSDP  # prepare() re-derived it from the CPU
+    accelerator.state.distributed_type = DistributedType.FSDP  # training re-derived it from the CPU
     accelerator.save_state(os.path.join(out, "state"))
-    _write_reference(model, opt, sched, out, rank)
+    write_reference(model, opt, sched, os.path.join(out, "full.pt"), rank)
 
 
-def _write_reference(model, opt, sched, out: str, rank: int) -> None:
+def write_reference(model, opt, sched, path: str, rank: int) -> None:
+    """The full state torch gathers (``full_state_dict=True``) and the scheduler's state, to ``path``
+    (rank 0 writes; collective)."""
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
@@ -70,5 +82,5 @@ def _write_reference(model, opt, sched, out: str, rank: int) -> None:
            "optim": get_optimizer_state_dict(model, inner, options=full),
            "scheduler": sched.state_dict()}
     if rank == 0:
-        torch.save(ref, os.path.join(out, "full.pt"))
+        torch.save(ref, path)
     dist.barrier()

@@ -62,7 +62,7 @@ def tiny_llama_config(fuse_qkv: bool = True) -> Any:
         layers=layers)
 
 
-def _build(world_size: int, out: str) -> tuple[Any, Any, Any]:
+def _build(world_size: int, out: str, fuse_qkv: bool = True) -> tuple[Any, Any, Any]:
     from torchtitan.components.optimizer import OptimizersContainer, ParamGroupConfig
     from torchtitan.config import CompileConfig, ParallelismConfig, TrainingConfig
     from torchtitan.distributed import ParallelDims, parallel_dims
@@ -74,7 +74,7 @@ def _build(world_size: int, out: str) -> tuple[Any, Any, Any]:
     dims = ParallelDims.from_config(ParallelismConfig(spmd_backend="partial_dtensor"), world_size)
     dims.build_mesh()
     with torch.device("meta"):
-        model = tiny_llama_config().build()
+        model = tiny_llama_config(fuse_qkv).build()
     model = parallelize_llama(model, parallel_dims=dims, training=TrainingConfig(mixed_precision_param="float32"),
                               parallelism=ParallelismConfig(spmd_backend="partial_dtensor"), compile_config=CompileConfig(), ac_config=None,
                               dump_folder=out)

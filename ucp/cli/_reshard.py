@@ -19,8 +19,9 @@ __all__ = ["reshard"]
 @click.option("--to", "topology", required=True, type=TopologyType(),
               help="Target topology, e.g. dp=2,tp=2,pp=1,zero=1 (omitted axes are 1, zero 0).")
 @click.option("--engine", default="ucp", show_default=True,
-              help="Target layout: ucp (native per-rank files), dcp, deepspeed (DeepSpeed's native ZeRO "
-                   "files), deepspeed-universal, or an engine with a reshard target.")
+              help="Target layout: ucp (native per-rank files), dcp, torchtitan (DST/step-N for its "
+                   "checkpoint.folder), accelerate (a load_state folder), deepspeed (DeepSpeed's native "
+                   "ZeRO files), deepspeed-universal, megatron, or an engine with a reshard target.")
 @click.option("--spec", default=None,
               help="UCL spec for tp/pp cuts (a bundled name, a file, or UCL text); default: the "
                    "one SRC stores.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Any, Mapping
 
@@ -33,7 +34,9 @@ def reshard(src: str, dst: str, *, topology: Topology | str, engine: str = "ucp"
         topology: target topology, e.g. ``"dp=2,tp=2,pp=1,zero=1"``.
         engine: target layout: ``"ucp"`` (ucp's native per-rank format, read back with
             ``ucp.load(dst, rank=r)``), ``"dcp"`` (a torch DCP checkpoint that ``dcp.load``
-            reads onto any sharding), ``"deepspeed"`` (DeepSpeed's native ZeRO-1/2/3 files,
+            reads onto any sharding), ``"torchtitan"`` (``dst/step-<N>/`` for torchtitan's
+            ``CheckpointManager``, ``checkpoint.folder``), ``"accelerate"`` (a folder
+            ``Accelerator.load_state`` reads under FSDP), ``"deepspeed"`` (DeepSpeed's native ZeRO-1/2/3 files,
             loaded by ``engine.load_checkpoint``), ``"deepspeed-universal"`` (DeepSpeed's
             universal layout), ``"megatron"`` (a torch_dist save root that Megatron-core's
             ``dist_checkpointing.load`` reads at ``topology``'s tp/pp), or an engine plugin that
@@ -78,6 +81,12 @@ def reshard(src: str, dst: str, *, topology: Topology | str, engine: str = "ucp"
     elif engine == "dcp":  # its files: .metadata and the .distcp data files
         refuse_foreign(dst, ours=lambda n: n == ".metadata" or n.endswith(".distcp"),
                        what="a DCP checkpoint", storage_options=dst_storage_options)
+    elif engine == "torchtitan":  # its checkpoint.folder: step-N/ DCP directories
+        refuse_foreign(dst, ours=lambda n: re.fullmatch(r"step-\d+", n) is not None,
+                       what="a torchtitan checkpoint folder", storage_options=dst_storage_options)
+    elif engine == "accelerate":  # what Accelerator.save_state writes
+        refuse_foreign(dst, ours=lambda n: _dcp_target.ACCEL_NAMES.match(n) is not None,
+                       what="an accelerate save_state folder", storage_options=dst_storage_options)
     elif engine == "megatron":  # a Megatron-LM save root: iter_NNNNNNN/ and the latest marker
         refuse_foreign(dst, ours=lambda n: n == "latest_checkpointed_iteration.txt" or n.startswith("iter_"),
                        what="a Megatron-LM save root", storage_options=dst_storage_options)

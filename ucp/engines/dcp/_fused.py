@@ -25,7 +25,8 @@ import torch
 from ucp.core._errors import ConvertError, CorruptCheckpointError
 from ._meta import TensorEntry
 
-__all__ = ["FusedPart", "FusedCache", "fused_names", "unfuse", "split_part", "check_head_dim", "PARTS"]
+__all__ = ["FusedPart", "FusedCache", "fused_names", "unfuse", "split_part", "fuse_parts", "check_head_dim",
+           "PARTS"]
 
 PARTS = ("wq", "wk", "wv")
 _WQ = re.compile(r"^(.*\.)?wq\.([^.]+)$")
@@ -129,6 +130,15 @@ def split_part(fused: torch.Tensor, part: FusedPart, head_dim: int) -> torch.Ten
     out = rows.reshape(-1, *tail)
     # a view (one KV group) would keep the whole fused tensor alive and share its memory
     return out.clone() if out.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr() else out
+
+
+def fuse_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The fused ``wqkv`` tensor of ``wq``/``wk``/``wv`` tensors (the inverse of :func:`split_part`):
+    per KV group, its query heads' rows, then its key head's, then its value head's."""
+    kv_heads, tail = k.shape[0] // head_dim, tuple(q.shape[1:])
+    grouped = [q.reshape(kv_heads, -1, *tail), k.reshape(kv_heads, head_dim, *tail),
+               v.reshape(kv_heads, head_dim, *tail)]
+    return torch.cat(grouped, dim=1).reshape(-1, *tail)
 
 
 class FusedCache:
