@@ -65,7 +65,7 @@ def build_pipe(args):
 
     layers = [TiedLayerSpec("embed", Embed)] + [LayerSpec(Block) for _ in range(args.layers)] + [
         LayerSpec(nn.LayerNorm, HIDDEN), TiedLayerSpec("embed", Embed, forward_fn=_head)]
-    return PipelineModule(layers=layers, num_stages=args.pp, loss_fn=_loss, partition_method="uniform")
+    return PipelineModule(layers=layers, num_stages=args.pp, loss_fn=_loss, partition_method=args.partition)
 
 
 def build_llama(args):
@@ -124,7 +124,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ep", type=int, default=2)
     p.add_argument("--data-before-expert", action="store_true", help="DeepSpeed's D + E rank order")
     p.add_argument("--zero", type=int, help="ZeRO stage (default: 2 for moe, else 1)")
-    p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--layers", type=int, default=3, help="pipe: Blocks between the embedding and the final norm")
+    p.add_argument("--partition", default="uniform", help="pipe: the PipelineModule's partition_method")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--scheduler", action="store_true", help="a WarmupLR scheduler in the config")

@@ -3,9 +3,10 @@ ZeRO files (``ucp/engines/deepspeed/_native_pipe.py``), loaded by stock DeepSpee
 
 The slow tests train a real ``PipelineModule`` (tied embedding / lm head, a buffer per block, two
 param groups, WarmupLR, bf16 ZeRO-1: DeepSpeed's PipelineEngine runs no ZeRO-2/3) with DeepSpeed on
-pp=2 x dp=1 or dp=2 and save it with ``save_checkpoint``; what that engine
+pp=2 x dp=1 or dp=2 (or pp=1) and save it with ``save_checkpoint``; what that engine
 holds (DeepSpeed's own ``safe_get_full_fp32_param`` / ``safe_get_full_optimizer_state``, the weights,
-buffers, step, LR scheduler) is the truth. ucp reshards the checkpoint for another dp (and for pp=1);
+buffers, step, LR scheduler) is the truth. ucp reshards the checkpoint for another dp and another pp
+(stages computed as the loading job's ``partition_method`` cuts its layers);
 a stock pipeline job of that size loads ucp's files with plain ``engine.load_checkpoint``
 (``tests/engines/_ds_train_mp.py --load``: no ucp import; its buffers scrambled first) and must hold
 every state bit for bit.
@@ -75,18 +76,21 @@ def _assert_same(want, got, where=""):
 
 @pytest.fixture(scope="module")
 def pipe_saved(tmp_path_factory):
-    """``dp -> (a pp=2 x dp DeepSpeed PipelineModule checkpoint after 3 steps, what its engine held)``."""
+    """``(dp, pp, layers, partition) -> (a pp x dp DeepSpeed PipelineModule checkpoint after 3 steps,
+    what its engine held)``; the default: pp=2, 3 blocks, ``uniform``."""
     pytest.importorskip("deepspeed", reason="install DeepSpeed 0.19.8 to run the real-engine tests")
     cache = {}
 
-    def get(dp: int = 1):
-        if dp not in cache:
-            root = tmp_path_factory.mktemp(f"ds-pipe-src-dp{dp}")
-            truth = _merged(_job(2 * dp, root / "ckpt", "--pp", "2", "--steps", "3"))
+    def get(dp: int = 1, pp: int = 2, layers: int = 3, partition: str = "uniform"):
+        key = (dp, pp, layers, partition)
+        if key not in cache:
+            root = tmp_path_factory.mktemp(f"ds-pipe-src-dp{dp}-pp{pp}-l{layers}-{partition}")
+            truth = _merged(_job(pp * dp, root / "ckpt", "--pp", str(pp), "--steps", "3", "--layers", str(layers),
+                                 "--partition", partition))
             assert truth["step"] == {3} and truth["lr_scheduler"]["last_batch_iteration"] == 2
             assert "tied_modules.embed.weight" in truth["params"] and truth["buffers"]
-            cache[dp] = root / "ckpt", truth
-        return cache[dp]
+            cache[key] = root / "ckpt", truth
+        return cache[key]
 
     return get
 
