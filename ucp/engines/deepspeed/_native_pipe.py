@@ -113,7 +113,8 @@ class _Layers:
     Layers with a file are the checkpoint's; a gap in their numbering is a layer without state (a
     function); a tied module a source stage holds without the layer file of any of its occurrences
     in that stage's span is a ``TiedLayerSpec`` with ``forward_fn`` (it saves no file): placed in a gap
-    of that span after the stage's own layers, else (last stage) after every layer. ``extra`` (from
+    of that span after the stage's own layers, else on the last stage after every layer, else in
+    the span's first gap. ``extra`` (from
     ``--extra-layer``) names file-less layers the checkpoint cannot show (a pp=1 source shows none)."""
 
     def __init__(self, source: ArraySource, record: Mapping[str, Any], extra: Mapping[int, str | None]) -> None:
@@ -158,11 +159,13 @@ class _Layers:
                     continue
                 gaps = [i for i in range(lo, end) if i not in taken and i not in self.tied_at]
                 after = [i for i in gaps if i > max(known[s], default=lo - 1)]
-                if after or gaps:
-                    self.tied_at[(after or gaps)[0]] = key
-                elif hi is None:
+                if after:
+                    self.tied_at[after[0]] = key
+                elif hi is None:  # the last stage: after every layer (a tied lm head)
                     self.tied_at[self.size] = key
                     self.size += 1
+                elif gaps:
+                    self.tied_at[gaps[0]] = key
                 else:
                     raise TopologyError(f"source pipeline stage {s} holds tied module {key!r}, but no layer of its "
                                         f"span ({lo} to {end - 1}) can be it; name the layer with --extra-layer "
