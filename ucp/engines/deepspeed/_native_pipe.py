@@ -210,6 +210,9 @@ def _stages(source: ArraySource, record: Mapping[str, Any] | None, pp: int, part
         raise TopologyError(f"engine='deepspeed' with pp={pp} writes a PipelineModule's layer files, which needs "
                             f"its layers; {source.url} is not a DeepSpeed PipelineModule checkpoint (or a universal "
                             "checkpoint converted from one), the only source that records them")
+    if record.get("tp", 1) != 1:
+        raise TopologyError(f"engine='deepspeed' with pp={pp}: {source.url} was saved with tp={record['tp']}; a "
+                            "pipeline target is written from tp=1 PipelineModule checkpoints only")
     method = parse_partition(partition if partition is not None else "parameters")
     layers = _Layers(source, record, _parse_extra(extra))
     if isinstance(method, str):

@@ -94,15 +94,17 @@ def _matches(tree: Mapping, want: Mapping[str, tuple[int, ...] | None]) -> bool:
 
 
 def pipeline_record(ckpt: Any) -> dict[str, Any] | None:
-    """What a pipeline target needs from a tp=1 ``PipelineModule`` checkpoint, as JSON (``ucp convert``
+    """What a pipeline target needs from a ``PipelineModule`` checkpoint, as JSON (``ucp convert``
     keeps it in the universal checkpoint's extras, under ``deepspeed.pipeline``), else None:
     ``layer_files`` (the layer indices that have a file), ``tied_files`` (tied module key -> the layer
     file holding its weights) and ``stages`` (each stage's parameter names in its optimizer's order:
-    its ``param_shapes``, then any others it holds)."""
+    its ``param_shapes``, then any others it holds); only ``tp`` when saved with tp > 1."""
     layers = ckpt.layer_files()
     files = sorted(i for i, suffix in layers if suffix == "")
-    if not files or ckpt.tp_size != 1:
+    if not files:
         return None
+    if ckpt.tp_size != 1:  # a pipeline target refuses it
+        return {"tp": ckpt.tp_size}
     stages = []
     for stage in range(ckpt.pp_size):
         path = ckpt._files.model[stage]  # noqa: SLF001 - the reader's file index and cached trees
