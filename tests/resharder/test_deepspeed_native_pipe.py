@@ -305,6 +305,14 @@ def test_layer_list_shows_file_less_layers():
 
     with pytest.raises(ucp.TopologyError, match=r"gives source stage 0 layers 0 to 3, but it held \['3.w'\]"):
         layers.check_source("parameters", "src")  # [0, 4, 6]: not how the source was cut
+    from ucp.engines.deepspeed._native_pipe import _stages
+
+    same, parts, _ = _stages(_Shapes(shapes), record, 2, None, ())  # the source's pp: its own stages
+    assert parts == [0, 3, 6] and same == record["stages"]
+    for pp, partition in ((2, "parameters"), (3, None)):  # asked for, or the default at another pp
+        with pytest.raises(ucp.TopologyError, match="gives source stage 0 layers 0 to 3"):
+            _stages(_Shapes(shapes), record, pp, partition, ())
+    assert _stages(_Shapes(shapes), record, 3, "uniform", ())[1] == [0, 2, 4, 6]
     single = _record([["tied_modules.e.weight", "1.w", "3.w", "4.b"]], [0, 1, 3, 4], {"e": 0})
     assert _Layers(_Shapes(shapes), single, {}).counts == [40, 25, 0, 9, 500]  # the tied head is not seen
     named = _Layers(_Shapes(shapes), single, {5: "e", 6: None})

@@ -28,6 +28,8 @@ from one): its layer files, gaps in their numbering (layers without state), and 
 source. Layers the checkpoint cannot show (a pp=1 source shows no file-less layer) are named with
 ``extra_layers``. With a method (not boundaries), that method must give the source its own stages,
 else the target is refused: a wrong method or layer list would put layers on the wrong stages.
+Without ``partition`` at the source's own pp, the stages are the source's (``parameters`` or else
+``uniform``, whichever gives them).
 
 Refused before any byte is written: more stages than layers, boundaries that leave a stage empty or
 do not end at the last layer, a stage without a trainable parameter in some param group, a ``type:``
@@ -215,6 +217,12 @@ def _stages(source: ArraySource, record: Mapping[str, Any] | None, pp: int, part
                             "pipeline target is written from tp=1 PipelineModule checkpoints only")
     method = parse_partition(partition if partition is not None else "parameters")
     layers = _Layers(source, record, _parse_extra(extra))
+    if partition is None and pp == len(layers.stages) > 1:
+        # the source's own pp: its stages, whichever method gave them (the loading job's gives them too)
+        try:
+            layers.check_source(method, source.url)
+        except TopologyError:
+            method = "uniform"
     if isinstance(method, str):
         layers.check_source(method, source.url)
     parts = stage_parts(method, layers.counts, pp)
