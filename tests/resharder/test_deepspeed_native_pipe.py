@@ -177,15 +177,21 @@ def test_stock_pipeline_job_loads_another_pp(pipe_saved, tmp_path, source, pp, d
 
 @pytest.mark.slow
 def test_universal_pipeline_checkpoint_to_another_pp(pipe_saved, tmp_path):
-    """``ucp convert`` keeps the pipeline's layer list in the universal checkpoint: it reshards to
-    pp=4 (stage boundaries given), and a stock pp=4 job loads it bit for bit."""
+    """``ucp convert`` keeps the pipeline's layer list in the universal checkpoint: ``ucp reshard``
+    writes it for pp=4 (stage boundaries given with ``--partition``), and a stock pp=4 job loads it
+    bit for bit."""
     import ucp
 
     src, truth = pipe_saved(1, 2, 5, "parameters")
     ucp.convert(str(src), str(tmp_path / "u"), progress=False)
     out = tmp_path / "ds"
-    ucp.reshard(str(tmp_path / "u"), str(out), topology="pp=4,dp=1,zero=1", engine="deepspeed", progress=False,
-                partition="0,2,4,5,8")
+    from click.testing import CliRunner
+
+    from ucp.cli import main
+
+    result = CliRunner().invoke(main, ["reshard", str(tmp_path / "u"), str(out), "--to", "pp=4,dp=1,zero=1",
+                                       "--engine", "deepspeed", "--partition", "0,2,4,5,8", "--quiet"])
+    assert result.exit_code == 0, result.output
     _read_back_equal(src, out)
     seen = _merged(_job(4, tmp_path / "seen", "--pp", "4", "--steps", "0", "--load", str(out), "--layers", "5",
                         "--partition", "parameters"))
@@ -319,6 +325,12 @@ def test_layer_list_shows_file_less_layers():
     assert named.counts == [40, 25, 0, 9, 500, 40, 0] and named.tied_at == {0: "e", 5: "e"}
     with pytest.raises(ucp.TopologyError, match="no tied module 'x'"):
         _Layers(_Shapes(shapes), single, {5: "x"})
+    from ucp.engines.deepspeed._native_pipe import _parse_extra
+
+    assert _parse_extra(["7=embed", "8"]) == {7: "embed", 8: None}
+    for bad in ("x", "-1", "7="):
+        with pytest.raises(ucp.TopologyError, match="expected INDEX"):
+            _parse_extra([bad])
 
 
 def test_partition_is_refused_for_other_engines(tmp_path):

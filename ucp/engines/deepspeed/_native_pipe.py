@@ -96,12 +96,12 @@ def _parse_extra(items: Sequence[str]) -> dict[int, str | None]:
     """``--extra-layer`` values: ``INDEX`` (a function) or ``INDEX=KEY`` (a ``TiedLayerSpec`` with ``forward_fn``)."""
     out: dict[int, str | None] = {}
     for item in items:
-        index, _, key = str(item).partition("=")
+        index, sep, key = str(item).partition("=")
         try:
             i = int(index)
         except ValueError:
             i = -1
-        if i < 0 or (_ and not key.strip()):
+        if i < 0 or (sep and not key.strip()):
             raise TopologyError(f"extra layer {item!r}: expected INDEX (a layer without state, e.g. a function) or "
                                 "INDEX=KEY (a TiedLayerSpec with forward_fn of tied key KEY), e.g. 5=embed")
         out[i] = key.strip() or None
@@ -116,8 +116,8 @@ class _Layers:
     function); a tied module a source stage holds without the layer file of any of its occurrences
     in that stage's span is a ``TiedLayerSpec`` with ``forward_fn`` (it saves no file): placed in a gap
     of that span after the stage's own layers, else on the last stage after every layer, else in
-    the span's first gap. ``extra`` (from
-    ``--extra-layer``) names file-less layers the checkpoint cannot show (a pp=1 source shows none)."""
+    the span's first gap. ``extra`` (from ``--extra-layer``) names file-less layers the checkpoint
+    cannot show (a pp=1 source shows none)."""
 
     def __init__(self, source: ArraySource, record: Mapping[str, Any], extra: Mapping[int, str | None]) -> None:
         self.files = set(record["layer_files"])
