@@ -60,10 +60,17 @@ def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().reshape(-1, VOCAB), labels.reshape(-1))
 
 
+def _halve(x: torch.Tensor) -> torch.Tensor:
+    return x * 0.5  # a layer that is a function: no state, no layer file
+
+
 def build_pipe(args):
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
-    layers = [TiedLayerSpec("embed", Embed)] + [LayerSpec(Block) for _ in range(args.layers)] + [
+    blocks = [LayerSpec(Block) for _ in range(args.layers)]
+    if args.stateless:  # after the first block: a function (no file) and a module without state (an empty file)
+        blocks[1:1] = [_halve, LayerSpec(nn.Identity)]
+    layers = [TiedLayerSpec("embed", Embed)] + blocks + [
         LayerSpec(nn.LayerNorm, HIDDEN), TiedLayerSpec("embed", Embed, forward_fn=_head)]
     return PipelineModule(layers=layers, num_stages=args.pp, loss_fn=_loss, partition_method=args.partition)
 
@@ -126,6 +133,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--zero", type=int, help="ZeRO stage (default: 2 for moe, else 1)")
     p.add_argument("--layers", type=int, default=3, help="pipe: Blocks between the embedding and the final norm")
     p.add_argument("--partition", default="uniform", help="pipe: the PipelineModule's partition_method")
+    p.add_argument("--stateless", action="store_true", help="pipe: a function and a stateless module after block 1")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--scheduler", action="store_true", help="a WarmupLR scheduler in the config")

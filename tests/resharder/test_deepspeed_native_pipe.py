@@ -76,17 +76,17 @@ def _assert_same(want, got, where=""):
 
 @pytest.fixture(scope="module")
 def pipe_saved(tmp_path_factory):
-    """``(dp, pp, layers, partition) -> (a pp x dp DeepSpeed PipelineModule checkpoint after 3 steps,
-    what its engine held)``; the default: pp=2, 3 blocks, ``uniform``."""
+    """``(dp, pp, layers, partition, *flags) -> (a pp x dp DeepSpeed PipelineModule checkpoint after 3
+    steps, what its engine held)``; the default: pp=2, 3 blocks, ``uniform``."""
     pytest.importorskip("deepspeed", reason="install DeepSpeed 0.19.8 to run the real-engine tests")
     cache = {}
 
-    def get(dp: int = 1, pp: int = 2, layers: int = 3, partition: str = "uniform"):
-        key = (dp, pp, layers, partition)
+    def get(dp: int = 1, pp: int = 2, layers: int = 3, partition: str = "uniform", *flags: str):
+        key = (dp, pp, layers, partition, *flags)
         if key not in cache:
             root = tmp_path_factory.mktemp(f"ds-pipe-src-dp{dp}-pp{pp}-l{layers}-{partition}")
             truth = _merged(_job(pp * dp, root / "ckpt", "--pp", str(pp), "--steps", "3", "--layers", str(layers),
-                                 "--partition", partition))
+                                 "--partition", partition, *flags))
             assert truth["step"] == {3} and truth["lr_scheduler"]["last_batch_iteration"] == 2
             assert "tied_modules.embed.weight" in truth["params"] and truth["buffers"]
             cache[key] = root / "ckpt", truth
@@ -141,15 +141,16 @@ def _read_back_equal(src: Path, out: Path) -> None:
     ((2, 2, 5, "parameters"), 4, 1, {}),  # pp=2 x dp=2 -> pp=4 x dp=1
     ((2, 1, 5, "parameters"), 3, 1, {"extra_layers": ["7=embed"]}),  # pp=1 shows no file-less tied lm head
     ((1, 2, 3, "uniform"), 3, 1, {"partition": "uniform"}),  # pp=2 -> pp=3, partition_method="uniform"
-])
+    ((1, 2, 4, "parameters", "--stateless"), 3, 1, {}),  # a function (no file) and an empty layer file
+], ids=["pp2-pp3", "pp2dp2-pp4dp1", "pp1dp2-pp3dp1-extra-layer", "pp2-pp3-uniform", "pp2-pp3-stateless-layers"])
 def test_stock_pipeline_job_loads_another_pp(pipe_saved, tmp_path, source, pp, dp, options):
     """pp -> another pp: each stage holds the layers the loading job's PipelineModule gives it
     (the tied embedding on the first and the last stage); every state bit for bit."""
     import ucp
     from ucp.engines.deepspeed._pipe_partition import balanced_parts, uniform_parts
 
-    src_dp, src_pp, layers, method = source
-    src, truth = pipe_saved(src_dp, src_pp, layers, method)
+    src_dp, src_pp, layers, method, *flags = source
+    src, truth = pipe_saved(*source)
     out = tmp_path / "ds"
     ucp.reshard(str(src), str(out), topology=f"pp={pp},dp={dp},zero=1", engine="deepspeed", progress=False,
                 **options)
@@ -158,11 +159,14 @@ def test_stock_pipeline_job_loads_another_pp(pipe_saved, tmp_path, source, pp, d
         f"bf16_zero_pp_rank_{r}_mp_rank_{s:02d}_optim_states.pt" for s in range(pp) for r in range(dp))
     embed, block, norm = 61 * 16, 2 * 16 + 16 * 48 + 48 + 48 * 16 + 16, 2 * 16  # trainable elements per layer
     counts = [embed] + [block] * layers + [norm, embed]
+    if flags:
+        counts[2:2] = [0, 0]  # _halve and nn.Identity
+        assert (tag / "layer_03-model_states.pt").exists() and not (tag / "layer_02-model_states.pt").exists()
     parts = uniform_parts(len(counts), pp) if method == "uniform" else balanced_parts(counts, pp)
     for s in range(pp):
         shapes = torch.load(tag / f"mp_rank_{s:02d}_model_states.pt", weights_only=True)["param_shapes"]
         held = {n.split(".")[0] for group in shapes for n in group}
-        want = {str(i) for i in range(parts[s], parts[s + 1]) if 0 < i < len(counts) - 1}
+        want = {str(i) for i in range(parts[s], parts[s + 1]) if 0 < i < len(counts) - 1 and counts[i]}
         assert held == want | ({"tied_modules"} if s in (0, pp - 1) else set()), (s, parts)
     _read_back_equal(src, out)
     if "extra_layers" in options:  # without it, the last stage would miss the tied lm head
@@ -171,7 +175,7 @@ def test_stock_pipeline_job_loads_another_pp(pipe_saved, tmp_path, source, pp, d
         last = torch.load(blind / tag.name / f"mp_rank_{pp - 1:02d}_model_states.pt", weights_only=True)
         assert not any(n.startswith("tied_modules.") for group in last["param_shapes"] for n in group)
     seen = _merged(_job(pp * dp, tmp_path / "seen", "--pp", str(pp), "--steps", "0", "--load", str(out),
-                        "--layers", str(layers), "--partition", method))
+                        "--layers", str(layers), "--partition", method, *flags))
     _assert_same(truth, seen)
 
 
