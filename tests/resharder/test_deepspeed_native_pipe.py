@@ -226,14 +226,16 @@ def test_refuses_what_a_pipeline_source_cannot_give(pipe_saved, tmp_path, topolo
 
 # --- fast: refusals before any byte is written ------------------------------------------------------
 
-@pytest.mark.parametrize("topology, words", [
-    ("pp=2,dp=2,zero=1", "not a DeepSpeed PipelineModule checkpoint"),
-    ("pp=2,dp=2,zero=3", "PipelineEngine runs ZeRO stage 0 or 1 only"),
-    ("pp=2,dp=2,zero=2", "PipelineEngine runs ZeRO stage 0 or 1 only"),
+@pytest.mark.parametrize("topology, words, options", [
+    ("pp=2,dp=2,zero=1", "not a DeepSpeed PipelineModule checkpoint", {}),
+    ("pp=2,dp=2,zero=3", "PipelineEngine runs ZeRO stage 0 or 1 only", {}),
+    ("pp=2,dp=2,zero=2", "PipelineEngine runs ZeRO stage 0 or 1 only", {}),
+    ("pp=1,dp=2,zero=1", "is not a DeepSpeed PipelineModule checkpoint: leave them unset", {"partition": "uniform"}),
 ])
-def test_refuses_a_pipeline_it_cannot_place(tmp_path, topology, words):
-    """A source that does not record which stage holds each layer, and ZeRO-3 (DeepSpeed runs no
-    pipeline with it), are refused, naming the constraint, before the destination exists."""
+def test_refuses_a_pipeline_it_cannot_place(tmp_path, topology, words, options):
+    """A source that does not record which stage holds each layer, ZeRO-2/3 (DeepSpeed runs no
+    pipeline with them), and stage options for a source that is no pipeline are refused, naming the
+    constraint, before the destination exists."""
     import ucp
 
     import importlib.util
@@ -244,7 +246,7 @@ def test_refuses_a_pipeline_it_cannot_place(tmp_path, topology, words):
     spec.loader.exec_module(engines)
     fake = engines.write_fake_zero(tmp_path / "ds", stage=2, dp=2, groups=[[("a.weight", (3, 5))]], frozen=[])
     with pytest.raises(ucp.TopologyError, match=words):
-        ucp.reshard(str(fake.root), str(tmp_path / "out"), topology=topology, engine="deepspeed")
+        ucp.reshard(str(fake.root), str(tmp_path / "out"), topology=topology, engine="deepspeed", **options)
     assert not (tmp_path / "out").exists()
 
 
