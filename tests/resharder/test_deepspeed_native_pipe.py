@@ -141,7 +141,7 @@ def _read_back_equal(src: Path, out: Path) -> None:
     ((2, 2, 5, "parameters"), 4, 1, {}),  # pp=2 x dp=2 -> pp=4 x dp=1
     ((2, 1, 5, "parameters"), 3, 1, {"extra_layers": ["7=embed"]}),  # pp=1 shows no file-less tied lm head
     ((1, 2, 3, "uniform"), 3, 1, {"partition": "uniform"}),  # pp=2 -> pp=3, partition_method="uniform"
-    ((1, 2, 4, "parameters", "--stateless"), 3, 1, {}),  # a function (no file) and an empty layer file
+    ((1, 2, 4, "parameters", "--stateless"), 3, 1, {}),  # a function (no file), an empty file, a frozen param
 ], ids=["pp2-pp3", "pp2dp2-pp4dp1", "pp1dp2-pp3dp1-extra-layer", "pp2-pp3-uniform", "pp2-pp3-stateless-layers"])
 def test_stock_pipeline_job_loads_another_pp(pipe_saved, tmp_path, source, pp, dp, options):
     """pp -> another pp: each stage holds the layers the loading job's PipelineModule gives it
@@ -160,7 +160,8 @@ def test_stock_pipeline_job_loads_another_pp(pipe_saved, tmp_path, source, pp, d
     embed, block, norm = 61 * 16, 2 * 16 + 16 * 48 + 48 + 48 * 16 + 16, 2 * 16  # trainable elements per layer
     counts = [embed] + [block] * layers + [norm, embed]
     if flags:
-        counts[2:2] = [0, 0]  # _halve and nn.Identity
+        counts[2:2] = [0, 0, 0]  # _halve, nn.Identity, FrozenScale (its parameter is frozen)
+        assert set(truth["frozen"]) == {"4.scale"}  # scrambled by the loading job before it loads
         assert (tag / "layer_03-model_states.pt").exists() and not (tag / "layer_02-model_states.pt").exists()
     parts = uniform_parts(len(counts), pp) if method == "uniform" else balanced_parts(counts, pp)
     for s in range(pp):
