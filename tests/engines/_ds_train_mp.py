@@ -14,8 +14,9 @@ test's reference; ucp never reads it), then the DeepSpeed checkpoint goes to ``O
 
 ``--load DIR`` (with ``--steps 0``): instead of saving, a stock job loads ``DIR`` with plain
 ``engine.load_checkpoint`` (after scrambling the buffers, and a pipeline's frozen parameters, so
-restored values must come from the files) and writes what its engine holds to ``OUT.gathered/rank-R.pt``. Every record also holds the
-engine's global step and LR scheduler state (``--scheduler``: a WarmupLR schedule).
+restored values must come from the files) and writes what its engine holds to
+``OUT.gathered/rank-R.pt``. Every record also holds the engine's global step and LR scheduler state
+(``--scheduler``: a WarmupLR schedule).
 """
 
 from __future__ import annotations
