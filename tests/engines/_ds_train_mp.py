@@ -14,9 +14,10 @@ After training, every rank writes what DeepSpeed itself gathers for each of its 
 test's reference; ucp never reads it), then the DeepSpeed checkpoint goes to ``OUT``.
 
 ``--load DIR`` (with ``--steps 0``): instead of saving, a stock job loads ``DIR`` with plain
-``engine.load_checkpoint`` (after scrambling the buffers, so restored values must come from the
-files) and writes what its engine holds to ``OUT.gathered/rank-R.pt``. Every record also holds the
-engine's global step and LR scheduler state (``--scheduler``: a WarmupLR schedule).
+``engine.load_checkpoint`` (after scrambling the buffers, and a pipeline's frozen parameters, so
+restored values must come from the files) and writes what its engine holds to
+``OUT.gathered/rank-R.pt``. Every record also holds the engine's global step and LR scheduler state
+(``--scheduler``: a WarmupLR schedule).
 """
 
 from __future__ import annotations
@@ -61,12 +62,30 @@ def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().reshape(-1, VOCAB), labels.reshape(-1))
 
 
+class FrozenScale(nn.Module):
+    """A layer whose only parameter is frozen (created so: DeepSpeed's partition does not count it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, HIDDEN), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale.to(x.dtype)
+
+
+def _halve(x: torch.Tensor) -> torch.Tensor:
+    return x * 0.5  # a layer that is a function: no state, no layer file
+
+
 def build_pipe(args):
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
-    layers = [TiedLayerSpec("embed", Embed)] + [LayerSpec(Block) for _ in range(args.layers)] + [
+    blocks = [LayerSpec(Block) for _ in range(args.layers)]
+    if args.stateless:  # after the first block: a function (no file), a module without state (an empty
+        blocks[1:1] = [_halve, LayerSpec(nn.Identity), LayerSpec(FrozenScale)]  # file), a frozen parameter
+    layers = [TiedLayerSpec("embed", Embed)] + blocks + [
         LayerSpec(nn.LayerNorm, HIDDEN), TiedLayerSpec("embed", Embed, forward_fn=_head)]
-    return PipelineModule(layers=layers, num_stages=args.pp, loss_fn=_loss, partition_method="uniform")
+    return PipelineModule(layers=layers, num_stages=args.pp, loss_fn=_loss, partition_method=args.partition)
 
 
 def build_llama(args):
@@ -127,7 +146,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ep", type=int, default=2)
     p.add_argument("--data-before-expert", action="store_true", help="DeepSpeed's D + E rank order")
     p.add_argument("--zero", type=int, help="ZeRO stage (default: 2 for moe, else 1)")
-    p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--layers", type=int, default=3, help="pipe: Blocks between the embedding and the final norm")
+    p.add_argument("--partition", default="uniform", help="pipe: the PipelineModule's partition_method")
+    p.add_argument("--stateless", action="store_true",
+                   help="pipe: a function, a stateless module and a frozen-only layer after block 1")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--scheduler", action="store_true", help="a WarmupLR scheduler in the config")
@@ -185,6 +207,10 @@ def main(argv=None) -> None:
         with torch.no_grad():  # restored buffers must come from the checkpoint, not the seed
             for buf in model.buffers():
                 buf.add_(1.0)
+            if args.mode == "pipe":  # and frozen parameters, which only the layer files restore
+                for p in model.parameters():
+                    if not p.requires_grad:
+                        p.add_(1.0)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config(args))
     rank = engine.global_rank
     if args.load:

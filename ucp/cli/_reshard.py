@@ -38,14 +38,20 @@ __all__ = ["reshard"]
               type=click.IntRange(1, 256), help="Reads in flight.")
 @click.option("--no-verify", is_flag=True,
               help="Skip the check of every resharded state against SRC by fingerprint.")
+@click.option("--partition", default=None,
+              help="--engine deepspeed, PipelineModule source: the loading job's partition_method "
+                   "(parameters, DeepSpeed's default; uniform) or its stage boundaries, e.g. 0,3,6.")
+@click.option("--extra-layer", "extra_layers", multiple=True, metavar="INDEX[=TIED_KEY]",
+              help="With --partition's targets: a layer that saves no file, which the checkpoint cannot "
+                   "show (a function; INDEX=KEY: a TiedLayerSpec with forward_fn). Repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @storage_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @ucp_command
 def reshard(src: str, dst: str, topology: Topology, engine: str, spec: str | None, config: str | None,
             src_engine: str, alignment: int | None, tag: str | None, overwrite: bool,
-            workers: int, no_verify: bool, as_json: bool, options: tuple[tuple[str, Any], ...],
-            quiet: bool) -> None:
+            workers: int, no_verify: bool, partition: str | None, extra_layers: tuple[str, ...],
+            as_json: bool, options: tuple[tuple[str, Any], ...], quiet: bool) -> None:
     """Write checkpoint SRC for another parallel topology at DST.
 
     SRC is a universal checkpoint, or any checkpoint `ucp convert` reads (converted on the fly,
@@ -73,7 +79,8 @@ def reshard(src: str, dst: str, topology: Topology, engine: str, spec: str | Non
     report = _reshard(src, dst, topology=topology, engine=engine, spec=spec, alignment=alignment,
                       src_engine=src_engine, tag=tag, overwrite=overwrite, workers=workers,
                       storage_options=so, dst_storage_options=so,
-                      progress=None if not quiet else False, verify=not no_verify)
+                      progress=None if not quiet else False, verify=not no_verify, partition=partition,
+                      extra_layers=extra_layers)
     stats = report.stats
     if as_json:
         click.echo(json.dumps({"url": dst, "engine": report.engine, "step": report.step,

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import re
 import sys
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from ucp.ops._dest import check_destination, refuse_foreign
 from ucp.native._layout import LATEST
 from ucp.native._meta import parse_step_dir
+from ucp.core._errors import TopologyError
 from ucp.core._topology import Topology
 
 __all__ = ["reshard"]
@@ -19,7 +20,8 @@ def reshard(src: str, dst: str, *, topology: Topology | str, engine: str = "ucp"
             step: int | None = None, overwrite: bool = False, workers: int = 8, verify: bool = True,
             storage_options: Mapping[str, Any] | None = None,
             dst_storage_options: Mapping[str, Any] | None = None,
-            progress: bool | None = None) -> Any:
+            progress: bool | None = None, partition: str | None = None,
+            extra_layers: Sequence[str] = ()) -> Any:
     """Writes the checkpoint at ``src`` for ``topology`` at ``dst``, in ``engine``'s layout.
 
     Called by one process, or by every process of a torchrun job (target ranks are shared out;
@@ -55,6 +57,12 @@ def reshard(src: str, dst: str, *, topology: Topology | str, engine: str = "ucp"
             by fingerprint (see :mod:`ucp.core._fingerprint`; engine ``ucp``).
         dst_storage_options: fsspec options for ``dst``.
         progress: progress bar on stderr (default: when stderr is a terminal).
+        partition: ``engine="deepspeed"`` with a PipelineModule source: the loading job's
+            ``partition_method`` (``"parameters"``, DeepSpeed's default, or ``"uniform"``) or its
+            stage boundaries (``"0,3,6"``), which decide the layers of each stage.
+        extra_layers: with ``partition``'s targets, layers that save no file and that the
+            checkpoint cannot show: ``"INDEX"`` (a function) or ``"INDEX=TIED_KEY"`` (a
+            ``TiedLayerSpec`` with ``forward_fn``).
 
     Returns:
         A :class:`ucp.resharder.ReshardReport` (``.stats.amplification``: bytes read / needed).
@@ -74,6 +82,11 @@ def reshard(src: str, dst: str, *, topology: Topology | str, engine: str = "ucp"
     from ucp.resharder import get_target
     from ucp.resharder._api import resolve
 
+    pipe = {} if partition is None and not extra_layers else {"partition": partition,
+                                                              "extra_layers": tuple(extra_layers)}
+    if pipe and engine != "deepspeed":
+        raise TopologyError(f"partition / extra_layers place a DeepSpeed PipelineModule's layers on stages; "
+                            f"engine={engine!r} takes neither: leave them unset")
     check_destination(src, dst)
     if engine == "ucp":  # its files: step directories and `latest`
         refuse_foreign(dst, ours=lambda n: n == LATEST or parse_step_dir(n) is not None,
@@ -98,4 +111,4 @@ def reshard(src: str, dst: str, *, topology: Topology | str, engine: str = "ucp"
                         alignment=target.default_alignment if alignment is None else alignment,
                         step=step, overwrite=overwrite, storage_options=dst_storage_options,
                         workers=workers, progress=sys.stderr.isatty() if progress is None else progress,
-                        verify=verify)
+                        verify=verify, **pipe)

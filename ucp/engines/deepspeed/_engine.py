@@ -129,10 +129,14 @@ class DeepSpeedSource:
         return self.ckpt.param_groups()
 
     def extras(self) -> dict[str, Any]:
-        """DeepSpeed's LR scheduler state, under ``deepspeed.lr_scheduler`` (when JSON holds it): the
-        native DeepSpeed reshard target writes it back."""
-        sched = self.ckpt.lr_scheduler()
-        return {} if sched is None else {"deepspeed": {"lr_scheduler": sched}}
+        """DeepSpeed's LR scheduler state, under ``deepspeed.lr_scheduler`` (when JSON holds it), and a
+        ``PipelineModule``'s layer files and stages under ``deepspeed.pipeline``: the native
+        DeepSpeed reshard target writes them back."""
+        from ._pipe import pipeline_record
+
+        out = {k: v for k, v in (("lr_scheduler", self.ckpt.lr_scheduler()),
+                                 ("pipeline", pipeline_record(self.ckpt))) if v is not None}
+        return {"deepspeed": out} if out else {}
 
     def _held(self, name: str) -> dict[int, str]:
         try:

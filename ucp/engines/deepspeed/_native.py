@@ -202,8 +202,10 @@ class DeepSpeedNativeTarget:
     def write(self, source: ArraySource, dst: str, *, topology: Topology, spec: Spec | None,
               alignment: int, step: int, overwrite: bool,
               storage_options: Mapping[str, Any] | None, workers: int,
-              progress: bool, verify: bool = False) -> ReshardReport:
-        """``alignment`` must be DeepSpeed's (2). ``verify``: each parameter's state, put back
+              progress: bool, verify: bool = False, partition: str | None = None,
+              extra_layers: tuple[str, ...] = ()) -> ReshardReport:
+        """``alignment`` must be DeepSpeed's (2). ``partition`` / ``extra_layers``: a PipelineModule
+        target's stages (see ``_native_pipe``). ``verify``: each parameter's state, put back
         together from the flat partitions built, must have the fingerprint a universal ``source``
         records for it (states stored in another dtype, sources without recorded fingerprints, and
         parameters whose partitions other processes of a torchrun job write are not checked)."""
@@ -226,7 +228,11 @@ class DeepSpeedNativeTarget:
                             storage_options=storage_options, verify=verify, spec=spec)
         if topology.pp != 1 or pipe_checkpoint(source) is not None:  # a PipelineModule: per-layer files
             return write_pipe(self.name, source, dst, topology=topology, step=step, overwrite=overwrite,
-                              storage_options=storage_options, verify=verify)
+                              storage_options=storage_options, verify=verify, partition=partition,
+                              extra_layers=extra_layers)
+        if partition is not None or extra_layers:
+            raise TopologyError("partition / extra layers place a PipelineModule's layers on pipeline stages; "
+                                f"{source.url} is not a DeepSpeed PipelineModule checkpoint: leave them unset")
         groups, dtype, states = plan_groups(source)
         if topology.zero == 3 and dtype == torch.float16:
             raise TopologyError("engine='deepspeed' with zero=3 and an fp16 model: DeepSpeed's ZeRO-3 files hold "

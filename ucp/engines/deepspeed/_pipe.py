@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping
 
 from ._files import TensorRef
 
-__all__ = ["layer_weights"]
+__all__ = ["layer_weights", "pipeline_record"]
 
 log = logging.getLogger("ucp")
 _NUMBERED = re.compile(r"(\d+)\.(.+)")
@@ -91,3 +91,28 @@ def _tied(shapes: Mapping[str, tuple[int, ...] | None], free: list[int],
 def _matches(tree: Mapping, want: Mapping[str, tuple[int, ...] | None]) -> bool:
     have = {k: tuple(v.shape) for k, v in tree.items() if isinstance(v, TensorRef)}
     return set(have) == set(want) and all(s is None or have[k] == s for k, s in want.items())
+
+
+def pipeline_record(ckpt: Any) -> dict[str, Any] | None:
+    """What a pipeline target needs from a ``PipelineModule`` checkpoint, as JSON (``ucp convert``
+    keeps it in the universal checkpoint's extras, under ``deepspeed.pipeline``), else None:
+    ``layer_files`` (the layer indices that have a file), ``tied_files`` (tied module key -> the layer
+    file holding its weights) and ``stages`` (each stage's parameter names in its optimizer's order:
+    its ``param_shapes``, then any others it holds); only ``tp`` when saved with tp > 1."""
+    layers = ckpt.layer_files()
+    files = sorted(i for i, suffix in layers if suffix == "")
+    if not files:
+        return None
+    if ckpt.tp_size != 1:  # a pipeline target refuses it
+        return {"tp": ckpt.tp_size}
+    stages = []
+    for stage in range(ckpt.pp_size):
+        path = ckpt._files.model[stage]  # noqa: SLF001 - the reader's file index and cached trees
+        ordered = [n for group in ckpt._load(path).get("param_shapes") or [] for n in group]  # noqa: SLF001
+        stages.append(list(dict.fromkeys(ordered + ckpt.names(mp_rank=stage))))
+    names = {n for names in stages for n in names}
+    claimed = {int(m[1]) for n in names if (m := _NUMBERED.fullmatch(n))}
+    tied = _tied({n: None for n in names if _TIED.fullmatch(n)}, [i for i in files if i not in claimed],
+                 lambda i: ckpt._load(layers[(i, "")]))  # noqa: SLF001 - the reader's cached file index
+    return {"layer_files": files, "tied_files": {n.split(".")[1]: i for n, i in sorted(tied.items())},
+            "stages": stages}
