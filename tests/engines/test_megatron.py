@@ -378,18 +378,7 @@ def test_megatron_target_refuses_what_megatron_lm_args_rule_out(megatron_ckpt: R
 @pytest.fixture(scope="session")
 def hf_llama(tmp_path_factory) -> Path:
     """A tiny transformers Llama (the Megatron test model's shapes), saved with save_pretrained in bf16."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(5)
-    config = LlamaConfig(**{k: v for k, v in LLAMA.items() if k not in ("architectures", "model_type")})
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
-    with torch.no_grad():  # norms away from 1, so a misplaced one shows
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-    path = tmp_path_factory.mktemp("hf") / "llama"
-    model.save_pretrained(str(path))
-    return path
+    return _hf_model(tmp_path_factory.mktemp("hf") / "llama", make.VOCAB)
 
 
 def _fused(hf: dict[str, torch.Tensor], layers: int, groups: int = 2) -> dict[str, torch.Tensor]:
@@ -481,6 +470,167 @@ def test_hugging_face_to_megatron_tp2_gives_transformers_logits(hf_llama: Path, 
     for name, t in _fused(load_file(hf_llama / "model.safetensors"), LLAMA["num_hidden_layers"]).items():
         got = held.read(name, "param")
         assert _same(got, t.to(got.dtype)), name  # norms: Megatron keeps them in fp32 (exact widening)
+
+
+def _hf_model(path: Path, vocab: int) -> Path:
+    """A tiny transformers Llama (the Megatron test model's shapes, ``vocab`` rows), saved with
+    save_pretrained in bf16."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(5)
+    config = LlamaConfig(**{**{k: v for k, v in LLAMA.items() if k not in ("architectures", "model_type")},
+                            "vocab_size": vocab})
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    with torch.no_grad():  # norms away from 1, so a misplaced one shows
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+    model.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def hf_llama_80(tmp_path_factory) -> Path:
+    """The tiny Llama with an 80-row vocabulary: a multiple of no Megatron divisor."""
+    return _hf_model(tmp_path_factory.mktemp("hf80") / "llama", 80)
+
+
+def _megatron_job(src: Path, again: Path, tp: int, pp: int, dp: int, vocab: int, tokens_below: int) -> list:
+    """The model-only Megatron job at tp x pp x dp; returns each rank's placement report."""
+    got = run_ranks(make.load_model_and_run, tp * pp * dp,
+                    args=(str(src), str(again), tp, True, pp, vocab, tokens_below), timeout=600)
+    return [g.value for g in got]
+
+
+def _check_logits(hf: Path, again: Path, vocab: int) -> None:
+    """The Megatron job's logits (its first ``vocab`` columns) equal transformers' to bf16 rounding,
+    with the same next-token choices."""
+    from safetensors.torch import load_file
+    from transformers import LlamaForCausalLM
+
+    forward = load_file(f"{again}.forward")
+    model = LlamaForCausalLM.from_pretrained(str(hf), dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        want = model(forward["tokens"]).logits.float()
+    logits = forward["logits"][..., :vocab]
+    assert want.shape == logits.shape
+    assert (logits - want).abs().max().item() <= 2 ** -6 * max(1.0, want.abs().max().item())
+    assert torch.equal(logits.argmax(-1), want.argmax(-1))
+
+
+def _check_stages(reports: list, hf: dict[str, torch.Tensor], tp: int, pp: int, vocab: int) -> None:
+    """Megatron's own placement: stage s holds layers s*L/pp+1 .. (s+1)*L/pp (layer_number, 1-based),
+    each with that Hugging Face layer's norm; the embedding on the first stage only, the output layer
+    on the last only, each tp rank with vocab/tp rows."""
+    per = LLAMA["num_hidden_layers"] // pp
+    assert sorted({r["stage"] for r in reports}) == list(range(pp))
+    for r in reports:
+        s = r["stage"]
+        assert r["layers"] == list(range(s * per + 1, (s + 1) * per + 1)), r["layers"]
+        for number, norm in zip(r["layers"], r["norms"]):
+            want = hf[f"model.layers.{number - 1}.input_layernorm.weight"].float().tolist()
+            assert norm == want, (s, number)
+        assert r["embedding"] == (s == 0) and r["output_layer"] == (s == pp - 1)
+        assert r["vocab_rows"] == (vocab // tp if s in (0, pp - 1) else None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp,pp,dp", [(2, 2, 1), (1, 2, 2)])
+def test_hugging_face_to_megatron_tp_pp_gives_transformers_logits(hf_llama: Path, tmp_path, tp, pp, dp):
+    """The issue's command `ucp reshard hf_model/ out --to tp=..,pp=..,dp=.. --engine megatron` (at 4
+    ranks: tp=2 x pp=2, and tp=1 x pp=2 x dp=2; 2 CPU cores cannot hold 8 Megatron ranks): a real
+    Megatron job at that topology loads it with its own dist_checkpointing.load (model only), runs
+    it stage by stage, and its logits equal transformers'; each stage holds the layers Megatron
+    numbers for it, the embedding on the first and the output layer on the last; what it holds,
+    saved again by Megatron, is the fused Hugging Face tensors bit for bit."""
+    from safetensors.torch import load_file
+
+    out, again = tmp_path / "out", tmp_path / "again"
+    _reshard_cli(str(hf_llama), str(out), "--to", f"tp={tp},pp={pp},dp={dp}", "--engine", "megatron")
+    reports = _megatron_job(out / "iter_0000000", again, tp, pp, dp, make.VOCAB, make.VOCAB)
+    _check_logits(hf_llama, again, make.VOCAB)
+    hf = load_file(hf_llama / "model.safetensors")
+    _check_stages(reports, hf, tp, pp, make.VOCAB)
+    held = MegatronCheckpoint(str(again))
+    for name, t in _fused(hf, LLAMA["num_hidden_layers"]).items():
+        got = held.read(name, "param")
+        assert _same(got, t.to(got.dtype)), name
+
+
+def _padded(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """Megatron-LM's converters' padding: the last real row repeated."""
+    return torch.cat([t, t[-1:].expand(rows - t.shape[0], -1)])
+
+
+@pytest.mark.slow
+def test_padded_vocabulary_loads_in_megatron_and_gives_transformers_logits(hf_llama_80: Path, tmp_path):
+    """80 vocabulary rows, `--make-vocab-size-divisible-by 128` at tp=2: written with 256 rows
+    (Megatron-LM's rule: a multiple of 128 x tp), which a Megatron job at tp=2 x pp=2 built with
+    vocab_size=256 loads; its first 80 logits equal transformers', its embedding and output layer,
+    saved again, are the Hugging Face rows then the last row repeated, bit for bit."""
+    from safetensors.torch import load_file
+
+    out, again = tmp_path / "out", tmp_path / "again"
+    _reshard_cli(str(hf_llama_80), str(out), "--to", "tp=2,pp=2", "--engine", "megatron",
+                 "--make-vocab-size-divisible-by", "128")
+    reports = _megatron_job(out / "iter_0000000", again, 2, 2, 1, 256, 80)
+    _check_logits(hf_llama_80, again, 80)
+    hf = load_file(hf_llama_80 / "model.safetensors")
+    _check_stages(reports, hf, 2, 2, 256)
+    held = MegatronCheckpoint(str(again))
+    assert _same(held.read("embedding.word_embeddings.weight", "param"), _padded(hf["model.embed_tokens.weight"], 256))
+    assert _same(held.read("output_layer.weight", "param"), _padded(hf["lm_head.weight"], 256))
+
+
+def test_padded_vocabulary_is_written_and_export_drops_it(hf_llama_80: Path, tmp_path):
+    """`--padded-vocab 96` writes 96 rows (the last real row repeated) for embedding and output layer,
+    everything else as without padding; `ucp export --map megatron-llama --config` of that
+    Megatron checkpoint gives back the Hugging Face model bit for bit (the padding cut to the
+    config's vocab_size)."""
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+    from ucp.cli import main
+
+    out = tmp_path / "out"
+    _reshard_cli(str(hf_llama_80), str(out), "--to", "tp=2", "--engine", "megatron", "--padded-vocab", "96")
+    got = MegatronCheckpoint(str(out / "iter_0000000"))
+    hf = load_file(hf_llama_80 / "model.safetensors")
+    want = _fused(hf, LLAMA["num_hidden_layers"])
+    want["embedding.word_embeddings.weight"] = _padded(hf["model.embed_tokens.weight"], 96)
+    want["output_layer.weight"] = _padded(hf["lm_head.weight"], 96)
+    assert set(got.names()) == set(want)
+    for name, t in want.items():
+        assert _same(got.read(name, "param"), t), name
+    r = CliRunner().invoke(main, ["export", str(out / "iter_0000000"), str(tmp_path / "hf"), "--map",
+                                  "megatron-llama", "--config", str(hf_llama_80 / "config.json")])
+    assert r.exit_code == 0, r.output
+    back = load_file(tmp_path / "hf" / "model.safetensors")
+    assert set(back) == set(hf)
+    for name, t in hf.items():
+        assert _same(back[name], t), name
+
+
+def test_padded_vocabulary_rule_and_refusals(hf_llama_80: Path, tmp_path):
+    """Megatron-LM's rule (a multiple of divisor x tp); a padded size below the vocabulary, both
+    options at once, a padding for another engine, and a vocabulary tp does not divide are refused
+    before any byte is written, naming the sizes and the fix."""
+    from ucp.engines.megatron._target import padded_vocab_size
+
+    assert padded_vocab_size(80, 2, vocab_divisible_by=128) == 256
+    assert padded_vocab_size(80, 1, vocab_divisible_by=8) == 80
+    assert padded_vocab_size(81, 4, vocab_divisible_by=8) == 96
+    assert padded_vocab_size(80, 2) == 80
+    dst = str(tmp_path / "out")
+    with pytest.raises(ucp.UcpError, match="padded vocabulary size 64 is smaller than the vocabulary, 80 rows"):
+        ucp.reshard(str(hf_llama_80), dst, topology="tp=1", engine="megatron", padded_vocab=64)
+    with pytest.raises(ucp.UcpError, match=r"padded vocabulary size \(96\) or its divisor \(128\), not both"):
+        ucp.reshard(str(hf_llama_80), dst, topology="tp=1", engine="megatron", padded_vocab=96,
+                    vocab_divisible_by=128)
+    with pytest.raises(ucp.UcpError, match="padded_vocab pad a Megatron vocabulary: .* not 'dcp'"):
+        ucp.reshard(str(hf_llama_80), dst, topology="tp=1", engine="dcp", padded_vocab=96)
+    with pytest.raises(ucp.TopologyError, match="tp=2 does not divide the vocabulary .* --padded-vocab"):
+        ucp.reshard(str(hf_llama_80), dst, topology="tp=2", engine="megatron", padded_vocab=81)
+    assert not (tmp_path / "out").exists()
 
 
 def test_unpickled_megatron_objects_have_a_repr():

@@ -34,13 +34,20 @@ __all__ = ["reshard"]
               type=click.IntRange(1, 256), help="Reads in flight.")
 @click.option("--no-verify", is_flag=True,
               help="Skip the check of every resharded state against SRC by fingerprint.")
+@click.option("--padded-vocab", default=None, type=click.IntRange(1),
+              help="--engine megatron: pad the vocabulary rows (embedding, output layer) to this size, "
+                   "the vocabulary size the Megatron job builds its model with.")
+@click.option("--make-vocab-size-divisible-by", "vocab_divisible_by", default=None, type=click.IntRange(1),
+              help="--engine megatron: pad the vocabulary to a multiple of this times tp (Megatron-LM's "
+                   "rule and option name; Megatron-LM's default is 128).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @storage_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @ucp_command
 def reshard(src: str, dst: str, topology: Topology, engine: str, spec: str | None,
             src_engine: str, alignment: int | None, tag: str | None, overwrite: bool,
-            workers: int, no_verify: bool, as_json: bool, options: tuple[tuple[str, Any], ...],
+            workers: int, no_verify: bool, padded_vocab: int | None, vocab_divisible_by: int | None,
+            as_json: bool, options: tuple[tuple[str, Any], ...],
             quiet: bool) -> None:
     """Write checkpoint SRC for another parallel topology at DST.
 
@@ -52,7 +59,8 @@ def reshard(src: str, dst: str, topology: Topology, engine: str, spec: str | Non
     Example:
       ucp reshard ./universal ./ckpt_dp4 --to dp=4,tp=1,pp=1,zero=1
       ucp reshard ./megatron_tp2pp2 ./ckpt_tp4 --to tp=4,zero=0 --spec llama_megatron
-      ucp reshard ./hf_llama ./megatron_run --to tp=2 --engine megatron
+      ucp reshard ./hf_llama ./megatron_run --to tp=2,pp=2,dp=2 --engine megatron \
+          --make-vocab-size-divisible-by 128
     """
     from ucp.ops._reshard import reshard as _reshard
 
@@ -60,7 +68,8 @@ def reshard(src: str, dst: str, topology: Topology, engine: str, spec: str | Non
     report = _reshard(src, dst, topology=topology, engine=engine, spec=spec, alignment=alignment,
                       src_engine=src_engine, tag=tag, overwrite=overwrite, workers=workers,
                       storage_options=so, dst_storage_options=so,
-                      progress=None if not quiet else False, verify=not no_verify)
+                      progress=None if not quiet else False, verify=not no_verify,
+                      padded_vocab=padded_vocab, vocab_divisible_by=vocab_divisible_by)
     stats = report.stats
     if as_json:
         click.echo(json.dumps({"url": dst, "engine": report.engine, "step": report.step,

@@ -8,6 +8,7 @@ from typing import Any, Mapping
 from ucp.ops._dest import check_destination, refuse_foreign
 from ucp.native._layout import LATEST
 from ucp.native._meta import parse_step_dir
+from ucp.core._errors import ConvertError
 from ucp.core._topology import Topology
 
 __all__ = ["reshard"]
@@ -18,7 +19,8 @@ def reshard(src: str, dst: str, *, topology: Topology | str, engine: str = "ucp"
             step: int | None = None, overwrite: bool = False, workers: int = 8, verify: bool = True,
             storage_options: Mapping[str, Any] | None = None,
             dst_storage_options: Mapping[str, Any] | None = None,
-            progress: bool | None = None) -> Any:
+            progress: bool | None = None, padded_vocab: int | None = None,
+            vocab_divisible_by: int | None = None) -> Any:
     """Writes the checkpoint at ``src`` for ``topology`` at ``dst``, in ``engine``'s layout.
 
     Called by one process, or by every process of a torchrun job (target ranks are shared out;
@@ -50,6 +52,10 @@ def reshard(src: str, dst: str, *, topology: Topology | str, engine: str = "ucp"
             by fingerprint (see :mod:`ucp.core._fingerprint`; engine ``ucp``).
         dst_storage_options: fsspec options for ``dst``.
         progress: progress bar on stderr (default: when stderr is a terminal).
+        padded_vocab / vocab_divisible_by (engine ``megatron`` only): write the vocabulary rows
+            (embedding and output layer) padded to this size, or to a multiple of
+            ``vocab_divisible_by * tp`` (Megatron-LM's ``--make-vocab-size-divisible-by`` rule), as
+            the Megatron job's model is built; default: the source's size.
 
     Returns:
         A :class:`ucp.resharder.ReshardReport` (``.stats.amplification``: bytes read / needed).
@@ -70,6 +76,14 @@ def reshard(src: str, dst: str, *, topology: Topology | str, engine: str = "ucp"
     from ucp.resharder._api import resolve
 
     check_destination(src, dst)
+    vocab = {k: v for k, v in (("padded_vocab", padded_vocab), ("vocab_divisible_by", vocab_divisible_by))
+             if v is not None}
+    if vocab and engine != "megatron":
+        raise ConvertError(f"{' and '.join(vocab)} pad a Megatron vocabulary: they apply to --engine megatron "
+                           f"only, not {engine!r}")
+    for key, value in vocab.items():
+        if value < 1:
+            raise ConvertError(f"{key}={value}: must be a positive number of rows")
     if engine == "ucp":  # its files: step directories and `latest`
         refuse_foreign(dst, ours=lambda n: n == LATEST or parse_step_dir(n) is not None,
                        what="a ucp checkpoint", storage_options=dst_storage_options)
@@ -87,4 +101,4 @@ def reshard(src: str, dst: str, *, topology: Topology | str, engine: str = "ucp"
                         alignment=target.default_alignment if alignment is None else alignment,
                         step=step, overwrite=overwrite, storage_options=dst_storage_options,
                         workers=workers, progress=sys.stderr.isatty() if progress is None else progress,
-                        verify=verify)
+                        verify=verify, **vocab)
