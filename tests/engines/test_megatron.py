@@ -535,11 +535,10 @@ def _check_stages(reports: list, hf: dict[str, torch.Tensor], tp: int, pp: int, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tp,pp,dp", [(2, 2, 1), (1, 2, 2)])
+@pytest.mark.parametrize("tp,pp,dp", [(2, 2, 1), (1, 2, 2), (2, 2, 2)])
 def test_hugging_face_to_megatron_tp_pp_gives_transformers_logits(hf_llama: Path, tmp_path, tp, pp, dp):
-    """The issue's command `ucp reshard hf_model/ out --to tp=..,pp=..,dp=.. --engine megatron` (at 4
-    ranks: tp=2 x pp=2, and tp=1 x pp=2 x dp=2; 2 CPU cores cannot hold 8 Megatron ranks): a real
-    Megatron job at that topology loads it with its own dist_checkpointing.load (model only), runs
+    """The issue's command `ucp reshard hf_model/ out --to tp=2,pp=2,dp=2 --engine megatron` (8 ranks),
+    and tp=2 x pp=2, tp=1 x pp=2 x dp=2 (4 ranks): a real Megatron job at that topology loads it with its own dist_checkpointing.load (model only), runs
     it stage by stage, and its logits equal transformers'; each stage holds the layers Megatron
     numbers for it, the embedding on the first and the output layer on the last; what it holds,
     saved again by Megatron, is the fused Hugging Face tensors bit for bit."""
