@@ -88,9 +88,9 @@ def _setup(tp: int, pp: int, seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
-def _build(tp: int, pp: int, bf16: bool, vocab: int = VOCAB) -> tuple[Any, Any]:
-    """A DDP-wrapped tiny GPTModel (``vocab``: its vocabulary size, padding included) and its
-    distributed Adam optimizer."""
+def _build(tp: int, pp: int, bf16: bool, vocab: int = VOCAB, shape: dict | None = None) -> tuple[Any, Any]:
+    """A DDP-wrapped tiny GPTModel (``vocab``: its vocabulary size, padding included; ``shape``: its
+    TransformerConfig sizes, default :data:`MODEL`) and its distributed Adam optimizer."""
     import torch.nn.functional as F
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.models.gpt import GPTModel
@@ -99,7 +99,7 @@ def _build(tp: int, pp: int, bf16: bool, vocab: int = VOCAB) -> tuple[Any, Any]:
     from megatron.core.transformer import TransformerConfig
 
     dtype = torch.bfloat16 if bf16 else torch.float32
-    config = TransformerConfig(**MODEL, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+    config = TransformerConfig(**(shape or MODEL), tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                gated_linear_unit=True, hidden_dropout=0.0, attention_dropout=0.0, activation_func=F.silu, add_bias_linear=False,
                                use_cpu_initialization=True, params_dtype=dtype, bf16=bf16,
                                pipeline_dtype=dtype, normalization="RMSNorm",
@@ -293,11 +293,12 @@ def _skip_missing_step() -> None:
 
 
 def load_model_and_run(rank: int, world_size: int, src: str, out: str, tp: int, bf16: bool, pp: int = 1,
-                       vocab: int = VOCAB, tokens_below: int = VOCAB) -> dict[str, Any]:
+                       vocab: int = VOCAB, tokens_below: int = VOCAB,
+                       shape: dict | None = None) -> dict[str, Any]:
     """Every rank of a tp x pp (x dp: the ranks left over) job: Megatron's ``dist_checkpointing.load``
     of the model alone (a pretrained start: no optimizer state) into a fresh model whose vocabulary
     has ``vocab`` rows, loaded with its ``load_state_dict``; runs it on fixed tokens (ids below
-    ``tokens_below``; stage by stage,
+    ``tokens_below``; ``shape``: the model's TransformerConfig sizes, default :data:`MODEL`; stage by stage,
     the hidden states sent on to the next stage) and writes ``out.forward`` (the last stage's first
     rank: the logits, gathered over tp by Megatron), then saves the model again with
     ``dist_checkpointing.save`` at ``out`` (no ucp code runs here).
@@ -313,7 +314,7 @@ def load_model_and_run(rank: int, world_size: int, src: str, out: str, tp: int, 
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    model, _ = _build(tp, pp, bf16, vocab)
+    model, _ = _build(tp, pp, bf16, vocab, shape)
     model_sd = model.module.sharded_state_dict(prefix="")
     loaded = dist_checkpointing.load(model_sd, src)
     model.module.load_state_dict({k: loaded[k] for k in model_sd})
@@ -322,7 +323,7 @@ def load_model_and_run(rank: int, world_size: int, src: str, out: str, tp: int, 
     dtype = torch.bfloat16 if bf16 else torch.float32
     with torch.no_grad():
         if not ps.is_pipeline_first_stage():
-            hidden = torch.empty(SEQ, BATCH, MODEL["hidden_size"], dtype=dtype)
+            hidden = torch.empty(SEQ, BATCH, (shape or MODEL)["hidden_size"], dtype=dtype)
             torch.distributed.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
             model.module.set_input_tensor(hidden)
         output = model.module(tokens, position_ids, None)

@@ -495,26 +495,29 @@ def hf_llama_80(tmp_path_factory) -> Path:
     return _hf_model(tmp_path_factory.mktemp("hf80") / "llama", 80)
 
 
-def _megatron_job(src: Path, again: Path, tp: int, pp: int, dp: int, vocab: int, tokens_below: int) -> list:
+def _megatron_job(src: Path, again: Path, tp: int, pp: int, dp: int, vocab: int, tokens_below: int,
+                  bf16: bool = True, shape: dict | None = None) -> list:
     """The model-only Megatron job at tp x pp x dp; returns each rank's placement report."""
     got = run_ranks(make.load_model_and_run, tp * pp * dp,
-                    args=(str(src), str(again), tp, True, pp, vocab, tokens_below), timeout=600)
+                    args=(str(src), str(again), tp, bf16, pp, vocab, tokens_below, shape), timeout=600)
     return [g.value for g in got]
 
 
-def _check_logits(hf: Path, again: Path, vocab: int) -> None:
-    """The Megatron job's logits (its first ``vocab`` columns) equal transformers' to bf16 rounding,
-    with the same next-token choices."""
+def _check_logits(hf: Path | torch.nn.Module, again: Path, vocab: int, tol: float = 2 ** -6) -> None:
+    """The Megatron job's logits (its first ``vocab`` columns) equal transformers' (the model, or
+    the one saved in folder ``hf``, in bf16) to ``tol`` (default: bf16 rounding), with the same
+    next-token choices."""
     from safetensors.torch import load_file
     from transformers import LlamaForCausalLM
 
     forward = load_file(f"{again}.forward")
-    model = LlamaForCausalLM.from_pretrained(str(hf), dtype=torch.bfloat16).eval()
+    model = hf if isinstance(hf, torch.nn.Module) else \
+        LlamaForCausalLM.from_pretrained(str(hf), dtype=torch.bfloat16).eval()
     with torch.no_grad():
         want = model(forward["tokens"]).logits.float()
     logits = forward["logits"][..., :vocab]
     assert want.shape == logits.shape
-    assert (logits - want).abs().max().item() <= 2 ** -6 * max(1.0, want.abs().max().item())
+    assert (logits - want).abs().max().item() <= tol * max(1.0, want.abs().max().item())
     assert torch.equal(logits.argmax(-1), want.argmax(-1))
 
 
@@ -630,6 +633,63 @@ def test_padded_vocabulary_rule_and_refusals(hf_llama_80: Path, tmp_path):
     with pytest.raises(ucp.TopologyError, match="tp=2 does not divide the vocabulary .* --padded-vocab"):
         ucp.reshard(str(hf_llama_80), dst, topology="tp=2", engine="megatron", padded_vocab=81)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_accelerate_fsdp2_save_of_a_hugging_face_llama_loads_in_megatron(framework_job, tmp_path):
+    """A DCP source under Hugging Face names: a real accelerate FSDP2 save_state of a transformers
+    Llama (fp32, trained 3 steps; DCP with no config.json) -> `ucp reshard --engine megatron
+    --hf-config config.json --to tp=2`: a real Megatron job at tp=2 (fp32) loads it; what it holds,
+    saved again by Megatron, is the trained weights fused bit for bit, and its logits equal
+    transformers' on those weights to fp32 rounding (1e-5)."""
+    import _accel_make as accel
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    run = framework_job("_accel_make", "make_accelerate", "accelerate")
+    ref = torch.load(run / "full.pt", weights_only=True)["model"]
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": accel.VOCAB,
+              "hidden_size": accel.HIDDEN, "intermediate_size": 48, "num_hidden_layers": accel.LAYERS,
+              "num_attention_heads": accel.HEADS, "num_key_value_heads": accel.KV_HEADS,
+              "max_position_embeddings": accel.SEQ * 2, "tie_word_embeddings": False}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    out, again = tmp_path / "out", tmp_path / "again"
+    _reshard_cli(str(run / "state"), str(out), "--to", "tp=2", "--engine", "megatron",
+                 "--hf-config", str(tmp_path / "config.json"))
+    (save,) = out.glob("iter_*")
+    shape = dict(num_layers=accel.LAYERS, hidden_size=accel.HIDDEN, num_attention_heads=accel.HEADS,
+                 num_query_groups=accel.KV_HEADS, ffn_hidden_size=48, layernorm_epsilon=1e-6)
+    _megatron_job(save, again, 2, 1, 1, accel.VOCAB, accel.VOCAB, bf16=False, shape=shape)
+    held = MegatronCheckpoint(str(again))
+    fused = _fused(ref, accel.LAYERS, groups=accel.KV_HEADS)
+    assert set(held.names()) == set(fused)
+    for name, t in fused.items():
+        assert _same(held.read(name, "param"), t), name
+    model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in config.items()
+                                            if k not in ("architectures", "model_type")}))
+    missing, unexpected = model.load_state_dict(ref, strict=False)
+    assert not missing and unexpected == ["logit_scale"]  # the test job's extra buffer
+    _check_logits(model.eval(), again, accel.VOCAB, tol=1e-5)  # fp32 on both sides
+
+
+def test_hugging_face_names_without_a_config_are_refused_naming_the_option(hf_llama: Path, tmp_path):
+    """A save under Hugging Face names with no config.json beside it needs --hf-config (the head
+    counts fuse q/k/v); given one, it is written as the folder would be."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+
+    hf = load_file(hf_llama / "model.safetensors")
+    dcp.save(dict(hf), checkpoint_id=str(tmp_path / "dcp"), no_dist=True)
+    with pytest.raises(ucp.UcpError, match=r"parameter '.*' is a Hugging Face name and no config.json .*\(--hf-config\)"):
+        ucp.reshard(str(tmp_path / "dcp"), str(tmp_path / "o1"), topology="tp=2", engine="megatron")
+    assert not (tmp_path / "o1").exists()
+    with pytest.raises(ucp.UcpError, match="for --engine megatron only, not 'dcp'"):
+        ucp.reshard(str(tmp_path / "dcp"), str(tmp_path / "o1"), topology="tp=2", engine="dcp",
+                    hf_config=str(hf_llama / "config.json"))
+    ucp.reshard(str(tmp_path / "dcp"), str(tmp_path / "out"), topology="tp=2", engine="megatron",
+                hf_config=str(hf_llama / "config.json"))
+    got = MegatronCheckpoint(str(tmp_path / "out" / "iter_0000000"))
+    for name, t in _fused(hf, LLAMA["num_hidden_layers"]).items():
+        assert _same(got.read(name, "param"), t), name
 
 
 def test_unpickled_megatron_objects_have_a_repr():

@@ -40,6 +40,9 @@ __all__ = ["reshard"]
 @click.option("--make-vocab-size-divisible-by", "vocab_divisible_by", default=None, type=click.IntRange(1),
               help="--engine megatron: pad the vocabulary to a multiple of this times tp (Megatron-LM's "
                    "rule and option name; Megatron-LM's default is 128).")
+@click.option("--hf-config", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="--engine megatron: the config.json of a Hugging Face Llama whose save (DCP, "
+                   "accelerate, DeepSpeed) has none beside its files.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @storage_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
@@ -47,7 +50,7 @@ __all__ = ["reshard"]
 def reshard(src: str, dst: str, topology: Topology, engine: str, spec: str | None,
             src_engine: str, alignment: int | None, tag: str | None, overwrite: bool,
             workers: int, no_verify: bool, padded_vocab: int | None, vocab_divisible_by: int | None,
-            as_json: bool, options: tuple[tuple[str, Any], ...],
+            hf_config: str | None, as_json: bool, options: tuple[tuple[str, Any], ...],
             quiet: bool) -> None:
     """Write checkpoint SRC for another parallel topology at DST.
 
@@ -69,7 +72,7 @@ def reshard(src: str, dst: str, topology: Topology, engine: str, spec: str | Non
                       src_engine=src_engine, tag=tag, overwrite=overwrite, workers=workers,
                       storage_options=so, dst_storage_options=so,
                       progress=None if not quiet else False, verify=not no_verify,
-                      padded_vocab=padded_vocab, vocab_divisible_by=vocab_divisible_by)
+                      padded_vocab=padded_vocab, vocab_divisible_by=vocab_divisible_by, hf_config=hf_config)
     stats = report.stats
     if as_json:
         click.echo(json.dumps({"url": dst, "engine": report.engine, "step": report.step,

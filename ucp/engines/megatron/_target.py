@@ -67,9 +67,11 @@ def iteration_dir(step: int) -> str:
     return f"iter_{step:07d}"
 
 
-def megatron_names(source: ArraySource) -> Any:
+def megatron_names(source: ArraySource, hf_config: Mapping[str, Any] | None = None) -> Any:
     """``source`` when its parameters carry Megatron's tp=1 names, else a Hugging Face Llama model
-    under them (:class:`~ucp.engines.megatron._hf.MegatronFromHf`).
+    under them (:class:`~ucp.engines.megatron._hf.MegatronFromHf`), with ``hf_config`` (the model's
+    ``config.json``) or the ``config.json`` beside the source's files: a Hugging Face folder, or a
+    DCP / DeepSpeed save of a Hugging Face model given ``hf_config``.
 
     Raises:
         ConvertError: the names are neither (names the first parameter that does not fit).
@@ -80,12 +82,17 @@ def megatron_names(source: ArraySource) -> Any:
         return source
     inner = getattr(source, "source", None)
     storage = getattr(inner, "storage", None)
-    if odd.startswith(("model.", "lm_head.")) and storage is not None and storage.exists("config.json"):
-        return MegatronFromHf(source, json.loads(storage.read("config.json")))
+    if odd.startswith(("model.", "lm_head.")):
+        if hf_config is not None:
+            return MegatronFromHf(source, hf_config)
+        if storage is not None and storage.exists("config.json"):
+            return MegatronFromHf(source, json.loads(storage.read("config.json")))
+        raise ConvertError(f"{source.url}: parameter {odd!r} is a Hugging Face name and no config.json is "
+                           "beside the files; pass the model's config.json (--hf-config) for its head counts")
     raise ConvertError(f"{source.url}: parameter {odd!r} is not under Megatron's tp=1 names "
                        "(embedding.*, decoder.*, output_layer.*); --engine megatron writes a Megatron "
-                       "checkpoint, a Megatron universal checkpoint or a Hugging Face Llama folder "
-                       "(with its config.json)")
+                       "checkpoint, a Megatron universal checkpoint or a Hugging Face Llama model "
+                       "(a folder with its config.json, or any save of it with --hf-config)")
 
 
 #: The tensors whose rows are the vocabulary.
@@ -349,12 +356,14 @@ class MegatronTarget:
               alignment: int, step: int, overwrite: bool,
               storage_options: Mapping[str, Any] | None, workers: int,
               progress: bool, verify: bool = False, padded_vocab: int | None = None,
-              vocab_divisible_by: int | None = None) -> ReshardReport:
+              vocab_divisible_by: int | None = None,
+              hf_config: Mapping[str, Any] | None = None) -> ReshardReport:
         """``verify``: each model tensor read must have the fingerprint a universal ``source``
         records for it. ``padded_vocab`` / ``vocab_divisible_by``: pad the vocabulary (see
-        :func:`padded_vocab_size`)."""
+        :func:`padded_vocab_size`). ``hf_config``: a Hugging Face model's ``config.json``, for a
+        source under Hugging Face names without one beside its files."""
         start = time.perf_counter()
-        view = megatron_names(source)
+        view = megatron_names(source, hf_config)
         if padded_vocab is not None or vocab_divisible_by is not None:
             if "embedding.word_embeddings.weight" not in view.names():
                 raise ConvertError(f"{source.url}: no embedding.word_embeddings.weight to pad the vocabulary of")
