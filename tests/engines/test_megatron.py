@@ -32,6 +32,8 @@ from ucp.engines._base import ParamInfo
 from ucp.ops._export import export_hf
 from safetensors.torch import save_file
 from ucp.testing import run_ranks
+from click.testing import CliRunner
+from ucp.cli import main
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -669,6 +671,41 @@ def test_accelerate_fsdp2_save_of_a_hugging_face_llama_loads_in_megatron(framewo
     missing, unexpected = model.load_state_dict(ref, strict=False)
     assert not missing and unexpected == ["logit_scale"]  # the test job's extra buffer
     _check_logits(model.eval(), again, accel.VOCAB, tol=1e-5)  # fp32 on both sides
+
+
+@pytest.mark.slow
+def test_deepspeed_autotp_save_of_a_hugging_face_llama_loads_in_megatron_padded(ds_mp_checkpoint, tmp_path):
+    """A DeepSpeed source under Hugging Face names: a real DeepSpeed AutoTP (tp=2, bf16) save of a
+    transformers Llama -> `ucp reshard --engine megatron --hf-config config.json --to tp=2
+    --make-vocab-size-divisible-by 48` (64 rows padded to 96): a real Megatron job at tp=2 built with
+    vocab_size=96 loads it; what it holds, saved again, is the model `ucp export` makes of the same
+    DeepSpeed files (itself checked against DeepSpeed's own gather in test_convert_deepspeed_mp)
+    fused and padded, bit for bit, and its first 64 logits equal transformers' on that model."""
+    from safetensors.torch import load_file
+
+    src, gathered = ds_mp_checkpoint("autotp_tp2")
+    config = json.loads((gathered / "config.json").read_text())
+    r = CliRunner().invoke(main, ["export", str(src), str(tmp_path / "hf"), "--config", str(gathered / "config.json"), "-q"])
+    assert r.exit_code == 0, r.output
+    hf = load_file(tmp_path / "hf" / "model.safetensors")
+    out, again = tmp_path / "out", tmp_path / "again"
+    _reshard_cli(str(src), str(out), "--to", "tp=2", "--engine", "megatron", "--hf-config",
+                 str(gathered / "config.json"), "--make-vocab-size-divisible-by", "48")
+    (save,) = out.glob("iter_*")
+    vocab, layers = config["vocab_size"], config["num_hidden_layers"]
+    shape = dict(num_layers=layers, hidden_size=config["hidden_size"], num_attention_heads=config["num_attention_heads"],
+                 num_query_groups=config["num_key_value_heads"], ffn_hidden_size=config["intermediate_size"],
+                 layernorm_epsilon=config["rms_norm_eps"])
+    _megatron_job(save, again, 2, 1, 1, 96, vocab, bf16=True, shape=shape)
+    want = _fused(hf, layers, groups=config["num_key_value_heads"])
+    for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        want[name] = _padded(want[name], 96)
+    held = MegatronCheckpoint(str(again))
+    assert set(held.names()) == set(want)
+    for name, t in want.items():
+        got = held.read(name, "param")
+        assert _same(got, t.to(got.dtype)), name  # norms: Megatron keeps them in fp32 (exact widening)
+    _check_logits(tmp_path / "hf", again, vocab)
 
 
 def test_hugging_face_names_without_a_config_are_refused_naming_the_option(hf_llama: Path, tmp_path):
