@@ -188,7 +188,7 @@ def train_and_save(rank: int, world_size: int, out: str, tp: int, pp: int, bf16:
     return out
 
 
-def load_full(rank: int, world_size: int, src: str, out: str, bf16: bool) -> dict[str, Any]:
+def load_full(rank: int, world_size: int, src: str, out: str, bf16: bool, vocab: int = VOCAB) -> dict[str, Any]:
     """One rank (tp=1, pp=1): Megatron's ``dist_checkpointing.load`` of ``src`` into the sharded state
     dict of a fresh tp=1 model and distributed optimizer: Megatron's own gather at tp=1.
 
@@ -202,7 +202,7 @@ def load_full(rank: int, world_size: int, src: str, out: str, bf16: bool) -> dic
     _setup(1, 1, seed=99)  # another seed: nothing may survive from initialisation
     from megatron.core import dist_checkpointing
 
-    model, optimizer = _build(1, 1, bf16)
+    model, optimizer = _build(1, 1, bf16, vocab)
     dist_opt = optimizer.chained_optimizers[0]
     # without Apex/TE a fresh optimizer has no states to describe; Megatron fills them with dummies
     dist_opt._init_optimizer_states_with_dummy_values()
@@ -248,7 +248,8 @@ def _forward(model: Any, model_state: dict[str, Any]) -> dict[str, torch.Tensor]
     return {"tokens": tokens, "logits": logits.float().contiguous()}
 
 
-def load_and_resave(rank: int, world_size: int, src: str, out: str, tp: int, pp: int, bf16: bool) -> None:
+def load_and_resave(rank: int, world_size: int, src: str, out: str, tp: int, pp: int, bf16: bool,
+                    vocab: int = VOCAB) -> None:
     """Every rank of a tp x pp job: Megatron's ``dist_checkpointing.load`` of ``src`` (model and
     distributed optimizer, ``fully_reshardable``) into a fresh model and optimizer, both loaded with
     their own ``load_state_dict``, then saved again with ``dist_checkpointing.save`` at ``out``:
@@ -256,7 +257,7 @@ def load_and_resave(rank: int, world_size: int, src: str, out: str, tp: int, pp:
     _setup(tp, pp, seed=77)  # another seed: nothing may survive from initialisation
     from megatron.core import dist_checkpointing
 
-    model, optimizer = _build(tp, pp, bf16)
+    model, optimizer = _build(tp, pp, bf16, vocab)
     optimizer.chained_optimizers[0]._init_optimizer_states_with_dummy_values()
     meta = {"distrib_optim_sharding_type": "fully_reshardable"}
     model_sd = model.module.sharded_state_dict(prefix="")

@@ -586,6 +586,28 @@ def test_padded_vocabulary_loads_in_megatron_and_gives_transformers_logits(hf_ll
     assert _same(held.read("output_layer.weight", "param"), _padded(hf["lm_head.weight"], 256))
 
 
+@pytest.mark.slow
+def test_padded_vocabulary_of_a_trained_megatron_checkpoint_keeps_its_optimizer(megatron_ckpt: Reference, tmp_path):
+    """A Megatron checkpoint with its distributed optimizer (128 rows) -> `--padded-vocab 192 --to
+    tp=2`: a real Megatron job at tp=2 built with vocab_size=192 loads model and optimizer, and
+    Megatron's tp=1 load of what it saves again is the source's, every state bit for bit, with the
+    embedding and output layer grown by 64 rows: weights and fp32 masters the last row repeated, Adam
+    moments zero."""
+    from safetensors.torch import load_file
+
+    out, again = tmp_path / "out", tmp_path / "again"
+    _reshard_cli(str(megatron_ckpt.ckpt), str(out), "--to", "tp=2", "--engine", "megatron", "--padded-vocab", "192")
+    run_ranks(make.load_and_resave, 2, args=(str(out / "iter_0000002"), str(again), 2, 1, True, 192), timeout=600)
+    run_ranks(make.load_full, 1, args=(str(again), str(tmp_path / "tp1.safetensors"), True, 192), timeout=300)
+    tensors = load_file(tmp_path / "tp1.safetensors")
+    assert set(tensors) == set(megatron_ckpt.tensors)
+    for key, want in megatron_ckpt.tensors.items():
+        if key.split("/")[0] in ("embedding.word_embeddings.weight", "output_layer.weight"):
+            fill = want[-1:].expand(64, -1) if key.endswith(("/param", "/fp32")) else torch.zeros(64, want.shape[1])
+            want = torch.cat([want, fill.to(want.dtype)])
+        assert _same(tensors[key], want), key
+
+
 def test_padded_vocabulary_is_written_and_export_drops_it(hf_llama_80: Path, tmp_path):
     """`--padded-vocab 96` writes 96 rows (the last real row repeated) for embedding and output layer,
     everything else as without padding; `ucp export --map megatron-llama --config` of that
