@@ -88,8 +88,9 @@ def _setup(tp: int, pp: int, seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
-def _build(tp: int, pp: int, bf16: bool) -> tuple[Any, Any]:
-    """A DDP-wrapped tiny GPTModel and its distributed Adam optimizer."""
+def _build(tp: int, pp: int, bf16: bool, vocab: int = VOCAB, shape: dict | None = None) -> tuple[Any, Any]:
+    """A DDP-wrapped tiny GPTModel (``vocab``: its vocabulary size, padding included; ``shape``: its
+    TransformerConfig sizes, default :data:`MODEL`) and its distributed Adam optimizer."""
     import torch.nn.functional as F
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.models.gpt import GPTModel
@@ -98,7 +99,7 @@ def _build(tp: int, pp: int, bf16: bool) -> tuple[Any, Any]:
     from megatron.core.transformer import TransformerConfig
 
     dtype = torch.bfloat16 if bf16 else torch.float32
-    config = TransformerConfig(**MODEL, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+    config = TransformerConfig(**(shape or MODEL), tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                gated_linear_unit=True, hidden_dropout=0.0, attention_dropout=0.0, activation_func=F.silu, add_bias_linear=False,
                                use_cpu_initialization=True, params_dtype=dtype, bf16=bf16,
                                pipeline_dtype=dtype, normalization="RMSNorm",
@@ -106,7 +107,7 @@ def _build(tp: int, pp: int, bf16: bool) -> tuple[Any, Any]:
     from megatron.core import parallel_state as ps
 
     model = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
-                     vocab_size=VOCAB, max_sequence_length=SEQ, position_embedding_type="rope",
+                     vocab_size=vocab, max_sequence_length=SEQ, position_embedding_type="rope",
                      pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
                      share_embeddings_and_output_weights=False)
     ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=True, grad_reduce_in_fp32=True)
@@ -187,7 +188,7 @@ def train_and_save(rank: int, world_size: int, out: str, tp: int, pp: int, bf16:
     return out
 
 
-def load_full(rank: int, world_size: int, src: str, out: str, bf16: bool) -> dict[str, Any]:
+def load_full(rank: int, world_size: int, src: str, out: str, bf16: bool, vocab: int = VOCAB) -> dict[str, Any]:
     """One rank (tp=1, pp=1): Megatron's ``dist_checkpointing.load`` of ``src`` into the sharded state
     dict of a fresh tp=1 model and distributed optimizer: Megatron's own gather at tp=1.
 
@@ -201,7 +202,7 @@ def load_full(rank: int, world_size: int, src: str, out: str, bf16: bool) -> dic
     _setup(1, 1, seed=99)  # another seed: nothing may survive from initialisation
     from megatron.core import dist_checkpointing
 
-    model, optimizer = _build(1, 1, bf16)
+    model, optimizer = _build(1, 1, bf16, vocab)
     dist_opt = optimizer.chained_optimizers[0]
     # without Apex/TE a fresh optimizer has no states to describe; Megatron fills them with dummies
     dist_opt._init_optimizer_states_with_dummy_values()
@@ -247,7 +248,8 @@ def _forward(model: Any, model_state: dict[str, Any]) -> dict[str, torch.Tensor]
     return {"tokens": tokens, "logits": logits.float().contiguous()}
 
 
-def load_and_resave(rank: int, world_size: int, src: str, out: str, tp: int, pp: int, bf16: bool) -> None:
+def load_and_resave(rank: int, world_size: int, src: str, out: str, tp: int, pp: int, bf16: bool,
+                    vocab: int = VOCAB) -> None:
     """Every rank of a tp x pp job: Megatron's ``dist_checkpointing.load`` of ``src`` (model and
     distributed optimizer, ``fully_reshardable``) into a fresh model and optimizer, both loaded with
     their own ``load_state_dict``, then saved again with ``dist_checkpointing.save`` at ``out``:
@@ -255,7 +257,7 @@ def load_and_resave(rank: int, world_size: int, src: str, out: str, tp: int, pp:
     _setup(tp, pp, seed=77)  # another seed: nothing may survive from initialisation
     from megatron.core import dist_checkpointing
 
-    model, optimizer = _build(tp, pp, bf16)
+    model, optimizer = _build(tp, pp, bf16, vocab)
     optimizer.chained_optimizers[0]._init_optimizer_states_with_dummy_values()
     meta = {"distrib_optim_sharding_type": "fully_reshardable"}
     model_sd = model.module.sharded_state_dict(prefix="")
@@ -291,28 +293,63 @@ def _skip_missing_step() -> None:
     DistributedOptimizer._set_main_param_and_optimizer_states = skipping
 
 
-def load_model_and_run(rank: int, world_size: int, src: str, out: str, tp: int, bf16: bool) -> None:
-    """Every rank of a tp-way job (pp=1): Megatron's ``dist_checkpointing.load`` of the model alone
-    (a pretrained start: no optimizer state) into a fresh model, loaded with its ``load_state_dict``;
-    writes ``out.forward`` (rank 0: the logits on fixed tokens, gathered over tp by Megatron) and saves
-    the model again with ``dist_checkpointing.save`` at ``out`` (no ucp code runs here)."""
-    _setup(tp, 1, seed=77)
+def load_model_and_run(rank: int, world_size: int, src: str, out: str, tp: int, bf16: bool, pp: int = 1,
+                       vocab: int = VOCAB, tokens_below: int = VOCAB,
+                       shape: dict | None = None) -> dict[str, Any]:
+    """Every rank of a tp x pp (x dp: the ranks left over) job: Megatron's ``dist_checkpointing.load``
+    of the model alone (a pretrained start: no optimizer state) into a fresh model whose vocabulary
+    has ``vocab`` rows, loaded with its ``load_state_dict``; runs it on fixed tokens (ids below
+    ``tokens_below``; ``shape``: the model's TransformerConfig sizes, default :data:`MODEL`; stage by stage,
+    the hidden states sent on to the next stage) and writes ``out.forward`` (the last stage's first
+    rank: the logits, gathered over tp by Megatron), then saves the model again with
+    ``dist_checkpointing.save`` at ``out`` (no ucp code runs here).
+
+    Returns:
+        where this rank's pieces landed: ``stage`` (its pipeline rank), ``layers`` (the global
+        ``layer_number`` of each local layer, in order), ``norms`` (each local layer's
+        ``input_layernorm.weight`` as a list), ``embedding`` / ``output_layer`` (whether the stage
+        holds them) and ``vocab_rows`` (the rows of its shard of the embedding or output layer).
+    """
+    _setup(tp, pp, seed=77)
     from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    model, _ = _build(tp, 1, bf16)
+    model, _ = _build(tp, pp, bf16, vocab, shape)
     model_sd = model.module.sharded_state_dict(prefix="")
     loaded = dist_checkpointing.load(model_sd, src)
     model.module.load_state_dict({k: loaded[k] for k in model_sd})
-    tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(7))
+    tokens = torch.randint(0, tokens_below, (BATCH, SEQ), generator=torch.Generator().manual_seed(7))
     position_ids = torch.arange(SEQ).unsqueeze(0).expand(BATCH, SEQ)
+    dtype = torch.bfloat16 if bf16 else torch.float32
     with torch.no_grad():
-        logits = gather_from_tensor_model_parallel_region(model.module(tokens, position_ids, None))
+        if not ps.is_pipeline_first_stage():
+            hidden = torch.empty(SEQ, BATCH, (shape or MODEL)["hidden_size"], dtype=dtype)
+            torch.distributed.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
+            model.module.set_input_tensor(hidden)
+        output = model.module(tokens, position_ids, None)
+        if not ps.is_pipeline_last_stage():
+            torch.distributed.send(output.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
+        else:
+            logits = gather_from_tensor_model_parallel_region(output)
+    first_of_last = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 \
+        and ps.get_data_parallel_rank() == 0
     if rank == 0:
         os.makedirs(out, exist_ok=True)
+    torch.distributed.barrier()
+    if first_of_last:
         save_file({"tokens": tokens, "logits": logits.float().contiguous()}, out + ".forward")
     torch.distributed.barrier()
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     filesystem_async._results_queue = queue.Queue()  # as in train_and_save
     dist_checkpointing.save(model.module.sharded_state_dict(prefix=""), out)
+    gpt = model.module
+    vocab_layer = getattr(gpt, "embedding", None) or getattr(gpt, "output_layer", None)
+    weight = vocab_layer.word_embeddings.weight if hasattr(vocab_layer, "word_embeddings") else \
+        getattr(vocab_layer, "weight", None)
+    return {"stage": ps.get_pipeline_model_parallel_rank(),
+            "layers": [layer.layer_number for layer in gpt.decoder.layers],
+            "norms": [layer.input_layernorm.weight.float().tolist() for layer in gpt.decoder.layers],
+            "embedding": hasattr(gpt, "embedding"), "output_layer": hasattr(gpt, "output_layer"),
+            "vocab_rows": None if weight is None else weight.shape[0]}

@@ -32,6 +32,8 @@ from ucp.engines._base import ParamInfo
 from ucp.ops._export import export_hf
 from safetensors.torch import save_file
 from ucp.testing import run_ranks
+from click.testing import CliRunner
+from ucp.cli import main
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -378,18 +380,7 @@ def test_megatron_target_refuses_what_megatron_lm_args_rule_out(megatron_ckpt: R
 @pytest.fixture(scope="session")
 def hf_llama(tmp_path_factory) -> Path:
     """A tiny transformers Llama (the Megatron test model's shapes), saved with save_pretrained in bf16."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(5)
-    config = LlamaConfig(**{k: v for k, v in LLAMA.items() if k not in ("architectures", "model_type")})
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
-    with torch.no_grad():  # norms away from 1, so a misplaced one shows
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-    path = tmp_path_factory.mktemp("hf") / "llama"
-    model.save_pretrained(str(path))
-    return path
+    return _hf_model(tmp_path_factory.mktemp("hf") / "llama", make.VOCAB)
 
 
 def _fused(hf: dict[str, torch.Tensor], layers: int, groups: int = 2) -> dict[str, torch.Tensor]:
@@ -481,6 +472,283 @@ def test_hugging_face_to_megatron_tp2_gives_transformers_logits(hf_llama: Path, 
     for name, t in _fused(load_file(hf_llama / "model.safetensors"), LLAMA["num_hidden_layers"]).items():
         got = held.read(name, "param")
         assert _same(got, t.to(got.dtype)), name  # norms: Megatron keeps them in fp32 (exact widening)
+
+
+def _hf_model(path: Path, vocab: int) -> Path:
+    """A tiny transformers Llama (the Megatron test model's shapes, ``vocab`` rows), saved with
+    save_pretrained in bf16."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(5)
+    config = LlamaConfig(**{**{k: v for k, v in LLAMA.items() if k not in ("architectures", "model_type")},
+                            "vocab_size": vocab})
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    with torch.no_grad():  # norms away from 1, so a misplaced one shows
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+    model.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def hf_llama_80(tmp_path_factory) -> Path:
+    """The tiny Llama with an 80-row vocabulary: a multiple of no Megatron divisor."""
+    return _hf_model(tmp_path_factory.mktemp("hf80") / "llama", 80)
+
+
+def _megatron_job(src: Path, again: Path, tp: int, pp: int, dp: int, vocab: int, tokens_below: int,
+                  bf16: bool = True, shape: dict | None = None) -> list:
+    """The model-only Megatron job at tp x pp x dp; returns each rank's placement report."""
+    got = run_ranks(make.load_model_and_run, tp * pp * dp,
+                    args=(str(src), str(again), tp, bf16, pp, vocab, tokens_below, shape), timeout=600)
+    return [g.value for g in got]
+
+
+def _check_logits(hf: Path | torch.nn.Module, again: Path, vocab: int, tol: float = 2 ** -6) -> None:
+    """The Megatron job's logits (its first ``vocab`` columns) equal transformers' (the model, or
+    the one saved in folder ``hf``, in bf16) to ``tol`` (default: bf16 rounding), with the same
+    next-token choices."""
+    from safetensors.torch import load_file
+    from transformers import LlamaForCausalLM
+
+    forward = load_file(f"{again}.forward")
+    model = hf if isinstance(hf, torch.nn.Module) else \
+        LlamaForCausalLM.from_pretrained(str(hf), dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        want = model(forward["tokens"]).logits.float()
+    logits = forward["logits"][..., :vocab]
+    assert want.shape == logits.shape
+    assert (logits - want).abs().max().item() <= tol * max(1.0, want.abs().max().item())
+    assert torch.equal(logits.argmax(-1), want.argmax(-1))
+
+
+def _check_stages(reports: list, hf: dict[str, torch.Tensor], tp: int, pp: int, vocab: int) -> None:
+    """Megatron's own placement: stage s holds layers s*L/pp+1 .. (s+1)*L/pp (layer_number, 1-based),
+    each with that Hugging Face layer's norm; the embedding on the first stage only, the output layer
+    on the last only, each tp rank with vocab/tp rows."""
+    per = LLAMA["num_hidden_layers"] // pp
+    assert sorted({r["stage"] for r in reports}) == list(range(pp))
+    for r in reports:
+        s = r["stage"]
+        assert r["layers"] == list(range(s * per + 1, (s + 1) * per + 1)), r["layers"]
+        for number, norm in zip(r["layers"], r["norms"]):
+            want = hf[f"model.layers.{number - 1}.input_layernorm.weight"].float().tolist()
+            assert norm == want, (s, number)
+        assert r["embedding"] == (s == 0) and r["output_layer"] == (s == pp - 1)
+        assert r["vocab_rows"] == (vocab // tp if s in (0, pp - 1) else None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp,pp,dp", [(2, 2, 1), (1, 2, 2), (2, 2, 2)])
+def test_hugging_face_to_megatron_tp_pp_gives_transformers_logits(hf_llama: Path, tmp_path, tp, pp, dp):
+    """The issue's command `ucp reshard hf_model/ out --to tp=2,pp=2,dp=2 --engine megatron` (8 ranks),
+    and tp=2 x pp=2, tp=1 x pp=2 x dp=2 (4 ranks): a real Megatron job at that topology loads it with its own dist_checkpointing.load (model only), runs
+    it stage by stage, and its logits equal transformers'; each stage holds the layers Megatron
+    numbers for it, the embedding on the first and the output layer on the last; what it holds,
+    saved again by Megatron, is the fused Hugging Face tensors bit for bit."""
+    from safetensors.torch import load_file
+
+    out, again = tmp_path / "out", tmp_path / "again"
+    _reshard_cli(str(hf_llama), str(out), "--to", f"tp={tp},pp={pp},dp={dp}", "--engine", "megatron")
+    reports = _megatron_job(out / "iter_0000000", again, tp, pp, dp, make.VOCAB, make.VOCAB)
+    _check_logits(hf_llama, again, make.VOCAB)
+    hf = load_file(hf_llama / "model.safetensors")
+    _check_stages(reports, hf, tp, pp, make.VOCAB)
+    held = MegatronCheckpoint(str(again))
+    for name, t in _fused(hf, LLAMA["num_hidden_layers"]).items():
+        got = held.read(name, "param")
+        assert _same(got, t.to(got.dtype)), name
+
+
+def _padded(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """Megatron-LM's converters' padding: the last real row repeated."""
+    return torch.cat([t, t[-1:].expand(rows - t.shape[0], -1)])
+
+
+@pytest.mark.slow
+def test_padded_vocabulary_loads_in_megatron_and_gives_transformers_logits(hf_llama_80: Path, tmp_path):
+    """80 vocabulary rows, `--make-vocab-size-divisible-by 128` at tp=2: written with 256 rows
+    (Megatron-LM's rule: a multiple of 128 x tp), which a Megatron job at tp=2 x pp=2 built with
+    vocab_size=256 loads; its first 80 logits equal transformers', its embedding and output layer,
+    saved again, are the Hugging Face rows then the last row repeated, bit for bit."""
+    from safetensors.torch import load_file
+
+    out, again = tmp_path / "out", tmp_path / "again"
+    _reshard_cli(str(hf_llama_80), str(out), "--to", "tp=2,pp=2", "--engine", "megatron",
+                 "--make-vocab-size-divisible-by", "128")
+    reports = _megatron_job(out / "iter_0000000", again, 2, 2, 1, 256, 80)
+    _check_logits(hf_llama_80, again, 80)
+    hf = load_file(hf_llama_80 / "model.safetensors")
+    _check_stages(reports, hf, 2, 2, 256)
+    held = MegatronCheckpoint(str(again))
+    assert _same(held.read("embedding.word_embeddings.weight", "param"), _padded(hf["model.embed_tokens.weight"], 256))
+    assert _same(held.read("output_layer.weight", "param"), _padded(hf["lm_head.weight"], 256))
+
+
+@pytest.mark.slow
+def test_padded_vocabulary_of_a_trained_megatron_checkpoint_keeps_its_optimizer(megatron_ckpt: Reference, tmp_path):
+    """A Megatron checkpoint with its distributed optimizer (128 rows) -> `--padded-vocab 192 --to
+    tp=2`: a real Megatron job at tp=2 built with vocab_size=192 loads model and optimizer, and
+    Megatron's tp=1 load of what it saves again is the source's, every state bit for bit, with the
+    embedding and output layer grown by 64 rows: weights and fp32 masters the last row repeated, Adam
+    moments zero."""
+    from safetensors.torch import load_file
+
+    out, again = tmp_path / "out", tmp_path / "again"
+    _reshard_cli(str(megatron_ckpt.ckpt), str(out), "--to", "tp=2", "--engine", "megatron", "--padded-vocab", "192")
+    run_ranks(make.load_and_resave, 2, args=(str(out / "iter_0000002"), str(again), 2, 1, True, 192), timeout=600)
+    run_ranks(make.load_full, 1, args=(str(again), str(tmp_path / "tp1.safetensors"), True, 192), timeout=300)
+    tensors = load_file(tmp_path / "tp1.safetensors")
+    assert set(tensors) == set(megatron_ckpt.tensors)
+    for key, want in megatron_ckpt.tensors.items():
+        if key.split("/")[0] in ("embedding.word_embeddings.weight", "output_layer.weight"):
+            fill = want[-1:].expand(64, -1) if key.endswith(("/param", "/fp32")) else torch.zeros(64, want.shape[1])
+            want = torch.cat([want, fill.to(want.dtype)])
+        assert _same(tensors[key], want), key
+
+
+def test_padded_vocabulary_is_written_and_export_drops_it(hf_llama_80: Path, tmp_path):
+    """`--padded-vocab 96` writes 96 rows (the last real row repeated) for embedding and output layer,
+    everything else as without padding; `ucp export --map megatron-llama --config` of that
+    Megatron checkpoint gives back the Hugging Face model bit for bit (the padding cut to the
+    config's vocab_size)."""
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+    from ucp.cli import main
+
+    out = tmp_path / "out"
+    _reshard_cli(str(hf_llama_80), str(out), "--to", "tp=2", "--engine", "megatron", "--padded-vocab", "96")
+    got = MegatronCheckpoint(str(out / "iter_0000000"))
+    hf = load_file(hf_llama_80 / "model.safetensors")
+    want = _fused(hf, LLAMA["num_hidden_layers"])
+    want["embedding.word_embeddings.weight"] = _padded(hf["model.embed_tokens.weight"], 96)
+    want["output_layer.weight"] = _padded(hf["lm_head.weight"], 96)
+    assert set(got.names()) == set(want)
+    for name, t in want.items():
+        assert _same(got.read(name, "param"), t), name
+    r = CliRunner().invoke(main, ["export", str(out / "iter_0000000"), str(tmp_path / "hf"), "--map",
+                                  "megatron-llama", "--config", str(hf_llama_80 / "config.json")])
+    assert r.exit_code == 0, r.output
+    back = load_file(tmp_path / "hf" / "model.safetensors")
+    assert set(back) == set(hf)
+    for name, t in hf.items():
+        assert _same(back[name], t), name
+
+
+def test_padded_vocabulary_rule_and_refusals(hf_llama_80: Path, tmp_path):
+    """Megatron-LM's rule (a multiple of divisor x tp); a padded size below the vocabulary, both
+    options at once, a padding for another engine, and a vocabulary tp does not divide are refused
+    before any byte is written, naming the sizes and the fix."""
+    from ucp.engines.megatron._target import padded_vocab_size
+
+    assert padded_vocab_size(80, 2, vocab_divisible_by=128) == 256
+    assert padded_vocab_size(80, 1, vocab_divisible_by=8) == 80
+    assert padded_vocab_size(81, 4, vocab_divisible_by=8) == 96
+    assert padded_vocab_size(80, 2) == 80
+    dst = str(tmp_path / "out")
+    with pytest.raises(ucp.UcpError, match="padded vocabulary size 64 is smaller than the vocabulary, 80 rows"):
+        ucp.reshard(str(hf_llama_80), dst, topology="tp=1", engine="megatron", padded_vocab=64)
+    with pytest.raises(ucp.UcpError, match=r"padded vocabulary size \(96\) or its divisor \(128\), not both"):
+        ucp.reshard(str(hf_llama_80), dst, topology="tp=1", engine="megatron", padded_vocab=96,
+                    vocab_divisible_by=128)
+    with pytest.raises(ucp.UcpError, match="padded_vocab pad a Megatron vocabulary: .* not 'dcp'"):
+        ucp.reshard(str(hf_llama_80), dst, topology="tp=1", engine="dcp", padded_vocab=96)
+    with pytest.raises(ucp.TopologyError, match="tp=2 does not divide the vocabulary .* --padded-vocab"):
+        ucp.reshard(str(hf_llama_80), dst, topology="tp=2", engine="megatron", padded_vocab=81)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_accelerate_fsdp2_save_of_a_hugging_face_llama_loads_in_megatron(framework_job, tmp_path):
+    """A DCP source under Hugging Face names: a real accelerate FSDP2 save_state of a transformers
+    Llama (fp32, trained 3 steps; DCP with no config.json) -> `ucp reshard --engine megatron
+    --hf-config config.json --to tp=2`: a real Megatron job at tp=2 (fp32) loads it; what it holds,
+    saved again by Megatron, is the trained weights fused bit for bit, and its logits equal
+    transformers' on those weights to fp32 rounding (1e-5)."""
+    import _accel_make as accel
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    run = framework_job("_accel_make", "make_accelerate", "accelerate")
+    ref = torch.load(run / "full.pt", weights_only=True)["model"]
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": accel.VOCAB,
+              "hidden_size": accel.HIDDEN, "intermediate_size": 48, "num_hidden_layers": accel.LAYERS,
+              "num_attention_heads": accel.HEADS, "num_key_value_heads": accel.KV_HEADS,
+              "max_position_embeddings": accel.SEQ * 2, "tie_word_embeddings": False}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    out, again = tmp_path / "out", tmp_path / "again"
+    _reshard_cli(str(run / "state"), str(out), "--to", "tp=2", "--engine", "megatron",
+                 "--hf-config", str(tmp_path / "config.json"))
+    (save,) = out.glob("iter_*")
+    shape = dict(num_layers=accel.LAYERS, hidden_size=accel.HIDDEN, num_attention_heads=accel.HEADS,
+                 num_query_groups=accel.KV_HEADS, ffn_hidden_size=48, layernorm_epsilon=1e-6)
+    _megatron_job(save, again, 2, 1, 1, accel.VOCAB, accel.VOCAB, bf16=False, shape=shape)
+    held = MegatronCheckpoint(str(again))
+    fused = _fused(ref, accel.LAYERS, groups=accel.KV_HEADS)
+    assert set(held.names()) == set(fused)
+    for name, t in fused.items():
+        assert _same(held.read(name, "param"), t), name
+    model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in config.items()
+                                            if k not in ("architectures", "model_type")}))
+    missing, unexpected = model.load_state_dict(ref, strict=False)
+    assert not missing and unexpected == ["logit_scale"]  # the test job's extra buffer
+    _check_logits(model.eval(), again, accel.VOCAB, tol=1e-5)  # fp32 on both sides
+
+
+@pytest.mark.slow
+def test_deepspeed_autotp_save_of_a_hugging_face_llama_loads_in_megatron_padded(ds_mp_checkpoint, tmp_path):
+    """A DeepSpeed source under Hugging Face names: a real DeepSpeed AutoTP (tp=2, bf16) save of a
+    transformers Llama -> `ucp reshard --engine megatron --hf-config config.json --to tp=2
+    --make-vocab-size-divisible-by 48` (64 rows padded to 96): a real Megatron job at tp=2 built with
+    vocab_size=96 loads it; what it holds, saved again, is the model `ucp export` makes of the same
+    DeepSpeed files (itself checked against DeepSpeed's own gather in test_convert_deepspeed_mp)
+    fused and padded, bit for bit, and its first 64 logits equal transformers' on that model."""
+    from safetensors.torch import load_file
+
+    src, gathered = ds_mp_checkpoint("autotp_tp2")
+    config = json.loads((gathered / "config.json").read_text())
+    r = CliRunner().invoke(main, ["export", str(src), str(tmp_path / "hf"), "--config", str(gathered / "config.json"), "-q"])
+    assert r.exit_code == 0, r.output
+    hf = load_file(tmp_path / "hf" / "model.safetensors")
+    out, again = tmp_path / "out", tmp_path / "again"
+    _reshard_cli(str(src), str(out), "--to", "tp=2", "--engine", "megatron", "--hf-config",
+                 str(gathered / "config.json"), "--make-vocab-size-divisible-by", "48")
+    (save,) = out.glob("iter_*")
+    vocab, layers = config["vocab_size"], config["num_hidden_layers"]
+    shape = dict(num_layers=layers, hidden_size=config["hidden_size"], num_attention_heads=config["num_attention_heads"],
+                 num_query_groups=config["num_key_value_heads"], ffn_hidden_size=config["intermediate_size"],
+                 layernorm_epsilon=config["rms_norm_eps"])
+    _megatron_job(save, again, 2, 1, 1, 96, vocab, bf16=True, shape=shape)
+    want = _fused(hf, layers, groups=config["num_key_value_heads"])
+    for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        want[name] = _padded(want[name], 96)
+    held = MegatronCheckpoint(str(again))
+    assert set(held.names()) == set(want)
+    for name, t in want.items():
+        got = held.read(name, "param")
+        assert _same(got, t.to(got.dtype)), name  # norms: Megatron keeps them in fp32 (exact widening)
+    _check_logits(tmp_path / "hf", again, vocab)
+
+
+def test_hugging_face_names_without_a_config_are_refused_naming_the_option(hf_llama: Path, tmp_path):
+    """A save under Hugging Face names with no config.json beside it needs --hf-config (the head
+    counts fuse q/k/v); given one, it is written as the folder would be."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+
+    hf = load_file(hf_llama / "model.safetensors")
+    dcp.save(dict(hf), checkpoint_id=str(tmp_path / "dcp"), no_dist=True)
+    with pytest.raises(ucp.UcpError, match=r"parameter '.*' is a Hugging Face name and no config.json .*\(--hf-config\)"):
+        ucp.reshard(str(tmp_path / "dcp"), str(tmp_path / "o1"), topology="tp=2", engine="megatron")
+    assert not (tmp_path / "o1").exists()
+    with pytest.raises(ucp.UcpError, match="for --engine megatron only, not 'dcp'"):
+        ucp.reshard(str(tmp_path / "dcp"), str(tmp_path / "o1"), topology="tp=2", engine="dcp",
+                    hf_config=str(hf_llama / "config.json"))
+    ucp.reshard(str(tmp_path / "dcp"), str(tmp_path / "out"), topology="tp=2", engine="megatron",
+                hf_config=str(hf_llama / "config.json"))
+    got = MegatronCheckpoint(str(tmp_path / "out" / "iter_0000000"))
+    for name, t in _fused(hf, LLAMA["num_hidden_layers"]).items():
+        assert _same(got.read(name, "param"), t), name
 
 
 def test_unpickled_megatron_objects_have_a_repr():

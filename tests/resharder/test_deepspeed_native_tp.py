@@ -190,7 +190,7 @@ def test_cli_config_gives_the_head_counts(tmp_path):
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"num_attention_heads": 6, "num_key_value_heads": 3, "hidden_size": 4}))
     base = ["reshard", str(fake.root), str(tmp_path / "out"), "--to", "tp=2,dp=1,zero=1", "-q"]
-    for extra, words in ((["--engine", "ucp", "--config", str(config)], "goes with --engine deepspeed"),
+    for extra, words in ((["--engine", "ucp", "--config", str(config)], "to --engine deepspeed (AutoTP"),
                          (["--engine", "deepspeed", "--config", str(config), "--spec", "kv_heads = 3"], "without --spec")):
         got = CliRunner().invoke(main, base + extra)
         assert got.exit_code != 0 and words in got.output, got.output

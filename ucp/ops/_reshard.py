@@ -9,7 +9,7 @@ from typing import Any, Mapping, Sequence
 from ucp.ops._dest import check_destination, refuse_foreign
 from ucp.native._layout import LATEST
 from ucp.native._meta import parse_step_dir
-from ucp.core._errors import TopologyError
+from ucp.core._errors import ConvertError, TopologyError
 from ucp.core._topology import Topology
 
 __all__ = ["reshard"]
@@ -21,7 +21,8 @@ def reshard(src: str, dst: str, *, topology: Topology | str, engine: str = "ucp"
             storage_options: Mapping[str, Any] | None = None,
             dst_storage_options: Mapping[str, Any] | None = None,
             progress: bool | None = None, partition: str | None = None,
-            extra_layers: Sequence[str] = ()) -> Any:
+            extra_layers: Sequence[str] = (), padded_vocab: int | None = None,
+            vocab_divisible_by: int | None = None, hf_config: str | Mapping[str, Any] | None = None) -> Any:
     """Writes the checkpoint at ``src`` for ``topology`` at ``dst``, in ``engine``'s layout.
 
     Called by one process, or by every process of a torchrun job (target ranks are shared out;
@@ -63,6 +64,13 @@ def reshard(src: str, dst: str, *, topology: Topology | str, engine: str = "ucp"
         extra_layers: with ``partition``'s targets, layers that save no file and that the
             checkpoint cannot show: ``"INDEX"`` (a function) or ``"INDEX=TIED_KEY"`` (a
             ``TiedLayerSpec`` with ``forward_fn``).
+        padded_vocab / vocab_divisible_by (engine ``megatron`` only): write the vocabulary rows
+            (embedding and output layer) padded to this size, or to a multiple of
+            ``vocab_divisible_by * tp`` (Megatron-LM's ``--make-vocab-size-divisible-by`` rule), as
+            the Megatron job's model is built; default: the source's size.
+        hf_config (engine ``megatron`` only): a Hugging Face ``config.json`` (path or dict) for a
+            source under Hugging Face Llama names that has none beside its files (a DCP,
+            accelerate or DeepSpeed save of a transformers model).
 
     Returns:
         A :class:`ucp.resharder.ReshardReport` (``.stats.amplification``: bytes read / needed).
@@ -88,6 +96,16 @@ def reshard(src: str, dst: str, *, topology: Topology | str, engine: str = "ucp"
         raise TopologyError(f"partition / extra_layers place a DeepSpeed PipelineModule's layers on stages; "
                             f"engine={engine!r} takes neither: leave them unset")
     check_destination(src, dst)
+    vocab = {k: v for k, v in (("padded_vocab", padded_vocab), ("vocab_divisible_by", vocab_divisible_by))
+             if v is not None}
+    if hf_config is not None and engine != "megatron":
+        raise ConvertError(f"hf_config names a Hugging Face model for --engine megatron only, not {engine!r}")
+    if vocab and engine != "megatron":
+        raise ConvertError(f"{' and '.join(vocab)} pad a Megatron vocabulary: they apply to --engine megatron "
+                           f"only, not {engine!r}")
+    for key, value in vocab.items():
+        if value < 1:
+            raise ConvertError(f"{key}={value}: must be a positive number of rows")
     if engine == "ucp":  # its files: step directories and `latest`
         refuse_foreign(dst, ours=lambda n: n == LATEST or parse_step_dir(n) is not None,
                        what="a ucp checkpoint", storage_options=dst_storage_options)
@@ -103,6 +121,9 @@ def reshard(src: str, dst: str, *, topology: Topology | str, engine: str = "ucp"
     elif engine == "megatron":  # a Megatron-LM save root: iter_NNNNNNN/ and the latest marker
         refuse_foreign(dst, ours=lambda n: n == "latest_checkpointed_iteration.txt" or n.startswith("iter_"),
                        what="a Megatron-LM save root", storage_options=dst_storage_options)
+    options: dict[str, Any] = dict(vocab)
+    if hf_config is not None:
+        options["hf_config"] = _read_config(hf_config)
     target = get_target(engine)
     source, topo, spec_ = resolve(src, topology, spec=spec, engine=src_engine, tag=tag,
                                   storage_options=storage_options)
@@ -111,4 +132,20 @@ def reshard(src: str, dst: str, *, topology: Topology | str, engine: str = "ucp"
                         alignment=target.default_alignment if alignment is None else alignment,
                         step=step, overwrite=overwrite, storage_options=dst_storage_options,
                         workers=workers, progress=sys.stderr.isatty() if progress is None else progress,
-                        verify=verify, **pipe)
+                        verify=verify, **pipe, **options)
+
+
+def _read_config(config: str | Mapping[str, Any]) -> dict[str, Any]:
+    """A Hugging Face ``config.json`` given as a path or a mapping."""
+    import json
+
+    if isinstance(config, Mapping):
+        return dict(config)
+    try:
+        with open(config, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConvertError(f"{config}: cannot read the Hugging Face config ({e}); pass the model's config.json") from e
+    if not isinstance(value, dict):
+        raise ConvertError(f"{config}: a Hugging Face config.json is a JSON object")
+    return value

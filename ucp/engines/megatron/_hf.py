@@ -192,11 +192,16 @@ class MegatronFromHf:
                 raise ConvertError(f"{source.url}: Megatron's {name!r} fuses {len(parts)} Hugging Face "
                                    f"tensors and only {sum(1 for p in parts if p)} are in the model")
         infos = {n: source.info(n) for n in source.names()}
+        # the model weights: ``param``, or the fp32 masters of a save that keeps no other copy
+        # (an FSDP2 / DCP save of an fp32 model)
+        self._state = {n: "param" if "param" in i.states or "fp32" not in i.states else "fp32"
+                       for n, i in infos.items()}
         self._infos = {}
         for name, parts in self._parts.items():
             first = infos[parts[0]]
             rows = sum(infos[p].shape[0] for p in parts)
-            self._infos[name] = ParamInfo((rows, *first.shape[1:]), first.dtype, ("param",), False, None)
+            dtype = first.dtype if self._state[parts[0]] == "param" else torch.float32
+            self._infos[name] = ParamInfo((rows, *first.shape[1:]), dtype, ("param",), False, None)
 
     def _place(self, hf: str) -> None:
         if hf in _HF_TOP:
@@ -237,7 +242,7 @@ class MegatronFromHf:
         return []
 
     def read(self, name: str, state: str | None = "param", region: Region | None = None) -> torch.Tensor:
-        parts = [self.source.read(p, "param", None) for p in self._parts[name]]
+        parts = [self.source.read(p, self._state[p], None) for p in self._parts[name]]
         if len(parts) == 3:
             whole = fuse_qkv(*parts, groups=self.groups)
         else:

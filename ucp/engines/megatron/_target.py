@@ -24,6 +24,11 @@ Megatron checkpoint, or a universal checkpoint converted from one), or be a Hugg
 model, read through the ``megatron-llama`` map in reverse (q/k/v and gate/up fused; weights only).
 Tensors are read from the source one layer at a time as torch's writer asks for them. Written by
 process 0 (other processes of a torchrun job wait for it).
+
+Vocabulary padding (``padded_vocab``, or ``vocab_divisible_by``: Megatron-LM's rule, the vocabulary
+rounded up to a multiple of ``make_vocab_size_divisible_by x tp``): the embedding and output-layer
+rows are padded as Megatron-LM's own checkpoint converters pad them (``tools/checkpoint``: the last
+real row repeated); optimizer moments of the added rows are zero.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from ucp.storage import Storage, read_counter
 
 from ._hf import MegatronFromHf
 
-__all__ = ["MegatronTarget", "ModelShape", "megatron_names"]
+__all__ = ["MegatronTarget", "ModelShape", "PaddedVocab", "megatron_names", "padded_vocab_size"]
 
 LATEST = "latest_checkpointed_iteration.txt"
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
@@ -62,9 +67,11 @@ def iteration_dir(step: int) -> str:
     return f"iter_{step:07d}"
 
 
-def megatron_names(source: ArraySource) -> Any:
+def megatron_names(source: ArraySource, hf_config: Mapping[str, Any] | None = None) -> Any:
     """``source`` when its parameters carry Megatron's tp=1 names, else a Hugging Face Llama model
-    under them (:class:`~ucp.engines.megatron._hf.MegatronFromHf`).
+    under them (:class:`~ucp.engines.megatron._hf.MegatronFromHf`), with ``hf_config`` (the model's
+    ``config.json``) or the ``config.json`` beside the source's files: a Hugging Face folder, or a
+    DCP / DeepSpeed save of a Hugging Face model given ``hf_config``.
 
     Raises:
         ConvertError: the names are neither (names the first parameter that does not fit).
@@ -75,12 +82,83 @@ def megatron_names(source: ArraySource) -> Any:
         return source
     inner = getattr(source, "source", None)
     storage = getattr(inner, "storage", None)
-    if odd.startswith(("model.", "lm_head.")) and storage is not None and storage.exists("config.json"):
-        return MegatronFromHf(source, json.loads(storage.read("config.json")))
+    if odd.startswith(("model.", "lm_head.")):
+        if hf_config is not None:
+            return MegatronFromHf(source, hf_config)
+        if storage is not None and storage.exists("config.json"):
+            return MegatronFromHf(source, json.loads(storage.read("config.json")))
+        raise ConvertError(f"{source.url}: parameter {odd!r} is a Hugging Face name and no config.json is "
+                           "beside the files; pass the model's config.json (--hf-config) for its head counts")
     raise ConvertError(f"{source.url}: parameter {odd!r} is not under Megatron's tp=1 names "
                        "(embedding.*, decoder.*, output_layer.*); --engine megatron writes a Megatron "
-                       "checkpoint, a Megatron universal checkpoint or a Hugging Face Llama folder "
-                       "(with its config.json)")
+                       "checkpoint, a Megatron universal checkpoint or a Hugging Face Llama model "
+                       "(a folder with its config.json, or any save of it with --hf-config)")
+
+
+#: The tensors whose rows are the vocabulary.
+_VOCAB_ROWS = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+def padded_vocab_size(rows: int, tp: int, *, padded_vocab: int | None = None,
+                      vocab_divisible_by: int | None = None) -> int:
+    """The vocabulary size a Megatron job at ``tp`` builds its model with: ``padded_vocab`` as given,
+    or ``rows`` rounded up to a multiple of ``vocab_divisible_by * tp`` (Megatron-LM's
+    ``make_vocab_size_divisible_by`` rule), or ``rows`` (no padding).
+
+    Raises:
+        ConvertError: both options given, or a padded size smaller than the vocabulary (names both).
+    """
+    if padded_vocab is not None and vocab_divisible_by is not None:
+        raise ConvertError(f"give the padded vocabulary size ({padded_vocab}) or its divisor "
+                           f"({vocab_divisible_by}), not both")
+    if vocab_divisible_by is not None:
+        multiple = vocab_divisible_by * tp
+        return -(-rows // multiple) * multiple
+    if padded_vocab is None:
+        return rows
+    if padded_vocab < rows:
+        raise ConvertError(f"padded vocabulary size {padded_vocab} is smaller than the vocabulary, {rows} rows "
+                           "of embedding.word_embeddings.weight: padding only adds rows; pass a size of at "
+                           f"least {rows}")
+    return padded_vocab
+
+
+class PaddedVocab:
+    """``source`` with the vocabulary rows (:data:`_VOCAB_ROWS`) padded to ``size``: the weights and
+    fp32 masters by repeating the last real row (what Megatron-LM's checkpoint converters do),
+    other optimizer states with zeros."""
+
+    def __init__(self, source: Any, size: int) -> None:
+        self.source, self.size = source, size
+        self.rows = source.info(_VOCAB_ROWS[0]).shape[0]
+        for attr in ("url", "step", "topology", "config", "groups"):
+            if hasattr(source, attr):
+                setattr(self, attr, getattr(source, attr))
+
+    def __getattr__(self, name: str) -> Any:  # param_groups, buffer_names, ...: the source's
+        return getattr(self.source, name)
+
+    def names(self) -> list[str]:
+        return self.source.names()
+
+    def info(self, name: str) -> Any:
+        info = self.source.info(name)
+        if name not in _VOCAB_ROWS:
+            return info
+        return dataclasses.replace(info, shape=(self.size, *info.shape[1:]))
+
+    def read(self, name: str, state: str | None = "param", region: Any = None) -> torch.Tensor:
+        if name not in _VOCAB_ROWS:
+            return self.source.read(name, state, region)
+        if region is not None:
+            raise ConvertError(f"{name}: a padded vocabulary is read whole")
+        t = self.source.read(name, state, None)
+        extra = self.size - t.shape[0]
+        if extra == 0:
+            return t
+        fill = t[-1:].expand(extra, *t.shape[1:]) if state in ("param", "fp32", None) else \
+            torch.zeros(extra, *t.shape[1:], dtype=t.dtype)
+        return torch.cat([t, fill])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +200,8 @@ class ModelShape:
         checks = [("tp", tp, self.heads, "num_attention_heads (attention heads)"),
                   ("tp", tp, self.groups, "num_query_groups (key/value heads)"),
                   ("tp", tp, self.ffn, "ffn_hidden_size (columns of decoder.layers.*.mlp.linear_fc2.weight)"),
-                  ("tp", tp, self.vocab, "the vocabulary (rows of embedding.word_embeddings.weight)"),
+                  ("tp", tp, self.vocab, "the vocabulary (rows of embedding.word_embeddings.weight; "
+                   "pad it with --padded-vocab or --make-vocab-size-divisible-by)"),
                   ("tp", tp, self.qkv_rows, "the rows of decoder.layers.*.self_attention.linear_qkv.weight"),
                   ("pp", pp, self.layers, "num_layers (decoder.layers.*)")]
         share = {"tp": "tensor-parallel rank an equal share", "pp": "pipeline stage an equal number of layers"}
@@ -141,6 +220,8 @@ class ModelShape:
 def _head_counts(source: Any) -> tuple[int | None, int | None]:
     """(attention heads, query groups) from a Hugging Face config or Megatron-LM's args; None
     where the source does not record them."""
+    if isinstance(source, PaddedVocab):
+        source = source.source
     config = getattr(source, "config", None)
     if isinstance(config, Mapping):  # a Hugging Face model read through the map
         return config.get("num_attention_heads"), getattr(source, "groups", None)
@@ -204,8 +285,9 @@ def plan_items(source: Any, step: int, *, verify: bool = False,
 
     def read(name: str, state: str) -> torch.Tensor:
         t = source.read(name, state, None)
-        if verify:
-            check_recorded(source, name, state, t, f"{where} {name}")
+        if verify:  # the source's own rows (padding is not in it)
+            rows = source.rows if isinstance(source, PaddedVocab) and name in _VOCAB_ROWS else None
+            check_recorded(source, name, state, t[:rows], f"{where} {name}")
         return t.to(torch.float32) if state != "param" else t
 
     def tensor(key: str, shape: tuple[int, ...], dtype: torch.dtype, layer: int | None,
@@ -273,11 +355,23 @@ class MegatronTarget:
     def write(self, source: ArraySource, dst: str, *, topology: Topology, spec: Spec | None,
               alignment: int, step: int, overwrite: bool,
               storage_options: Mapping[str, Any] | None, workers: int,
-              progress: bool, verify: bool = False) -> ReshardReport:
+              progress: bool, verify: bool = False, padded_vocab: int | None = None,
+              vocab_divisible_by: int | None = None,
+              hf_config: Mapping[str, Any] | None = None) -> ReshardReport:
         """``verify``: each model tensor read must have the fingerprint a universal ``source``
-        records for it."""
+        records for it. ``padded_vocab`` / ``vocab_divisible_by``: pad the vocabulary (see
+        :func:`padded_vocab_size`). ``hf_config``: a Hugging Face model's ``config.json``, for a
+        source under Hugging Face names without one beside its files."""
         start = time.perf_counter()
-        view = megatron_names(source)
+        view = megatron_names(source, hf_config)
+        if padded_vocab is not None or vocab_divisible_by is not None:
+            if "embedding.word_embeddings.weight" not in view.names():
+                raise ConvertError(f"{source.url}: no embedding.word_embeddings.weight to pad the vocabulary of")
+            rows = view.info("embedding.word_embeddings.weight").shape[0]
+            size = padded_vocab_size(rows, topology.tp, padded_vocab=padded_vocab,
+                                     vocab_divisible_by=vocab_divisible_by)
+            if size != rows:
+                view = PaddedVocab(view, size)
         ModelShape.of(view).refuse(topology)  # before any byte is written
         storage = Storage(dst, storage_options=storage_options)
         which = iteration_dir(step)
