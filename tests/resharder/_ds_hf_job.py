@@ -7,10 +7,10 @@ Run under torchrun, one process per rank::
 
 Builds ``transformers.LlamaForCausalLM`` from the folder's ``config.json`` with fresh random
 weights, wraps it with ``deepspeed.initialize`` (fp32, ``torch.optim.AdamW``, ZeRO ``--stage``), loads
-``DS_DIR`` with ``engine.load_checkpoint(DS_DIR, load_optimizer_states=False, load_lr_scheduler_states=False)`` (a warm start: the
-fp32 masters come from the files, the optimizer is the job's own, new), and rank 0 records what the
-engine holds: module weights, gathered fp32 masters, the logits of a fixed batch, the optimizer's
-state count and hyper-parameters; then every rank trains one step (the new optimizer works).
+``DS_DIR`` with ``engine.load_checkpoint(DS_DIR, load_optimizer_states=False,
+load_lr_scheduler_states=False)`` (a warm start: the fp32 masters come from the files, the optimizer
+is the job's own, new), and rank 0 records what the engine holds: module weights, gathered fp32
+masters, the logits of a fixed batch, the optimizer's state count and hyper-parameters; then every rank trains one step (the new optimizer works).
 
 ``--tp T`` (T > 1): AutoTP (``tensor_parallel.autotp_size`` = T) shards the model over T ranks (tp rank =
 rank % T); every rank then records its own shards, to ``SEEN.pt.R`` (R: its rank), and the ranks of

@@ -77,12 +77,12 @@ def _close_logits(hf, seen: dict) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tp, dp, zero", [(2, 2, 1), (1, 2, 3)])
+@pytest.mark.parametrize("tp, dp, zero", [(2, 2, 1), (1, 2, 1), (1, 2, 3)])
 def test_hugging_face_model_to_a_stock_deepspeed_job(tmp_path, tp, dp, zero):
     """``ucp reshard hf/ out --to tp=2,dp=2,zero=1 --engine deepspeed --config hf/config.json`` -> a stock
     AutoTP job on 4 ranks loads it (``load_optimizer_states=False, load_lr_scheduler_states=False``): each
     rank's weights and fp32 masters equal the folder's cut by DeepSpeed's uneven kv-head split (tp rank 0:
-    2 kv heads, rank 1: 1) bit for bit. Also ZeRO-3 on 2 ranks (no tp): the gathered weights and fp32
+    2 kv heads, rank 1: 1) bit for bit. Also ZeRO-1 and ZeRO-3 on 2 ranks (no tp): the gathered weights and fp32
     masters equal the folder's. Both: transformers' logits, step 0, no optimizer state until one step."""
     pytest.importorskip("deepspeed", reason="install DeepSpeed 0.19.8 to run the real-engine tests")
     from transformers import LlamaForCausalLM
@@ -116,7 +116,8 @@ def test_hugging_face_model_to_a_stock_deepspeed_job(tmp_path, tp, dp, zero):
 
 
 #: transformers' Llama names cut as torch's ColwiseParallel (dim 0) / RowwiseParallel (dim 1) plan cuts
-#: them (the first matching rule wins); embeddings, norms and the lm head whole. No bundled spec names Hugging Face's Llama yet.
+#: them (the first matching rule wins); embeddings, norms and the lm head whole. No bundled spec
+#: names Hugging Face's Llama yet.
 HF_LLAMA_TP = """ucl 1
 param "model.layers.{layer}.self_attn.o_proj.weight"  split tp dim 1
 param "model.layers.{layer}.mlp.down_proj.weight"  split tp dim 1
