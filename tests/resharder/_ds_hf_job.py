@@ -7,10 +7,14 @@ Run under torchrun, one process per rank::
 
 Builds ``transformers.LlamaForCausalLM`` from the folder's ``config.json`` with fresh random
 weights, wraps it with ``deepspeed.initialize`` (fp32, ``torch.optim.AdamW``, ZeRO ``--stage``), loads
-``DS_DIR`` with ``engine.load_checkpoint(DS_DIR, load_optimizer_states=False)`` (a warm start: the
-fp32 masters come from the files, the optimizer is the job's own, new), and rank 0 records what the
-engine holds: module weights, gathered fp32 masters, the logits of a fixed batch, the optimizer's
-state count and hyper-parameters; then every rank trains one step (the new optimizer works).
+``DS_DIR`` with ``engine.load_checkpoint(DS_DIR, load_optimizer_states=False,
+load_lr_scheduler_states=False)`` (a warm start: the fp32 masters come from the files, the optimizer
+is the job's own, new), and rank 0 records what the engine holds: module weights, gathered fp32
+masters, the logits of a fixed batch, the optimizer's state count and hyper-parameters; then every rank trains one step (the new optimizer works).
+
+``--tp T`` (T > 1): AutoTP (``tensor_parallel.autotp_size`` = T) shards the model over T ranks (tp rank =
+rank % T); every rank then records its own shards, to ``SEEN.pt.R`` (R: its rank), and the ranks of
+one tp group train on the same batch.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("load")
     p.add_argument("record")
     p.add_argument("--stage", type=int, default=2)
+    p.add_argument("--tp", type=int, default=1, help="AutoTP over this many ranks (1: none)")
     own = p.parse_args(argv)
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
@@ -42,8 +47,10 @@ def main(argv: list[str]) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "steps_per_print": 10**6,
               "zero_optimization": {"stage": own.stage}, "zero_allow_untested_optimizer": True}
+    if own.tp > 1:
+        config["tensor_parallel"] = {"autotp_size": own.tp}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
-    path, _ = engine.load_checkpoint(own.load, load_optimizer_states=False)
+    path, _ = engine.load_checkpoint(own.load, load_optimizer_states=False, load_lr_scheduler_states=False)
     assert path is not None, f"nothing loaded from {own.load}"
     seen = {"fp32": {}, "module": {}, "step": engine.global_steps,
             "groups": [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups],
@@ -59,13 +66,15 @@ def main(argv: list[str]) -> None:
         seen["fp32"][name] = safe_get_full_fp32_param(prm).clone()
     seen["tokens"] = tokens
     engine.module.train()
-    batch = torch.randint(0, model.config.vocab_size, (2, 13), generator=torch.Generator().manual_seed(rank))
+    batch = torch.randint(0, model.config.vocab_size, (2, 13), generator=torch.Generator().manual_seed(rank // own.tp))
     loss = engine(batch[:, :-1], labels=batch[:, :-1]).loss
     engine.backward(loss)
     engine.step()
     seen["loss"] = loss.item()
     seen["opt_states_after_step"] = len(engine.optimizer.optimizer.state)
-    if rank == 0:
+    if own.tp > 1:
+        torch.save(seen, f"{own.record}.{rank}")
+    elif rank == 0:
         torch.save(seen, own.record)
     torch.distributed.barrier()
     sys.stdout.flush()
