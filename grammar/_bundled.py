@@ -11,7 +11,7 @@ __all__ = ["bundled_spec_names", "bundled_spec_text"]
 
 
 def bundled_spec_names() -> tuple[str, ...]:
-    """The names of the bundled specs, e.g. ``("gpt2", "llama_megatron", "mixtral_moe")``."""
+    """The names of the bundled specs, e.g. ``("gpt2", "llama_hf", "llama_megatron", "mixtral_moe")``."""
     folder = resources.files(__package__).joinpath("specs")
     return tuple(sorted(p.name[:-4] for p in folder.iterdir() if p.name.endswith(".ucl")))
 

@@ -137,7 +137,7 @@ def test_every_spec_option_names_a_misspelled_bundled_spec(command, sample, tmp_
     r = CliRunner().invoke(main, [*args, "--spec", "gtp2"])
     assert (r.exit_code, r.stdout) == (1, "")
     assert r.stderr == ("Error: gtp2: no bundled spec or file named 'gtp2'; bundled: gpt2, "
-                        "llama_megatron, mixtral_moe\n")
+                        "llama_hf, llama_megatron, mixtral_moe\n")
 
 
 _PROBE = """

@@ -48,7 +48,7 @@ def mixtral_params(hidden=4096, layers=32, vocab=32000, heads=32, kv=8, ffn=1433
 
 
 def test_bundled_names():
-    assert bundled_spec_names() == ("gpt2", "llama_megatron", "mixtral_moe")
+    assert bundled_spec_names() == ("gpt2", "llama_hf", "llama_megatron", "mixtral_moe")
     with pytest.raises(UcpSpecError, match="no bundled spec named 'bert'.*gpt2"):
         bundled_spec("bert")
 
@@ -94,6 +94,43 @@ def test_gpt2_tied_embedding_on_first_and_last_stage():
     local = spec.cut("transformer.h.3.attn.c_attn.weight", qkv, topo, topo.rank(tp=1, pp=1))
     assert torch.equal(local, torch.cat([qkv[:, 2:4], qkv[:, 6:8], qkv[:, 10:12]], dim=1))
     assert spec.local_name("transformer.h.3.attn.c_attn.weight", topo, 3) == "transformer.h.1.attn.c_attn.weight"
+
+
+def llama_hf_params(hidden=64, layers=2, vocab=80, heads=8, kv=4, ffn=96, bias=False):
+    """transformers' LlamaForCausalLM names (attention biases for ``bias``, as Qwen2 has)."""
+    hd = hidden // heads
+    p = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
+         "lm_head.weight": (vocab, hidden)}
+    for i in range(layers):
+        m = f"model.layers.{i}."
+        p.update({m + "input_layernorm.weight": (hidden,), m + "post_attention_layernorm.weight": (hidden,),
+                  m + "self_attn.q_proj.weight": (heads * hd, hidden), m + "self_attn.k_proj.weight": (kv * hd, hidden),
+                  m + "self_attn.v_proj.weight": (kv * hd, hidden), m + "self_attn.o_proj.weight": (hidden, heads * hd),
+                  m + "mlp.gate_proj.weight": (ffn, hidden), m + "mlp.up_proj.weight": (ffn, hidden),
+                  m + "mlp.down_proj.weight": (hidden, ffn)})
+        if bias:
+            p.update({m + f"self_attn.{x}_proj.bias": (n,) for x, n in (("q", heads * hd), ("k", kv * hd), ("v", kv * hd))})
+    return p
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_llama_hf_cuts_as_torch_tensor_parallel_plans_do(bias):
+    """Column-parallel projections split their rows (and biases), row-parallel ones their input
+    dim; everything else is whole on every tp rank."""
+    spec = bundled_spec("llama_hf")
+    params = llama_hf_params(bias=bias)
+    assert spec.check(params, topology=Topology(tp=4)) == []
+    def tp_dim(name):
+        return next((op.dim for op in spec.rule_for(name).splits if "tp" in op.axes), None)
+    m = "model.layers.1."
+    assert [tp_dim(m + f"{b}_proj.weight") for b in ("self_attn.q", "self_attn.k", "mlp.up")] == [0, 0, 0]
+    assert [tp_dim(m + f"{b}_proj.weight") for b in ("self_attn.o", "mlp.down")] == [1, 1]
+    assert [tp_dim(n) for n in ("model.embed_tokens.weight", "lm_head.weight", m + "input_layernorm.weight")] \
+        == [None, None, None]
+    if bias:
+        assert tp_dim(m + "self_attn.k_proj.bias") == 0
+    problems = spec.check(params, topology=Topology(tp=3))  # 64 rows do not split in 3
+    assert problems and all(p.kind == "shape" for p in problems)
 
 
 @pytest.mark.parametrize("topo", [Topology(), Topology(tp=2, ep=4, pp=4), Topology(tp=4, ep=8)])
@@ -160,4 +197,4 @@ def test_a_word_that_is_neither_a_bundled_name_nor_a_file_lists_the_bundled_spec
     with pytest.raises(UcpSpecError) as e:
         load_spec(word)
     assert e.value.message == (f"no bundled spec or file named {word!r}; bundled: gpt2, "
-                               "llama_megatron, mixtral_moe")
+                               "llama_hf, llama_megatron, mixtral_moe")

@@ -81,7 +81,7 @@ def test_a_misspelled_bundled_name_lists_the_bundled_specs(tmp_path, monkeypatch
     code, out, err = run("spec", "check", "gtp2")
     assert (code, out) == (1, "")
     assert err == ("Error: gtp2: no bundled spec or file named 'gtp2'; bundled: gpt2, "
-                   "llama_megatron, mixtral_moe\n")
+                   "llama_hf, llama_megatron, mixtral_moe\n")
     code, out, _ = run("spec", "check", "gtp2", "--json")
     assert code == 1 and json.loads(out)["error"]["message"].startswith("no bundled spec or file")
 

@@ -115,20 +115,9 @@ def test_hugging_face_model_to_a_stock_deepspeed_job(tmp_path, tp, dp, zero):
         assert seen_all[0]["loss"] == seen_all[1]["loss"] != seen_all[2]["loss"]
 
 
-#: transformers' Llama names cut as torch's ColwiseParallel (dim 0) / RowwiseParallel (dim 1) plan cuts
-#: them (the first matching rule wins); embeddings, norms and the lm head whole. No bundled spec
-#: names Hugging Face's Llama yet.
-HF_LLAMA_TP = """ucl 1
-param "model.layers.{layer}.self_attn.o_proj.weight"  split tp dim 1
-param "model.layers.{layer}.mlp.down_proj.weight"  split tp dim 1
-param "model.layers.{layer}.{block:*}.{proj:*}_proj.weight"  split tp dim 0
-default replicate tp
-"""
-
-
 @pytest.mark.slow
 def test_hugging_face_model_to_fsdp2_and_tensor_parallel_via_dcp(tmp_path):
-    """``ucp reshard hf/ out --to tp=2,dp=2 --engine dcp --spec ...`` -> a torch job on 4 ranks (no ucp
+    """``ucp reshard hf/ out --to tp=2,dp=2 --engine dcp --spec llama_hf`` -> a torch job on 4 ranks (no ucp
     import): transformers' Llama on a 2-D (dp x tp) gloo mesh, ``parallelize_module`` (ColwiseParallel
     q/k/v/gate/up, RowwiseParallel o/down) inside ``fully_shard`` over dp, loaded by ``dcp.load`` into
     ``get_model_state_dict`` and ``set_model_state_dict``: every parameter's ``full_tensor`` equals the
@@ -138,7 +127,7 @@ def test_hugging_face_model_to_fsdp2_and_tensor_parallel_via_dcp(tmp_path):
 
     hf, _ = _hf(tmp_path / "hf", 4, 2)
     out = tmp_path / "dcp"
-    _reshard(hf, out, "--to", "tp=2,dp=2", "--engine", "dcp", "--spec", HF_LLAMA_TP)
+    _reshard(hf, out, "--to", "tp=2,dp=2", "--engine", "dcp", "--spec", "llama_hf")  # the bundled spec
     record = tmp_path / "seen.pt"
     _torchrun(4, "_dcp_hf_tp_job.py", str(hf), str(out), str(record), "--tp", "2",
               what="torch job (FSDP2 x tensor parallel) starting from a Hugging Face model")

@@ -173,5 +173,5 @@ storage_option = click.option(
          "secrets given here are never printed.")
 spec_option = click.option(
     "--spec", default=None,
-    help="UCL spec: a bundled name (gpt2, llama_megatron, mixtral_moe), a file, or UCL text; "
+    help="UCL spec: a bundled name (gpt2, llama_hf, llama_megatron, mixtral_moe), a file, or UCL text; "
          "default: the one stored in the checkpoint.")
