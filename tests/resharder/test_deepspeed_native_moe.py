@@ -100,6 +100,20 @@ def test_files_follow_deepspeeds_moe_layout(tmp_path, ep, dp):
         assert [h["name"] for h in hyper[1:]] == [f"ep_size_{ep}"] * 2
 
 
+def test_pipeline_options_are_refused_for_moe_and_autotp_targets(tmp_path):
+    """--partition / --extra-layer place PipelineModule layers; an MoE or AutoTP target has no stages,
+    so they are refused before writing, not ignored."""
+    import ucp
+
+    fake = _fake_moe(tmp_path)
+    for topology, options in (("dp=2,ep=2,zero=2", {"partition": "uniform"}),
+                              ("dp=2,tp=2,zero=1", {"extra_layers": ("3",)})):
+        with pytest.raises(ucp.TopologyError, match="partition / extra layers .* no stages"):
+            ucp.reshard(str(fake.root), str(tmp_path / "out"), topology=topology, engine="deepspeed",
+                        progress=False, **options)
+        assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("topology, words", [
     ("dp=3,ep=3,zero=2", r"ep=3 does not divide the 4 experts of MoE layer .*deepspeed_experts.0.0.weight"),
     ("dp=3,ep=2,zero=2", "ep=2 does not divide dp=3"),

@@ -212,6 +212,10 @@ class DeepSpeedNativeTarget:
         start = time.perf_counter()
         from ._native_moe import moe_source, write_moe
 
+        if (partition is not None or extra_layers) and (topology.ep != 1 or topology.tp != 1 or moe_source(source)):
+            raise TopologyError(f"partition / extra layers place a PipelineModule's layers on pipeline stages; the "
+                                f"target {topology} writes DeepSpeed's MoE or AutoTP files, which have no stages: "
+                                "leave them unset")
         if topology.ep != 1 or moe_source(source):  # MoE experts: expert files, expert groups
             return write_moe(self.name, source, dst, topology=topology, step=step, overwrite=overwrite,
                              storage_options=storage_options, verify=verify)
