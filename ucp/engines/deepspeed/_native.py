@@ -53,7 +53,7 @@ from ucp.core._topology import Topology
 from ucp.grammar import Spec
 from ucp.resharder import (ArraySource, ReadStats, ReshardReport, check_recorded, flat_boxes,
                            group_partition, param_partition, register_target)
-from ucp.resharder._source import aliases_of
+from ucp.resharder._source import aliases_of, extras_of
 from ucp.storage import Storage
 
 from ._target import DS_FORMAT_VERSION, MODEL_FILE, _torch_bytes, tag_for
@@ -86,7 +86,7 @@ def start_tag(source: ArraySource, dst: str, step: int, overwrite: bool,
     """What every DeepSpeed native writer does before its first byte: the source's LR scheduler
     state, the destination and its tag, the coordination group; the tag cleared (see
     :func:`clear_tag`) and every process past that point. Returns (scheduler, storage, tag, coord)."""
-    scheduler = (_extras(source).get("deepspeed") or {}).get("lr_scheduler")
+    scheduler = (extras_of(source).get("deepspeed") or {}).get("lr_scheduler")
     storage, tag = Storage(dst, storage_options=storage_options), tag_for(step)
     coord = get_coordinator(600.0)
     clear_tag(storage, tag, dst, overwrite, coord)
@@ -269,16 +269,6 @@ class DeepSpeedNativeTarget:
         coord.all_gather_json(None, what="committing the DeepSpeed checkpoint")
         return ReshardReport(dst, self.name, topology, step, tuple(mine), stats,
                              time.perf_counter() - start)
-
-
-def _extras(source: ArraySource) -> dict[str, Any]:
-    """The source's other training state (a universal checkpoint's ``extras``), or {}."""
-    ckpt = getattr(source, "ckpt", None)
-    extras = getattr(ckpt, "extras", None) if ckpt is not None else None
-    if extras is None:
-        fn = getattr(getattr(source, "source", None), "extras", None)
-        extras = fn() if callable(fn) else None
-    return dict(extras or {})
 
 
 def _hyper_groups(source: ArraySource) -> list[dict[str, Any]]:

@@ -50,8 +50,9 @@ import torch
 from ucp.core._errors import TopologyError
 from ucp.core._topology import Topology
 from ucp.resharder import ArraySource, ReadStats, ReshardReport
+from ucp.resharder._source import extras_of
 
-from ._native import (LATEST, _Checker, _extras, _hyper_groups, _rank_optimizer, optim_file,
+from ._native import (LATEST, _Checker, _hyper_groups, _rank_optimizer, optim_file,
                       plan_groups, start_tag)
 from ._pipe_partition import parse_partition, stage_parts
 from ._target import DS_FORMAT_VERSION, _torch_bytes
@@ -76,7 +77,7 @@ def pipe_checkpoint(source: ArraySource) -> dict[str, Any] | None:
     """The pipeline record (:func:`~ucp.engines.deepspeed._pipe.pipeline_record`) of a DeepSpeed
     ``PipelineModule`` checkpoint behind ``source``, straight or through a universal checkpoint's
     extras, else None."""
-    return (_extras(source).get("deepspeed") or {}).get("pipeline")
+    return (extras_of(source).get("deepspeed") or {}).get("pipeline")
 
 
 class _Stage:
